@@ -1,0 +1,128 @@
+/*
+ * buf.c: growable buffers, JSON escaping and block pools (see buf.h).
+ */
+#include "buf.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+void sp_buf_reserve(sp_buf_t *b, size_t extra)
+{
+    if (b->len + extra <= b->cap)
+        return;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + extra)
+        cap *= 2;
+    if (b->borrowed) {
+        char *p = sp_malloc(cap);
+        memcpy(p, b->p, b->len);
+        b->p = p;
+        b->borrowed = false;
+    } else {
+        b->p = sp_realloc(b->p, cap);
+    }
+    b->cap = cap;
+}
+
+void sp_buf_add(sp_buf_t *b, const void *data, size_t n)
+{
+    if (n == 0)
+        return;
+    sp_buf_reserve(b, n);
+    memcpy(b->p + b->len, data, n);
+    b->len += n;
+}
+
+void sp_buf_adds(sp_buf_t *b, const char *s) { sp_buf_add(b, s, strlen(s)); }
+
+void sp_buf_addc(sp_buf_t *b, char c)
+{
+    sp_buf_reserve(b, 1);
+    b->p[b->len++] = c;
+}
+
+void sp_buf_addf(sp_buf_t *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n <= 0)
+        return;
+    sp_buf_reserve(b, (size_t)n + 1);
+    va_start(ap, fmt);
+    vsnprintf(b->p + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+void sp_buf_json_str(sp_buf_t *b, const char *s, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    sp_buf_reserve(b, n + 2);
+    sp_buf_addc(b, '"');
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        switch (c) {
+        case '"': sp_buf_add(b, "\\\"", 2); break;
+        case '\\': sp_buf_add(b, "\\\\", 2); break;
+        case '\n': sp_buf_add(b, "\\n", 2); break;
+        case '\r': sp_buf_add(b, "\\r", 2); break;
+        case '\t': sp_buf_add(b, "\\t", 2); break;
+        default:
+            if (c < 0x20 || c == 0x7f) {
+                char e[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
+                sp_buf_add(b, e, 6);
+            } else {
+                sp_buf_addc(b, (char)c);
+            }
+        }
+    }
+    sp_buf_addc(b, '"');
+}
+
+void sp_buf_free(sp_buf_t *b)
+{
+    if (!b->borrowed)
+        free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+void sp_pool_init(sp_pool_t *p, size_t block_size, size_t keep)
+{
+    p->block_size = block_size;
+    p->keep = keep;
+    p->nfree = 0;
+    p->in_use = 0;
+    p->free = sp_calloc(keep ? keep : 1, sizeof(void *));
+}
+
+void *sp_pool_get(sp_pool_t *p)
+{
+    p->in_use++;
+    if (p->nfree)
+        return p->free[--p->nfree];
+    return sp_malloc(p->block_size);
+}
+
+void sp_pool_put(sp_pool_t *p, void *block)
+{
+    if (!block)
+        return;
+    p->in_use--;
+    if (p->nfree < p->keep)
+        p->free[p->nfree++] = block;
+    else
+        free(block);
+}
+
+void sp_pool_destroy(sp_pool_t *p)
+{
+    for (size_t i = 0; i < p->nfree; i++)
+        free(p->free[i]);
+    free(p->free);
+    p->free = NULL;
+    p->nfree = 0;
+}

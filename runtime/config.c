@@ -1,0 +1,289 @@
+/*
+ * config.c: the knob table and the config-file loader (see config.h). Each knob is one row:
+ * name, type, offset, default, bounds and a one-line meaning; --help prints the same rows, so
+ * the documentation cannot drift from the code.
+ */
+#include "config.h"
+#include "buf.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <lauxlib.h>
+#include <lua.h>
+#include <lualib.h>
+
+sp_config_t sp_cfg;
+
+typedef enum { K_INT, K_DOUBLE, K_STR, K_BOOL } ktype_t;
+
+typedef struct knob {
+    const char *name;
+    ktype_t type;
+    size_t off;
+    const char *def; /* NULL: unset string */
+    double min, max;
+    const char *help;
+} knob_t;
+
+#define O(f) offsetof(sp_config_t, f)
+static const knob_t knobs[] = {
+    {"listen", K_STR, O(listen), "0.0.0.0:8080", 0, 0,
+     "address:port of the proxy listener (the PORT environment variable sets the port)"},
+    {"workers", K_INT, O(workers), "0", 0, 256,
+     "worker threads, each with its own loop, Lua state and SO_REUSEPORT listener (0: CPUs)"},
+    {"log_level", K_STR, O(log_level), "info", 0, 0, "debug, info, warn or error"},
+    {"demo_listen", K_STR, O(demo_listen), "127.0.0.1:8888", 0, 0,
+     "address:port of the demo sandbox in local demo mode"},
+    {"metrics_listen", K_STR, O(metrics_listen), NULL, 0, 0,
+     "optional separate listener for /metrics (named \"metrics\")"},
+    {"max_connections", K_INT, O(max_connections), "10000", 1, 1000000,
+     "open client connections per process; more are accepted and closed at once"},
+    {"max_connections_per_ip", K_INT, O(max_connections_per_ip), "0", 0, 1000000,
+     "open client connections per client address (0: no limit)"},
+    {"max_url_size", K_INT, O(max_url_size), "8192", 64, 1048576,
+     "longest request target in bytes (414 beyond)"},
+    {"max_header_size", K_INT, O(max_header_size), "16384", 512, 1048576,
+     "total bytes of request line and headers (431 beyond)"},
+    {"max_headers", K_INT, O(max_headers), "100", 4, 10000, "request header count (431 beyond)"},
+    {"header_timeout", K_DOUBLE, O(header_timeout), "10", 0.01, 3600,
+     "seconds to receive a whole request head (408 and close beyond)"},
+    {"keepalive_timeout", K_DOUBLE, O(keepalive_timeout), "75", 0.01, 86400,
+     "seconds an idle keep-alive client connection is kept"},
+    {"body_timeout", K_DOUBLE, O(body_timeout), "60", 0.01, 86400,
+     "longest gap in seconds between two reads of a request body"},
+    {"send_timeout", K_DOUBLE, O(send_timeout), "60", 0.01, 86400,
+     "longest time in seconds a client may take to accept more response bytes"},
+    {"lingering_timeout", K_DOUBLE, O(lingering_timeout), "2", 0, 60,
+     "seconds to drain a client's unread input after an error response before closing"},
+    {"keepalive_requests", K_INT, O(keepalive_requests), "10000", 1, 100000000,
+     "requests served on one client connection before it is closed"},
+    {"client_buffer_size", K_INT, O(client_buffer_size), "16384", 1024, 16777216,
+     "bytes of the per-connection read buffer (the most a client's upload holds in memory)"},
+    {"max_body_size", K_DOUBLE, O(max_body_size), "0", 0, 1e18,
+     "largest request body in bytes (413 beyond); 0: unlimited"},
+    {"upstream_buffer_size", K_INT, O(upstream_buffer_size), "65536", 4096, 16777216,
+     "bytes of the per-upstream-connection read buffer"},
+    {"max_upstream_header_size", K_INT, O(max_upstream_header_size), "65536", 1024, 16777216,
+     "largest response head accepted from a sandbox (502 beyond)"},
+    {"connect_timeout", K_DOUBLE, O(connect_timeout), "5", 0.01, 600,
+     "seconds to connect to a sandbox (504 beyond)"},
+    {"first_byte_timeout", K_DOUBLE, O(first_byte_timeout), "180", 0.01, 86400,
+     "seconds from the request being sent to the response head (504 beyond)"},
+    {"upstream_idle_timeout", K_DOUBLE, O(upstream_idle_timeout), "300", 0.01, 86400,
+     "longest gap in seconds between two reads of a response body (connection closed beyond)"},
+    {"tunnel_idle_timeout", K_DOUBLE, O(tunnel_idle_timeout), "3600", 0.01, 604800,
+     "seconds an upgraded (WebSocket) tunnel may be idle in both directions; no total limit"},
+    {"upstream_keepalive", K_INT, O(upstream_keepalive), "64", 0, 100000,
+     "idle keep-alive connections kept per sandbox address per worker"},
+    {"upstream_keepalive_timeout", K_DOUBLE, O(upstream_keepalive_timeout), "60", 0.01, 86400,
+     "seconds an idle pooled upstream connection is kept"},
+    {"connect_retries", K_INT, O(connect_retries), "3", 0, 20,
+     "retries of a refused connect (a sandbox binds its port just after Ready)"},
+    {"connect_retry_delay", K_DOUBLE, O(connect_retry_delay), "0.2", 0.001, 60,
+     "first retry delay in seconds; doubles each retry (0.2, 0.4, 0.8)"},
+    {"drain_timeout", K_DOUBLE, O(drain_timeout), "25", 0, 3600,
+     "seconds SIGTERM waits for in-flight requests and tunnels before closing them"},
+    {"max_timers", K_INT, O(max_timers), "10000", 1, 10000000,
+     "pending script timers per worker"},
+    {"lua_memory_limit_mb", K_INT, O(lua_memory_limit_mb), "512", 0, 1048576,
+     "memory cap of each Lua state in MiB (0: none)"},
+    {"script_time_budget", K_DOUBLE, O(script_time_budget), "1", 0, 3600,
+     "CPU seconds a request hook may run between yields (0: none)"},
+    {"access_log_flush", K_DOUBLE, O(access_log_flush), "0.2", 0.001, 60,
+     "seconds between flushes of the buffered access log"},
+    {"access_log_buffer", K_INT, O(access_log_buffer), "65536", 1024, 67108864,
+     "bytes buffered per worker before the access log is flushed early"},
+    {"kube_api", K_STR, O(kube_api), NULL, 0, 0,
+     "Kubernetes API URL (e.g. http://127.0.0.1:8001 for kubectl proxy)"},
+    {"kube_token_file", K_STR, O(kube_token_file), NULL, 0, 0, "bearer token file for kube_api"},
+    {"kube_ca_file", K_STR, O(kube_ca_file), NULL, 0, 0, "CA bundle for kube_api"},
+    {"kubeconfig", K_STR, O(kubeconfig), NULL, 0, 0, "kubeconfig file (else $KUBECONFIG)"},
+    {"kube_api_version", K_STR, O(kube_api_version), NULL, 0, 0,
+     "pin agents.x-k8s.io version (v1beta1 or v1alpha1); default: discovered"},
+    {"kube_insecure_skip_verify", K_BOOL, O(kube_insecure_skip_verify), "false", 0, 0,
+     "do not verify the API server certificate (development only)"},
+    {"kube_namespace", K_STR, O(kube_namespace), NULL, 0, 0, "watch one namespace (default: all)"},
+    {"kube_label_selector", K_STR, O(kube_label_selector), NULL, 0, 0,
+     "label selector for the Sandbox watch"},
+    {"kube_page_size", K_INT, O(kube_page_size), "500", 1, 100000, "LIST page size"},
+    {"kube_watch_timeout", K_INT, O(kube_watch_timeout), "300", 5, 86400,
+     "base watch timeoutSeconds (jittered up to twice this)"},
+    {"kube_token_refresh", K_DOUBLE, O(kube_token_refresh), "60", 1, 3600,
+     "seconds between re-reads of the token file (also re-read on 401)"},
+};
+#undef O
+
+static int set_knob(sp_config_t *c, const knob_t *k, const char *value, char err[256])
+{
+    char *p = (char *)c + k->off;
+    switch (k->type) {
+    case K_STR: {
+        char **s = (char **)p;
+        free(*s);
+        *s = value ? sp_strdup(value) : NULL;
+        return 0;
+    }
+    case K_BOOL: {
+        bool *b = (bool *)p;
+        if (!strcmp(value, "true") || !strcmp(value, "1") || !strcmp(value, "yes"))
+            *b = true;
+        else if (!strcmp(value, "false") || !strcmp(value, "0") || !strcmp(value, "no"))
+            *b = false;
+        else {
+            snprintf(err, 256, "%s: expected true or false, got '%s'", k->name, value);
+            return -1;
+        }
+        return 0;
+    }
+    case K_INT:
+    case K_DOUBLE: {
+        char *end;
+        errno = 0;
+        double v = strtod(value, &end);
+        if (errno || end == value || *end) {
+            snprintf(err, 256, "%s: expected a number, got '%s'", k->name, value);
+            return -1;
+        }
+        if (v < k->min || v > k->max) {
+            snprintf(err, 256, "%s: %s is out of range [%g, %g]", k->name, value, k->min, k->max);
+            return -1;
+        }
+        if (k->type == K_INT) {
+            if (v != (double)(int)v) {
+                snprintf(err, 256, "%s: expected an integer, got '%s'", k->name, value);
+                return -1;
+            }
+            *(int *)p = (int)v;
+        } else {
+            *(double *)p = v;
+        }
+        return 0;
+    }
+    }
+    return 0;
+}
+
+void sp_config_defaults(sp_config_t *c)
+{
+    char err[256];
+    for (size_t i = 0; i < SP_ARRAY_LEN(knobs); i++) {
+        const knob_t *k = &knobs[i];
+        if (k->type == K_STR) {
+            char **s = (char **)((char *)c + k->off);
+            *s = k->def ? sp_strdup(k->def) : NULL;
+        } else {
+            set_knob(c, k, k->def, err);
+        }
+    }
+}
+
+static const knob_t *find_knob(const char *name)
+{
+    for (size_t i = 0; i < SP_ARRAY_LEN(knobs); i++)
+        if (!strcmp(knobs[i].name, name))
+            return &knobs[i];
+    return NULL;
+}
+
+int sp_config_set(sp_config_t *c, const char *name, const char *value, char err[256])
+{
+    const knob_t *k = find_knob(name);
+    if (!k) {
+        snprintf(err, 256, "unknown setting '%s' (see --help)", name);
+        return -1;
+    }
+    return set_knob(c, k, value, err);
+}
+
+int sp_config_load_file(sp_config_t *c, const char *path, char err[256])
+{
+    lua_State *L = luaL_newstate();
+    luaL_openlibs(L);
+    int rc = -1;
+    if (luaL_loadfile(L, path) || lua_pcall(L, 0, 1, 0)) {
+        snprintf(err, 256, "config %s: %s", path, lua_tostring(L, -1));
+        goto out;
+    }
+    if (!lua_istable(L, -1)) {
+        snprintf(err, 256, "config %s: must return a table", path);
+        goto out;
+    }
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        /* stack: config, key, value */
+        if (lua_type(L, -2) != LUA_TSTRING) {
+            snprintf(err, 256, "config %s: keys must be strings", path);
+            goto out;
+        }
+        const char *name = lua_tostring(L, -2);
+        if (lua_istable(L, -1)) { /* a script's section */
+            lua_pop(L, 1);
+            continue;
+        }
+        const knob_t *k = find_knob(name);
+        if (!k) {
+            snprintf(err, 256, "config %s: unknown setting '%s' (script sections are tables)",
+                     path, name);
+            goto out;
+        }
+        char tmp[64];
+        const char *v;
+        if (lua_isboolean(L, -1))
+            v = lua_toboolean(L, -1) ? "true" : "false";
+        else if (lua_type(L, -1) == LUA_TNUMBER) {
+            snprintf(tmp, sizeof tmp, "%.17g", lua_tonumber(L, -1));
+            v = tmp;
+        } else if (lua_type(L, -1) == LUA_TSTRING)
+            v = lua_tostring(L, -1);
+        else {
+            snprintf(err, 256, "config %s: '%s' has an unsupported type", path, name);
+            goto out;
+        }
+        if (set_knob(c, k, v, err))
+            goto out; /* the message names the knob */
+        lua_pop(L, 1);
+    }
+    rc = 0;
+out:
+    lua_close(L);
+    return rc;
+}
+
+void sp_config_print_help(void *file)
+{
+    FILE *f = file;
+    for (size_t i = 0; i < SP_ARRAY_LEN(knobs); i++) {
+        const knob_t *k = &knobs[i];
+        fprintf(f, "  %-28s %s (default: %s)\n", k->name, k->help, k->def ? k->def : "unset");
+    }
+}
+
+void sp_config_dump_json(const sp_config_t *c, void *out)
+{
+    sp_buf_t *b = out;
+    sp_buf_addc(b, '{');
+    for (size_t i = 0; i < SP_ARRAY_LEN(knobs); i++) {
+        const knob_t *k = &knobs[i];
+        const char *p = (const char *)c + k->off;
+        if (i)
+            sp_buf_addc(b, ',');
+        sp_buf_json_str(b, k->name, strlen(k->name));
+        sp_buf_addc(b, ':');
+        switch (k->type) {
+        case K_STR: {
+            const char *s = *(char *const *)p;
+            if (s)
+                sp_buf_json_str(b, s, strlen(s));
+            else
+                sp_buf_adds(b, "null");
+            break;
+        }
+        case K_BOOL: sp_buf_adds(b, *(const bool *)p ? "true" : "false"); break;
+        case K_INT: sp_buf_addf(b, "%d", *(const int *)p); break;
+        case K_DOUBLE: sp_buf_addf(b, "%g", *(const double *)p); break;
+        }
+    }
+    sp_buf_addc(b, '}');
+}

@@ -1,0 +1,347 @@
+-- sp.request: the request object handed to on_request(req) and on_log(req).
+--
+-- One object exists per request slot and is reused; `req._g` is the slot's generation when
+-- the hook started, so a script that keeps `req` after its request ended gets an error
+-- instead of another request's data. Everything reaches C through the LuaJIT FFI with plain
+-- arguments, so the routing path compiles under the JIT. Headers are read on demand.
+local ffi = require "ffi"
+local cjson = require "cjson"
+local core = require "sp.core"
+
+local C = ffi.C
+local ffi_string = ffi.string
+local type = type
+local error = error
+local pairs = pairs
+local tostring = tostring
+local tonumber = tonumber
+local rawset = rawset
+local lower = string.lower
+local gsub = string.gsub
+local cjson_encode = cjson.encode
+
+ffi.cdef [[
+typedef struct sp_request sp_request_t;
+uint32_t sp_req_gen(const sp_request_t *r);
+const char *sp_req_method(const sp_request_t *r);
+const char *sp_req_target(const sp_request_t *r, size_t *len);
+size_t sp_req_path_len(const sp_request_t *r);
+const char *sp_req_header(const sp_request_t *r, const char *name, size_t nlen, size_t *vlen);
+int sp_req_header_count(const sp_request_t *r);
+const char *sp_req_header_at(const sp_request_t *r, int i, size_t *nlen, const char **val,
+                             size_t *vlen);
+const char *sp_req_client_ip(const sp_request_t *r);
+int sp_req_client_port(const sp_request_t *r);
+const char *sp_req_id(const sp_request_t *r, size_t *len);
+const char *sp_req_listener(const sp_request_t *r);
+int sp_req_http_version(const sp_request_t *r);
+int sp_req_body_info(const sp_request_t *r, double *length);
+int sp_req_is_upgrade(const sp_request_t *r);
+int sp_req_connected(const sp_request_t *r);
+int sp_req_respond(sp_request_t *r, int status, const char *ct, size_t ctlen, const char *body,
+                   size_t blen);
+int sp_req_add_header(sp_request_t *r, const char *n, size_t nl, const char *v, size_t vl);
+int sp_req_edit_header(sp_request_t *r, int op, const char *n, size_t nl, const char *v, size_t vl);
+int sp_req_forward(sp_request_t *r, const char *host, size_t hl, int port, const char *path,
+                   size_t pl);
+void sp_req_set_timeouts(sp_request_t *r, double connect, double first_byte, double idle);
+int sp_req_decision(const sp_request_t *r);
+int sp_req_status(const sp_request_t *r);
+double sp_req_bytes_in(const sp_request_t *r);
+double sp_req_bytes_out(const sp_request_t *r);
+double sp_req_duration(const sp_request_t *r);
+double sp_req_connect_time(const sp_request_t *r);
+double sp_req_first_byte_time(const sp_request_t *r);
+const char *sp_req_upstream_addr(const sp_request_t *r);
+const char *sp_req_error(const sp_request_t *r);
+int sp_req_worker(const sp_request_t *r);
+]]
+
+local len_out = ffi.new("size_t[1]")
+local len_out2 = ffi.new("size_t[1]")
+local str_out = ffi.new("const char *[1]")
+local num_out = ffi.new("double[1]")
+
+local Req = {}
+local M = {}
+
+local mt = {
+    __index = function(self, k)
+        if k == "ctx" then
+            local ctx = {}
+            rawset(self, "ctx", ctx)
+            return ctx
+        end
+        return Req[k]
+    end,
+    __tostring = function(self)
+        return "request " .. tostring(self._g)
+    end,
+}
+
+-- Creates the object of one request slot (called by the runtime once per slot).
+function M.new(ptr)
+    return setmetatable({ _r = ffi.cast("sp_request_t *", ptr), _p = ptr, _g = -1 }, mt)
+end
+
+-- Raises unless self is the live request it was handed out as.
+local function live(self)
+    local r = self._r
+    if self._g ~= C.sp_req_gen(r) then
+        error("this request has ended (a request object must not be kept after its hooks)", 3)
+    end
+    return r
+end
+
+function Req:method()
+    return ffi_string(C.sp_req_method(live(self)))
+end
+
+-- The request target exactly as received (path and query, still percent-encoded).
+function Req:target()
+    local r = live(self)
+    local p = C.sp_req_target(r, len_out)
+    return ffi_string(p, len_out[0])
+end
+
+-- The raw path (no query string), still percent-encoded.
+function Req:path()
+    local r = live(self)
+    local p = C.sp_req_target(r, len_out)
+    return ffi_string(p, C.sp_req_path_len(r))
+end
+
+-- The raw query string without '?', or "" when there is none.
+function Req:query()
+    local r = live(self)
+    local p = C.sp_req_target(r, len_out)
+    local plen = C.sp_req_path_len(r)
+    local total = len_out[0]
+    if plen >= total then
+        return ""
+    end
+    return ffi_string(p + plen + 1, total - plen - 1)
+end
+
+-- The first value of a header (case-insensitive name), or nil.
+function Req:header(name)
+    local r = live(self)
+    local v = C.sp_req_header(r, name, #name, len_out)
+    if v == nil then
+        return nil
+    end
+    return ffi_string(v, len_out[0])
+end
+
+-- All headers as a table of lowercase name -> value (repeated headers joined by ", ").
+-- Built on each call: prefer req:header(name) on hot paths.
+function Req:headers()
+    local r = live(self)
+    local t = {}
+    for i = 0, C.sp_req_header_count(r) - 1 do
+        local n = C.sp_req_header_at(r, i, len_out, str_out, len_out2)
+        local name = lower(ffi_string(n, len_out[0]))
+        local value = ffi_string(str_out[0], len_out2[0])
+        local prev = t[name]
+        t[name] = prev and (prev .. ", " .. value) or value
+    end
+    return t
+end
+
+function Req:client_addr()
+    return ffi_string(C.sp_req_client_ip(live(self)))
+end
+
+function Req:client_port()
+    return C.sp_req_client_port(live(self))
+end
+
+function Req:id()
+    local p = C.sp_req_id(live(self), len_out)
+    return ffi_string(p, len_out[0])
+end
+
+-- The name of the listener the request came in on: "main", "demo" or "metrics".
+function Req:listener()
+    return ffi_string(C.sp_req_listener(live(self)))
+end
+
+-- "1.1" or "1.0".
+function Req:http_version()
+    local v = C.sp_req_http_version(live(self))
+    return v == 11 and "1.1" or (v == 10 and "1.0" or tostring(v / 10))
+end
+
+-- has_body, length (nil when chunked).
+function Req:body_info()
+    local has = C.sp_req_body_info(live(self), num_out) ~= 0
+    local n = num_out[0]
+    return has, n >= 0 and n or nil
+end
+
+function Req:is_upgrade()
+    return C.sp_req_is_upgrade(live(self)) ~= 0
+end
+
+-- False once the client connection has gone away.
+function Req:connected()
+    return C.sp_req_connected(live(self)) ~= 0
+end
+
+-- Reads the whole request body (at most `limit` bytes, default 1 MiB) and returns it as a
+-- string; yields until it has arrived. Returns nil, "E2BIG: ..." when the body is larger (the
+-- connection is then closed after the response). Opt-in: bodies otherwise stream to the
+-- sandbox untouched, and a body read here is forwarded from memory if the request is forwarded.
+local read_body = core.read_body
+function Req:read_body(limit)
+    live(self)
+    return read_body(self._p, limit or 1048576)
+end
+
+local function check_rc(rc, what)
+    if rc ~= 0 then
+        error(what, 3)
+    end
+end
+
+-- Answers the request. body: a table (sent as JSON) or a string (content type from
+-- headers["Content-Type"], default text/plain) or nil. headers: a table name -> value.
+function Req:respond(status, body, headers)
+    local r = live(self)
+    if type(status) ~= "number" or status < 200 or status > 599 then
+        error("respond: status must be a number from 200 to 599", 2)
+    end
+    local ct
+    local btype = type(body)
+    if btype == "table" then
+        -- cjson escapes every '/' as '\/'; undo it (safe: cjson never emits a bare '/')
+        body = gsub(cjson_encode(body), "\\/", "/")
+        ct = "application/json"
+    elseif btype == "nil" then
+        body = ""
+    elseif btype ~= "string" then
+        error("respond: body must be a table, a string or nil", 2)
+    else
+        ct = "text/plain; charset=utf-8"
+    end
+    if headers then
+        for name, value in pairs(headers) do
+            if type(name) ~= "string" then
+                error("respond: header names must be strings", 2)
+            end
+            value = tostring(value)
+            if lower(name) == "content-type" then
+                ct = value
+            else
+                check_rc(C.sp_req_add_header(r, name, #name, value, #value),
+                    "respond: invalid header " .. name)
+            end
+        end
+    end
+    ct = ct or ""
+    check_rc(C.sp_req_respond(r, status, ct, #ct, body, #body),
+        "respond: the request is already decided, or the status/content type is invalid")
+end
+
+-- Forwards the request to host:port with the given path (path and query, starting with '/').
+function Req:forward(host, port, path)
+    local r = live(self)
+    if type(host) ~= "string" or type(port) ~= "number" or type(path) ~= "string" then
+        error("forward(host, port, path): expected string, number, string", 2)
+    end
+    check_rc(C.sp_req_forward(r, host, #host, port, path, #path),
+        "forward: already decided, or invalid host/port/path")
+end
+
+-- Sets a header on the request sent upstream (replacing the client's value).
+function Req:set_header(name, value)
+    value = tostring(value)
+    check_rc(C.sp_req_edit_header(live(self), 61 --[[ '=' ]], name, #name, value, #value),
+        "set_header: invalid header name or value")
+end
+
+-- Adds a header to the request sent upstream (keeping the client's values).
+function Req:add_header(name, value)
+    value = tostring(value)
+    check_rc(C.sp_req_edit_header(live(self), 43 --[[ '+' ]], name, #name, value, #value),
+        "add_header: invalid header name or value")
+end
+
+-- Removes a client header from the request sent upstream.
+function Req:remove_header(name)
+    check_rc(C.sp_req_edit_header(live(self), 45 --[[ '-' ]], name, #name, "", 0),
+        "remove_header: invalid header name")
+end
+
+-- Per-request upstream timeouts in seconds: { connect =, first_byte =, idle = }.
+function Req:set_timeouts(t)
+    local r = live(self)
+    C.sp_req_set_timeouts(r, tonumber(t.connect) or 0, tonumber(t.first_byte) or 0,
+        tonumber(t.idle) or 0)
+end
+
+-- "none", "respond" or "forward".
+local DECISIONS = { [0] = "none", "respond", "forward" }
+function Req:decision()
+    return DECISIONS[C.sp_req_decision(live(self))]
+end
+
+-- Log phase: the record of the exchange.
+function Req:status()
+    return C.sp_req_status(live(self))
+end
+
+function Req:bytes_in()
+    return C.sp_req_bytes_in(live(self))
+end
+
+function Req:bytes_out()
+    return C.sp_req_bytes_out(live(self))
+end
+
+-- Seconds from the first byte of the request to the end of the response.
+function Req:duration()
+    return C.sp_req_duration(live(self))
+end
+
+function Req:upstream_addr()
+    local s = ffi_string(C.sp_req_upstream_addr(live(self)))
+    return s ~= "" and s or nil
+end
+
+function Req:error()
+    local s = ffi_string(C.sp_req_error(live(self)))
+    return s ~= "" and s or nil
+end
+
+function Req:worker()
+    return C.sp_req_worker(live(self))
+end
+
+-- Everything about the exchange in one table (built on each call).
+function Req:record()
+    local r = live(self)
+    local connect = C.sp_req_connect_time(r)
+    local first = C.sp_req_first_byte_time(r)
+    local path = self:path()
+    return {
+        request_id = self:id(),
+        method = self:method(),
+        path = path,
+        query = self:query(),
+        client = self:client_addr(),
+        status = C.sp_req_status(r),
+        bytes_in = C.sp_req_bytes_in(r),
+        bytes_out = C.sp_req_bytes_out(r),
+        duration = C.sp_req_duration(r),
+        upstream = self:upstream_addr(),
+        upstream_connect = connect >= 0 and connect or nil,
+        upstream_first_byte = first >= 0 and first or nil,
+        error = self:error(),
+        worker = C.sp_req_worker(r),
+    }
+end
+
+-- The method table, for tools that need the list of request methods (the test kit).
+M.methods = Req
+return M

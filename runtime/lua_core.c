@@ -1,0 +1,413 @@
+/*
+ * lua_core.c: the sp.core module (process facts, clocks, raw log output, counters) and the
+ * sp.fs module (reading small files, watching a file or a ConfigMap-style directory).
+ */
+#include "lua_vm.h"
+#include "config.h"
+#include "log.h"
+#include "worker.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+
+/* ---------------------------------------------------------------- sp.core */
+
+static int c_worker_id(lua_State *L)
+{
+    sp_vm_t *vm = sp_vm_of(L);
+    lua_pushinteger(L, vm->w ? vm->w->id : -1);
+    return 1;
+}
+
+static int c_workers(lua_State *L)
+{
+    lua_pushinteger(L, sp_workers_count());
+    return 1;
+}
+
+static int c_now(lua_State *L)
+{
+    lua_pushnumber(L, sp_wall_time());
+    return 1;
+}
+
+static int c_monotonic(lua_State *L)
+{
+    lua_pushnumber(L, (double)uv_hrtime() / 1e9);
+    return 1;
+}
+
+static int c_iso8601(lua_State *L)
+{
+    char out[32];
+    sp_iso8601(luaL_optnumber(L, 1, sp_wall_time()), out);
+    lua_pushstring(L, out);
+    return 1;
+}
+
+static int c_draining(lua_State *L)
+{
+    sp_vm_t *vm = sp_vm_of(L);
+    lua_pushboolean(L, vm->w && vm->w->draining);
+    return 1;
+}
+
+/* core.log_write(level, line_without_newline, stream): writes one preformatted JSON line. */
+static int c_log_write(lua_State *L)
+{
+    const char *level = luaL_checkstring(L, 1);
+    size_t n;
+    const char *line = luaL_checklstring(L, 2, &n);
+    int fd = luaL_optint(L, 3, 2);
+    int lv = sp_log_level_parse(level);
+    if (lv < 0)
+        return luaL_argerror(L, 1, "level must be debug, info, warn or error");
+    if (lv < sp_log_min_level && fd == 2)
+        return 0;
+    char stack[2048];
+    sp_buf_t b = SP_BUF_ON(stack);
+    sp_buf_add(&b, line, n);
+    sp_buf_addc(&b, '\n');
+    sp_log_raw(fd == 1 ? 1 : 2, b.p, b.len);
+    sp_buf_free(&b);
+    return 0;
+}
+
+static int c_log_enabled(lua_State *L)
+{
+    int lv = sp_log_level_parse(luaL_checkstring(L, 1));
+    lua_pushboolean(L, lv >= 0 && lv >= sp_log_min_level);
+    return 1;
+}
+
+static void set_str(lua_State *L, const char *k, const char *v)
+{
+    if (v) {
+        lua_pushstring(L, v);
+        lua_setfield(L, -2, k);
+    }
+}
+
+/* core.settings(): the effective runtime knobs that scripts may need. */
+static int c_settings(lua_State *L)
+{
+    lua_newtable(L);
+    set_str(L, "listen", sp_cfg.listen);
+    set_str(L, "demo_listen", sp_cfg.demo_listen);
+    set_str(L, "metrics_listen", sp_cfg.metrics_listen);
+    set_str(L, "scripts_dir", sp_cfg.scripts_dir);
+    set_str(L, "builtin_dir", sp_cfg.builtin_dir);
+    set_str(L, "config_file", sp_cfg.config_file);
+    set_str(L, "sandboxes_file", sp_cfg.sandboxes_file);
+    set_str(L, "version", SP_VERSION);
+    lua_pushboolean(L, sp_cfg.demo);
+    lua_setfield(L, -2, "demo");
+    lua_pushboolean(L, sp_cfg.check_only);
+    lua_setfield(L, -2, "check_only");
+    lua_pushinteger(L, sp_workers_count());
+    lua_setfield(L, -2, "workers");
+    return 1;
+}
+
+/* core.stats(): this worker's counters and the process-wide gauges. */
+static int c_stats(lua_State *L)
+{
+    sp_vm_t *vm = sp_vm_of(L);
+    lua_newtable(L);
+    lua_pushinteger(L, atomic_load(&sp_open_connections));
+    lua_setfield(L, -2, "open_connections");
+    lua_pushinteger(L, atomic_load(&sp_open_tunnels));
+    lua_setfield(L, -2, "open_tunnels");
+    if (vm->w) {
+        sp_worker_t *w = vm->w;
+        lua_pushnumber(L, (double)w->stats.requests);
+        lua_setfield(L, -2, "requests");
+        lua_pushnumber(L, (double)w->stats.upstream_connect_errors);
+        lua_setfield(L, -2, "upstream_connect_errors");
+        lua_pushnumber(L, (double)w->stats.upstream_timeouts);
+        lua_setfield(L, -2, "upstream_timeouts");
+        lua_pushnumber(L, (double)w->stats.script_errors);
+        lua_setfield(L, -2, "script_errors");
+        lua_pushnumber(L, (double)w->stats.parse_errors);
+        lua_setfield(L, -2, "parse_errors");
+        lua_pushinteger(L, (lua_Integer)w->active_requests);
+        lua_setfield(L, -2, "active_requests");
+        lua_pushinteger(L, (lua_Integer)w->nconns);
+        lua_setfield(L, -2, "worker_connections");
+    }
+    lua_pushnumber(L, (double)(vm->mem_used));
+    lua_setfield(L, -2, "lua_memory");
+    return 1;
+}
+
+/* core.read_body(request_pointer, limit) -> body | nil, err. Yields until the body is in.
+ * Called by the request object's read_body method after its liveness check. */
+static int c_read_body(lua_State *L)
+{
+    sp_request_t *r = lua_touserdata(L, 1);
+    double limit = luaL_checknumber(L, 2);
+    sp_vm_t *vm = sp_vm_of(L);
+    sp_task_t *t = sp_vm_task_of(vm, L);
+    if (!r || !t || t->req != r || t->req_gen != r->gen)
+        return luaL_error(L, "read_body: only in the request hook's own coroutine");
+    if (limit < 0)
+        return luaL_argerror(L, 2, "limit must be >= 0");
+    int rc = sp_request_read_body(r, (uint64_t)limit);
+    if (rc == 1) {
+        lua_pushlstring(L, r->body.p ? r->body.p : "", r->body.len);
+        return 1;
+    }
+    if (rc < 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, rc == -E2BIG ? "E2BIG: request body larger than the limit"
+                          : rc == -EINVAL ? "EINVAL: malformed request body"
+                                          : "ENOTCONN: the request is not waiting for a decision");
+        return 2;
+    }
+    t->wait = &sp_vm_body_wait;
+    return lua_yield(L, 0);
+}
+
+int luaopen_sp_core(lua_State *L)
+{
+    static const luaL_Reg fns[] = {
+        {"worker_id", c_worker_id}, {"workers", c_workers},     {"now", c_now},
+        {"monotonic", c_monotonic}, {"iso8601", c_iso8601},     {"draining", c_draining},
+        {"log_write", c_log_write}, {"log_enabled", c_log_enabled}, {"settings", c_settings},
+        {"stats", c_stats},         {"read_body", c_read_body}, {NULL, NULL}};
+    lua_newtable(L);
+    luaL_register(L, NULL, fns);
+    lua_pushstring(L, SP_VERSION);
+    lua_setfield(L, -2, "version");
+    return 1;
+}
+
+/* ---------------------------------------------------------------- sp.fs */
+
+/* fs.read(path) -> contents | nil, "ENOENT: message". Blocking: for small local files. */
+static int f_read(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        int e = errno;
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: %s: %s", uv_err_name(-e), path, strerror(e));
+        return 2;
+    }
+    sp_buf_t b = {0};
+    char tmp[65536];
+    size_t n;
+    while ((n = fread(tmp, 1, sizeof tmp, f)) > 0)
+        sp_buf_add(&b, tmp, n);
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) {
+        sp_buf_free(&b);
+        lua_pushnil(L);
+        lua_pushfstring(L, "EIO: %s: read error", path);
+        return 2;
+    }
+    lua_pushlstring(L, b.p ? b.p : "", b.len);
+    sp_buf_free(&b);
+    return 1;
+}
+
+/* fs.stat(path) -> {mtime=, size=, ino=, type="file"|"dir"|"other"} | nil, err (follows links) */
+static int f_stat(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        int e = errno;
+        lua_pushnil(L);
+        lua_pushfstring(L, "%s: %s: %s", uv_err_name(-e), path, strerror(e));
+        return 2;
+    }
+    lua_createtable(L, 0, 4);
+    lua_pushnumber(L, (double)st.st_mtim.tv_sec + (double)st.st_mtim.tv_nsec / 1e9);
+    lua_setfield(L, -2, "mtime");
+    lua_pushnumber(L, (double)st.st_size);
+    lua_setfield(L, -2, "size");
+    lua_pushnumber(L, (double)st.st_ino);
+    lua_setfield(L, -2, "ino");
+    lua_pushstring(L, S_ISREG(st.st_mode) ? "file" : S_ISDIR(st.st_mode) ? "dir" : "other");
+    lua_setfield(L, -2, "type");
+    return 1;
+}
+
+typedef struct fswatch {
+    uv_fs_event_t ev;
+    uv_fs_poll_t poll;
+    uv_timer_t debounce;
+    sp_vm_t *vm;
+    int fn_ref;
+    int handles;
+    bool closed;
+    char *path;
+    struct fswatch *next;
+} fswatch_t;
+
+static fswatch_t *watches_of(sp_vm_t *vm, fswatch_t *set, bool assign)
+{
+    static char key;
+    lua_State *L = vm->L;
+    lua_pushlightuserdata(L, &key);
+    if (assign) {
+        lua_pushlightuserdata(L, set);
+        lua_rawset(L, LUA_REGISTRYINDEX);
+        return set;
+    }
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    fswatch_t *w = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    return w;
+}
+
+static void fw_closed(uv_handle_t *h)
+{
+    fswatch_t *w = h->data;
+    if (--w->handles == 0) {
+        free(w->path);
+        free(w);
+    }
+}
+
+static void fw_close(fswatch_t *w)
+{
+    if (w->closed)
+        return;
+    w->closed = true;
+    luaL_unref(w->vm->L, LUA_REGISTRYINDEX, w->fn_ref);
+    uv_close((uv_handle_t *)&w->ev, fw_closed);
+    uv_close((uv_handle_t *)&w->poll, fw_closed);
+    uv_close((uv_handle_t *)&w->debounce, fw_closed);
+}
+
+static void fw_fire(uv_timer_t *t)
+{
+    fswatch_t *w = t->data;
+    if (w->closed)
+        return;
+    lua_State *L = w->vm->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, w->fn_ref);
+    lua_pushstring(L, w->path);
+    sp_vm_spawn(w->vm, 1);
+}
+
+/* Changes come in bursts (a ConfigMap update swaps a symlink and removes a directory):
+ * wait a moment after the last one, then call the script once. */
+static void fw_changed(fswatch_t *w)
+{
+    if (!w->closed)
+        uv_timer_start(&w->debounce, fw_fire, 100, 0);
+}
+
+static void fw_on_event(uv_fs_event_t *h, const char *file, int events, int status)
+{
+    SP_UNUSED(file);
+    SP_UNUSED(events);
+    SP_UNUSED(status);
+    fw_changed(h->data);
+}
+
+static void fw_on_poll(uv_fs_poll_t *h, int status, const uv_stat_t *prev, const uv_stat_t *curr)
+{
+    SP_UNUSED(status);
+    SP_UNUSED(prev);
+    SP_UNUSED(curr);
+    fw_changed(h->data);
+}
+
+static int fw_cancel(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_getfield(L, 1, "_w");
+    fswatch_t *w = lua_touserdata(L, -1);
+    sp_vm_t *vm = sp_vm_of(L);
+    fswatch_t **pp = NULL;
+    fswatch_t *head = watches_of(vm, NULL, false);
+    for (fswatch_t *x = head, *prev = NULL; x; prev = x, x = x->next)
+        if (x == w) {
+            if (prev)
+                prev->next = x->next;
+            else
+                watches_of(vm, x->next, true);
+            fw_close(w);
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+    SP_UNUSED(pp);
+    lua_pushboolean(L, 0);
+    return 1;
+}
+
+/*
+ * fs.watch(path, fn [, poll_seconds]) -> handle with :cancel(). Calls fn(path) in a task after
+ * the file (or directory) changes: inotify on the containing directory catches in-place writes,
+ * renames and ConfigMap symlink swaps; a stat poll (default every 2 s) is the backstop.
+ */
+static int f_watch(lua_State *L)
+{
+    sp_vm_t *vm = sp_vm_of(L);
+    const char *path = luaL_checkstring(L, 1);
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    double poll_s = luaL_optnumber(L, 3, 2.0);
+    if (!vm->w)
+        return luaL_error(L, "fs.watch: no event loop here");
+    fswatch_t *w = sp_calloc(1, sizeof *w);
+    w->vm = vm;
+    w->path = sp_strdup(path);
+    lua_pushvalue(L, 2);
+    w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    uv_loop_t *loop = &vm->w->loop;
+    uv_fs_event_init(loop, &w->ev);
+    uv_fs_poll_init(loop, &w->poll);
+    uv_timer_init(loop, &w->debounce);
+    w->ev.data = w->poll.data = w->debounce.data = w;
+    w->handles = 3;
+    /* Watch the directory holding the file (or the directory itself). */
+    struct stat st;
+    char *dir = sp_strdup(path);
+    if (!(stat(path, &st) == 0 && S_ISDIR(st.st_mode))) {
+        char *slash = strrchr(dir, '/');
+        if (slash == dir)
+            dir[1] = '\0';
+        else if (slash)
+            *slash = '\0';
+        else
+            strcpy(dir, ".");
+    }
+    uv_fs_event_start(&w->ev, fw_on_event, dir, 0);
+    free(dir);
+    uv_fs_poll_start(&w->poll, fw_on_poll, path, (unsigned)(poll_s * 1000));
+    w->next = watches_of(vm, NULL, false);
+    watches_of(vm, w, true);
+    lua_createtable(L, 0, 2);
+    lua_pushlightuserdata(L, w);
+    lua_setfield(L, -2, "_w");
+    lua_pushcfunction(L, fw_cancel);
+    lua_setfield(L, -2, "cancel");
+    return 1;
+}
+
+void sp_fs_close_all(sp_vm_t *vm)
+{
+    fswatch_t *w = watches_of(vm, NULL, false);
+    while (w) {
+        fswatch_t *n = w->next;
+        fw_close(w);
+        w = n;
+    }
+    watches_of(vm, NULL, true);
+}
+
+int luaopen_sp_fs(lua_State *L)
+{
+    static const luaL_Reg fns[] = {{"read", f_read}, {"stat", f_stat}, {"watch", f_watch}, {NULL, NULL}};
+    lua_newtable(L);
+    luaL_register(L, NULL, fns);
+    return 1;
+}

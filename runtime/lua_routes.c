@@ -1,0 +1,151 @@
+/*
+ * lua_routes.c: the sp.routes module over the shared route table (routes.c):
+ * set(key, route), get(key), delete(key), list(), count(), count_ready(), generation().
+ * A route is a table {namespace, name, user, address, port, ready, reason, service, conflict,
+ * mode, meta}; get and list return copies (with key, version and updated added).
+ */
+#include "lua_vm.h"
+#include "routes.h"
+
+#include <stdlib.h>
+
+static int r_set(lua_State *L)
+{
+    size_t klen;
+    const char *key = luaL_checklstring(L, 1, &klen);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    if (klen == 0 || klen > 1024)
+        return luaL_argerror(L, 1, "key must be 1 to 1024 bytes");
+    sp_route_in_t in;
+    memset(&in, 0, sizeof in);
+    for (int f = 0; f < SP_RF_COUNT; f++) {
+        lua_getfield(L, 2, sp_route_field_names[f]);
+        if (!lua_isnil(L, -1)) {
+            if (!lua_isstring(L, -1))
+                return luaL_error(L, "route field '%s' must be a string", sp_route_field_names[f]);
+            in.s[f] = lua_tolstring(L, -1, &in.n[f]);
+            if (in.n[f] > 65535)
+                return luaL_error(L, "route field '%s' is too long", sp_route_field_names[f]);
+        }
+        lua_pop(L, 1); /* the string stays alive: it is referenced by the table */
+    }
+    lua_getfield(L, 2, "port");
+    in.port = (int)luaL_optinteger(L, -1, 0);
+    lua_pop(L, 1);
+    if (in.port < 0 || in.port > 65535)
+        return luaL_error(L, "route port must be 0..65535");
+    lua_getfield(L, 2, "ready");
+    in.ready = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    lua_pushboolean(L, sp_routes_set(key, klen, &in));
+    return 1;
+}
+
+static void push_route(lua_State *L, const sp_route_t *r)
+{
+    lua_createtable(L, 0, SP_RF_COUNT + 5);
+    lua_pushlstring(L, r->data, r->klen);
+    lua_setfield(L, -2, "key");
+    for (int f = 0; f < SP_RF_COUNT; f++) {
+        if (r->len[f] == 0)
+            continue;
+        lua_pushlstring(L, r->data + r->off[f], r->len[f]);
+        lua_setfield(L, -2, sp_route_field_names[f]);
+    }
+    lua_pushinteger(L, r->port);
+    lua_setfield(L, -2, "port");
+    lua_pushboolean(L, r->ready);
+    lua_setfield(L, -2, "ready");
+    lua_pushnumber(L, (double)r->version);
+    lua_setfield(L, -2, "version");
+    lua_pushnumber(L, r->updated);
+    lua_setfield(L, -2, "updated");
+}
+
+static int r_get(lua_State *L)
+{
+    size_t klen;
+    const char *key = luaL_checklstring(L, 1, &klen);
+    sp_vm_t *vm = sp_vm_of(L);
+    if (!sp_routes_get(key, klen, &vm->scratch)) {
+        lua_pushnil(L);
+        return 1;
+    }
+    push_route(L, (const sp_route_t *)vm->scratch.p);
+    return 1;
+}
+
+static int r_version(lua_State *L)
+{
+    size_t klen;
+    const char *key = luaL_checklstring(L, 1, &klen);
+    lua_pushnumber(L, (double)sp_routes_version_of(key, klen));
+    return 1;
+}
+
+static int r_delete(lua_State *L)
+{
+    size_t klen;
+    const char *key = luaL_checklstring(L, 1, &klen);
+    lua_pushboolean(L, sp_routes_delete(key, klen));
+    return 1;
+}
+
+static int cmp_routes(const void *a, const void *b)
+{
+    const sp_route_t *x = *(const sp_route_t *const *)a, *y = *(const sp_route_t *const *)b;
+    return strcmp(x->data, y->data);
+}
+
+/* list() -> array of route copies sorted by key */
+static int r_list(lua_State *L)
+{
+    sp_buf_t snap = {0};
+    size_t n = sp_routes_snapshot(&snap);
+    const sp_route_t **v = sp_malloc((n ? n : 1) * sizeof *v);
+    size_t off = 0;
+    for (size_t i = 0; i < n; i++) {
+        const sp_route_t *r = (const sp_route_t *)(snap.p + off);
+        v[i] = r;
+        off += r->size;
+    }
+    qsort(v, n, sizeof *v, cmp_routes);
+    lua_createtable(L, (int)n, 0);
+    for (size_t i = 0; i < n; i++) {
+        push_route(L, v[i]);
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    free(v);
+    sp_buf_free(&snap);
+    return 1;
+}
+
+static int r_count(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)sp_routes_count());
+    return 1;
+}
+
+static int r_count_ready(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)sp_routes_count_ready());
+    return 1;
+}
+
+static int r_generation(lua_State *L)
+{
+    lua_pushnumber(L, (double)sp_routes_generation());
+    return 1;
+}
+
+int luaopen_sp_routes(lua_State *L)
+{
+    static const luaL_Reg fns[] = {{"set", r_set},         {"get", r_get},
+                                   {"delete", r_delete},   {"list", r_list},
+                                   {"count", r_count},     {"count_ready", r_count_ready},
+                                   {"generation", r_generation}, {"version", r_version},
+                                   {NULL, NULL}};
+    lua_newtable(L);
+    luaL_register(L, NULL, fns);
+    return 1;
+}

@@ -1,0 +1,515 @@
+/*
+ * lua_vm.c: the per-worker Lua state (see lua_vm.h). It owns the state's creation and the
+ * script search path, the task (coroutine) pool, the hooks the core calls for each request,
+ * and sp_vm_pcall, the one protected-call policy: a traceback is logged, a request gets a 500,
+ * and the process keeps serving. Module bindings live in lua_*.c.
+ */
+#include "lua_vm.h"
+#include "config.h"
+#include "log.h"
+#include "worker.h"
+
+#include <errno.h>
+#include <lualib.h>
+#include <luajit.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+extern int luaopen_cjson(lua_State *L);
+extern int luaopen_cjson_safe(lua_State *L);
+
+static char vm_key; /* registry[&vm_key] = lightuserdata(vm) */
+
+sp_vm_t *sp_vm_of(lua_State *L)
+{
+    lua_pushlightuserdata(L, &vm_key);
+    lua_rawget(L, LUA_REGISTRYINDEX);
+    sp_vm_t *vm = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    return vm;
+}
+
+/* ---------------------------------------------------------------- memory cap */
+
+static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    sp_vm_t *vm = ud;
+    if (nsize == 0) {
+        free(ptr);
+        vm->mem_used -= osize;
+        return NULL;
+    }
+    if (vm->mem_limit && nsize > osize && vm->mem_used + (nsize - osize) > vm->mem_limit) {
+        vm->mem_exceeded = true;
+        return NULL; /* LuaJIT raises "not enough memory" in the allocating coroutine */
+    }
+    void *p = realloc(ptr, nsize);
+    if (p)
+        vm->mem_used += nsize - osize;
+    return p;
+}
+
+/* ---------------------------------------------------------------- protected calls */
+
+static int traceback_handler(lua_State *L)
+{
+    const char *msg = lua_tostring(L, 1);
+    if (!msg) {
+        if (luaL_callmeta(L, 1, "__tostring") && lua_isstring(L, -1))
+            msg = lua_tostring(L, -1);
+        else
+            msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    }
+    luaL_traceback(L, L, msg, 1);
+    return 1;
+}
+
+int sp_vm_pcall(lua_State *L, int nargs, int nresults, const char *what)
+{
+    int base = lua_gettop(L) - nargs;
+    lua_pushcfunction(L, traceback_handler);
+    lua_insert(L, base);
+    int rc = lua_pcall(L, nargs, nresults, base);
+    lua_remove(L, base);
+    if (rc) {
+        sp_log(SP_LOG_ERROR, "script error", "s:in", what, "s:error", lua_tostring(L, -1), NULL);
+        lua_pop(L, 1);
+        sp_vm_t *vm = sp_vm_of(L);
+        if (vm && vm->w)
+            vm->w->stats.script_errors++;
+    }
+    return rc;
+}
+
+/* ---------------------------------------------------------------- tasks */
+
+static sp_task_t *task_get(sp_vm_t *vm, sp_task_kind_t kind)
+{
+    sp_task_t *t;
+    if (vm->nfree) {
+        t = vm->free_tasks[--vm->nfree];
+    } else {
+        t = sp_calloc(1, sizeof *t);
+        t->vm = vm;
+        t->co = lua_newthread(vm->L);
+        t->co_ref = luaL_ref(vm->L, LUA_REGISTRYINDEX);
+    }
+    t->kind = kind;
+    t->req = NULL;
+    t->req_gen = 0;
+    t->aborted = false;
+    t->running = true;
+    t->wait = NULL;
+    return t;
+}
+
+static void task_put(sp_task_t *t, bool reusable)
+{
+    sp_vm_t *vm = t->vm;
+    t->running = false;
+    t->req = NULL;
+    if (!reusable || vm->nfree >= 1024) {
+        luaL_unref(vm->L, LUA_REGISTRYINDEX, t->co_ref);
+        free(t);
+        return;
+    }
+    lua_settop(t->co, 0);
+    if (vm->nfree == vm->free_cap) {
+        vm->free_cap = vm->free_cap ? vm->free_cap * 2 : 64;
+        vm->free_tasks = sp_realloc(vm->free_tasks, (size_t)vm->free_cap * sizeof(sp_task_t *));
+    }
+    vm->free_tasks[vm->nfree++] = t;
+}
+
+sp_task_t *sp_vm_task_of(sp_vm_t *vm, lua_State *L)
+{
+    sp_task_t *t = vm->current;
+    return (t && t->co == L) ? t : NULL;
+}
+
+/* A request task ended (finished or failed): let the core act on the decision. */
+static void request_task_done(sp_task_t *t, bool failed, bool sync)
+{
+    sp_request_t *r = t->req;
+    bool live = r && r->gen == t->req_gen;
+    if (live) {
+        r->script = NULL;
+        if (failed) {
+            /* Whatever was decided before the error is dropped: the answer is a 500. */
+            r->decision = SP_DECIDE_NONE;
+            r->extra.len = 0;
+            r->error = SP_ERR_SCRIPT;
+        }
+        if (!sync) {
+            r->script_busy = false;
+            sp_request_decided(r);
+        }
+    }
+}
+
+/* Resumes t and handles the outcome. Returns 1 if the task ended, 0 if it yielded. */
+static int task_run(sp_task_t *t, int nargs, bool sync)
+{
+    sp_vm_t *vm = t->vm;
+    sp_task_t *prev = vm->current;
+    vm->current = t;
+    t->started_ns = uv_hrtime();
+    int st = lua_resume(t->co, nargs);
+    vm->current = prev;
+    if (st == LUA_YIELD)
+        return 0;
+    bool failed = st != 0;
+    if (failed) {
+        const char *msg = lua_tostring(t->co, -1);
+        luaL_traceback(vm->L, t->co, msg ? msg : "(non-string error)", 0);
+        const char *what = t->kind == SP_TASK_REQUEST ? "request hook" : "timer";
+        if (t->kind == SP_TASK_REQUEST && t->req && t->req->gen == t->req_gen)
+            sp_log(SP_LOG_ERROR, "script error", "s:in", what, "s:request_id", t->req->id,
+                   "s:error", lua_tostring(vm->L, -1), NULL);
+        else
+            sp_log(SP_LOG_ERROR, "script error", "s:in", what, "s:error",
+                   lua_tostring(vm->L, -1), NULL);
+        lua_pop(vm->L, 1);
+        if (vm->w)
+            vm->w->stats.script_errors++;
+        if (vm->mem_exceeded) {
+            vm->mem_exceeded = false;
+            lua_gc(vm->L, LUA_GCCOLLECT, 0);
+        }
+    }
+    if (t->kind == SP_TASK_REQUEST)
+        request_task_done(t, failed, sync);
+    task_put(t, !failed);
+    return 1;
+}
+
+void sp_vm_resume(sp_task_t *t, int nargs) { task_run(t, nargs, false); }
+
+void sp_vm_spawn(sp_vm_t *vm, int nargs)
+{
+    sp_task_t *t = task_get(vm, SP_TASK_TIMER);
+    /* move function + args from vm->L to the coroutine */
+    lua_xmove(vm->L, t->co, nargs + 1);
+    task_run(t, nargs, false);
+}
+
+/* ---------------------------------------------------------------- request hooks */
+
+/* Pushes the request object of r's slot (created once per slot, reused). */
+static void push_request_object(sp_vm_t *vm, lua_State *L, sp_request_t *r)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, vm->reqobj_ref);
+    lua_rawgeti(L, -1, (int)r->slot + 1);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, vm->reqnew_ref);
+        lua_pushlightuserdata(L, r);
+        lua_call(L, 1, 1);
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, -3, (int)r->slot + 1);
+    }
+    lua_remove(L, -2);
+    /* stack: req object */
+}
+
+static int hook_request(sp_request_t *r)
+{
+    sp_vm_t *vm = r->w->vm;
+    lua_State *L = vm->L;
+    push_request_object(vm, L, r);
+    lua_pushinteger(L, (lua_Integer)r->gen);
+    lua_setfield(L, -2, "_g");
+    lua_pushnil(L);
+    lua_setfield(L, -2, "ctx");
+    sp_task_t *t = task_get(vm, SP_TASK_REQUEST);
+    t->req = r;
+    t->req_gen = r->gen;
+    r->script = t;
+    lua_rawgeti(t->co, LUA_REGISTRYINDEX, vm->on_request_ref);
+    lua_xmove(L, t->co, 1);
+    return task_run(t, 1, true);
+}
+
+static void hook_log(sp_request_t *r)
+{
+    sp_vm_t *vm = r->w->vm;
+    if (vm->on_log_ref == LUA_NOREF)
+        return;
+    lua_State *L = vm->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, vm->on_log_ref);
+    push_request_object(vm, L, r);
+    /* The object may be stale if the slot was never handed to the request hook. */
+    lua_pushinteger(L, (lua_Integer)r->gen);
+    lua_setfield(L, -2, "_g");
+    sp_vm_pcall(L, 1, 0, "log hook");
+}
+
+char sp_vm_body_wait; /* task->wait marker: suspended in req:read_body */
+
+static void hook_body_ready(sp_request_t *r, int err)
+{
+    sp_task_t *t = r->script;
+    if (!t || t->req != r || t->req_gen != r->gen || t->wait != &sp_vm_body_wait)
+        return;
+    t->wait = NULL;
+    if (err == 0) {
+        lua_pushlstring(t->co, r->body.p ? r->body.p : "", r->body.len);
+        sp_vm_resume(t, 1);
+    } else {
+        lua_pushnil(t->co);
+        lua_pushstring(t->co, err == -E2BIG    ? "E2BIG: request body larger than the limit"
+                              : err == -EINVAL ? "EINVAL: malformed request body"
+                                               : "ECONNRESET: the client went away");
+        sp_vm_resume(t, 2);
+    }
+}
+
+static void hook_abort(sp_request_t *r)
+{
+    sp_task_t *t = r->script;
+    if (t && t->req == r && t->req_gen == r->gen) {
+        t->aborted = true;
+        if (t->wait == &sp_vm_body_wait)
+            hook_body_ready(r, -ECONNRESET);
+    }
+}
+
+static void hook_release(sp_request_t *r)
+{
+    r->script = NULL;
+}
+
+const sp_hooks_t sp_vm_hooks = {
+    .request = hook_request,
+    .log = hook_log,
+    .abort = hook_abort,
+    .release = hook_release,
+    .body_ready = hook_body_ready,
+};
+
+/* ---------------------------------------------------------------- creation */
+
+static int strict_newindex(lua_State *L)
+{
+    return luaL_error(L, "assignment to undeclared global '%s' (use local, or rawset(_G, ...))",
+                      lua_tostring(L, 2));
+}
+
+static void add_path(sp_buf_t *b, const char *dir)
+{
+    if (!dir || !*dir)
+        return;
+    sp_buf_addf(b, "%s/?.lua;%s/?/init.lua;", dir, dir);
+}
+
+static int load_config_table(lua_State *L)
+{
+    if (sp_cfg.config_file) {
+        if (luaL_loadfile(L, sp_cfg.config_file))
+            return lua_error(L);
+        lua_call(L, 0, 1);
+        if (!lua_istable(L, -1))
+            return luaL_error(L, "config %s must return a table", sp_cfg.config_file);
+    } else {
+        lua_newtable(L);
+    }
+    return 1;
+}
+
+static int preload_embedded(lua_State *L)
+{
+    /* package.preload[name] = loader for each embedded runtime module */
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    for (const sp_embedded_t *e = sp_embedded_lua; e->name; e++) {
+        char chunk[128];
+        snprintf(chunk, sizeof chunk, "=[runtime]/%s", e->name);
+        if (luaL_loadbuffer(L, e->source, e->len, chunk))
+            return lua_error(L);
+        lua_setfield(L, -2, e->name);
+    }
+    lua_pop(L, 2);
+    return 0;
+}
+
+static void preload(lua_State *L, const char *name, lua_CFunction f)
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, f);
+    lua_setfield(L, -2, name);
+    lua_pop(L, 2);
+}
+
+static int vm_setup(lua_State *L)
+{
+    const char *entry = lua_tostring(L, 1);
+    luaL_openlibs(L);
+    preload(L, "cjson", luaopen_cjson);
+    preload(L, "cjson.safe", luaopen_cjson_safe);
+    preload(L, "sp.core", luaopen_sp_core);
+    preload(L, "sp.routes", luaopen_sp_routes);
+    preload(L, "sp.timer", luaopen_sp_timer);
+    preload(L, "sp.shared", luaopen_sp_shared);
+    preload(L, "sp.fs", luaopen_sp_fs);
+    preload(L, "sp.k8s", luaopen_sp_k8s);
+    preload_embedded(L);
+
+    /* The script search path: override directory, then built-in scripts, then system. */
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "path");
+    sp_buf_t b = {0};
+    add_path(&b, sp_cfg.scripts_dir);
+    add_path(&b, sp_cfg.builtin_dir);
+    sp_buf_adds(&b, lua_tostring(L, -1));
+    lua_pop(L, 1);
+    lua_pushlstring(L, b.p, b.len);
+    sp_buf_free(&b);
+    lua_setfield(L, -2, "path");
+    lua_pop(L, 1);
+
+    /* sp.config: the config file's table, loaded in this state */
+    lua_pushcfunction(L, load_config_table);
+    lua_call(L, 0, 1);
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_pushvalue(L, -3);
+    lua_setfield(L, -2, "sp.config");
+    lua_pop(L, 3);
+
+    if (!entry)
+        return 0; /* test mode: no strict globals (busted sets its own), no scripts loaded */
+
+    /* Strict globals: scripts cannot create globals by accident. */
+    lua_pushvalue(L, LUA_GLOBALSINDEX);
+    lua_newtable(L);
+    lua_pushcfunction(L, strict_newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_setmetatable(L, -2);
+    lua_pop(L, 1);
+
+    /* The request object constructor */
+    lua_getglobal(L, "require");
+    lua_pushstring(L, "sp.request");
+    lua_call(L, 1, 1);
+    lua_getfield(L, -1, "new");
+    lua_remove(L, -2);
+    /* stack: entry, new */
+    lua_getglobal(L, "require");
+    lua_pushstring(L, entry);
+    lua_call(L, 1, 1);
+    if (!lua_istable(L, -1))
+        return luaL_error(L, "script '%s' must return a table of hooks", entry);
+    lua_getfield(L, -1, "on_request");
+    if (!lua_isfunction(L, -1))
+        return luaL_error(L, "script '%s' must define on_request(req)", entry);
+    lua_pop(L, 1);
+    lua_getfield(L, -1, "on_log");
+    if (!lua_isnil(L, -1) && !lua_isfunction(L, -1))
+        return luaL_error(L, "script '%s': on_log must be a function", entry);
+    lua_pop(L, 1);
+    /* stack: entry, new, init */
+    return 2;
+}
+
+sp_vm_t *sp_vm_create(sp_worker_t *w, const char *entry, char *err, size_t errlen)
+{
+    sp_vm_t *vm = sp_calloc(1, sizeof *vm);
+    vm->w = w;
+    vm->mem_limit = (size_t)sp_cfg.lua_memory_limit_mb * 1024 * 1024;
+    vm->on_request_ref = vm->on_log_ref = vm->init_ref = LUA_NOREF;
+    lua_State *L = lua_newstate(vm_alloc, vm);
+    if (!L) {
+        snprintf(err, errlen, "cannot create a Lua state");
+        free(vm);
+        return NULL;
+    }
+    vm->L = L;
+    lua_pushlightuserdata(L, &vm_key);
+    lua_pushlightuserdata(L, vm);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    lua_newtable(L);
+    vm->reqobj_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+
+    lua_pushcfunction(L, traceback_handler);
+    lua_pushcfunction(L, vm_setup);
+    if (entry)
+        lua_pushstring(L, entry);
+    else
+        lua_pushnil(L);
+    if (lua_pcall(L, 1, entry ? 2 : 0, 1)) {
+        snprintf(err, errlen, "%s", lua_tostring(L, -1));
+        lua_close(L);
+        free(vm);
+        return NULL;
+    }
+    if (!entry) {
+        lua_pop(L, 1);
+        return vm;
+    }
+    /* stack: handler, new, init */
+    lua_getfield(L, -1, "on_request");
+    vm->on_request_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_getfield(L, -1, "on_log");
+    vm->on_log_ref = lua_isnil(L, -1) ? (lua_pop(L, 1), LUA_NOREF)
+                                       : luaL_ref(L, LUA_REGISTRYINDEX);
+    vm->init_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    vm->reqnew_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 1);
+    return vm;
+}
+
+int sp_vm_start(sp_vm_t *vm)
+{
+    lua_State *L = vm->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, vm->init_ref);
+    lua_getfield(L, -1, "on_start");
+    lua_remove(L, -2);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    /* on_start runs as a task so it may sleep or wait like any other script code */
+    sp_vm_spawn(vm, 0);
+    return 0;
+}
+
+int sp_vm_check(sp_vm_t *vm)
+{
+    lua_State *L = vm->L;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, vm->init_ref);
+    lua_getfield(L, -1, "check");
+    lua_remove(L, -2);
+    if (lua_isnil(L, -1)) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    if (sp_vm_pcall(L, 0, 1, "check"))
+        return 1;
+    int problems = 0;
+    if (lua_istable(L, -1)) {
+        int n = (int)lua_objlen(L, -1);
+        for (int i = 1; i <= n; i++) {
+            lua_rawgeti(L, -1, i);
+            fprintf(stderr, "sandbox-proxy: check: %s\n", lua_tostring(L, -1));
+            lua_pop(L, 1);
+            problems++;
+        }
+    }
+    lua_pop(L, 1);
+    return problems;
+}
+
+void sp_vm_destroy(sp_vm_t *vm)
+{
+    if (!vm)
+        return;
+    sp_timer_close_all(vm);
+    sp_fs_close_all(vm);
+    lua_close(vm->L);
+    sp_buf_free(&vm->scratch);
+    for (int i = 0; i < vm->nfree; i++)
+        free(vm->free_tasks[i]);
+    free(vm->free_tasks);
+    free(vm);
+}

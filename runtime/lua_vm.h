@@ -1,0 +1,98 @@
+/*
+ * lua_vm.h: one Lua state per worker: creating it (libraries, the sp.* modules, the script
+ * search path with the override directory first, strict globals), running the script hooks
+ * in pooled coroutines ("tasks"), and the single protected-call policy every call from C into
+ * Lua goes through. The bindings (lua_*.c) use this interface; the core uses only the hooks.
+ */
+#ifndef SP_LUA_VM_H
+#define SP_LUA_VM_H
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "http.h"
+
+typedef struct sp_vm sp_vm_t;
+typedef struct sp_task sp_task_t;
+
+typedef enum { SP_TASK_REQUEST, SP_TASK_TIMER } sp_task_kind_t;
+
+/* A coroutine with its bookkeeping. Request tasks decide one request; timer tasks run a
+ * timer callback. A task is reused after its function returns; a task that failed is not. */
+struct sp_task {
+    lua_State *co;
+    int co_ref;
+    sp_vm_t *vm;
+    sp_task_kind_t kind;
+    sp_request_t *req;
+    uint32_t req_gen;
+    bool aborted;          /* the client went away */
+    bool running;
+    uint64_t started_ns;   /* when the current resume began (time budget) */
+    void *wait;            /* what the task is suspended on (timer, wake wait); owner-defined */
+};
+
+struct sp_vm {
+    lua_State *L;
+    sp_worker_t *w;        /* NULL for --check and test states */
+    int on_request_ref;
+    int on_log_ref;
+    int init_ref;          /* the init module table */
+    int reqobj_ref;        /* table: slot -> request object */
+    int reqnew_ref;        /* sp.request.new */
+    sp_task_t **free_tasks;
+    int nfree, free_cap;
+    sp_task_t *current;
+    int ntimers;
+    size_t mem_used, mem_limit;
+    bool mem_exceeded;
+    int config_ref;
+    sp_buf_t scratch;      /* copies of routes and dict values for the bindings */
+};
+
+/* Creates a state and loads the scripts (init.lua). w may be NULL (check / test mode, no loop
+ * services). Returns NULL with a message in err on any script or config error. */
+sp_vm_t *sp_vm_create(sp_worker_t *w, const char *entry, char *err, size_t errlen);
+void sp_vm_destroy(sp_vm_t *vm);
+/* Calls init.on_start() if the scripts define it. Returns 0 or -1 (logged). */
+int sp_vm_start(sp_vm_t *vm);
+/* Calls init.check() if defined; returns the number of problems printed to stderr. */
+int sp_vm_check(sp_vm_t *vm);
+
+extern const sp_hooks_t sp_vm_hooks;
+/* The value of task->wait while a task is suspended in req:read_body. */
+extern char sp_vm_body_wait;
+
+/* For bindings. */
+sp_vm_t *sp_vm_of(lua_State *L);
+/* The task whose coroutine is L, or NULL when L is not a task's main function context. */
+sp_task_t *sp_vm_task_of(sp_vm_t *vm, lua_State *L);
+/* Runs the function on top of vm->L's stack (with nargs arguments above it) in a new timer
+ * task. Errors are logged. */
+void sp_vm_spawn(sp_vm_t *vm, int nargs);
+/* Resumes a suspended task with nargs values pushed on its coroutine. */
+void sp_vm_resume(sp_task_t *t, int nargs);
+/* The protected-call helper: calls the function below nargs arguments on L with a traceback
+ * handler; on error logs "what" with the traceback and returns non-zero (error left popped). */
+int sp_vm_pcall(lua_State *L, int nargs, int nresults, const char *what);
+
+/* Registration of the binding modules into package.preload (lua_*.c). */
+int luaopen_sp_core(lua_State *L);
+int luaopen_sp_routes(lua_State *L);
+int luaopen_sp_timer(lua_State *L);
+int luaopen_sp_shared(lua_State *L);
+int luaopen_sp_fs(lua_State *L);
+int luaopen_sp_k8s(lua_State *L);
+/* Stops loop services owned by the vm (timers, fs watches) at shutdown. */
+void sp_timer_close_all(sp_vm_t *vm);
+void sp_fs_close_all(sp_vm_t *vm);
+
+/* The embedded runtime Lua modules (generated at build time from runtime/lua/). */
+typedef struct sp_embedded {
+    const char *name;
+    const char *source;
+    size_t len;
+} sp_embedded_t;
+extern const sp_embedded_t sp_embedded_lua[];
+
+#endif

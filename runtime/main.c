@@ -1,0 +1,537 @@
+/*
+ * main.c: the command line, the configuration precedence (defaults < --config file < command
+ * line), binding the listening sockets, starting the workers, and signals: SIGTERM/SIGINT
+ * drain then exit 0, a second one stops at once; SIGHUP reloads the scripts. Also the two
+ * non-serving modes: --check and `sandbox-proxy test` (busted inside the runtime).
+ */
+#include "config.h"
+#include "log.h"
+#include "lua_vm.h"
+#include "routes.h"
+#include "shdict.h"
+#include "worker.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <lualib.h>
+
+static const char usage_text[] =
+    "Usage: sandbox-proxy [OPTIONS]\n"
+    "       sandbox-proxy test [BUSTED-OPTIONS] [SPEC-PATHS]\n"
+    "\n"
+    "A Lua-scriptable HTTP proxy for agent sandboxes: routes {METHOD} /{user}/{sandbox}/{path}\n"
+    "to the sandbox. Without a sandbox source it runs the local demo (a demo sandbox list and a\n"
+    "demo sandbox on 127.0.0.1:8888).\n"
+    "\n"
+    "Options:\n"
+    "  --listen ADDR:PORT         proxy listener (default 0.0.0.0:8080; $PORT sets the port)\n"
+    "  --workers N                worker threads (default: the CPUs this process may use)\n"
+    "  --scripts DIR              override directory, searched before the built-in scripts\n"
+    "                             (mount a ConfigMap here)\n"
+    "  --config FILE              Lua config file returning a table (every knob below, plus\n"
+    "                             script sections such as router = {...})\n"
+    "  --sandboxes-file FILE      local sandbox source: a JSON SandboxList, re-read on change\n"
+    "  --demo                     local demo mode: demo sandbox list + demo sandbox listener\n"
+    "  --set NAME=VALUE           set any knob below (repeatable; wins over --config)\n"
+    "  --log-level LEVEL          debug, info, warn or error (default info)\n"
+    "  --check                    load the config and scripts, report problems, exit 0 or 1\n"
+    "  --version                  print the version and exit\n"
+    "  -h, --help                 this text\n"
+    "\n"
+    "Exit codes: 0 success (also after a graceful SIGTERM drain), 1 start-up or check failure,\n"
+    "2 bad command line.\n"
+    "\n"
+    "Knobs (config file keys, or --set NAME=VALUE):\n";
+
+static void usage_error(const char *fmt, const char *a, const char *b)
+{
+    fprintf(stderr, "sandbox-proxy: ");
+    fprintf(stderr, fmt, a, b);
+    fprintf(stderr, " (see --help)\n");
+    exit(2);
+}
+
+/* ---------------------------------------------------------------- paths */
+
+static bool is_file(const char *p)
+{
+    struct stat st;
+    return p && stat(p, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+static bool is_dir(const char *p)
+{
+    struct stat st;
+    return p && stat(p, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* The built-in scripts: <bindir>/../scripts (build tree) or <bindir>/../share/sandbox-proxy/
+ * scripts (installed tree), whichever holds init.lua. */
+static char *find_builtin_dir(void)
+{
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n <= 0)
+        return NULL;
+    exe[n] = '\0';
+    char *slash = strrchr(exe, '/');
+    if (slash)
+        *slash = '\0';
+    static const char *rel[] = {"/../scripts", "/../share/sandbox-proxy/scripts", "/scripts"};
+    for (size_t i = 0; i < SP_ARRAY_LEN(rel); i++) {
+        char cand[PATH_MAX + 64], probe[PATH_MAX + 80], real[PATH_MAX];
+        snprintf(cand, sizeof cand, "%s%s", exe, rel[i]);
+        snprintf(probe, sizeof probe, "%s/init.lua", cand);
+        if (is_file(probe) && realpath(cand, real))
+            return sp_strdup(real);
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------- listening sockets */
+
+/* Parses "ADDR:PORT", "[V6]:PORT" or ":PORT" into a socket address. */
+static int parse_addr(const char *s, struct sockaddr_storage *ss, char err[256])
+{
+    char host[128];
+    const char *colon = strrchr(s, ':');
+    if (!colon) {
+        snprintf(err, 256, "'%s': expected ADDR:PORT", s);
+        return -1;
+    }
+    size_t hl = (size_t)(colon - s);
+    if (hl >= sizeof host) {
+        snprintf(err, 256, "'%s': address too long", s);
+        return -1;
+    }
+    memcpy(host, s, hl);
+    host[hl] = '\0';
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end || end == colon + 1 || port < 0 || port > 65535) {
+        snprintf(err, 256, "'%s': bad port", s);
+        return -1;
+    }
+    if (hl == 0)
+        strcpy(host, "0.0.0.0");
+    if (host[0] == '[') {
+        size_t l = strlen(host);
+        if (l < 3 || host[l - 1] != ']') {
+            snprintf(err, 256, "'%s': bad IPv6 address", s);
+            return -1;
+        }
+        memmove(host, host + 1, l - 2);
+        host[l - 2] = '\0';
+    }
+    if (uv_ip4_addr(host, (int)port, (struct sockaddr_in *)ss) == 0)
+        return 0;
+    if (uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)ss) == 0)
+        return 0;
+    snprintf(err, 256, "'%s': the address must be an IP address", s);
+    return -1;
+}
+
+static int port_of(const struct sockaddr_storage *ss)
+{
+    return ss->ss_family == AF_INET ? ntohs(((const struct sockaddr_in *)ss)->sin_port)
+                                    : ntohs(((const struct sockaddr_in6 *)ss)->sin6_port);
+}
+
+/* Binds n SO_REUSEPORT sockets to addr (port 0: the first picks, the rest follow). */
+static int bind_set(const char *addr, int n, int *fds, int *out_port, char err[256])
+{
+    struct sockaddr_storage ss;
+    if (parse_addr(addr, &ss, err))
+        return -1;
+    for (int i = 0; i < n; i++) {
+        int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        int one = 1;
+        if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) ||
+            setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one)) {
+            snprintf(err, 256, "socket: %s", strerror(errno));
+            return -1;
+        }
+        socklen_t len = ss.ss_family == AF_INET ? sizeof(struct sockaddr_in)
+                                                : sizeof(struct sockaddr_in6);
+        if (bind(fd, (struct sockaddr *)&ss, len) != 0) {
+            snprintf(err, 256, "cannot bind %s: %s", addr, strerror(errno));
+            close(fd);
+            for (int j = 0; j < i; j++)
+                close(fds[j]);
+            return -1;
+        }
+        if (i == 0) {
+            struct sockaddr_storage got;
+            socklen_t gl = sizeof got;
+            getsockname(fd, (struct sockaddr *)&got, &gl);
+            if (ss.ss_family == AF_INET)
+                ((struct sockaddr_in *)&ss)->sin_port = ((struct sockaddr_in *)&got)->sin_port;
+            else
+                ((struct sockaddr_in6 *)&ss)->sin6_port = ((struct sockaddr_in6 *)&got)->sin6_port;
+        }
+        fds[i] = fd;
+    }
+    *out_port = port_of(&ss);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- signals */
+
+static uv_signal_t sig_term, sig_int, sig_hup;
+static uv_timer_t drain_timer;
+static uv_async_t worker_exited;
+static int exited_workers, total_workers, started_workers;
+static bool draining;
+
+static void on_drain_timeout(uv_timer_t *t)
+{
+    SP_UNUSED(t);
+    sp_log(SP_LOG_WARN, "drain timeout: closing remaining connections", "d:drain_timeout",
+           sp_cfg.drain_timeout, NULL);
+    sp_workers_command(SP_CMD_STOP);
+}
+
+static void on_stop_signal(uv_signal_t *s, int signum)
+{
+    SP_UNUSED(s);
+    if (draining) {
+        sp_log(SP_LOG_WARN, "second stop signal: stopping now", "i:signal", (int64_t)signum, NULL);
+        sp_workers_command(SP_CMD_STOP);
+        return;
+    }
+    draining = true;
+    sp_log(SP_LOG_INFO, "draining", "i:signal", (int64_t)signum, "d:drain_timeout",
+           sp_cfg.drain_timeout, NULL);
+    sp_workers_command(SP_CMD_DRAIN);
+    uv_timer_start(&drain_timer, on_drain_timeout, (uint64_t)(sp_cfg.drain_timeout * 1000), 0);
+}
+
+static void on_hup(uv_signal_t *s, int signum)
+{
+    SP_UNUSED(s);
+    SP_UNUSED(signum);
+    sp_workers_command(SP_CMD_RELOAD);
+}
+
+static void on_worker_exited(uv_async_t *a)
+{
+    SP_UNUSED(a);
+    /* async sends coalesce: count the workers whose threads are done by asking each */
+    exited_workers++;
+    int done = 0;
+    for (int i = 0; i < total_workers; i++) {
+        sp_worker_t *w = sp_worker_get(i);
+        if (!w || atomic_load(&w->exited) || i >= started_workers)
+            done++;
+    }
+    if (done >= total_workers) {
+        uv_close((uv_handle_t *)&sig_term, NULL);
+        uv_close((uv_handle_t *)&sig_int, NULL);
+        uv_close((uv_handle_t *)&sig_hup, NULL);
+        uv_close((uv_handle_t *)&drain_timer, NULL);
+        uv_close((uv_handle_t *)&worker_exited, NULL);
+    }
+}
+
+/* ---------------------------------------------------------------- test mode */
+
+static int run_tests(int argc, char **argv)
+{
+    /* A state with the runtime modules and no strict globals, running busted's runner. */
+    static sp_worker_t tw;
+    uv_loop_init(&tw.loop);
+    tw.id = 0;
+    char err[1024];
+    sp_vm_t *vm = sp_vm_create(&tw, NULL, err, sizeof err);
+    if (!vm) {
+        fprintf(stderr, "sandbox-proxy test: %s\n", err);
+        return 1;
+    }
+    tw.vm = vm;
+    lua_State *L = vm->L;
+    lua_createtable(L, argc, 1);
+    lua_pushstring(L, "busted");
+    lua_rawseti(L, -2, 0);
+    for (int i = 0; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setglobal(L, "arg");
+    /* busted's runner inspects its caller: call it from a Lua chunk */
+    static const char boot[] = "require('busted.runner')({ standalone = false })";
+    if (luaL_loadbuffer(L, boot, sizeof boot - 1, "@sandbox-proxy-test")) {
+        fprintf(stderr, "sandbox-proxy test: %s\n", lua_tostring(L, -1));
+        return 1;
+    }
+    if (sp_vm_pcall(L, 0, 0, "busted (is lua-busted installed?)"))
+        return 1;
+    return 0; /* busted exits with its own status; reaching here means no specs ran */
+}
+
+/* ---------------------------------------------------------------- main */
+
+/* The value of option a: the next argument, which must exist. */
+static const char *next_arg(int argc, char **argv, int *i, const char *a)
+{
+    if (*i + 1 >= argc)
+        usage_error("option '%s' needs a value%s", a, "");
+    return argv[++*i];
+}
+
+static void set_or_die(const char *name, const char *value)
+{
+    char err[256];
+    if (sp_config_set(&sp_cfg, name, value, err)) {
+        fprintf(stderr, "sandbox-proxy: %s (see --help)\n", err);
+        exit(2);
+    }
+}
+
+static int cpu_count(void)
+{
+    int n = (int)uv_available_parallelism();
+    return n > 0 ? n : 1;
+}
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    sp_config_defaults(&sp_cfg);
+    sp_cfg.builtin_dir = find_builtin_dir();
+
+    if (argc > 1 && strcmp(argv[1], "test") == 0) {
+        sp_routes_init();
+        char err[128];
+        sp_shdict_create("sp", 1 << 20, err);
+        return run_tests(argc - 2, argv + 2);
+    }
+
+    /* Command line: collected first so that it wins over the config file. */
+    const char **sets = sp_calloc((size_t)argc * 2 + 2, sizeof(char *));
+    int nsets = 0;
+    bool listen_given = false;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *eq = strchr(a, '=');
+        char opt[64];
+        const char *val = NULL;
+        if (a[0] == '-' && a[1] == '-' && eq && (size_t)(eq - a) < sizeof opt) {
+            memcpy(opt, a, (size_t)(eq - a));
+            opt[eq - a] = '\0';
+            val = eq + 1;
+            a = opt;
+        }
+#define VALUE() (val ? val : next_arg(argc, argv, &i, a))
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            fputs(usage_text, stdout);
+            sp_config_print_help(stdout);
+            return 0;
+        } else if (!strcmp(a, "--version")) {
+            printf("sandbox-proxy %s\n", SP_VERSION);
+            return 0;
+        } else if (!strcmp(a, "--listen")) {
+            sets[nsets++] = "listen";
+            sets[nsets++] = VALUE();
+            listen_given = true;
+        } else if (!strcmp(a, "--workers")) {
+            sets[nsets++] = "workers";
+            sets[nsets++] = VALUE();
+        } else if (!strcmp(a, "--log-level")) {
+            sets[nsets++] = "log_level";
+            sets[nsets++] = VALUE();
+        } else if (!strcmp(a, "--scripts")) {
+            const char *d = VALUE();
+            if (!is_dir(d))
+                usage_error("--scripts: '%s' is not a directory%s", d, "");
+            char real[PATH_MAX];
+            sp_cfg.scripts_dir = sp_strdup(realpath(d, real) ? real : d);
+        } else if (!strcmp(a, "--config")) {
+            const char *f = VALUE();
+            if (!is_file(f))
+                usage_error("--config: '%s' is not a readable file%s", f, "");
+            sp_cfg.config_file = sp_strdup(f);
+        } else if (!strcmp(a, "--sandboxes-file")) {
+            sp_cfg.sandboxes_file = sp_strdup(VALUE());
+        } else if (!strcmp(a, "--demo")) {
+            sp_cfg.demo = true;
+        } else if (!strcmp(a, "--check")) {
+            sp_cfg.check_only = true;
+        } else if (!strcmp(a, "--set")) {
+            const char *kv = VALUE();
+            const char *e = strchr(kv, '=');
+            if (!e || e == kv)
+                usage_error("--set: expected NAME=VALUE, got '%s'%s", kv, "");
+            sets[nsets++] = sp_strndup(kv, (size_t)(e - kv));
+            sets[nsets++] = e + 1;
+        } else {
+            usage_error("unknown option '%s'%s", argv[i], "");
+        }
+#undef VALUE
+    }
+    if (sp_cfg.config_file) {
+        char err[256];
+        if (sp_config_load_file(&sp_cfg, sp_cfg.config_file, err)) {
+            fprintf(stderr, "sandbox-proxy: %s\n", err);
+            return sp_cfg.check_only ? 1 : 2;
+        }
+    }
+    const char *port_env = getenv("PORT");
+    if (!listen_given && port_env && *port_env) {
+        char buf[64];
+        snprintf(buf, sizeof buf, "0.0.0.0:%s", port_env);
+        char err[256];
+        if (sp_config_set(&sp_cfg, "listen", buf, err)) {
+            fprintf(stderr, "sandbox-proxy: PORT=%s: %s\n", port_env, err);
+            return 2;
+        }
+    }
+    for (int i = 0; i < nsets; i += 2)
+        set_or_die(sets[i], sets[i + 1]);
+    free(sets);
+    sp_log_min_level = sp_log_level_parse(sp_cfg.log_level);
+    if (sp_log_min_level < 0) {
+        fprintf(stderr, "sandbox-proxy: log_level: expected debug, info, warn or error\n");
+        return 2;
+    }
+    {
+        struct sockaddr_storage ss;
+        char err[256];
+        if (parse_addr(sp_cfg.listen, &ss, err))
+            usage_error("--listen: %s%s", err, "");
+        if (sp_cfg.metrics_listen && parse_addr(sp_cfg.metrics_listen, &ss, err))
+            usage_error("metrics_listen: %s%s", err, "");
+        if (parse_addr(sp_cfg.demo_listen, &ss, err))
+            usage_error("demo_listen: %s%s", err, "");
+    }
+    if (!sp_cfg.builtin_dir) {
+        fprintf(stderr, "sandbox-proxy: cannot find the built-in scripts next to the binary\n");
+        return 1;
+    }
+    /* The sandbox source: a file, else (no cluster settings) the local demo. */
+    if (!sp_cfg.sandboxes_file && !sp_cfg.kube_api && !getenv("KUBERNETES_SERVICE_HOST") &&
+        !sp_cfg.kubeconfig && !getenv("KUBECONFIG"))
+        sp_cfg.demo = true;
+    if (sp_cfg.demo && !sp_cfg.sandboxes_file) {
+        char p[PATH_MAX + 64];
+        snprintf(p, sizeof p, "%s/demo/sandboxes.json", sp_cfg.builtin_dir);
+        sp_cfg.sandboxes_file = sp_strdup(p);
+    }
+    if (sp_cfg.workers <= 0)
+        sp_cfg.workers = cpu_count();
+
+    sp_routes_init();
+    {
+        char err[128];
+        sp_shdict_create("sp", 1 << 20, err);
+    }
+
+    if (sp_cfg.check_only) {
+        char err[2048];
+        sp_vm_t *vm = sp_vm_create(NULL, "init", err, sizeof err);
+        if (!vm) {
+            fprintf(stderr, "sandbox-proxy: check: %s\n", err);
+            return 1;
+        }
+        int problems = sp_vm_check(vm);
+        sp_vm_destroy(vm);
+        if (problems) {
+            fprintf(stderr, "sandbox-proxy: check: %d problem(s)\n", problems);
+            return 1;
+        }
+        printf("sandbox-proxy: check: configuration and scripts OK\n");
+        return 0;
+    }
+
+    /* Bind every listener before starting anything, so a busy port fails fast. */
+    int n = sp_cfg.workers;
+    const char *names[3];
+    int *fds[3];
+    int ports[3];
+    int nl = 0;
+    char err[256];
+    names[nl] = "main";
+    fds[nl] = sp_calloc((size_t)n, sizeof(int));
+    if (bind_set(sp_cfg.listen, n, fds[nl], &ports[nl], err)) {
+        sp_log(SP_LOG_ERROR, "cannot listen", "s:listen", sp_cfg.listen, "s:error", err, NULL);
+        return 1;
+    }
+    nl++;
+    if (sp_cfg.demo) {
+        names[nl] = "demo";
+        fds[nl] = sp_calloc((size_t)n, sizeof(int));
+        if (bind_set(sp_cfg.demo_listen, n, fds[nl], &ports[nl], err)) {
+            sp_log(SP_LOG_WARN, "demo sandbox not started", "s:listen", sp_cfg.demo_listen,
+                   "s:error", err, NULL);
+            free(fds[nl]);
+        } else {
+            char a[80];
+            snprintf(a, sizeof a, "%.*s:%d",
+                     (int)(strrchr(sp_cfg.demo_listen, ':') - sp_cfg.demo_listen),
+                     sp_cfg.demo_listen, ports[nl]);
+            set_or_die("demo_listen", a);
+            nl++;
+        }
+    }
+    if (sp_cfg.metrics_listen) {
+        names[nl] = "metrics";
+        fds[nl] = sp_calloc((size_t)n, sizeof(int));
+        if (bind_set(sp_cfg.metrics_listen, n, fds[nl], &ports[nl], err)) {
+            sp_log(SP_LOG_ERROR, "cannot listen", "s:listen", sp_cfg.metrics_listen, "s:error",
+                   err, NULL);
+            return 1;
+        }
+        nl++;
+    }
+    sp_workers_set_listeners(nl, names, fds, ports);
+
+    uv_loop_t *loop = uv_default_loop();
+    uv_signal_init(loop, &sig_term);
+    uv_signal_init(loop, &sig_int);
+    uv_signal_init(loop, &sig_hup);
+    uv_timer_init(loop, &drain_timer);
+    uv_async_init(loop, &worker_exited, on_worker_exited);
+    uv_signal_start(&sig_term, on_stop_signal, SIGTERM);
+    uv_signal_start(&sig_int, on_stop_signal, SIGINT);
+    uv_signal_start(&sig_hup, on_hup, SIGHUP);
+    sp_workers_set_exit_notify(&worker_exited);
+
+    sp_buf_t knobs = {0};
+    sp_config_dump_json(&sp_cfg, &knobs);
+    sp_buf_addc(&knobs, '\0');
+    sp_log(SP_LOG_INFO, "starting", "s:version", SP_VERSION, "i:workers", (int64_t)n, "s:mode",
+           sp_cfg.demo ? "demo" : "file", "j:settings", knobs.p, NULL);
+    sp_buf_free(&knobs);
+
+    total_workers = n;
+    int rc = sp_workers_start(n);
+    started_workers = sp_workers_started();
+    if (rc == 0) {
+        for (int i = 0; i < nl; i++)
+            sp_log(SP_LOG_INFO, "listening", "s:listener", names[i], "i:port",
+                   (int64_t)ports[i], NULL);
+        if (sp_cfg.demo)
+            sp_log(SP_LOG_WARN, "local demo mode: no authentication, demo sandbox list",
+                   "s:sandboxes_file", sp_cfg.sandboxes_file, NULL);
+    } else {
+        sp_workers_command(SP_CMD_STOP);
+    }
+    uv_run(loop, UV_RUN_DEFAULT);
+    sp_workers_join();
+    uv_loop_close(loop);
+    for (int i = 0; i < nl; i++)
+        free(fds[i]);
+    sp_routes_destroy();
+    sp_shdict_destroy_all();
+    if (rc == 0)
+        sp_log(SP_LOG_INFO, "stopped", NULL);
+    return rc == 0 ? 0 : 1;
+}

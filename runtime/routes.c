@@ -1,0 +1,227 @@
+/*
+ * routes.c: the shared route table (see routes.h): 64 shards, each a chained hash table behind
+ * its own mutex. Entries are single heap blocks, replaced whole on update, so a reader copies
+ * exactly one block and never sees a half-written route.
+ */
+#include "routes.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+#define NSHARDS 64
+
+const char *const sp_route_field_names[SP_RF_COUNT] = {
+    "namespace", "name", "user", "address", "reason", "service", "conflict", "mode", "meta",
+};
+
+typedef struct shard {
+    pthread_mutex_t mu;
+    sp_route_t **buckets;
+    size_t nbuckets;
+    size_t count;
+} shard_t;
+
+static shard_t shards[NSHARDS];
+static atomic_size_t total;
+static atomic_size_t ready_total;
+static atomic_uint_fast64_t generation;
+
+static uint64_t hash_key(const char *k, size_t n)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= (unsigned char)k[i];
+        h *= 1099511628211ull;
+    }
+    return h ^ (h >> 29);
+}
+
+void sp_routes_init(void)
+{
+    for (int i = 0; i < NSHARDS; i++) {
+        pthread_mutex_init(&shards[i].mu, NULL);
+        shards[i].nbuckets = 64;
+        shards[i].buckets = sp_calloc(64, sizeof(sp_route_t *));
+        shards[i].count = 0;
+    }
+    atomic_store(&total, 0);
+    atomic_store(&ready_total, 0);
+    atomic_store(&generation, 1);
+}
+
+void sp_routes_destroy(void)
+{
+    for (int i = 0; i < NSHARDS; i++) {
+        shard_t *s = &shards[i];
+        for (size_t b = 0; b < s->nbuckets; b++) {
+            sp_route_t *e = s->buckets[b];
+            while (e) {
+                sp_route_t *n = e->next;
+                free(e);
+                e = n;
+            }
+        }
+        free(s->buckets);
+        s->buckets = NULL;
+        pthread_mutex_destroy(&s->mu);
+    }
+}
+
+static shard_t *shard_of(uint64_t h) { return &shards[(h >> 7) % NSHARDS]; }
+
+static sp_route_t **find_slot(shard_t *s, uint64_t h, const char *key, size_t klen)
+{
+    sp_route_t **pp = &s->buckets[h & (s->nbuckets - 1)];
+    while (*pp) {
+        sp_route_t *e = *pp;
+        if (e->hash == h && e->klen == klen && memcmp(e->data, key, klen) == 0)
+            return pp;
+        pp = &e->next;
+    }
+    return pp;
+}
+
+static void grow(shard_t *s)
+{
+    size_t nb = s->nbuckets * 2;
+    sp_route_t **b = sp_calloc(nb, sizeof(sp_route_t *));
+    for (size_t i = 0; i < s->nbuckets; i++) {
+        sp_route_t *e = s->buckets[i];
+        while (e) {
+            sp_route_t *n = e->next;
+            size_t j = e->hash & (nb - 1);
+            e->next = b[j];
+            b[j] = e;
+            e = n;
+        }
+    }
+    free(s->buckets);
+    s->buckets = b;
+    s->nbuckets = nb;
+}
+
+static sp_route_t *build(uint64_t h, const char *key, size_t klen, const sp_route_in_t *in)
+{
+    size_t size = sizeof(sp_route_t) + klen + 1;
+    for (int f = 0; f < SP_RF_COUNT; f++)
+        size += (in->s[f] ? in->n[f] : 0) + 1;
+    size = (size + 7) & ~(size_t)7;
+    sp_route_t *e = sp_malloc(size);
+    e->next = NULL;
+    e->hash = h;
+    e->port = in->port;
+    e->ready = in->ready;
+    e->size = (uint32_t)size;
+    e->klen = (uint32_t)klen;
+    e->updated = sp_wall_time();
+    memcpy(e->data, key, klen);
+    e->data[klen] = '\0';
+    uint32_t pos = (uint32_t)klen + 1;
+    for (int f = 0; f < SP_RF_COUNT; f++) {
+        size_t n = in->s[f] ? in->n[f] : 0;
+        e->off[f] = pos;
+        e->len[f] = (uint32_t)n;
+        if (n)
+            memcpy(e->data + pos, in->s[f], n);
+        e->data[pos + n] = '\0';
+        pos += (uint32_t)n + 1;
+    }
+    return e;
+}
+
+int sp_routes_set(const char *key, size_t klen, const sp_route_in_t *in)
+{
+    uint64_t h = hash_key(key, klen);
+    sp_route_t *e = build(h, key, klen, in);
+    shard_t *s = shard_of(h);
+    pthread_mutex_lock(&s->mu);
+    e->version = atomic_fetch_add(&generation, 1) + 1;
+    sp_route_t **pp = find_slot(s, h, key, klen);
+    sp_route_t *old = *pp;
+    int created = old == NULL;
+    if (old) {
+        e->next = old->next;
+        if (old->ready)
+            atomic_fetch_sub(&ready_total, 1);
+    } else {
+        s->count++;
+        atomic_fetch_add(&total, 1);
+    }
+    *pp = e;
+    if (e->ready)
+        atomic_fetch_add(&ready_total, 1);
+    if (created && s->count > s->nbuckets)
+        grow(s);
+    pthread_mutex_unlock(&s->mu);
+    free(old);
+    return created;
+}
+
+bool sp_routes_get(const char *key, size_t klen, sp_buf_t *out)
+{
+    uint64_t h = hash_key(key, klen);
+    shard_t *s = shard_of(h);
+    bool found = false;
+    pthread_mutex_lock(&s->mu);
+    sp_route_t *e = *find_slot(s, h, key, klen);
+    if (e) {
+        out->len = 0;
+        sp_buf_add(out, e, e->size);
+        found = true;
+    }
+    pthread_mutex_unlock(&s->mu);
+    return found;
+}
+
+uint64_t sp_routes_version_of(const char *key, size_t klen)
+{
+    uint64_t h = hash_key(key, klen);
+    shard_t *s = shard_of(h);
+    pthread_mutex_lock(&s->mu);
+    sp_route_t *e = *find_slot(s, h, key, klen);
+    uint64_t v = e ? e->version : 0;
+    pthread_mutex_unlock(&s->mu);
+    return v;
+}
+
+bool sp_routes_delete(const char *key, size_t klen)
+{
+    uint64_t h = hash_key(key, klen);
+    shard_t *s = shard_of(h);
+    pthread_mutex_lock(&s->mu);
+    sp_route_t **pp = find_slot(s, h, key, klen);
+    sp_route_t *e = *pp;
+    if (e) {
+        *pp = e->next;
+        s->count--;
+        atomic_fetch_sub(&total, 1);
+        if (e->ready)
+            atomic_fetch_sub(&ready_total, 1);
+        atomic_fetch_add(&generation, 1);
+    }
+    pthread_mutex_unlock(&s->mu);
+    free(e);
+    return e != NULL;
+}
+
+size_t sp_routes_count(void) { return atomic_load(&total); }
+size_t sp_routes_count_ready(void) { return atomic_load(&ready_total); }
+uint64_t sp_routes_generation(void) { return atomic_load(&generation); }
+
+size_t sp_routes_snapshot(sp_buf_t *out)
+{
+    size_t n = 0;
+    out->len = 0;
+    for (int i = 0; i < NSHARDS; i++) {
+        shard_t *s = &shards[i];
+        pthread_mutex_lock(&s->mu);
+        for (size_t b = 0; b < s->nbuckets; b++)
+            for (sp_route_t *e = s->buckets[b]; e; e = e->next) {
+                sp_buf_add(out, e, e->size);
+                n++;
+            }
+        pthread_mutex_unlock(&s->mu);
+    }
+    return n;
+}

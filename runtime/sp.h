@@ -1,0 +1,43 @@
+/*
+ * sp.h: small shared definitions for the whole runtime: allocation that aborts on OOM,
+ * the export attribute for functions the Lua FFI glue calls, clocks and string helpers.
+ * It owns no state. Nothing here includes Lua headers.
+ */
+#ifndef SP_H
+#define SP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+#include <string.h>
+
+#define SP_VERSION "0.1.0"
+
+/* Functions the LuaJIT FFI glue (runtime/lua/sp/ modules) binds to by name. */
+#define SP_EXPORT __attribute__((visibility("default")))
+
+#define SP_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
+#define SP_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define SP_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define SP_UNUSED(x) ((void)(x))
+#define SP_CONTAINER_OF(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
+
+/* Allocation aborts the process on OOM (STYLE: no NULL checks everywhere). */
+void *sp_malloc(size_t n);
+void *sp_calloc(size_t count, size_t n);
+void *sp_realloc(void *p, size_t n);
+char *sp_strndup(const char *s, size_t n);
+char *sp_strdup(const char *s);
+
+/* Monotonic milliseconds since an arbitrary start, and wall-clock seconds (fractional). */
+uint64_t sp_mono_ms(void);
+double sp_wall_time(void);
+/* Formats the UTC time t (seconds since epoch) as ISO 8601 with milliseconds into out[32]. */
+void sp_iso8601(double t, char out[32]);
+
+/* ASCII case-insensitive comparison of a span with a NUL-terminated lowercase literal. */
+bool sp_ieq(const char *a, size_t alen, const char *lower_lit);
+/* Returns true if `hay` (len) contains the token `tok` (lowercase) in a comma list, case-insensitive. */
+bool sp_has_token(const char *hay, size_t len, const char *tok);
+
+#endif

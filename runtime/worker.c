@@ -1,0 +1,246 @@
+/*
+ * worker.c: worker threads. Each worker opens its own SO_REUSEPORT listeners (the sockets are
+ * bound by the main thread so errors are reported before anything starts), creates its Lua
+ * state, runs its loop, and obeys commands from the main thread: drain (stop accepting, let
+ * in-flight requests and tunnels finish), stop (close everything) and reload (issue: scripts).
+ */
+#include "worker.h"
+#include "config.h"
+#include "log.h"
+#include "lua_vm.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+static sp_worker_t *workers;
+static int nworkers;
+static int nstarted; /* threads created (joinable) */
+static uv_sem_t started;
+static uv_async_t *exit_notify;
+
+typedef struct listen_set {
+    const char *name;
+    int *fds; /* one per worker */
+    int port;
+} listen_set_t;
+
+static listen_set_t lsets[3];
+static int nlsets;
+
+int sp_workers_count(void) { return nworkers; }
+int sp_workers_started(void) { return nstarted; }
+sp_worker_t *sp_worker_get(int i) { return (i >= 0 && i < nworkers) ? &workers[i] : NULL; }
+
+void sp_workers_set_listeners(int n, const char **names, int **fds, const int *ports)
+{
+    nlsets = n;
+    for (int i = 0; i < n; i++) {
+        lsets[i].name = names[i];
+        lsets[i].fds = fds[i];
+        lsets[i].port = ports[i];
+    }
+}
+
+void sp_workers_set_exit_notify(uv_async_t *a) { exit_notify = a; }
+
+static void close_listeners(sp_worker_t *w)
+{
+    for (int i = 0; i < w->nlisteners; i++) {
+        uv_handle_t *h = (uv_handle_t *)&w->listeners[i].tcp;
+        if (!uv_is_closing(h))
+            uv_close(h, NULL);
+    }
+}
+
+static uv_timer_t *drain_timer_of(sp_worker_t *w);
+
+/* Closes client connections that are between requests; the others finish first. */
+static void close_idle_conns(sp_worker_t *w)
+{
+    sp_conn_t *c = w->conns;
+    while (c) {
+        sp_conn_t *next = c->next;
+        if (!c->req && !c->closing && c->rpos == c->rlen)
+            sp_conn_close(c);
+        c = next;
+    }
+}
+
+static void stop_loop_when_idle(uv_timer_t *t)
+{
+    sp_worker_t *w = t->data;
+    close_idle_conns(w);
+    sp_upstream_close_idle(w);
+    if (w->nconns == 0 || w->stopping) {
+        uv_timer_stop(t);
+        uv_stop(&w->loop);
+    }
+}
+
+static void on_command(uv_async_t *a)
+{
+    sp_worker_t *w = a->data;
+    int cmd = atomic_exchange(&w->command, SP_CMD_NONE);
+    switch (cmd) {
+    case SP_CMD_DRAIN:
+        if (w->draining)
+            break;
+        w->draining = true;
+        close_listeners(w);
+        uv_timer_start(drain_timer_of(w), stop_loop_when_idle, 0, 50);
+        break;
+    case SP_CMD_STOP:
+        w->stopping = true;
+        w->draining = true;
+        close_listeners(w);
+        for (sp_conn_t *c = w->conns; c;) {
+            sp_conn_t *n = c->next;
+            if (c->req && c->req->error == SP_ERR_NONE)
+                c->req->error = SP_ERR_DRAIN;
+            sp_conn_close(c);
+            c = n;
+        }
+        uv_timer_start(drain_timer_of(w), stop_loop_when_idle, 0, 50);
+        break;
+    default:
+        break;
+    }
+}
+
+static uv_timer_t drain_timers[256];
+static uv_timer_t *drain_timer_of(sp_worker_t *w) { return &drain_timers[w->id]; }
+
+static void close_walk(uv_handle_t *h, void *arg)
+{
+    SP_UNUSED(arg);
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+static int open_listeners(sp_worker_t *w, char *err, size_t errlen)
+{
+    for (int i = 0; i < nlsets; i++) {
+        sp_listener_t *l = &w->listeners[w->nlisteners];
+        uv_tcp_init(&w->loop, &l->tcp);
+        l->tcp.data = l;
+        l->w = w;
+        l->name = lsets[i].name;
+        l->port = lsets[i].port;
+        w->nlisteners++;
+        int rc = uv_tcp_open(&l->tcp, lsets[i].fds[w->id]);
+        if (rc == 0)
+            rc = uv_listen((uv_stream_t *)&l->tcp, 1024, sp_server_on_connection);
+        if (rc < 0) {
+            snprintf(err, errlen, "listen (%s): %s", l->name, uv_strerror(rc));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void worker_main(void *arg)
+{
+    sp_worker_t *w = arg;
+    char err[1024] = "";
+    uv_loop_init(&w->loop);
+    w->loop.data = w;
+    sp_pool_init(&w->client_bufs, (size_t)sp_cfg.client_buffer_size, 256);
+    sp_pool_init(&w->upstream_bufs, (size_t)sp_cfg.upstream_buffer_size, 128);
+    unsigned seed = (unsigned)(uv_hrtime() ^ ((uint64_t)w->id << 32) ^ (uint64_t)getpid());
+    snprintf(w->id_prefix, sizeof w->id_prefix, "%06x", (rand_r(&seed) ^ (w->id << 20)) & 0xffffff);
+    uv_async_init(&w->loop, &w->async, on_command);
+    w->async.data = w;
+    uv_timer_init(&w->loop, drain_timer_of(w));
+    drain_timer_of(w)->data = w;
+    w->hooks = &sp_vm_hooks;
+    if (open_listeners(w, err, sizeof err) == 0) {
+        w->vm = sp_vm_create(w, "init", err, sizeof err);
+    }
+    if (!w->vm) {
+        sp_log(SP_LOG_ERROR, "worker failed to start", "i:worker", (int64_t)w->id, "s:error", err,
+               NULL);
+        w->startup_error = 1;
+        uv_sem_post(&started);
+    } else {
+        uv_sem_post(&started);
+        sp_vm_start(w->vm);
+        uv_run(&w->loop, UV_RUN_DEFAULT);
+    }
+    /* Shutdown: scripts first (their timers and watches), then every remaining handle. */
+    sp_vm_destroy(w->vm);
+    w->vm = NULL;
+    for (sp_conn_t *c = w->conns; c;) {
+        sp_conn_t *n = c->next;
+        sp_conn_close(c);
+        c = n;
+    }
+    sp_upstream_close_idle(w);
+    uv_walk(&w->loop, close_walk, NULL);
+    uv_run(&w->loop, UV_RUN_DEFAULT);
+    uv_loop_close(&w->loop);
+    sp_upstream_pool_destroy(w);
+    for (uint32_t i = 0; i < w->nslots; i++) {
+        sp_request_t *r = w->slots[i];
+        sp_buf_free(&r->head);
+        sp_buf_free(&r->out);
+        sp_buf_free(&r->body);
+        sp_buf_free(&r->extra);
+        sp_buf_free(&r->resp_head);
+        sp_buf_free(&r->up_path);
+        free(r->hdrs);
+        free(r->rhdrs);
+        free(r);
+    }
+    free(w->slots);
+    free(w->free_slots);
+    sp_pool_destroy(&w->client_bufs);
+    sp_pool_destroy(&w->upstream_bufs);
+    atomic_store(&w->exited, true);
+    if (exit_notify)
+        uv_async_send(exit_notify);
+}
+
+int sp_workers_start(int n)
+{
+    nworkers = n;
+    workers = sp_calloc((size_t)n, sizeof *workers);
+    uv_sem_init(&started, 0);
+    for (int i = 0; i < n; i++)
+        workers[i].id = i;
+    int failed = 0;
+    for (int i = 0; i < n; i++) {
+        uv_thread_options_t opts = {UV_THREAD_HAS_STACK_SIZE, 8 << 20};
+        if (uv_thread_create_ex(&workers[i].thread, &opts, worker_main, &workers[i]) != 0) {
+            sp_log(SP_LOG_ERROR, "cannot start worker thread", "i:worker", (int64_t)i, NULL);
+            return -1;
+        }
+        nstarted++;
+        uv_sem_wait(&started); /* one at a time: scripts log their start-up in order */
+        failed |= workers[i].startup_error;
+        if (failed)
+            break;
+    }
+    return failed ? -1 : 0;
+}
+
+void sp_workers_command(int cmd)
+{
+    for (int i = 0; i < nstarted; i++) {
+        if (workers[i].startup_error)
+            continue;
+        atomic_store(&workers[i].command, cmd);
+        uv_async_send(&workers[i].async);
+    }
+}
+
+void sp_workers_join(void)
+{
+    for (int i = 0; i < nstarted; i++)
+        uv_thread_join(&workers[i].thread);
+    nstarted = 0;
+    free(workers);
+    workers = NULL;
+    nworkers = 0;
+    uv_sem_destroy(&started);
+}

@@ -1,0 +1,408 @@
+-- discovery.lua: turns Sandbox objects (agents.x-k8s.io, v1alpha1 or v1beta1, exactly as the
+-- Kubernetes API returns them) into routes, and keeps the route table in step with a source:
+--   * the local file source (--sandboxes-file): a JSON SandboxList, re-read when it changes;
+--   * the Kubernetes watch (sp.k8s), when the runtime has a cluster configured.
+-- Both feed the same mapping, so a file of real objects behaves like the cluster.
+--
+-- Mapping (../shared/KUBERNETES.md):
+--   key      = "{metadata.labels.user or 'default'}/{metadata.name}"
+--   ready    = the Ready condition's status == "True"; reason = that condition's reason
+--   address  = status.podIPs[1] when ready, else status.serviceFQDN when non-empty, else none
+--              (never an invented <name>.<ns>.svc name: warm-pool sandboxes have no Service)
+--   port     = annotation "sandbox-proxy.dev/port" if set, else config discovery.port (8888)
+--   mode     = spec.operatingMode (v1beta1), or "Suspended"/"Running" from spec.replicas
+-- Two sandboxes with the same key in different namespaces: the oldest (creationTimestamp, then
+-- namespace name) wins; the others are listed in the winner's `conflict` field and logged.
+--
+-- Config (section `discovery`): port (8888), user_label ("user"), default_user ("default").
+-- Runs on worker 0 only; routes are shared by all workers.
+local routes = require "sp.routes"
+local shared = require "sp.shared"
+local core = require "sp.core"
+local fs = require "sp.fs"
+local log = require "sp.log"
+local config = require "sp.config"
+local cjson = require "cjson.safe"
+
+local type = type
+local pairs = pairs
+local ipairs = ipairs
+local tostring = tostring
+local tonumber = tonumber
+local concat = table.concat
+local sort = table.sort
+
+local cfg = config.discovery or {}
+local DEFAULT_PORT = tonumber(cfg.port) or 8888
+local USER_LABEL = cfg.user_label or "user"
+local DEFAULT_USER = cfg.default_user or "default"
+local PORT_ANNOTATION = "sandbox-proxy.dev/port"
+
+local sp_dict = assert(shared.dict("sp"))
+
+local M = {}
+
+-- ------------------------------------------------------------------ mapping
+
+local function ready_condition(status)
+    local conds = type(status) == "table" and status.conditions
+    if type(conds) ~= "table" then
+        return nil
+    end
+    for _, c in ipairs(conds) do
+        if type(c) == "table" and c.type == "Ready" then
+            return c
+        end
+    end
+    return nil
+end
+
+local function mode_of(spec)
+    if type(spec) ~= "table" then
+        return "Running"
+    end
+    if type(spec.operatingMode) == "string" then
+        return spec.operatingMode
+    end
+    if spec.replicas ~= nil then
+        return tonumber(spec.replicas) == 0 and "Suspended" or "Running"
+    end
+    return "Running"
+end
+
+-- The port of a sandbox: its annotation, else the configured default.
+local function port_of(meta)
+    local ann = type(meta.annotations) == "table" and meta.annotations[PORT_ANNOTATION]
+    local p = tonumber(ann)
+    if p and p >= 1 and p <= 65535 and p == math.floor(p) then
+        return p
+    end
+    return M.default_port or DEFAULT_PORT
+end
+
+-- Maps one Sandbox object to a route. Returns route, or nil and a reason the object is
+-- unusable. The route carries the identity fields discovery needs (namespace, name, user).
+function M.to_route(obj)
+    if type(obj) ~= "table" then
+        return nil, "not an object"
+    end
+    local meta = obj.metadata
+    if type(meta) ~= "table" or type(meta.name) ~= "string" or meta.name == "" then
+        return nil, "metadata.name is missing"
+    end
+    local namespace = type(meta.namespace) == "string" and meta.namespace ~= "" and meta.namespace
+        or "default"
+    local labels = type(meta.labels) == "table" and meta.labels or {}
+    local user = labels[USER_LABEL]
+    if type(user) ~= "string" or user == "" then
+        user = DEFAULT_USER
+    end
+    local status = type(obj.status) == "table" and obj.status or {}
+    local cond = ready_condition(status)
+    local ready = cond ~= nil and cond.status == "True"
+    local reason = cond and type(cond.reason) == "string" and cond.reason or "Unknown"
+    local address
+    local ips = status.podIPs
+    if ready and type(ips) == "table" and type(ips[1]) == "string" and ips[1] ~= "" then
+        address = ips[1]
+    elseif type(status.serviceFQDN) == "string" and status.serviceFQDN ~= "" then
+        address = status.serviceFQDN
+    end
+    local service = type(status.serviceFQDN) == "string" and status.serviceFQDN ~= ""
+        and status.serviceFQDN or nil
+    return {
+        key = user .. "/" .. meta.name,
+        namespace = namespace,
+        name = meta.name,
+        user = user,
+        address = address,
+        port = port_of(meta),
+        ready = ready,
+        reason = reason,
+        service = service,
+        mode = mode_of(obj.spec),
+        created = type(meta.creationTimestamp) == "string" and meta.creationTimestamp or "",
+        api_version = obj.apiVersion,
+    }
+end
+
+-- ------------------------------------------------------------------ the applied set
+-- objects[namespace/name] = route; claims[key] = { [namespace/name] = route, ... }
+
+local objects = {}
+local claims = {}
+
+-- The winner among routes claiming one key: oldest creationTimestamp, then namespace.
+local function winner_of(set)
+    local best
+    for _, r in pairs(set) do
+        if not best or r.created < best.created
+            or (r.created == best.created and r.namespace < best.namespace) then
+            best = r
+        end
+    end
+    return best
+end
+
+local function route_fields(r, conflict)
+    return {
+        namespace = r.namespace,
+        name = r.name,
+        user = r.user,
+        address = r.address,
+        port = r.port,
+        ready = r.ready,
+        reason = r.reason,
+        service = r.service,
+        mode = r.mode,
+        conflict = conflict,
+        meta = r.api_version,
+    }
+end
+
+local reported = {}
+
+-- Recomputes the route for one key from its claims.
+local function publish(key)
+    local set = claims[key]
+    if not set or next(set) == nil then
+        claims[key] = nil
+        reported[key] = nil
+        routes.delete(key)
+        return
+    end
+    local win = winner_of(set)
+    local others = {}
+    for _, r in pairs(set) do
+        if r ~= win then
+            others[#others + 1] = r.namespace
+        end
+    end
+    local conflict
+    if #others > 0 then
+        sort(others)
+        conflict = "also in namespace " .. concat(others, ", ") .. "; serving " .. win.namespace
+        if reported[key] ~= conflict then
+            reported[key] = conflict
+            log.warn("sandbox key conflict", { key = key, serving = win.namespace,
+                ignored = others })
+        end
+    else
+        reported[key] = nil
+    end
+    routes.set(key, route_fields(win, conflict))
+end
+
+local function id_of(obj)
+    local meta = obj.metadata
+    local ns = type(meta.namespace) == "string" and meta.namespace ~= "" and meta.namespace
+        or "default"
+    return ns .. "/" .. meta.name
+end
+
+-- Adds or updates one object (ADDED / MODIFIED). Returns true, or nil and a reason.
+function M.upsert(obj)
+    local r, err = M.to_route(obj)
+    if not r then
+        return nil, err
+    end
+    local id = id_of(obj)
+    local old = objects[id]
+    if old and old.key ~= r.key then
+        -- the user label changed: the old key loses this claim
+        claims[old.key][id] = nil
+        publish(old.key)
+    end
+    objects[id] = r
+    local set = claims[r.key]
+    if not set then
+        set = {}
+        claims[r.key] = set
+    end
+    set[id] = r
+    publish(r.key)
+    return true
+end
+
+-- Removes one object (DELETED carries the last state; only its identity matters).
+function M.remove(obj)
+    if type(obj) ~= "table" or type(obj.metadata) ~= "table"
+        or type(obj.metadata.name) ~= "string" then
+        return nil, "metadata.name is missing"
+    end
+    local id = id_of(obj)
+    local old = objects[id]
+    if not old then
+        return true
+    end
+    objects[id] = nil
+    claims[old.key][id] = nil
+    publish(old.key)
+    return true
+end
+
+-- Replaces the whole set (a full list): what is absent is deleted. Returns the number of
+-- objects applied and a list of per-item problems.
+function M.replace_all(items)
+    local seen = {}
+    local problems = {}
+    local applied = 0
+    for i, obj in ipairs(items) do
+        local ok, err = M.upsert(obj)
+        if ok then
+            applied = applied + 1
+            seen[id_of(obj)] = true
+        else
+            problems[#problems + 1] = "item " .. i .. ": " .. tostring(err)
+        end
+    end
+    local gone = {}
+    for id, r in pairs(objects) do
+        if not seen[id] then
+            gone[#gone + 1] = { metadata = { namespace = r.namespace, name = r.name } }
+        end
+    end
+    for _, obj in ipairs(gone) do
+        M.remove(obj)
+    end
+    return applied, problems, #gone
+end
+
+-- Forgets everything (tests).
+function M.reset()
+    for key in pairs(claims) do
+        routes.delete(key)
+    end
+    objects = {}
+    claims = {}
+    reported = {}
+end
+
+function M.object_count()
+    local n = 0
+    for _ in pairs(objects) do
+        n = n + 1
+    end
+    return n
+end
+
+-- ------------------------------------------------------------------ source state (for /health)
+
+local state = { type = "none", synced = false }
+
+local function publish_state(changes)
+    for k, v in pairs(changes) do
+        state[k] = v
+    end
+    sp_dict:set("source", cjson.encode(state))
+end
+M.publish_state = publish_state
+
+function M.state()
+    return state
+end
+
+-- ------------------------------------------------------------------ the file source
+
+-- Parses a sandboxes file's text: a SandboxList ({"items":[...]}) or a JSON array.
+function M.parse_list(text)
+    local doc, err = cjson.decode(text)
+    if doc == nil then
+        return nil, "invalid JSON: " .. tostring(err)
+    end
+    if type(doc) ~= "table" then
+        return nil, "expected a SandboxList object"
+    end
+    local items = doc.items
+    if items == nil and doc[1] ~= nil then
+        items = doc
+    end
+    if items == nil and doc.kind == "SandboxList" then
+        items = {}
+    end
+    if type(items) ~= "table" then
+        return nil, "expected a SandboxList with an items array"
+    end
+    return items
+end
+
+-- Loads the file and replaces the routes. On any error the previous routes stay.
+function M.load_file(path)
+    local text, err = fs.read(path)
+    if not text then
+        log.error("cannot read sandboxes file", { path = path, error = err })
+        publish_state({ error = err, error_at = core.iso8601() })
+        return nil, err
+    end
+    local items, perr = M.parse_list(text)
+    if not items then
+        log.error("bad sandboxes file: keeping the previous routes", { path = path, error = perr })
+        publish_state({ error = perr, error_at = core.iso8601() })
+        return nil, perr
+    end
+    local applied, problems, removed = M.replace_all(items)
+    for _, p in ipairs(problems) do
+        log.warn("sandbox skipped", { path = path, problem = p })
+    end
+    publish_state({
+        type = "file",
+        path = path,
+        synced = true,
+        items = applied,
+        skipped = #problems,
+        loaded_at = core.iso8601(),
+        error = cjson.null,
+    })
+    log.info("sandboxes loaded", { path = path, sandboxes = applied, removed = removed,
+        skipped = #problems })
+    return applied
+end
+
+function M.start_file(path)
+    publish_state({ type = "file", path = path, synced = false })
+    M.load_file(path)
+    M.file_watch = fs.watch(path, function()
+        M.load_file(path)
+    end, cfg.poll_interval or 2)
+end
+
+-- ------------------------------------------------------------------ starting
+
+function M.start()
+    local settings = core.settings()
+    if settings.demo and settings.demo_listen then
+        -- the demo sandbox listens where demo_listen says: point the demo routes there
+        M.default_port = tonumber(settings.demo_listen:match(":(%d+)$")) or DEFAULT_PORT
+    end
+    if settings.sandboxes_file then
+        return M.start_file(settings.sandboxes_file)
+    end
+    log.error("no sandbox source configured")
+end
+
+-- For --check: problems with the configured source.
+function M.check()
+    local problems = {}
+    local settings = core.settings()
+    if settings.sandboxes_file then
+        local text, err = fs.read(settings.sandboxes_file)
+        if not text then
+            problems[#problems + 1] = "sandboxes file: " .. err
+        else
+            local items, perr = M.parse_list(text)
+            if not items then
+                problems[#problems + 1] = "sandboxes file " .. settings.sandboxes_file .. ": " .. perr
+            else
+                for i, obj in ipairs(items) do
+                    local ok, e = M.to_route(obj)
+                    if not ok then
+                        problems[#problems + 1] = "sandboxes file item " .. i .. ": " .. e
+                    end
+                end
+            end
+        end
+    end
+    return problems
+end
+
+return M
