@@ -165,6 +165,7 @@ struct sp_conn {
     int peer_port;
     uint32_t nrequests;
     int err_status;        /* set by parser callbacks: 414, 431, 413 */
+    const char *value_end; /* end of the last header value piece in this parser run */
     int handles;           /* open uv handles (tcp, timer) still to close */
     bool reading;
     bool eof;

@@ -247,8 +247,16 @@ typedef struct fswatch {
     int handles;
     bool closed;
     char *path;
+    struct stat last; /* what the file looked like when the script was last called */
     struct fswatch *next;
 } fswatch_t;
+
+static bool same_file(const struct stat *a, const struct stat *b)
+{
+    return a->st_ino == b->st_ino && a->st_dev == b->st_dev && a->st_size == b->st_size &&
+           a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
+           a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
+}
 
 static fswatch_t *watches_of(sp_vm_t *vm, fswatch_t *set, bool assign)
 {
@@ -291,6 +299,14 @@ static void fw_fire(uv_timer_t *t)
     fswatch_t *w = t->data;
     if (w->closed)
         return;
+    /* The directory watch also fires for neighbours: call the script only if this path
+     * (followed through symlinks) really changed. */
+    struct stat st;
+    if (stat(w->path, &st) != 0)
+        memset(&st, 0, sizeof st);
+    if (same_file(&st, &w->last))
+        return;
+    w->last = st;
     lua_State *L = w->vm->L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, w->fn_ref);
     lua_pushstring(L, w->path);
@@ -382,6 +398,8 @@ static int f_watch(lua_State *L)
     }
     uv_fs_event_start(&w->ev, fw_on_event, dir, 0);
     free(dir);
+    if (stat(path, &w->last) != 0)
+        memset(&w->last, 0, sizeof w->last);
     uv_fs_poll_start(&w->poll, fw_on_poll, path, (unsigned)(poll_s * 1000));
     w->next = watches_of(vm, NULL, false);
     watches_of(vm, w, true);

@@ -268,7 +268,7 @@ static int run_tests(int argc, char **argv)
     lua_setglobal(L, "arg");
     /* busted's runner inspects its caller: call it from a Lua chunk */
     static const char boot[] = "require('busted.runner')({ standalone = false })";
-    if (luaL_loadbuffer(L, boot, sizeof boot - 1, "@sandbox-proxy-test")) {
+    if (luaL_loadbuffer(L, boot, sizeof boot - 1, "=sandbox-proxy-test")) {
         fprintf(stderr, "sandbox-proxy test: %s\n", lua_tostring(L, -1));
         return 1;
     }

@@ -570,6 +570,14 @@ static int cb_header_value(llhttp_t *p, const char *at, size_t len)
     sp_request_t *r = c->req;
     if (head_limit(c, len))
         return HPE_USER;
+    /* llhttp accepts obsolete line folding and hands the continuation over as a second
+     * piece of the value, after a gap (the CRLF). A value split by a read boundary has no gap.
+     * RFC 9112 lets a server reject obs-fold: we do. */
+    if (r->hdrs[r->nhdrs - 1].value_len > 0 && c->value_end && at != c->value_end) {
+        llhttp_set_error_reason(p, "obsolete line folding in a header");
+        return HPE_USER;
+    }
+    c->value_end = at + len;
     sp_hdr_t *h = &r->hdrs[r->nhdrs - 1];
     if (h->value_len == 0)
         h->value_off = (uint32_t)r->head.len;
@@ -873,6 +881,22 @@ void sp_request_decided(sp_request_t *r)
     act_on_decision(c);
 }
 
+static void bad_request(sp_conn_t *c, llhttp_errno_t e);
+
+/* Validates the body bytes that arrived with the head, with a silent copy of the parser, so a
+ * malformed body that is already here is refused before anything reaches the sandbox. */
+static bool body_lookahead_ok(sp_conn_t *c)
+{
+    static const llhttp_settings_t silent = {0};
+    llhttp_t probe = c->parser;
+    probe.settings = (void *)&silent;
+    llhttp_errno_t e = llhttp_execute(&probe, c->rbuf + c->rpos, c->rlen - c->rpos);
+    if (e == HPE_OK || e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE)
+        return true;
+    llhttp_set_error_reason(&c->parser, llhttp_get_error_reason(&probe));
+    return false;
+}
+
 static void start_request(sp_conn_t *c)
 {
     sp_request_t *r = c->req;
@@ -886,6 +910,10 @@ static void start_request(sp_conn_t *c)
     /* Framing and form checks the parser leaves to us. */
     size_t vlen;
     const char *v;
+    if (r->vmajor != 1) {
+        sp_conn_error_response(c, 400, "unsupported HTTP version");
+        return;
+    }
     if (!path_ok(r) || r->method == HTTP_CONNECT) {
         sp_conn_error_response(c, 400, "bad request target: expected /{user}/{sandbox}/{path}");
         return;
@@ -918,6 +946,10 @@ static void start_request(sp_conn_t *c)
     }
     if (r->upgrade && r->has_body) {
         sp_conn_error_response(c, 400, "upgrade request with a body");
+        return;
+    }
+    if (r->has_body && c->rpos < c->rlen && !body_lookahead_ok(c)) {
+        bad_request(c, HPE_INVALID_CHUNK_SIZE);
         return;
     }
     c->state = CS_SCRIPT;
@@ -969,6 +1001,7 @@ static void bad_request(sp_conn_t *c, llhttp_errno_t e)
 static llhttp_errno_t parse_some(sp_conn_t *c)
 {
     const char *start = c->rbuf + c->rpos;
+    c->value_end = NULL;
     llhttp_errno_t e = llhttp_execute(&c->parser, start, c->rlen - c->rpos);
     if (e == HPE_OK) {
         c->rpos = c->rlen;

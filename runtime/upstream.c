@@ -760,6 +760,13 @@ static int rcb_headers_complete(llhttp_t *p)
     }
     u->rflags |= RESP_HEAD_DONE;
     r->resp_status = status;
+    if (status == 101) {
+        if (!r->upgrade) {
+            llhttp_set_error_reason(p, "101 to a request that did not ask to upgrade");
+            return -1;
+        }
+        return 2; /* no body; llhttp_execute returns HPE_PAUSED_UPGRADE */
+    }
     if (r->method == HTTP_HEAD)
         return 1; /* no body follows; the message completes at once */
     return HPE_PAUSED;
@@ -781,6 +788,8 @@ static int rcb_message_complete(llhttp_t *p)
         u->rflags = 0;
         return 0; /* the real response follows */
     }
+    if (u->req->resp_status == 101)
+        return 0; /* llhttp_execute returns HPE_PAUSED_UPGRADE: the tunnel starts */
     u->rflags |= RESP_MSG_DONE;
     return HPE_PAUSED;
 }
@@ -1088,11 +1097,6 @@ static void up_step(sp_upconn_t *u)
         llhttp_resume(&u->parser);
         if (!(u->rflags & RESP_HEAD_DONE)) {
             u->process_again = true; /* an interim (1xx) response was skipped */
-            return;
-        }
-        if (r->resp_status == 101) {
-            /* 101 to a request that did not ask to upgrade */
-            up_fail(u, SP_ERR_UPSTREAM_PROTOCOL, 502);
             return;
         }
         r->t_first_byte = uv_hrtime();
