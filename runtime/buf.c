@@ -88,6 +88,7 @@ void sp_buf_free(sp_buf_t *b)
         free(b->p);
     b->p = NULL;
     b->len = b->cap = 0;
+    b->borrowed = false;
 }
 
 void sp_pool_init(sp_pool_t *p, size_t block_size, size_t keep)

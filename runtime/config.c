@@ -7,6 +7,7 @@
 #include "buf.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -142,7 +143,7 @@ static int set_knob(sp_config_t *c, const knob_t *k, const char *value, char err
         char *end;
         errno = 0;
         double v = strtod(value, &end);
-        if (errno || end == value || *end) {
+        if (errno || end == value || *end || isnan(v)) {
             snprintf(err, 256, "%s: expected a number, got '%s'", k->name, value);
             return -1;
         }

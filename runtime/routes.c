@@ -68,7 +68,8 @@ void sp_routes_destroy(void)
     }
 }
 
-static shard_t *shard_of(uint64_t h) { return &shards[(h >> 7) % NSHARDS]; }
+/* High bits pick the shard; low bits pick the bucket inside it (independent bits). */
+static shard_t *shard_of(uint64_t h) { return &shards[(h >> 58) % NSHARDS]; }
 
 static sp_route_t **find_slot(shard_t *s, uint64_t h, const char *key, size_t klen)
 {

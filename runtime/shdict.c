@@ -275,12 +275,14 @@ int sp_shdict_incr(sp_shdict_t *d, const char *k, size_t kl, double delta, bool 
 
 int sp_shdict_delete(sp_shdict_t *d, const char *k, size_t kl)
 {
+    double now = now_s();
     pthread_mutex_lock(&d->mu);
     entry_t *e = *find(d, hash_key(k, kl), k, kl);
+    bool live = e && !(e->expires && e->expires <= now);
     if (e)
         remove_entry(d, e);
     pthread_mutex_unlock(&d->mu);
-    return e ? 0 : -ENOENT;
+    return live ? 0 : -ENOENT;
 }
 
 int sp_shdict_expire(sp_shdict_t *d, const char *k, size_t kl, double ttl)

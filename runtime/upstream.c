@@ -830,7 +830,7 @@ static void build_response_head(sp_upconn_t *u)
         r->resp_decode = true;
     if (!bodyless && llhttp_message_needs_eof(&u->parser))
         r->close_client = true;
-    if (r->resp_decode || !r->keepalive)
+    if (r->resp_decode || !r->keepalive || r->w->draining)
         r->close_client = true;
     if (upgrade)
         r->close_client = false;

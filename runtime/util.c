@@ -4,6 +4,7 @@
 #include "sp.h"
 
 #include <ctype.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -64,14 +65,11 @@ double sp_wall_time(void)
 
 void sp_iso8601(double t, char out[32])
 {
-    time_t s = (time_t)t;
+    long long total_ms = llround(t * 1000.0);
+    time_t s = (time_t)(total_ms / 1000);
+    int ms = (int)(total_ms % 1000);
     struct tm tm;
     gmtime_r(&s, &tm);
-    int ms = (int)((t - (double)s) * 1000.0);
-    if (ms < 0)
-        ms = 0;
-    if (ms > 999)
-        ms = 999;
     char date[24];
     strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%S", &tm);
     snprintf(out, 32, "%.19s.%03dZ", date, ms);

@@ -3,7 +3,7 @@
 -- runtime API so `curl localhost:8080/demo/hello/` shows a full round trip through the proxy:
 --   GET  /          -> {"status":"ok","message":"Sandbox Runtime is active."}
 --   POST /execute   -> {"stdout":..,"stderr":"","exit_code":0}: the command is NOT run; the
---                      demo only echoes back the request body it received
+--                      demo only says how many bytes it received (413 over 64 KiB)
 --   GET  /list/...  -> {"files":[]} ; anything else -> 404 {"message":"Not found"}
 -- It never executes anything received from the network.
 local M = {}
@@ -18,10 +18,12 @@ function M.handle(req)
         return req:respond(200, ACTIVE)
     end
     if path == "/execute" and method == "POST" then
-        local body = req:read_body(65536) or ""
+        local body, err = req:read_body(65536)
+        if not body then
+            return req:respond(413, { message = err })
+        end
         return req:respond(200, {
-            stdout = "demo sandbox: commands are not executed; received " .. #body
-                .. " bytes: " .. body:sub(1, 200) .. "\n",
+            stdout = "demo sandbox: commands are not executed; received " .. #body .. " bytes\n",
             stderr = "",
             exit_code = 0,
         })

@@ -73,8 +73,8 @@ end
 -- The port of a sandbox: its annotation, else the configured default.
 local function port_of(meta)
     local ann = type(meta.annotations) == "table" and meta.annotations[PORT_ANNOTATION]
-    local p = tonumber(ann)
-    if p and p >= 1 and p <= 65535 and p == math.floor(p) then
+    local p = type(ann) == "string" and ann:match("^%d%d?%d?%d?%d?$") and tonumber(ann)
+    if p and p >= 1 and p <= 65535 then
         return p
     end
     return M.default_port or DEFAULT_PORT
@@ -121,7 +121,8 @@ function M.to_route(obj)
         reason = reason,
         service = service,
         mode = mode_of(obj.spec),
-        created = type(meta.creationTimestamp) == "string" and meta.creationTimestamp or "",
+        -- no timestamp sorts last: an object of unknown age never displaces a known one
+        created = type(meta.creationTimestamp) == "string" and meta.creationTimestamp or "~",
         api_version = obj.apiVersion,
     }
 end
@@ -314,8 +315,8 @@ function M.parse_list(text)
         return nil, "expected a SandboxList object"
     end
     local items = doc.items
-    if items == nil and doc[1] ~= nil then
-        items = doc
+    if items == nil and (doc[1] ~= nil or text:match("^%s*%[")) then
+        items = doc -- a bare array (cjson decodes [] and {} alike: look at the text)
     end
     if items == nil and doc.kind == "SandboxList" then
         items = {}

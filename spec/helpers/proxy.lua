@@ -21,6 +21,7 @@ M.BIN = os.getenv("SP_BIN") or (SOURCE_DIR .. "/build/sandbox-proxy")
 M.PYTHON = os.getenv("PYTHON") or "python3"
 
 local tmpdirs = {}
+local proxies = {}
 
 function M.tmpdir()
     local d = assert(process.tmpdir("sp-spec-"))
@@ -133,6 +134,7 @@ function M.start(opts)
         stderr = dir .. "/stderr.log" })
     local self = setmetatable({ port = port, host = "127.0.0.1", proc = p, dir = dir,
         sandboxes_file = sfile, cmd = cmd }, Proxy)
+    proxies[#proxies + 1] = self
     if opts.wait ~= false then
         local ready_path = opts.ready_path or "/health"
         local ok, err = pcall(net.wait_until, function()
@@ -239,8 +241,35 @@ function M.upstream(opts)
     return up
 end
 
+-- Problems a sanitizer build reports on stderr (memory errors, leaks, undefined behaviour).
+function M.sanitizer_report(text)
+    return text:match("ERROR: AddressSanitizer[^\n]*") or text:match("ERROR: LeakSanitizer[^\n]*")
+        or text:match("runtime error:[^\n]*")
+end
+
+-- Stops every proxy (SIGTERM: a graceful drain must end with exit code 0 and a clean
+-- sanitizer report), then every other process, then removes the temporary directories.
+-- Raises if a proxy did not exit cleanly, so a teardown fails the spec file.
 function M.stop_all()
+    local problems = {}
+    for _, px in ipairs(proxies) do
+        local was_alive = px.proc:alive()
+        local code, how = px.proc:stop(15)
+        local report = M.sanitizer_report(px:stderr())
+        if report then
+            problems[#problems + 1] = "proxy " .. px.port .. ": " .. report
+        elseif was_alive and not (how == "exited" and code == 0) then
+            problems[#problems + 1] = ("proxy %d: SIGTERM ended it with %s %s"):format(px.port,
+                tostring(how), tostring(code))
+        end
+    end
+    proxies = {}
     process.stop_all(5)
+    if #problems > 0 then
+        -- keep the directories for a post-mortem
+        tmpdirs = {}
+        error(table.concat(problems, "\n"), 2)
+    end
     for _, d in ipairs(tmpdirs) do
         process.rm_rf(d)
     end

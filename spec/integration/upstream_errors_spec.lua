@@ -35,11 +35,27 @@ describe("upstream errors", function()
     end)
 
     it("succeeds when the sandbox binds its port a moment after Ready", function()
-        local late = H.upstream{ name = "late", listen_after_ms = 400 }
-        local px2 = H.start{ sandboxes = { H.sandbox("alice", "late", late.port) } }
-        local r = assert(px2:request{ path = "/alice/late/echo", timeout = 10 })
+        -- The test plays the sandbox: nothing listens when the request arrives; the port is
+        -- bound 0.3 s later. Retries at 0.2, 0.4, 0.8 s (default delays) must reach it.
+        local late_port = assert(H.net.free_port())
+        local px2 = H.start{ sandboxes = { H.sandbox("alice", "late", late_port) } }
+        local c = assert(px2:connect{ timeout = 10 })
+        assert(c:send_raw("GET /alice/late/x HTTP/1.1\r\nHost: x\r\n\r\n"))
+        socket.sleep(0.3) -- the scenario itself: the sandbox binds late
+        local srv = assert(socket.bind("127.0.0.1", late_port))
+        srv:settimeout(5)
+        local s = assert(srv:accept())
+        s:settimeout(5)
+        repeat
+            local line = assert(s:receive("*l"))
+        until line == ""
+        assert(s:send("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate"))
+        local r = assert(c:read_response{ timeout = 10 })
         assert.are.equal(200, r.status)
-        assert.are.equal("late", r.headers["x-upstream-name"])
+        assert.are.equal("late", r.body)
+        s:close()
+        srv:close()
+        c:close()
     end)
 
     it("answers 504 JSON when the first byte takes too long", function()

@@ -555,9 +555,7 @@ describe("discovery.parse_list", function()
         assert.are.equal("fresh", items[1].metadata.name)
     end)
 
-    -- BUG: discovery.parse_list("[]") fails with "expected a SandboxList with an items array":
-    -- cjson decodes [] and {} alike, so an empty bare array (a documented format: "a JSON
-    -- array") is rejected and load_file keeps the previous routes instead of removing them all.
+    -- cjson decodes [] and {} alike: an empty bare array must still mean "no sandboxes"
     it("parses an empty bare array as no sandboxes", function()
         local items, err = discovery.parse_list("[]")
         assert.is_nil(err)

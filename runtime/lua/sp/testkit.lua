@@ -53,7 +53,7 @@ function M.request(opts)
     if opts.headers then
         if opts.headers[1] then
             for _, h in ipairs(opts.headers) do
-                list[#list + 1] = { h[1], h[2] }
+                list[#list + 1] = { h[1], tostring(h[2]) }
             end
         else
             for k, v in pairs(opts.headers) do
@@ -148,7 +148,7 @@ function Fake:respond(status, body, headers)
     local h = {}
     local text = body
     if type(body) == "table" then
-        text = cjson.encode(body)
+        text = (cjson.encode(body):gsub("\\/", "/")) -- as the real request object does
         h["Content-Type"] = "application/json"
     elseif body == nil then
         text = ""

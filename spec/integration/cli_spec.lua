@@ -1,0 +1,142 @@
+-- The command line: --help documents every option and knob, --version, unknown options and
+-- bad values are one-line errors with exit code 2, PORT is honoured, --check, and the embedded
+-- demo default (no source given) serves /health and a round trip to the demo sandbox.
+local H = require "spec.helpers.proxy"
+local process = require "spec.helpers.process"
+local cjson = require "cjson"
+
+local function run(args, env)
+    local dir = H.tmpdir()
+    local cmd = { H.BIN }
+    for _, a in ipairs(args) do
+        cmd[#cmd + 1] = a
+    end
+    local p = assert(process.spawn{ cmd = cmd, env = env, stdout = dir .. "/out", stderr = dir .. "/err" })
+    local code = p:wait(20)
+    return code, p:read_stdout(), p:read_stderr()
+end
+
+describe("the command line", function()
+    teardown(function()
+        H.stop_all()
+    end)
+
+    it("--help documents every option and knob", function()
+        local code, out = run({ "--help" })
+        assert.are.equal(0, code)
+        for _, opt in ipairs({ "--listen", "--scripts", "--config", "--sandboxes-file", "--check",
+            "--version", "--workers", "--set", "--log-level", "--demo" }) do
+            assert.is_truthy(out:find(opt, 1, true), opt .. " is not documented")
+        end
+        for _, knob in ipairs({ "max_url_size", "max_header_size", "max_headers", "header_timeout",
+            "keepalive_timeout", "body_timeout", "max_connections", "connect_timeout",
+            "first_byte_timeout", "upstream_keepalive", "connect_retries", "drain_timeout" }) do
+            assert.is_truthy(out:find(knob, 1, true), knob .. " is not documented")
+        end
+    end)
+
+    it("--version prints the version", function()
+        local code, out = run({ "--version" })
+        assert.are.equal(0, code)
+        assert.matches("^sandbox%-proxy %d+%.%d+%.%d+", out)
+    end)
+
+    local bad = {
+        { { "--bogus" }, "unknown option '%-%-bogus'" },
+        { { "--workers", "many" }, "workers: expected a number" },
+        { { "--workers", "-1" }, "workers: %-1 is out of range" },
+        { { "--listen", "nowhere" }, "expected ADDR:PORT" },
+        { { "--listen", "127.0.0.1:99999" }, "bad port" },
+        { { "--set", "no_such_knob=1" }, "unknown setting 'no_such_knob'" },
+        { { "--set", "header_timeout=soon" }, "header_timeout: expected a number" },
+        { { "--scripts", "/nonexistent/dir" }, "is not a directory" },
+        { { "--config" }, "needs a value" },
+        { { "--log-level", "loud" }, "log_level" },
+    }
+    for _, case in ipairs(bad) do
+        it("rejects " .. table.concat(case[1], " ") .. " with exit code 2", function()
+            local code, _, err = run(case[1])
+            assert.are.equal(2, code)
+            assert.matches(case[2], err)
+            local lines = select(2, err:gsub("\n", ""))
+            assert.are.equal(1, lines, "expected one line, got: " .. err)
+        end)
+    end
+
+    it("--check passes on the built-in scripts and a good file", function()
+        local code, out = run({ "--check", "--sandboxes-file",
+            H.SOURCE_DIR .. "/scripts/demo/sandboxes.json" })
+        assert.are.equal(0, code)
+        assert.matches("OK", out)
+    end)
+
+    it("--check reports a broken sandboxes file", function()
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/bad.json", "{nope"))
+        local code, _, err = run({ "--check", "--sandboxes-file", dir .. "/bad.json" })
+        assert.are.equal(1, code)
+        assert.matches("invalid JSON", err)
+    end)
+
+    it("--check reports a bad config file", function()
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/c.lua", "return { header_timeout = 'x' }"))
+        local code, _, err = run({ "--check", "--config", dir .. "/c.lua" })
+        assert.are.equal(1, code)
+        assert.matches("header_timeout", err)
+    end)
+
+    it("takes knobs from a config file, with the command line winning", function()
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/c.lua",
+            "return { max_url_size = 100, router = { retry_after = 7 } }"))
+        local up = H.upstream{}
+        local px = H.start{ config = process.read_file(dir .. "/c.lua"),
+            sandboxes = { H.sandbox("a", "b", up.port, { ready = false }) },
+            set = { max_url_size = 200 } }
+        local r = assert(px:get("/a/b/" .. string.rep("x", 150)))
+        assert.are.equal(503, r.status) -- 150 < 200: the command line won over the file's 100
+        assert.are.equal("7", r.headers["retry-after"]) -- the script section was read
+        r = assert(px:get("/a/b/" .. string.rep("x", 250)))
+        assert.are.equal(414, r.status)
+    end)
+
+    it("honours PORT when --listen is not given", function()
+        local port = assert(H.net.free_port())
+        local dir = H.tmpdir()
+        local p = assert(process.spawn{ cmd = { H.BIN, "--workers", "1", "--sandboxes-file",
+            H.SOURCE_DIR .. "/scripts/demo/sandboxes.json" },
+            env = { PORT = tostring(port), KUBERNETES_SERVICE_HOST = false, KUBECONFIG = false },
+            stderr = dir .. "/err" })
+        H.net.wait_until(function()
+            local r = H.http.request{ port = port, path = "/health", timeout = 1 }
+            return r and r.status == 200
+        end, 10)
+        p:stop()
+    end)
+
+    it("runs the embedded demo with no source: /health and a demo round trip", function()
+        local port = assert(H.net.free_port())
+        local demo = assert(H.net.free_port())
+        local dir = H.tmpdir()
+        local p = assert(process.spawn{ cmd = { H.BIN, "--listen", "127.0.0.1:" .. port,
+            "--workers", "1", "--set", "demo_listen=127.0.0.1:" .. demo },
+            env = { KUBERNETES_SERVICE_HOST = false, KUBECONFIG = false },
+            stderr = dir .. "/err", stdout = dir .. "/out" })
+        H.net.wait_until(function()
+            local r = H.http.request{ port = port, path = "/health", timeout = 1 }
+            return r and r.status == 200
+        end, 10)
+        local r = assert(H.http.request{ port = port, path = "/demo/hello/" })
+        assert.are.equal(200, r.status)
+        assert.are.equal("Sandbox Runtime is active.", cjson.decode(r.body).message)
+        r = assert(H.http.request{ port = port, method = "POST", path = "/demo/hello/execute",
+            body = '{"command":"rm -rf /"}' })
+        assert.are.equal(200, r.status)
+        local e = cjson.decode(r.body)
+        assert.are.equal(0, e.exit_code)
+        assert.matches("not executed", e.stdout)
+        assert.matches("demo mode", p:read_stderr())
+        p:stop()
+    end)
+end)

@@ -1,0 +1,246 @@
+-- init.lua: the entry point's dispatch (demo listener, the proxy's own endpoints, the router),
+-- on_start and check(). Modules are the real ones; their handlers are spied where only the
+-- dispatch itself is under test.
+local testkit = require "sp.testkit"
+local shared = require "sp.shared"
+local core = require "sp.core"
+local cjson = require "cjson"
+local init = require "init"
+local discovery = require "discovery"
+local health = require "health"
+local sandboxes = require "sandboxes"
+local router = require "router"
+local demo_sandbox = require "demo_sandbox"
+
+local sp_dict = assert(shared.dict("sp"))
+
+local function request(target, opts)
+    opts = opts or {}
+    opts.target = target
+    local req = testkit.request(opts)
+    init.on_request(req)
+    return req
+end
+
+describe("init", function()
+    before_each(function()
+        discovery.reset()
+        testkit.clear_routes()
+        sp_dict:delete("source")
+    end)
+
+    after_each(function()
+        discovery.reset()
+        testkit.clear_routes()
+        sp_dict:delete("source")
+    end)
+
+    describe("endpoints", function()
+        it("are exactly the health and sandboxes endpoints, with their own handlers", function()
+            local paths = {}
+            for p in pairs(init.endpoints) do
+                paths[#paths + 1] = p
+            end
+            table.sort(paths)
+            assert.are.same({ "/health", "/live", "/ready", "/sandboxes" }, paths)
+            assert.are.equal(health.endpoints["/health"], init.endpoints["/health"])
+            assert.are.equal(health.endpoints["/ready"], init.endpoints["/ready"])
+            assert.are.equal(health.endpoints["/live"], init.endpoints["/live"])
+            assert.are.equal(sandboxes.endpoints["/sandboxes"], init.endpoints["/sandboxes"])
+        end)
+    end)
+
+    describe("on_request", function()
+        it("sends the demo listener to the demo sandbox, whatever the path", function()
+            testkit.set_routes{ ["alice/sb"] = { address = "10.0.0.7" } }
+            local req = request("/", { listener = "demo" })
+            assert.are.same({ status = "ok", message = "Sandbox Runtime is active." },
+                req.response.json)
+            req = request("/health", { listener = "demo" })
+            assert.are.equal(404, req.response.status)
+            assert.are.same({ message = "Not found" }, req.response.json)
+            req = request("/alice/sb/x", { listener = "demo" })
+            assert.are.equal(404, req.response.status)
+            assert.is_nil(req.forwarded)
+            req = request("/execute", { listener = "demo", method = "POST", body = "abc" })
+            assert.are.equal(200, req.response.status)
+            assert.matches("received 3 bytes", req.response.json.stdout)
+        end)
+
+        it("answers /health", function()
+            local req = request("/health")
+            assert.are.equal(200, req.response.status)
+            assert.are.equal("ok", req.response.json.status)
+        end)
+
+        it("answers /health with a query string (exact path match)", function()
+            local req = request("/health?verbose=1")
+            assert.are.equal(200, req.response.status)
+            assert.are.equal("ok", req.response.json.status)
+        end)
+
+        it("answers /ready and /live", function()
+            assert.are.equal(503, request("/ready").response.status)
+            sp_dict:set("source", cjson.encode({ synced = true }))
+            assert.are.same({ ready = true }, request("/ready").response.json)
+            assert.are.same({ live = true }, request("/live").response.json)
+        end)
+
+        it("answers /sandboxes", function()
+            local req = request("/sandboxes")
+            assert.are.equal(200, req.response.status)
+            assert.are.equal('{"count":0,"sandboxes":[]}', req.response.body)
+            testkit.set_routes{ ["alice/sb"] = { address = "10.0.0.7" } }
+            req = request("/sandboxes")
+            assert.are.equal(1, req.response.json.count)
+        end)
+
+        it("applies the endpoints' method rules", function()
+            local req = request("/sandboxes", { method = "POST" })
+            assert.are.equal(405, req.response.status)
+            req = request("/health", { method = "DELETE" })
+            assert.are.equal(405, req.response.status)
+        end)
+
+        it("sends everything else to the router", function()
+            testkit.set_routes{ ["alice/sb"] = { address = "10.0.0.7", port = 9000 } }
+            local req = request("/alice/sb/files?x=1")
+            assert.are.equal("forward", req:decision())
+            assert.are.equal("10.0.0.7", req.forwarded.host)
+            assert.are.equal(9000, req.forwarded.port)
+            assert.are.equal("/files?x=1", req.forwarded.path)
+            assert.are.equal("alice/sb", req.ctx.route.key)
+        end)
+
+        it("sends near-miss endpoint paths to the router", function()
+            for _, t in ipairs({ "/health/", "/healthz", "/HEALTH", "/sandboxes/", "/" }) do
+                local req = request(t)
+                assert.are.equal(400, req.response.status, t)
+                assert.are.same({ error = "bad request path", expected = "/{user}/{sandbox}/{path}" },
+                    req.response.json, t)
+            end
+            local req = request("/health/sb")
+            assert.are.equal(404, req.response.status)
+            assert.are.same({ error = "sandbox not found", path = "health/sb" }, req.response.json)
+        end)
+
+        it("routes the metrics or any other listener like main", function()
+            testkit.set_routes{ ["alice/sb"] = { address = "10.0.0.7" } }
+            local req = request("/alice/sb/", { listener = "metrics" })
+            assert.are.equal("forward", req:decision())
+        end)
+
+        it("dispatches each request to exactly one handler", function()
+            local s_demo = spy.on(demo_sandbox, "handle")
+            local s_router = spy.on(router, "handle")
+            finally(function()
+                demo_sandbox.handle:revert()
+                router.handle:revert()
+            end)
+            request("/", { listener = "demo" })
+            assert.spy(s_demo).was.called(1)
+            assert.spy(s_router).was_not.called()
+            request("/health")
+            assert.spy(s_demo).was.called(1)
+            assert.spy(s_router).was_not.called()
+            request("/alice/sb")
+            assert.spy(s_router).was.called(1)
+            assert.spy(s_demo).was.called(1)
+        end)
+    end)
+
+    describe("on_start", function()
+        it("starts discovery on worker 0 only", function()
+            local s = stub(discovery, "start")
+            local real_worker_id = core.worker_id
+            finally(function()
+                s:revert()
+                core.worker_id = real_worker_id
+            end)
+            assert.are.equal(0, core.worker_id())
+            init.on_start()
+            assert.stub(s).was.called(1)
+            core.worker_id = function() return 1 end
+            init.on_start()
+            assert.stub(s).was.called(1)
+        end)
+
+        it("leaves the routes alone when no source is configured (test mode)", function()
+            testkit.set_routes{ ["alice/sb"] = { address = "10.0.0.7" } }
+            init.on_start()
+            assert.is_not_nil(require("sp.routes").get("alice/sb"))
+        end)
+    end)
+
+    describe("check", function()
+        local real_settings = core.settings
+        local files = {}
+
+        local function with_file(text)
+            local path = os.tmpname()
+            files[#files + 1] = path
+            if text then
+                local f = assert(io.open(path, "wb"))
+                f:write(text)
+                f:close()
+            else
+                os.remove(path)
+            end
+            core.settings = function()
+                local s = real_settings()
+                s.sandboxes_file = path
+                return s
+            end
+            return path
+        end
+
+        after_each(function()
+            core.settings = real_settings
+            for _, p in ipairs(files) do
+                os.remove(p)
+            end
+            files = {}
+        end)
+
+        it("finds no problem in test mode, where core.settings() has no sandboxes_file", function()
+            assert.is_nil(core.settings().sandboxes_file)
+            assert.are.same({}, init.check())
+        end)
+
+        it("finds no problem in the demo sandboxes file", function()
+            local src = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
+            local f = assert(io.open(src .. "../../scripts/demo/sandboxes.json", "rb"))
+            local text = f:read("*a")
+            f:close()
+            with_file(text)
+            assert.are.same({}, init.check())
+        end)
+
+        it("reports a broken sandboxes file", function()
+            local path = with_file('{"items": [')
+            local problems = init.check()
+            assert.are.equal(1, #problems)
+            assert.are.equal(1, problems[1]:find("sandboxes file " .. path .. ": invalid JSON", 1, true))
+        end)
+
+        it("reports a missing sandboxes file", function()
+            with_file(nil)
+            local problems = init.check()
+            assert.are.equal(1, #problems)
+            assert.matches("^sandboxes file: ENOENT", problems[1])
+        end)
+
+        it("reports unusable items", function()
+            with_file('{"items":[{"metadata":{"name":"ok"}},{"metadata":{}},null]}')
+            assert.are.same({ "sandboxes file item 2: metadata.name is missing",
+                "sandboxes file item 3: not an object" }, init.check())
+        end)
+
+        it("does not change the routes or the source state", function()
+            with_file('{"items":[{"metadata":{"name":"ok"}}]}')
+            init.check()
+            assert.are.equal(0, require("sp.routes").count())
+            assert.is_nil(sp_dict:get("source"))
+        end)
+    end)
+end)
