@@ -113,6 +113,9 @@ static const knob_t knobs[] = {
      "base watch timeoutSeconds (jittered up to twice this)"},
     {"kube_token_refresh", K_DOUBLE, O(kube_token_refresh), "60", 1, 3600,
      "seconds between re-reads of the token file (also re-read on 401)"},
+    {"kube_serviceaccount_dir", K_STR, O(kube_serviceaccount_dir),
+     "/var/run/secrets/kubernetes.io/serviceaccount", 0, 0,
+     "in-cluster service account directory (token, ca.crt, namespace)"},
 };
 #undef O
 

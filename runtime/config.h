@@ -22,6 +22,7 @@ typedef struct sp_config {
     int workers;
     bool demo;           /* local demo mode: demo sandbox list + demo sandbox listener */
     bool check_only;
+    bool test_mode;      /* `sandbox-proxy test`: no sandbox source */
 
     /* client side limits */
     int max_connections;
@@ -70,6 +71,7 @@ typedef struct sp_config {
     int kube_page_size;
     int kube_watch_timeout;
     double kube_token_refresh;
+    char *kube_serviceaccount_dir;
 } sp_config_t;
 
 extern sp_config_t sp_cfg;

@@ -106,6 +106,24 @@ static int c_settings(lua_State *L)
     lua_setfield(L, -2, "demo");
     lua_pushboolean(L, sp_cfg.check_only);
     lua_setfield(L, -2, "check_only");
+    set_str(L, "kube_api", sp_cfg.kube_api);
+    set_str(L, "kube_token_file", sp_cfg.kube_token_file);
+    set_str(L, "kube_ca_file", sp_cfg.kube_ca_file);
+    set_str(L, "kubeconfig", sp_cfg.kubeconfig);
+    set_str(L, "kube_api_version", sp_cfg.kube_api_version);
+    set_str(L, "kube_namespace", sp_cfg.kube_namespace);
+    set_str(L, "kube_label_selector", sp_cfg.kube_label_selector);
+    set_str(L, "kube_serviceaccount_dir", sp_cfg.kube_serviceaccount_dir);
+    lua_pushboolean(L, sp_cfg.kube_insecure_skip_verify);
+    lua_setfield(L, -2, "kube_insecure_skip_verify");
+    lua_pushinteger(L, sp_cfg.kube_page_size);
+    lua_setfield(L, -2, "kube_page_size");
+    lua_pushinteger(L, sp_cfg.kube_watch_timeout);
+    lua_setfield(L, -2, "kube_watch_timeout");
+    set_str(L, "source", sp_cfg.test_mode        ? "none"
+                         : sp_cfg.sandboxes_file ? "file"
+                         : sp_cfg.demo           ? "demo"
+                                                 : "kubernetes");
     lua_pushinteger(L, sp_workers_count());
     lua_setfield(L, -2, "workers");
     return 1;

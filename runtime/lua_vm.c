@@ -504,6 +504,7 @@ void sp_vm_destroy(sp_vm_t *vm)
 {
     if (!vm)
         return;
+    sp_k8s_close_all(vm);
     sp_timer_close_all(vm);
     sp_fs_close_all(vm);
     lua_close(vm->L);

@@ -86,6 +86,7 @@ int luaopen_sp_k8s(lua_State *L);
 /* Stops loop services owned by the vm (timers, fs watches) at shutdown. */
 void sp_timer_close_all(sp_vm_t *vm);
 void sp_fs_close_all(sp_vm_t *vm);
+void sp_k8s_close_all(sp_vm_t *vm);
 
 /* The embedded runtime Lua modules (generated at build time from runtime/lua/). */
 typedef struct sp_embedded {

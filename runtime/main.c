@@ -41,6 +41,14 @@ static const char usage_text[] =
     "                             script sections such as router = {...})\n"
     "  --sandboxes-file FILE      local sandbox source: a JSON SandboxList, re-read on change\n"
     "  --demo                     local demo mode: demo sandbox list + demo sandbox listener\n"
+    "  --kube-api URL             Kubernetes API server (e.g. http://127.0.0.1:8001 from\n"
+    "                             `kubectl proxy`); else in-cluster, else kubeconfig\n"
+    "  --kube-token-file FILE     bearer token for --kube-api (re-read on change and on 401)\n"
+    "  --kube-ca-file FILE        CA bundle for --kube-api\n"
+    "  --kube-insecure-skip-verify  do not verify the API server certificate (development only)\n"
+    "  --kubeconfig FILE          kubeconfig to use (else $KUBECONFIG); current context\n"
+    "  --kube-api-version V       pin agents.x-k8s.io to v1beta1 or v1alpha1 (default: discovered)\n"
+    "  --kube-namespace NS        watch one namespace (default: all)\n"
     "  --set NAME=VALUE           set any knob below (repeatable; wins over --config)\n"
     "  --log-level LEVEL          debug, info, warn or error (default info)\n"
     "  --check                    load the config and scripts, report problems, exit 0 or 1\n"
@@ -316,6 +324,7 @@ int main(int argc, char **argv)
     sp_cfg.builtin_dir = find_builtin_dir();
 
     if (argc > 1 && strcmp(argv[1], "test") == 0) {
+        sp_cfg.test_mode = true;
         sp_routes_init();
         char err[128];
         sp_shdict_create("sp", 1 << 20, err);
@@ -373,6 +382,27 @@ int main(int argc, char **argv)
             sp_cfg.config_file = sp_strdup(f);
         } else if (!strcmp(a, "--sandboxes-file")) {
             sp_cfg.sandboxes_file = sp_strdup(VALUE());
+        } else if (!strcmp(a, "--kube-api")) {
+            sets[nsets++] = sp_strdup("kube_api");
+            sets[nsets++] = VALUE();
+        } else if (!strcmp(a, "--kube-token-file")) {
+            sets[nsets++] = sp_strdup("kube_token_file");
+            sets[nsets++] = VALUE();
+        } else if (!strcmp(a, "--kube-ca-file")) {
+            sets[nsets++] = sp_strdup("kube_ca_file");
+            sets[nsets++] = VALUE();
+        } else if (!strcmp(a, "--kube-insecure-skip-verify")) {
+            sets[nsets++] = sp_strdup("kube_insecure_skip_verify");
+            sets[nsets++] = "true";
+        } else if (!strcmp(a, "--kubeconfig")) {
+            sets[nsets++] = sp_strdup("kubeconfig");
+            sets[nsets++] = VALUE();
+        } else if (!strcmp(a, "--kube-api-version")) {
+            sets[nsets++] = sp_strdup("kube_api_version");
+            sets[nsets++] = VALUE();
+        } else if (!strcmp(a, "--kube-namespace")) {
+            sets[nsets++] = sp_strdup("kube_namespace");
+            sets[nsets++] = VALUE();
         } else if (!strcmp(a, "--demo")) {
             sp_cfg.demo = true;
         } else if (!strcmp(a, "--check")) {
@@ -412,6 +442,14 @@ int main(int argc, char **argv)
     }
     free(sets);
     sp_log_min_level = sp_log_level_parse(sp_cfg.log_level);
+    if (sp_cfg.kube_api_version && strcmp(sp_cfg.kube_api_version, "v1beta1") != 0 &&
+        strcmp(sp_cfg.kube_api_version, "v1alpha1") != 0)
+        usage_error("--kube-api-version: expected v1beta1 or v1alpha1, got '%s'%s",
+                    sp_cfg.kube_api_version, "");
+    if (sp_cfg.kube_api && strncmp(sp_cfg.kube_api, "http://", 7) != 0 &&
+        strncmp(sp_cfg.kube_api, "https://", 8) != 0)
+        usage_error("--kube-api: expected an http:// or https:// URL, got '%s'%s", sp_cfg.kube_api,
+                    "");
     if (sp_log_min_level < 0) {
         fprintf(stderr, "sandbox-proxy: log_level: expected debug, info, warn or error\n");
         return 2;
@@ -521,8 +559,9 @@ int main(int argc, char **argv)
     sp_buf_t knobs = {0};
     sp_config_dump_json(&sp_cfg, &knobs);
     sp_buf_addc(&knobs, '\0');
-    sp_log(SP_LOG_INFO, "starting", "s:version", SP_VERSION, "i:workers", (int64_t)n, "s:mode",
-           sp_cfg.demo ? "demo" : "file", "j:settings", knobs.p, NULL);
+    sp_log(SP_LOG_INFO, "starting", "s:version", SP_VERSION, "i:workers", (int64_t)n, "s:source",
+           sp_cfg.demo ? "demo" : sp_cfg.sandboxes_file ? "file" : "kubernetes", "j:settings",
+           knobs.p, NULL);
     sp_buf_free(&knobs);
 
     total_workers = n;

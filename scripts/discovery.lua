@@ -14,7 +14,9 @@
 -- Two sandboxes with the same key in different namespaces: the oldest (creationTimestamp, then
 -- namespace name) wins; the others are listed in the winner's `conflict` field and logged.
 --
--- Config (section `discovery`): port (8888), user_label ("user"), default_user ("default").
+-- Config (section `discovery`): port (8888), user_label ("user"), default_user ("default"),
+-- poll_interval (file source stat poll, 2 s), state_interval (how often the watch state is
+-- published for /health, 1 s).
 -- Runs on worker 0 only; routes are shared by all workers.
 local routes = require "sp.routes"
 local shared = require "sp.shared"
@@ -22,6 +24,8 @@ local core = require "sp.core"
 local fs = require "sp.fs"
 local log = require "sp.log"
 local config = require "sp.config"
+local k8s = require "sp.k8s"
+local timer = require "sp.timer"
 local cjson = require "cjson.safe"
 
 local type = type
@@ -367,6 +371,137 @@ function M.start_file(path)
     end, cfg.poll_interval or 2)
 end
 
+-- ------------------------------------------------------------------ the Kubernetes source
+
+local GROUP = "agents.x-k8s.io"
+
+-- Picks the Sandbox API version from the group's discovery document: v1beta1 when served,
+-- else v1alpha1. Returns version or nil, err.
+function M.pick_version(doc)
+    if type(doc) ~= "table" or type(doc.versions) ~= "table" then
+        return nil, "not an APIGroup document"
+    end
+    local served = {}
+    for _, v in ipairs(doc.versions) do
+        if type(v) == "table" and type(v.version) == "string" then
+            served[v.version] = true
+        end
+    end
+    if served.v1beta1 then
+        return "v1beta1"
+    elseif served.v1alpha1 then
+        return "v1alpha1"
+    end
+    return nil, "the API server serves neither v1beta1 nor v1alpha1 of " .. GROUP
+end
+
+-- Asks the API server which version to use, retrying with backoff until it answers.
+local function discover_version()
+    local attempt = 0
+    while true do
+        local status, body, headers = k8s.request{ path = "/apis/" .. GROUP, retries = 0 }
+        local version, err
+        local forbidden = status == 403
+        if status == 200 then
+            version, err = M.pick_version(cjson.decode(body))
+            if version then
+                return version
+            end
+        elseif status == 404 then
+            err = GROUP .. " is not served: is agent-sandbox installed in this cluster?"
+        elseif forbidden then
+            err = "the Kubernetes API forbids discovery of " .. GROUP
+                .. ": the service account needs get on /apis/" .. GROUP .. " (see k8s/rbac.yaml)"
+        elseif status then
+            err = "discovery answered " .. status
+        else
+            err = body
+        end
+        local delay = k8s.backoff(attempt, headers and headers.retry_after, forbidden)
+        attempt = attempt + 1
+        local say = forbidden and log.error or log.warn
+        say("cannot discover the Sandbox API version", { error = err, retry_in = delay })
+        publish_state({ last_error = err, last_error_at = core.iso8601() })
+        timer.sleep(delay)
+    end
+end
+
+local function publish_watch_state()
+    local w = M.watch
+    if not w then
+        return
+    end
+    local st = w:state()
+    local changes = {
+        synced = st.synced,
+        watching = st.watching,
+        phase = st.phase,
+        resource_version = st.resource_version,
+        relists = st.relists,
+        lists = st.lists,
+        errors = st.errors,
+        events = st.events,
+        bookmarks = st.bookmarks,
+        objects = st.objects,
+        last_error = st.last_error or cjson.null,
+        last_event_at = st.seconds_since_event and (core.now() - st.seconds_since_event) or cjson.null,
+        last_sync_at = st.seconds_since_sync and (core.now() - st.seconds_since_sync) or cjson.null,
+    }
+    publish_state(changes)
+end
+M.publish_watch_state = publish_watch_state
+
+function M.start_kubernetes(settings)
+    local kubeconn = require "sp.kubeconn"
+    local conn, err = kubeconn.resolve(settings)
+    if not conn then
+        log.error("no Kubernetes API to watch", { error = err })
+        publish_state({ type = "kubernetes", synced = false, last_error = err })
+        return nil, err
+    end
+    local ok, cerr = k8s.configure(conn)
+    if not ok then
+        log.error("cannot configure the Kubernetes client", { error = cerr })
+        publish_state({ type = "kubernetes", synced = false, last_error = cerr })
+        return nil, cerr
+    end
+    publish_state({ type = "kubernetes", server = conn.server, credentials = conn.source,
+        synced = false })
+    log.info("watching Sandboxes", { server = conn.server, credentials = conn.source,
+        namespace = settings.kube_namespace or "(all)" })
+    timer.after(0, function()
+        local version = settings.kube_api_version or discover_version()
+        publish_state({ api_version = GROUP .. "/" .. version })
+        M.watch = k8s.watch{
+            group = GROUP,
+            version = version,
+            resource = "sandboxes",
+            namespace = settings.kube_namespace,
+            label_selector = settings.kube_label_selector,
+            on_event = function(kind, obj)
+                if kind == "DELETED" then
+                    M.remove(obj)
+                else
+                    local done, why = M.upsert(obj)
+                    if not done then
+                        log.warn("sandbox skipped", { problem = why })
+                    end
+                end
+            end,
+            on_synced = function(info)
+                log.info("sandboxes synced", { sandboxes = M.object_count(),
+                    resource_version = info.resource_version, relist = info.relist })
+                publish_watch_state()
+            end,
+            on_error = function()
+                publish_watch_state()
+            end,
+        }
+        timer.every(cfg.state_interval or 1, publish_watch_state)
+    end)
+    return true
+end
+
 -- ------------------------------------------------------------------ starting
 
 function M.start()
@@ -378,7 +513,7 @@ function M.start()
     if settings.sandboxes_file then
         return M.start_file(settings.sandboxes_file)
     end
-    log.error("no sandbox source configured")
+    return M.start_kubernetes(settings)
 end
 
 -- For --check: problems with the configured source.
@@ -401,6 +536,11 @@ function M.check()
                     end
                 end
             end
+        end
+    elseif settings.source == "kubernetes" then
+        local conn, err = require("sp.kubeconn").resolve(settings)
+        if not conn then
+            problems[#problems + 1] = "kubernetes: " .. err
         end
     end
     return problems

@@ -1,0 +1,1300 @@
+#!/usr/bin/env python3
+"""Side-by-side HTTP benchmark of sandbox-proxy against nginx, nginx+Lua, HAProxy and the
+backend itself. Started by bench/run (which installs the packages first); Python 3 stdlib only.
+
+Everything runs on 127.0.0.1, every process is started in the foreground in its own process
+group and stopped on exit (normal exit, exception, SIGINT, SIGTERM). See bench/README.md.
+"""
+import argparse
+import atexit
+import datetime
+import hashlib
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH_DIR)
+WRK_SCRIPT = os.path.join(BENCH_DIR, "wrk_routes.lua")
+NGINX_MODULES = "/usr/lib/nginx/modules"
+
+SMALL_BODY = "hello from the sandbox backend\n"
+POST_BODY = "post ok\n"
+POST_BYTES = 4096
+ONE_MIB = 1 << 20
+
+TARGETS = [
+    # key, label
+    ("sandbox-proxy", "sandbox-proxy"),
+    ("nginx", "nginx (map)"),
+    ("nginx-lua", "nginx + Lua"),
+    ("haproxy", "HAProxy (map)"),
+    ("direct", "direct backend"),
+]
+TARGET_LABEL = dict(TARGETS)
+
+SCENARIOS = [
+    # key, title, rest, method, body bytes, connections (None: --connections)
+    ("small-c50", "small GET, 50 connections", "/small", "GET", 0, None),
+    ("small-c1", "small GET, 1 connection (latency)", "/small", "GET", 0, 1),
+    ("get-1m", "1 MiB GET", "/1m", "GET", 0, None),
+    ("post-4k", "4 KiB POST", "/post", "POST", POST_BYTES, None),
+]
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+BENCH_PIDS = set()  # every process tree of the benchmark (filled once all are started)
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def warn(msg):
+    print("WARNING: " + msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# processes
+
+
+class Procs:
+    """Every process the benchmark starts: own session (process group), stopped by id."""
+
+    def __init__(self):
+        self.procs = []  # (name, Popen)
+
+    def start(self, name, cmd, cpus, logdir, env=None):
+        full = (["taskset", "-c", cpus] if cpus else []) + cmd
+        out = open(os.path.join(logdir, name + ".stdout.log"), "wb")
+        err = open(os.path.join(logdir, name + ".stderr.log"), "wb")
+        p = subprocess.Popen(full, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                             start_new_session=True, env=env)
+        out.close()
+        err.close()
+        p.bench_name = name
+        p.bench_stderr = os.path.join(logdir, name + ".stderr.log")
+        self.procs.append((name, p))
+        return p
+
+    def stop(self, p, grace=5.0):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # the process group may still hold children (nginx workers) after the leader exited
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(2)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop_all(self):
+        while self.procs:
+            name, p = self.procs.pop()
+            self.stop(p)
+
+
+PROCS = Procs()
+_cleaned = False
+
+
+def cleanup():
+    global _cleaned
+    if _cleaned:
+        return
+    _cleaned = True
+    PROCS.stop_all()
+
+
+def on_signal(signum, frame):
+    cleanup()
+    sys.exit(128 + signum)
+
+
+def free_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def http_get(port, path, method="GET", body=None, headers=None, timeout=5):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def wait_ready(p, port, path="/health", timeout=20.0, check=None):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError("%s exited with %s:\n%s" % (p.bench_name, p.returncode,
+                                                           tail(p.bench_stderr)))
+        try:
+            status, body = http_get(port, path, timeout=1)
+            last = (status, body[:200])
+            if status == 200 and (check is None or check(body)):
+                return
+        except OSError as e:
+            last = e
+        time.sleep(0.05)
+    raise RuntimeError("%s not ready on port %d (%s): last %r\n%s" % (
+        p.bench_name, port, path, last, tail(p.bench_stderr)))
+
+
+def tail(path, n=20):
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        return "\n".join(lines[-n:])
+    except OSError:
+        return ""
+
+
+def proc_tree(pid):
+    """pid and all its descendants."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                st = f.read()
+        except OSError:
+            continue
+        ppid = int(st[st.rfind(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        x = todo.pop()
+        out.append(x)
+        todo.extend(children.get(x, []))
+    return out
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = st[st.rfind(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def all_proc_ticks():
+    """{pid: utime+stime ticks} of every user-space process (kernel threads left out)."""
+    out = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                st = f.read()
+        except OSError:
+            continue
+        fields = st[st.rfind(")") + 2:].split()
+        if int(fields[1]) == 2 or int(d) == 2:  # children of kthreadd
+            continue
+        out[int(d)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+DISTURBED_PCT = 10.0  # other processes' CPU (% of one core) above which a run is run again
+QUIET_PCT = 5.0       # machine-wide busy (% of all CPUs) below which the machine counts as quiet
+
+
+def wait_quiet(limit):
+    """Between runs the benchmark's own processes are idle, so whatever keeps the CPUs busy is
+    someone else (a build, a test suite). Wait up to `limit` seconds for a quiet half second.
+    Returns (seconds waited, busy % of the last sample)."""
+    t0 = time.monotonic()
+    while True:
+        s0 = cpu_stat()
+        time.sleep(0.5)
+        s1 = cpu_stat()
+        busy = busy_pct(s0, s1, list(s1))
+        waited = time.monotonic() - t0
+        if busy is None or busy < QUIET_PCT or waited >= limit:
+            return round(waited, 1), busy
+
+
+def cpu_list(spec):
+    """'0', '1,3', '0-2' -> [0], [1, 3], [0, 1, 2]"""
+    out = []
+    for part in str(spec).split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            out.extend(range(int(lo), int(hi) + 1))
+        elif part.strip():
+            out.append(int(part))
+    return out
+
+
+def cpu_stat():
+    """/proc/stat per CPU: {cpu: (busy_ticks, total_ticks)}; busy includes irq/softirq (loopback
+    TCP work is largely done in softirq and not always charged to the process) and steal."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *vals = line.split()
+                v = [int(x) for x in vals[:8]]
+                idle = v[3] + v[4]
+                out[int(name[3:])] = (sum(v) - idle, sum(v))
+    return out
+
+
+def busy_pct(before, after, cpus):
+    busy = sum(after[c][0] - before[c][0] for c in cpus if c in after)
+    total = sum(after[c][1] - before[c][1] for c in cpus if c in after)
+    return round(100.0 * busy / total, 1) if total else None
+
+
+def affinity_of(pids):
+    out = set()
+    for pid in pids:
+        try:
+            out |= set(os.sched_getaffinity(pid))
+        except OSError:
+            pass
+    return ",".join(str(c) for c in sorted(out))
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration of the targets
+
+
+def nginx_common(prefix, worker_cpu_note):
+    for d in ("logs", "tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi", "conf"):
+        os.makedirs(os.path.join(prefix, d), exist_ok=True)
+    return """# %s
+worker_processes 1;
+pid %s/nginx.pid;
+error_log %s/logs/error.log warn;
+pcre_jit on;
+worker_rlimit_nofile 16384;
+events { worker_connections 8192; multi_accept off; }
+""" % (worker_cpu_note, prefix, prefix)
+
+
+def nginx_http_common(prefix):
+    return """    access_log off;
+    server_tokens off;
+    client_body_temp_path %(p)s/tmp/body;
+    proxy_temp_path %(p)s/tmp/proxy;
+    fastcgi_temp_path %(p)s/tmp/fastcgi;
+    uwsgi_temp_path %(p)s/tmp/uwsgi;
+    scgi_temp_path %(p)s/tmp/scgi;
+""" % {"p": prefix}
+
+
+# Proxy settings shared by the two nginx targets, chosen to match what sandbox-proxy does:
+# HTTP/1.1 keep-alive to the upstream, the client's Host kept, X-Forwarded-For/-Proto/-Host and
+# X-Request-Id added, responses streamed through a bounded set of memory buffers (never to disk).
+NGINX_PROXY_SETTINGS = """            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+            proxy_set_header X-Request-Id $request_id;
+            proxy_buffering on;
+            proxy_buffer_size 16k;
+            proxy_buffers 8 16k;
+            proxy_busy_buffers_size 32k;
+            proxy_max_temp_file_size 0;
+            proxy_connect_timeout 5s;
+            proxy_read_timeout 180s;
+"""
+
+
+def backend_conf(prefix, port, data_dir):
+    return nginx_common(prefix, "benchmark backend (the 'sandbox')") + """
+http {
+%s
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    default_type application/octet-stream;
+    server {
+        listen 127.0.0.1:%d backlog=4096;
+        root %s;
+        location = /health { default_type text/plain; return 200 "ok\\n"; }
+        location = /small  { default_type text/plain; return 200 "%s"; }
+        location = /1m     { }
+        location = /post {
+            if ($request_method != POST) { return 405; }
+            default_type text/plain;
+            return 200 "%s";
+        }
+        location = /echo   { default_type text/plain; return 200 "$request_uri\\n"; }
+        location / { return 404; }
+    }
+}
+""" % (nginx_http_common(prefix), port, data_dir, SMALL_BODY.replace("\n", "\\n"),
+       POST_BODY.replace("\n", "\\n"))
+
+
+def nginx_map_conf(prefix, port, backend_port, routes):
+    os.makedirs(os.path.join(prefix, "conf"), exist_ok=True)
+    with open(os.path.join(prefix, "conf", "routes.map"), "w") as f:
+        for key in routes:
+            f.write("%s sandbox_backend;\n" % key)
+    return nginx_common(prefix, "target b: nginx reverse proxy, map route lookup") + """
+http {
+%(common)s
+    keepalive_requests 10000;
+    keepalive_timeout 75s;
+    map_hash_max_size 4096;
+    map_hash_bucket_size 64;
+
+    # "{user}/{sandbox}" (named captures of the location regex) -> upstream group name
+    map "$sb_user/$sb_name" $sb_upstream {
+        default "";
+        include %(p)s/conf/routes.map;
+    }
+
+    upstream sandbox_backend {
+        server 127.0.0.1:%(bport)d;
+        keepalive 64;
+        keepalive_requests 10000;
+        keepalive_timeout 60s;
+    }
+
+    server {
+        listen 127.0.0.1:%(port)d backlog=4096;
+        location = /health { default_type text/plain; return 200 "ok\\n"; }
+        location ~ ^/(?<sb_user>[^/]+)/(?<sb_name>[^/]+)(?<sb_rest>/.*)$ {
+            if ($sb_upstream = "") {
+                return 404 '{"error":"sandbox not found"}\\n';
+            }
+            # prefix stripped: /{user}/{sandbox}/{rest}?{query} -> /{rest}?{query}
+            proxy_pass http://$sb_upstream$sb_rest$is_args$args;
+%(proxy)s        }
+        location / { return 400 '{"error":"bad request path"}\\n'; }
+    }
+}
+""" % {"common": nginx_http_common(prefix), "p": prefix, "bport": backend_port, "port": port,
+       "proxy": NGINX_PROXY_SETTINGS}
+
+
+NGINX_LUA_ROUTER = r"""
+-- sb_router.lua (target c): the route lookup done in Lua, OpenResty style.
+local routes = require "sb_routes"   -- { ["u0/sb0"] = { "127.0.0.1", port }, ... } (1,000)
+local find, sub = string.find, string.sub
+local ngx = ngx
+local M = {}
+
+function M.rewrite()
+    local uri = ngx.var.uri
+    local s1 = find(uri, "/", 2, true)
+    if not s1 then return ngx.exit(400) end
+    local s2 = find(uri, "/", s1 + 1, true)
+    if not s2 then return ngx.exit(400) end
+    local r = routes[sub(uri, 2, s2 - 1)]          -- "{user}/{sandbox}"
+    if not r then return ngx.exit(404) end
+    ngx.ctx.sb = r
+    ngx.var.sb_rest = sub(uri, s2)                 -- prefix stripped
+end
+
+local balancer = require "ngx.balancer"
+function M.balance()
+    local r = ngx.ctx.sb
+    local ok, err = balancer.set_current_peer(r[1], r[2])
+    if not ok then
+        ngx.log(ngx.ERR, "set_current_peer: ", err)
+        return ngx.exit(500)
+    end
+end
+
+return M
+"""
+
+
+def nginx_lua_conf(prefix, port, backend_port, routes):
+    luadir = os.path.join(prefix, "lua")
+    os.makedirs(luadir, exist_ok=True)
+    with open(os.path.join(luadir, "sb_routes.lua"), "w") as f:
+        f.write("-- generated: 1,000 routes {user}/{sandbox} -> { address, port }\nreturn {\n")
+        for key in routes:
+            f.write('    ["%s"] = { "127.0.0.1", %d },\n' % (key, backend_port))
+        f.write("}\n")
+    with open(os.path.join(luadir, "sb_router.lua"), "w") as f:
+        f.write(NGINX_LUA_ROUTER)
+    head = ("load_module %s/ndk_http_module.so;\nload_module %s/ngx_http_lua_module.so;\n"
+            % (NGINX_MODULES, NGINX_MODULES))
+    return head + nginx_common(prefix, "target c: nginx + lua (lua-nginx-module), route lookup in a Lua table") + """
+http {
+%(common)s
+    keepalive_requests 10000;
+    keepalive_timeout 75s;
+    lua_package_path "%(lua)s/?.lua;/usr/share/lua/5.1/?.lua;;";
+    lua_code_cache on;
+    init_by_lua_block {
+        require "resty.core"
+        require "sb_router"
+    }
+
+    upstream sandbox_lua {
+        server 0.0.0.1;   # placeholder: the peer is set by balancer_by_lua
+        balancer_by_lua_block { require("sb_router").balance() }
+        keepalive 64;     # after balancer_by_lua: pooled per peer address
+        keepalive_requests 10000;
+        keepalive_timeout 60s;
+    }
+
+    server {
+        listen 127.0.0.1:%(port)d backlog=4096;
+        location = /health { default_type text/plain; return 200 "ok\\n"; }
+        location / {
+            set $sb_rest "";
+            rewrite_by_lua_block { require("sb_router").rewrite() }
+            proxy_pass http://sandbox_lua$sb_rest$is_args$args;
+%(proxy)s        }
+    }
+}
+""" % {"common": nginx_http_common(prefix), "lua": luadir, "port": port,
+       "proxy": NGINX_PROXY_SETTINGS}
+
+
+def haproxy_conf(tmp, port, backend_port, routes):
+    mapfile = os.path.join(tmp, "routes.map")
+    with open(mapfile, "w") as f:
+        for key in routes:
+            f.write("%s sandbox\n" % key)
+    return """# target d: HAProxy, map-file route lookup
+global
+    nbthread 1
+    maxconn 8000
+    tune.bufsize 16384
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 75s
+    timeout server 180s
+    timeout http-keep-alive 75s
+    timeout http-request 10s
+
+frontend fe
+    bind 127.0.0.1:%(port)d
+    http-request return status 200 content-type text/plain string "ok" if { path /health }
+    # "{user}/{sandbox}" from the first two path segments, looked up in the map (1,000 lines)
+    http-request set-var(txn.sb_name) path,field(3,/)
+    http-request set-var(txn.sb_key) path,field(2,/),concat(/,txn.sb_name)
+    http-request set-var(txn.sb_backend) var(txn.sb_key),map(%(map)s)
+    http-request return status 404 content-type application/json string "{\\"error\\":\\"sandbox not found\\"}" unless { var(txn.sb_backend) -m found }
+    # prefix stripped (the query string is kept by set-path)
+    http-request set-path %%[path,regsub(^/[^/]*/[^/]*,)]
+    # the same request headers sandbox-proxy adds
+    option forwardfor
+    http-request set-header X-Forwarded-Proto http
+    http-request set-header X-Forwarded-Host %%[req.hdr(host)]
+    unique-id-format %%{+X}o%%ci:%%cp_%%fi:%%fp_%%Ts_%%rt:%%pid
+    unique-id-header X-Request-Id
+    use_backend %%[var(txn.sb_backend)]
+
+backend sandbox
+    http-reuse safe
+    server s1 127.0.0.1:%(bport)d
+""" % {"port": port, "bport": backend_port, "map": mapfile}
+
+
+def sandboxes_json(routes, backend_port):
+    items = []
+    for key in routes:
+        user, name = key.split("/")
+        items.append({
+            "apiVersion": "agents.x-k8s.io/v1beta1",
+            "kind": "Sandbox",
+            "metadata": {
+                "name": name,
+                "namespace": "ns-" + user,
+                "labels": {"user": user},
+                "annotations": {"sandbox-proxy.dev/port": str(backend_port)},
+                "creationTimestamp": "2026-08-20T10:00:00Z",
+                "resourceVersion": "1",
+            },
+            "spec": {"operatingMode": "Running"},
+            "status": {
+                "conditions": [{"type": "Ready", "status": "True", "reason": "DependenciesReady"}],
+                "podIPs": ["127.0.0.1"],
+            },
+        })
+    return {"apiVersion": "agents.x-k8s.io/v1beta1", "kind": "SandboxList",
+            "metadata": {"resourceVersion": "1"}, "items": items}
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+
+
+def curl(url, out, data_file=None):
+    cmd = ["curl", "-sS", "--max-time", "10", "-o", out, "-w", "%{http_code}", url]
+    if data_file:
+        cmd[1:1] = ["-X", "POST", "-H", "Content-Type: application/octet-stream",
+                    "--data-binary", "@" + data_file]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    if r.returncode != 0:
+        raise RuntimeError("curl %s: %s" % (url, r.stderr.strip()))
+    return int(r.stdout.strip() or 0)
+
+
+def verify_target(key, port, routed, routes, tmp, reference):
+    """curl one routed URL per scenario, compare bodies with the backend's own answers; then
+    every route once over a keep-alive connection; an unknown route must not reach the backend."""
+    problems = []
+    prefix = "/u3/sb42" if routed else ""
+    body_file = os.path.join(tmp, "curl-%s.out" % key)
+    post_file = os.path.join(tmp, "post.bin")
+    checks = [
+        ("small", prefix + "/small", None),
+        ("1m", prefix + "/1m", None),
+        ("post", prefix + "/post", post_file),
+        ("echo", prefix + "/echo?a=1&b=two", None),
+    ]
+    for name, path, data in checks:
+        url = "http://127.0.0.1:%d%s" % (port, path)
+        status = curl(url, body_file, data)
+        with open(body_file, "rb") as f:
+            got = f.read()
+        if status != 200:
+            problems.append("curl %s -> HTTP %d" % (path, status))
+        elif got != reference[name]:
+            problems.append("curl %s: body differs from the backend's (%d bytes vs %d, sha256 %s vs %s)"
+                            % (path, len(got), len(reference[name]), hashlib.sha256(got).hexdigest()[:12],
+                               hashlib.sha256(reference[name]).hexdigest()[:12]))
+    if routed:
+        bad = 0
+        first_bad = None
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            for rkey in routes:
+                c.request("GET", "/%s/small" % rkey)
+                r = c.getresponse()
+                b = r.read()
+                if r.status != 200 or b != reference["small"]:
+                    bad += 1
+                    first_bad = first_bad or (rkey, r.status, b[:80])
+                if r.getheader("connection", "").lower() == "close":
+                    c.close()
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        finally:
+            c.close()
+        if bad:
+            problems.append("%d of %d routes failed (first: %r)" % (bad, len(routes), first_bad))
+        status, b = http_get(port, "/u99/sb999/small")
+        if status == 200:
+            problems.append("unknown route /u99/sb999/small answered 200 (no route lookup?)")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# wrk
+
+TIME_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3600000.0}
+
+
+def parse_time_ms(s):
+    m = re.match(r"^([\d.]+)(us|ms|s|m|h)$", s)
+    if not m:
+        return None
+    return float(m.group(1)) * TIME_UNITS[m.group(2)]
+
+
+def parse_wrk(text):
+    res = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    res["rps"] = float(m.group(1)) if m else None
+    dist = text.split("Latency Distribution", 1)
+    if len(dist) == 2:
+        for pct, val in re.findall(r"^\s+(\d+)%\s+(\S+)", dist[1], re.M):
+            res["p%s_ms" % pct] = parse_time_ms(val)
+    m = re.search(r"(\d+) requests in ([\d.]+\w+), ([\d.]+\w+) read", text)
+    if m:
+        res["requests"] = int(m.group(1))
+        res["read"] = m.group(3)
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    res["non2xx"] = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    res["socket_errors"] = ({"connect": int(m.group(1)), "read": int(m.group(2)),
+                             "write": int(m.group(3)), "timeout": int(m.group(4))} if m else None)
+    m = re.search(r"^BENCHJSON (\{.*\})$", text, re.M)
+    res["wrk_json"] = json.loads(m.group(1)) if m else None
+    return res
+
+
+def run_wrk(port, routed, scen, conns, duration, cpus, tmp, pids_target, pids_load):
+    key, title, rest, method, body_bytes, _ = scen
+    args = ["wrk", "-t1", "-c%d" % conns, "-d%ds" % duration, "--latency",
+            "--timeout", "5s", "-s", WRK_SCRIPT, "http://127.0.0.1:%d" % port, "--",
+            "routed" if routed else "direct", rest, method, str(body_bytes), "10", "100"]
+    full = (["taskset", "-c", cpus] if cpus else []) + args
+    outpath = os.path.join(tmp, "wrk.out")
+    t_cpu0 = cpu_seconds(pids_target)
+    l_cpu0 = cpu_seconds(pids_load)
+    stat0 = cpu_stat()
+    all0 = all_proc_ticks()
+    t0 = time.monotonic()
+    with open(outpath, "wb") as out:
+        p = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+        PROCS.procs.append(("wrk", p))
+        deadline = time.monotonic() + duration + 30
+        rusage = None
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid == p.pid:
+                p.returncode = os.waitstatus_to_exitcode(status)
+                rusage = ru
+                break
+            if time.monotonic() > deadline:
+                PROCS.stop(p)
+                raise RuntimeError("wrk did not finish in time")
+            time.sleep(0.05)
+        PROCS.procs.remove(("wrk", p))
+    wall = time.monotonic() - t0
+    stat1 = cpu_stat()
+    all1 = all_proc_ticks()
+    t_cpu = cpu_seconds(pids_target) - t_cpu0
+    l_cpu = cpu_seconds(pids_load) - l_cpu0
+    with open(outpath, "r", errors="replace") as f:
+        text = f.read()
+    if p.returncode != 0:
+        raise RuntimeError("wrk exited %s:\n%s" % (p.returncode, text))
+    res = parse_wrk(text)
+    res["raw"] = text
+    res["wall_s"] = round(wall, 3)
+    res["target_cpu_pct"] = round(100.0 * t_cpu / wall, 1)
+    res["cpu_busy_pct"] = {str(c): busy_pct(stat0, stat1, [c]) for c in sorted(stat1)}
+    # CPU used meanwhile by processes that are not part of the benchmark (other users of the
+    # machine: builds, test suites); processes that started and exited within the run are missed
+    ours = set(pids_target) | set(pids_load) | set(BENCH_PIDS) | {os.getpid(), p.pid}
+    other = sum(t - all0.get(pid, 0) for pid, t in all1.items() if pid not in ours)
+    res["other_cpu_pct"] = round(100.0 * other / CLK_TCK / wall, 1)
+    wrk_cpu = rusage.ru_utime + rusage.ru_stime
+    res["wrk_cpu_pct"] = round(100.0 * wrk_cpu / wall, 1)
+    # load CPU = backend (+ nothing else) + wrk; for "direct" the backend is the target
+    res["load_cpu_pct"] = round(100.0 * (l_cpu + wrk_cpu) / wall, 1)
+    if res["rps"] and res.get("requests"):
+        res["target_cpu_us_per_req"] = round(1e6 * t_cpu / res["requests"], 1)
+    return res
+
+
+def fmt_num(x):
+    return ("%g" % x)
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+
+def fmt_rps(x):
+    return "-" if x is None else "{:,.0f}".format(x)
+
+
+def fmt_ms(x):
+    if x is None:
+        return "-"
+    if x < 1:
+        return "%.0fus" % (x * 1000)
+    if x < 10:
+        return "%.2fms" % x
+    return "%.1fms" % x
+
+
+def fmt_ratio(a, b):
+    if not a or not b:
+        return "-"
+    return "%.2f" % (a / b)
+
+
+def pct(x):
+    return "-" if x is None else "%.0f%%" % x
+
+
+def table_rows(summary, scen_key, targets):
+    rows = []
+    res = summary[scen_key]
+    base_nginx = res.get("nginx", {}).get("rps")
+    base_direct = res.get("direct", {}).get("rps")
+    for t in targets:
+        r = res.get(t)
+        if not r:
+            continue
+        if r.get("error"):
+            rows.append([TARGET_LABEL[t], "FAILED"] + [""] * (len(HEADERS) - 2))
+            continue
+        flag = " !" if r.get("problems") else ""
+        rows.append([
+            TARGET_LABEL[t] + flag,
+            fmt_rps(r["rps"]),
+            fmt_ms(r["p50_ms"]),
+            fmt_ms(r["p99_ms"]),
+            fmt_ratio(r["rps"], base_nginx),
+            fmt_ratio(r["rps"], base_direct),
+            pct(r.get("target_cpu_pct")),
+            pct(r.get("target_core_busy_pct")),
+            pct(r.get("load_core_busy_pct")),
+            pct(r.get("spread_pct")),
+            bound_of(r),
+        ])
+    return rows
+
+
+HEADERS = ["target", "req/s", "p50", "p99", "vs nginx", "vs direct", "proc CPU",
+           "T busy", "L busy", "spread", "bound"]
+BUSY_LIMIT = 90.0
+
+
+def bound_of(r):
+    """Which core limited the run: T (the targets' core), L (backend + wrk), both, or neither
+    (latency-bound, e.g. one connection waiting on each round trip, or lost to the hypervisor)."""
+    t = r.get("target_core_busy_pct") or 0
+    l = r.get("load_core_busy_pct") or 0
+    if r.get("is_direct"):
+        t = 0  # the targets' core is idle when the backend is hit directly
+    if t >= BUSY_LIMIT and l >= BUSY_LIMIT:
+        return "T+L"
+    if t >= BUSY_LIMIT:
+        return "T"
+    if l >= BUSY_LIMIT:
+        return "L"
+    return "neither"
+
+
+def text_table(rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(HEADERS, *rows)]
+    lines = []
+    fmt = lambda r: "  ".join((str(c).ljust(w) if i == 0 else str(c).rjust(w))
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    lines.append(fmt(HEADERS))
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append(fmt(r))
+    return "\n".join(lines)
+
+
+def md_table(rows):
+    out = ["| " + " | ".join(HEADERS) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(HEADERS) - 1)) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(str(c) for c in r) + " |")
+    return "\n".join(out)
+
+
+def machine_info():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = "%.1f GiB" % (int(line.split()[1]) / 1048576)
+    except OSError:
+        pass
+
+    def ver(cmd, pat=None):
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            s = (r.stdout + r.stderr).strip().splitlines()
+            s = s[0] if s else ""
+            if pat:
+                m = re.search(pat, s)
+                s = m.group(0) if m else s
+            return s
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+
+    def dpkg(pkg):
+        try:
+            r = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True,
+                               text=True, timeout=10)
+            return r.stdout.strip() or "?"
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+
+    return {
+        "cpu_model": model,
+        "cores_online": os.cpu_count(),
+        "cpus_allowed": sorted(os.sched_getaffinity(0)),
+        "memory": mem,
+        "kernel": platform.release(),
+        "os": ver(["sh", "-c", ". /etc/os-release && echo \"$PRETTY_NAME\""]),
+        "nginx": ver(["nginx", "-v"]),
+        "nginx_lua_module": dpkg("libnginx-mod-http-lua"),
+        "haproxy": ver(["haproxy", "-v"], r"HAProxy version \S+"),
+        "wrk": ver(["wrk", "-v"], r"wrk \S+"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(
+        prog="bench/run",
+        description="sandbox-proxy vs nginx / nginx+Lua / HAProxy / direct, side by side, on loopback.")
+    ap.add_argument("--duration", type=int, default=5, help="whole seconds per measured run (default 5)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per target and scenario; the median is reported (default 3)")
+    ap.add_argument("--warmup", type=int, default=1, help="whole seconds of untimed load per target and scenario before the first run (default 1)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: --duration 1 --repeat 1 --warmup 1")
+    ap.add_argument("--connections", type=int, default=50, help="connections of the loaded scenarios (default 50)")
+    ap.add_argument("--targets", default=",".join(k for k, _ in TARGETS),
+                    help="comma-separated subset of: " + ", ".join(k for k, _ in TARGETS))
+    ap.add_argument("--scenarios", default=",".join(s[0] for s in SCENARIOS),
+                    help="comma-separated subset of: " + ", ".join(s[0] for s in SCENARIOS))
+    ap.add_argument("--proxy-bin", default=os.path.join(ROOT, "build", "sandbox-proxy"))
+    ap.add_argument("--proxy-workers", type=int, default=1, help="sandbox-proxy --workers (default 1)")
+    ap.add_argument("--proxy-set", action="append", default=[], metavar="KNOB=VALUE",
+                    help="extra --set for sandbox-proxy (repeatable)")
+    ap.add_argument("--target-cpus", help="CPU list for the targets (default: first allowed CPU)")
+    ap.add_argument("--backend-cpus", help="CPU list for the backend nginx")
+    ap.add_argument("--wrk-cpus", help="CPU list for wrk")
+    ap.add_argument("--quiet-wait", type=float, default=30.0,
+                    help="before each run, wait up to this many seconds for the machine to be quiet "
+                         "(other processes busy < %g%% of the CPUs) (default 30; 0: don't wait)" % QUIET_PCT)
+    ap.add_argument("--retry-disturbed", type=int, default=2,
+                    help="run a measurement again, up to N times, when other processes used more than "
+                         "%g%% of a core during it; the least disturbed run is kept (default 2)" % DISTURBED_PCT)
+    ap.add_argument("--out-dir", default=os.path.join(BENCH_DIR, "results"))
+    ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    a = ap.parse_args()
+    if a.quick:
+        a.duration, a.repeat, a.warmup = 1, 1, 1
+        a.quiet_wait, a.retry_disturbed = min(a.quiet_wait, 5.0), min(a.retry_disturbed, 1)
+    if a.duration <= 0 or a.duration > 600 or a.repeat < 1 or a.repeat > 50:
+        ap.error("--duration must be in (0, 600] and --repeat in [1, 50]")
+    a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    for t in a.targets:
+        if t not in TARGET_LABEL:
+            ap.error("unknown target %r" % t)
+    a.scenarios = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    known = {s[0] for s in SCENARIOS}
+    for s in a.scenarios:
+        if s not in known:
+            ap.error("unknown scenario %r" % s)
+    return a
+
+
+def cpu_layout(a):
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 3:
+        d = (str(cpus[0]), str(cpus[1]), str(cpus[2]))
+        note = "targets on CPU %s, backend on CPU %s, wrk on CPU %s" % d
+    elif len(cpus) == 2:
+        d = (str(cpus[0]), str(cpus[1]), str(cpus[1]))
+        note = "targets on CPU %s; backend nginx + wrk share CPU %s" % (d[0], d[1])
+    else:
+        d = (str(cpus[0]),) * 3
+        note = "only one CPU allowed (%s): targets, backend and wrk share it" % d[0]
+    t = a.target_cpus or d[0]
+    b = a.backend_cpus or d[1]
+    w = a.wrk_cpus or d[2]
+    if a.target_cpus or a.backend_cpus or a.wrk_cpus:
+        note = "targets on CPU %s, backend on CPU %s, wrk on CPU %s (from the command line)" % (t, b, w)
+    return t, b, w, note
+
+
+def main():
+    a = parse_args()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    atexit.register(cleanup)
+
+    if not os.access(a.proxy_bin, os.X_OK):
+        sys.exit("sandbox-proxy binary not found: %s (build it: cmake -B build && cmake --build build -j2)"
+                 % a.proxy_bin)
+    tcpu, bcpu, wcpu, layout_note = cpu_layout(a)
+    tcpus = cpu_list(tcpu)
+    lcpus = sorted(set(cpu_list(bcpu)) | set(cpu_list(wcpu)))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    machine = machine_info()
+    machine["sandbox_proxy"] = subprocess.run([a.proxy_bin, "--version"], capture_output=True,
+                                              text=True, timeout=10).stdout.strip()
+    cache = os.path.join(os.path.dirname(os.path.abspath(a.proxy_bin)), "CMakeCache.txt")
+    try:
+        with open(cache) as f:
+            bt = re.search(r"^CMAKE_BUILD_TYPE:STRING=(.*)$", f.read(), re.M)
+        machine["sandbox_proxy"] += " (%s build)" % (bt.group(1) or "default")
+    except (OSError, AttributeError):
+        pass
+    tmp = tempfile.mkdtemp(prefix="sp-bench-")
+    os.chmod(tmp, 0o755)  # nginx workers run as an unprivileged user when started as root
+    logdir = os.path.join(tmp, "logs")
+    os.makedirs(logdir)
+    log("sandbox-proxy benchmark  %s" % started.strftime("%Y-%m-%d %H:%M:%S UTC"))
+    log("machine: %s, %s cores online (allowed: %s), %s, kernel %s, %s" % (
+        machine["cpu_model"], machine["cores_online"], ",".join(map(str, machine["cpus_allowed"])),
+        machine["memory"], machine["kernel"], machine["os"]))
+    log("versions: %s; %s; lua module %s; %s; %s" % (machine["sandbox_proxy"], machine["nginx"],
+                                                     machine["nginx_lua_module"], machine["haproxy"], machine["wrk"]))
+    log("CPU layout: %s (each target pinned with taskset to CPU %s = one core of budget)"
+        % (layout_note, tcpu))
+    log("runs: %gs each, %d repeat(s), median reported; warm-up %gs; temp dir %s"
+        % (a.duration, a.repeat, a.warmup, tmp))
+
+    routes = ["u%d/sb%d" % (u, s) for u in range(10) for s in range(100)]
+
+    # --- backend ----------------------------------------------------------------------------
+    data_dir = os.path.join(tmp, "www")
+    os.makedirs(data_dir)
+    one_mib = os.urandom(ONE_MIB)
+    with open(os.path.join(data_dir, "1m"), "wb") as f:
+        f.write(one_mib)
+    with open(os.path.join(tmp, "post.bin"), "wb") as f:
+        f.write(b"x" * POST_BYTES)
+    reference = {"small": SMALL_BODY.encode(), "1m": one_mib, "post": POST_BODY.encode(),
+                 "echo": b"/echo?a=1&b=two\n"}
+
+    ports = {}
+    ports["direct"] = free_port()
+    bprefix = os.path.join(tmp, "backend")
+    os.makedirs(bprefix)
+    conf = os.path.join(bprefix, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(backend_conf(bprefix, ports["direct"], data_dir))
+    backend = PROCS.start("backend", ["nginx", "-p", bprefix, "-e", os.path.join(bprefix, "logs", "error.log"),
+                                      "-c", conf, "-g", "daemon off;"], bcpu, logdir)
+    wait_ready(backend, ports["direct"])
+    backend_port = ports["direct"]
+    # the backend must serve the reference bodies itself
+    for name, path, data in (("small", "/small", None), ("1m", "/1m", None),
+                             ("post", "/post", b"x" * POST_BYTES), ("echo", "/echo?a=1&b=two", None)):
+        status, body = http_get(backend_port, path, "POST" if data else "GET", data)
+        if status != 200 or body != reference[name]:
+            sys.exit("backend self-check failed for %s: %d %r" % (path, status, body[:80]))
+
+    # --- targets ------------------------------------------------------------------------------
+    target_procs = {}
+    target_notes = {}
+    failed = {}
+    configs = {}
+
+    def start_target(t):
+        if t == "direct":
+            target_procs[t] = backend
+            target_notes[t] = "the backend nginx itself (worker_processes 1), pinned to CPU %s" % bcpu
+            return
+        port = ports[t] = free_port()
+        if t == "sandbox-proxy":
+            sfile = os.path.join(tmp, "sandboxes.json")
+            with open(sfile, "w") as f:
+                json.dump(sandboxes_json(routes, backend_port), f)
+            cmd = [a.proxy_bin, "--listen", "127.0.0.1:%d" % port, "--workers", str(a.proxy_workers),
+                   "--sandboxes-file", sfile]
+            for kv in a.proxy_set:
+                cmd += ["--set", kv]
+            env = dict(os.environ)
+            env.pop("KUBERNETES_SERVICE_HOST", None)
+            env.pop("KUBECONFIG", None)
+            p = PROCS.start(t, cmd, tcpu, logdir, env=env)
+            configs[t] = " ".join(cmd)
+
+            def all_routes(body):
+                try:
+                    return json.loads(body).get("ready") == len(routes)
+                except ValueError:
+                    return False
+            wait_ready(p, port, "/health", check=all_routes)
+            target_notes[t] = "default scripts, --workers %d%s" % (
+                a.proxy_workers, "".join(" --set " + kv for kv in a.proxy_set))
+        elif t in ("nginx", "nginx-lua"):
+            prefix = os.path.join(tmp, t)
+            os.makedirs(prefix)
+            conf = os.path.join(prefix, "nginx.conf")
+            text = (nginx_map_conf if t == "nginx" else nginx_lua_conf)(prefix, port, backend_port, routes)
+            with open(conf, "w") as f:
+                f.write(text)
+            configs[t] = text
+            p = PROCS.start(t, ["nginx", "-p", prefix, "-e", os.path.join(prefix, "logs", "error.log"),
+                                "-c", conf, "-g", "daemon off;"], tcpu, logdir)
+            wait_ready(p, port)
+            target_notes[t] = ("worker_processes 1, map of 1,000 routes -> upstream (keepalive 64)"
+                               if t == "nginx" else
+                               "worker_processes 1, Lua table of 1,000 routes, balancer_by_lua + keepalive 64")
+        elif t == "haproxy":
+            text = haproxy_conf(tmp, port, backend_port, routes)
+            conf = os.path.join(tmp, "haproxy.cfg")
+            with open(conf, "w") as f:
+                f.write(text)
+            configs[t] = text
+            p = PROCS.start(t, ["haproxy", "-db", "-f", conf], tcpu, logdir)
+            wait_ready(p, port)
+            target_notes[t] = "nbthread 1, map file of 1,000 routes, http-reuse safe"
+        target_procs[t] = p
+
+    for t in a.targets:
+        try:
+            start_target(t)
+            problems = verify_target(t, ports[t], t != "direct", routes, tmp, reference)
+            if problems:
+                failed[t] = problems
+        except Exception as e:  # report and go on with the other targets
+            failed[t] = [str(e)]
+        pids = proc_tree(target_procs[t].pid) if t in target_procs else []
+        status = "OK" if t not in failed else "FAILED: " + "; ".join(failed[t])
+        log("  %-15s port %-5s pinned to CPU %-5s %s -- check %s" % (
+            t, ports.get(t, "-"), affinity_of(pids) or "-", target_notes.get(t, ""), status))
+    # the load side: backend nginx (+ wrk, measured separately)
+    backend_pids = proc_tree(backend.pid)
+    for _, p in PROCS.procs:
+        BENCH_PIDS.update(proc_tree(p.pid))
+    log("  %-15s port %-5s pinned to CPU %-5s (wrk -t1 pinned to CPU %s)" % (
+        "backend", backend_port, affinity_of(backend_pids), wcpu))
+
+    # --- measurements ---------------------------------------------------------------------------
+    scen_by_key = {s[0]: s for s in SCENARIOS}
+    runs = {}     # scen -> target -> [results]
+    summary = {}  # scen -> target -> medians
+    active = [t for t in a.targets if t not in failed]
+    for sk in a.scenarios:
+        scen = scen_by_key[sk]
+        conns = scen[5] or a.connections
+        log("\n== %s (%s %s%s, %d connection%s, %gs x %d) ==" % (
+            scen[1], scen[3], "/{user}/{sandbox}" + scen[2], " + %d-byte body" % scen[4] if scen[4] else "",
+            conns, "s" if conns != 1 else "", a.duration, a.repeat))
+        runs[sk] = {t: [] for t in active}
+        for rep in range(a.repeat):
+            for t in active:
+                pids_t = proc_tree(target_procs[t].pid)
+                pids_l = backend_pids if t != "direct" else []
+                try:
+                    if rep == 0 and a.warmup > 0:
+                        run_wrk(ports[t], t != "direct", scen, conns, a.warmup, wcpu, tmp, pids_t, pids_l)
+                    r = None
+                    for attempt in range(1 + a.retry_disturbed):
+                        waited, idle = wait_quiet(a.quiet_wait)
+                        ri = run_wrk(ports[t], t != "direct", scen, conns, a.duration, wcpu, tmp, pids_t, pids_l)
+                        ri["quiet_wait_s"], ri["machine_busy_before_pct"] = waited, idle
+                        ri["attempt"] = attempt + 1
+                        if r is None or ri["other_cpu_pct"] < r["other_cpu_pct"]:
+                            r = ri
+                        if ri["other_cpu_pct"] < DISTURBED_PCT:
+                            break
+                        log("  [%d/%d] %-15s disturbed: other processes used %s of a core, %s" % (
+                            rep + 1, a.repeat, t, pct(ri["other_cpu_pct"]),
+                            "running it again" if attempt < a.retry_disturbed else "keeping the least disturbed run"))
+                except Exception as e:
+                    r = {"error": str(e)}
+                if target_procs[t].poll() is not None:
+                    r.setdefault("error", "target exited with %s" % target_procs[t].returncode)
+                if "cpu_busy_pct" in r:
+                    for name, cl in (("target_core_busy_pct", tcpus), ("load_core_busy_pct", lcpus)):
+                        vals = [r["cpu_busy_pct"].get(str(c)) for c in cl]
+                        vals = [v for v in vals if v is not None]
+                        r[name] = round(sum(vals) / len(vals), 1) if vals else None
+                runs[sk][t].append(r)
+                if r.get("error"):
+                    log("  [%d/%d] %-15s ERROR %s" % (rep + 1, a.repeat, t, r["error"].strip()[-500:]))
+                    continue
+                probs = []
+                if r["non2xx"]:
+                    probs.append("%d non-2xx/3xx responses" % r["non2xx"])
+                se = r.get("socket_errors")
+                if se and any(se.values()):
+                    probs.append("socket errors %s" % se)
+                if r["rps"] is None or r.get("p99_ms") is None:
+                    probs.append("could not parse wrk output")
+                r["problems"] = probs
+                log("  [%d/%d] %-15s %10s req/s  p50 %-8s p99 %-8s proc CPU %4s  T busy %4s  L busy %4s%s" % (
+                    rep + 1, a.repeat, t, fmt_rps(r["rps"]), fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p99_ms")),
+                    pct(r["target_cpu_pct"]), pct(r.get("target_core_busy_pct")),
+                    pct(r.get("load_core_busy_pct")), ("  !! " + "; ".join(probs)) if probs else "")
+                    + ("  (other processes: %s of a core)" % pct(r["other_cpu_pct"])
+                       if r.get("other_cpu_pct", 0) >= DISTURBED_PCT else ""))
+        summary[sk] = {}
+        for t in active:
+            ok = [r for r in runs[sk][t] if not r.get("error")]
+            if not ok:
+                summary[sk][t] = {"error": runs[sk][t][-1].get("error")}
+                continue
+
+            def med(k):
+                vals = [r[k] for r in ok if r.get(k) is not None]
+                return statistics.median(vals) if vals else None
+            rps_vals = [r["rps"] for r in ok if r.get("rps")]
+            m = {
+                "rps": med("rps"), "p50_ms": med("p50_ms"), "p75_ms": med("p75_ms"),
+                "p90_ms": med("p90_ms"), "p99_ms": med("p99_ms"),
+                "p99_max_ms": max((r["p99_ms"] for r in ok if r.get("p99_ms") is not None), default=None),
+                "target_cpu_pct": med("target_cpu_pct"), "load_cpu_pct": med("load_cpu_pct"),
+                "target_core_busy_pct": med("target_core_busy_pct"),
+                "other_cpu_pct": med("other_cpu_pct"),
+                "other_cpu_max_pct": max((r.get("other_cpu_pct") or 0 for r in ok), default=None),
+                "load_core_busy_pct": med("load_core_busy_pct"),
+                "wrk_cpu_pct": med("wrk_cpu_pct"), "target_cpu_us_per_req": med("target_cpu_us_per_req"),
+                "rps_runs": rps_vals,
+                "spread_pct": (100.0 * (max(rps_vals) - min(rps_vals)) / statistics.median(rps_vals)
+                               if len(rps_vals) > 1 else None),
+                "problems": sorted({p for r in ok for p in r.get("problems", [])}),
+                "failed_runs": len(runs[sk][t]) - len(ok),
+            }
+            m["is_direct"] = t == "direct"
+            summary[sk][t] = m
+
+    # --- stderr / error logs of the targets ---------------------------------------------------
+    log_findings = {}
+    for t, p in target_procs.items():
+        path = p.bench_stderr
+        err_logs = [path]
+        if t in ("nginx", "nginx-lua", "direct"):
+            err_logs.append(os.path.join(tmp, "backend" if t == "direct" else t, "logs", "error.log"))
+        found = []
+        for ep in err_logs:
+            try:
+                with open(ep, errors="replace") as f:
+                    for line in f:
+                        low = line.lower()
+                        if ('"level":"warn' in low or '"level":"error' in low or "[error]" in low
+                                or "[crit]" in low or "[alert]" in low or "[emerg]" in low
+                                or ("[warning]" in low and t == "haproxy") or "[alert]" in low):
+                            found.append(line.strip()[:300])
+            except OSError:
+                pass
+        if found:
+            log_findings[t] = {"count": len(found), "first": found[:5]}
+
+    cleanup()
+
+    # --- report -------------------------------------------------------------------------------
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    header = []
+    header.append("sandbox-proxy benchmark, %s" % started.strftime("%Y-%m-%d %H:%M UTC"))
+    header.append("machine: %s, %d cores online, %s, kernel %s, %s" % (
+        machine["cpu_model"], machine["cores_online"], machine["memory"], machine["kernel"], machine["os"]))
+    header.append("versions: %s; %s; libnginx-mod-http-lua %s; %s; %s" % (
+        machine["sandbox_proxy"], machine["nginx"], machine["nginx_lua_module"], machine["haproxy"], machine["wrk"]))
+    header.append("CPU layout: %s; every target gets the same budget: CPU %s only (taskset)" % (layout_note, tcpu))
+    header.append("routes: 1,000 (/u0..u9/sb0..sb99), requests cycle through all of them; prefix stripped")
+    header.append("runs: %gs each, %d repeat(s), median shown (req/s, p50, p99 each the median); warm-up %gs; "
+                  "wrk -t1 --latency; targets interleaved within each repeat; each run waits up to %gs for a quiet "
+                  "machine and is run again (up to %d times) if other processes used >= %g%% of a core during it"
+                  % (a.duration, a.repeat, a.warmup, a.quiet_wait, a.retry_disturbed, DISTURBED_PCT))
+    legend = ("columns: req/s, p50, p99 = medians over the repeats; vs nginx / vs direct = req/s ratio; "
+              "proc CPU = CPU time of the target's processes / wall time (100%% = one core; for 'direct' "
+              "the backend); T busy = CPU %s (the targets' core) busy, L busy = CPU %s (backend + wrk) "
+              "busy, from /proc/stat, softirq included; spread = (max-min)/median of req/s over the "
+              "repeats; bound = the core at >= %d%% busy (T, L, T+L, or neither: latency-bound or time lost "
+              "outside the VM); '!' = errors, see notes" % (tcpu, ",".join(map(str, lcpus)), BUSY_LIMIT))
+
+    text_out = ["", "=" * 100] + header + [legend]
+    md_out = ["# sandbox-proxy benchmark results", ""] + ["- " + h for h in header] + ["", "_" + legend + "_", ""]
+    for sk in a.scenarios:
+        scen = scen_by_key[sk]
+        conns = scen[5] or a.connections
+        title = "%s -- %s /{user}/{sandbox}%s, %d conn" % (scen[1], scen[3], scen[2], conns)
+        rows = table_rows(summary, sk, a.targets)
+        text_out += ["", title, text_table(rows)]
+        md_out += ["## " + title, "", md_table(rows), ""]
+    notes = []
+    for t, probs in failed.items():
+        notes.append("%s FAILED its checks: %s" % (t, "; ".join(probs)))
+    for sk in a.scenarios:
+        for t, m in summary[sk].items():
+            if m.get("error"):
+                notes.append("%s / %s: %s" % (sk, t, m["error"].splitlines()[0]))
+            elif m.get("problems"):
+                notes.append("%s / %s: %s" % (sk, t, "; ".join(m["problems"])))
+            if m.get("spread_pct") is not None and m["spread_pct"] > 25:
+                notes.append("%s / %s: req/s unstable over the repeats: %s" % (
+                    sk, t, ", ".join(fmt_rps(x) for x in m["rps_runs"])))
+            if (m.get("p99_max_ms") and m.get("p99_ms") and m["p99_max_ms"] > 3 * m["p99_ms"]
+                    and m["p99_max_ms"] > 1):
+                notes.append("%s / %s: p99 outlier run: %s (median %s)" % (
+                    sk, t, fmt_ms(m["p99_max_ms"]), fmt_ms(m["p99_ms"])))
+    busy_runs = [(sk, t, i + 1, r["other_cpu_pct"]) for sk in a.scenarios for t, rs in runs[sk].items()
+                 for i, r in enumerate(rs) if (r.get("other_cpu_pct") or 0) >= 5]
+    if busy_runs:
+        notes.append("other processes on the machine used CPU during %d of %d kept runs (>= %g%% of a core "
+                     "even after retries; worst %.0f%% in %s / %s run %d): those figures are disturbed" % (
+                         len(busy_runs), sum(len(rs) for s in runs.values() for rs in s.values()), DISTURBED_PCT,
+                         max(b[3] for b in busy_runs), *max(busy_runs, key=lambda b: b[3])[:3]))
+    for t, f in log_findings.items():
+        notes.append("%s logged %d warning/error line(s), first: %s" % (t, f["count"], f["first"][0]))
+    text_out += ["", "notes:"] + (["  - " + n for n in notes] or ["  - none: every target passed its checks, no non-2xx, no socket errors"])
+    md_out += ["## Notes", ""] + (["- " + n for n in notes] or ["- none: every target passed its checks, no non-2xx, no socket errors"])
+    log("\n".join(text_out))
+
+    os.makedirs(a.out_dir, exist_ok=True)
+    stamp = started.strftime("%Y%m%d-%H%M%S")
+    result = {
+        "started": started.isoformat(), "finished": finished.isoformat(), "machine": machine,
+        "cpu_layout": {"targets": tcpu, "backend": bcpu, "wrk": wcpu, "note": layout_note},
+        "settings": {"duration_s": a.duration, "repeat": a.repeat, "warmup_s": a.warmup,
+                     "connections": a.connections, "routes": len(routes),
+                     "proxy_workers": a.proxy_workers, "proxy_set": a.proxy_set,
+                     "quiet_wait_s": a.quiet_wait, "retry_disturbed": a.retry_disturbed},
+        "targets": {t: {"label": TARGET_LABEL[t], "note": target_notes.get(t), "port": ports.get(t),
+                        "check_problems": failed.get(t, [])} for t in a.targets},
+        "scenarios": {sk: {"title": scen_by_key[sk][1], "method": scen_by_key[sk][3],
+                           "path": "/{user}/{sandbox}" + scen_by_key[sk][2],
+                           "body_bytes": scen_by_key[sk][4],
+                           "connections": scen_by_key[sk][5] or a.connections,
+                           "median": summary[sk],
+                           "runs": {t: [{k: v for k, v in r.items() if k != "raw"} for r in rs]
+                                    for t, rs in runs[sk].items()}}
+                      for sk in a.scenarios},
+        "log_findings": log_findings,
+        "notes": notes,
+        "configs": configs,
+    }
+    jpath = os.path.join(a.out_dir, "bench-%s.json" % stamp)
+    mpath = os.path.join(a.out_dir, "bench-%s.md" % stamp)
+    with open(jpath, "w") as f:
+        json.dump(result, f, indent=2)
+    with open(mpath, "w") as f:
+        f.write("\n".join(md_out) + "\n")
+    shutil.copyfile(jpath, os.path.join(a.out_dir, "latest.json"))
+    shutil.copyfile(mpath, os.path.join(a.out_dir, "latest.md"))
+    log("\nresults: %s\n         %s" % (os.path.relpath(jpath, ROOT), os.path.relpath(mpath, ROOT)))
+    if a.keep_tmp:
+        log("temp dir kept: %s" % tmp)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    bad = bool(failed) or any(m.get("error") or m.get("problems") for s in summary.values() for m in s.values())
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
