@@ -116,6 +116,8 @@ static const knob_t knobs[] = {
     {"kube_serviceaccount_dir", K_STR, O(kube_serviceaccount_dir),
      "/var/run/secrets/kubernetes.io/serviceaccount", 0, 0,
      "in-cluster service account directory (token, ca.crt, namespace)"},
+    {"kube_compression", K_BOOL, O(kube_compression), "false", 0, 0,
+     "ask the API server for gzip responses (saves bandwidth, costs API server CPU)"},
 };
 #undef O
 

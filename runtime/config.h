@@ -72,6 +72,7 @@ typedef struct sp_config {
     int kube_watch_timeout;
     double kube_token_refresh;
     char *kube_serviceaccount_dir;
+    bool kube_compression;
 } sp_config_t;
 
 extern sp_config_t sp_cfg;

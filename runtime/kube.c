@@ -26,6 +26,7 @@ struct sp_kube {
     char *ca_file, *cert_file, *key_file;
     sp_buf_t ca_data, cert_data, key_data;
     bool insecure;
+    bool compression;
     int handles;       /* open uv handles (the timer and polls) */
     bool freeing;
     struct sp_kreq *reqs;
@@ -252,6 +253,7 @@ sp_kube_t *sp_kube_new(uv_loop_t *loop, const sp_kube_conf_t *c, char err[256])
     if (c->key_data)
         sp_buf_adds(&k->key_data, c->key_data);
     k->insecure = c->insecure;
+    k->compression = c->compression;
     k->multi = curl_multi_init();
     curl_multi_setopt(k->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
     curl_multi_setopt(k->multi, CURLMOPT_SOCKETDATA, k);
@@ -374,7 +376,8 @@ sp_kreq_t *sp_kube_request(sp_kube_t *k, const char *method, const char *path,
     curl_easy_setopt(e, CURLOPT_HTTP_VERSION, CURL_HTTP_VERSION_1_1);
     curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, 10000L);
     curl_easy_setopt(e, CURLOPT_TCP_KEEPALIVE, 1L);
-    curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
+    if (k->compression)
+        curl_easy_setopt(e, CURLOPT_ACCEPT_ENCODING, "");
     if (timeout_ms > 0)
         curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, timeout_ms);
     curl_easy_setopt(e, CURLOPT_USERAGENT, "sandbox-proxy/" SP_VERSION);

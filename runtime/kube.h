@@ -22,6 +22,7 @@ typedef struct sp_kube_conf {
     const char *cert_file, *cert_data;
     const char *key_file, *key_data;
     bool insecure;          /* skip certificate verification (development only) */
+    bool compression;       /* accept gzip responses */
     double token_refresh;
 } sp_kube_conf_t;
 

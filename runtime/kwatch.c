@@ -39,7 +39,10 @@ struct sp_kwatch {
     int handles;
     sp_kreq_t *req;
     int mode;
-    sp_buf_t body;        /* a LIST page */
+    sp_buf_t body;        /* a LIST page being received */
+    sp_buf_t pending;     /* a received LIST page whose items are still to be delivered */
+    bool pending_last;    /* it is the last page of its list */
+    uv_timer_t deliver;   /* delivers `pending` on the next loop turn */
     sp_buf_t line;        /* a partial watch line */
     char *rv;             /* where a watch resumes */
     char *cont;           /* the next page's continue token */
@@ -371,14 +374,15 @@ static void finish_list(sp_kwatch_t *w)
     start_watch(w);
 }
 
-/* Delivers a page's items; returns false if the page is not a valid list. */
-static bool process_page(sp_kwatch_t *w)
+/* Reads a page's metadata (resourceVersion, continue). Returns false if it is not a list. */
+static bool read_page_meta(sp_kwatch_t *w, const sp_buf_t *page)
 {
-    const char *p = w->body.p, *end = w->body.p + w->body.len;
-    if (!p || !sp_json_skip(p, end))
+    const char *p = page->p, *end = page->p + page->len;
+    if (!p)
         return false;
     const char *meta = sp_json_get(p, end, "metadata");
-    if (!meta)
+    const char *items = sp_json_get(p, end, "items");
+    if (!meta || !items || (*items != '[' && *items != 'n'))
         return false;
     char tmp[512];
     sp_buf_t b = SP_BUF_ON(tmp);
@@ -391,25 +395,50 @@ static bool process_page(sp_kwatch_t *w)
         set_str(&w->cont, b.p, b.len);
     else
         set_str(&w->cont, NULL, 0);
-    const char *items = sp_json_get(p, end, "items");
+    sp_buf_free(&b);
+    return true;
+}
+
+/* Delivers the items of the pending page (one pass: each item is validated as it is skipped). */
+static void deliver_pending(sp_kwatch_t *w)
+{
+    const char *p = w->pending.p, *end = w->pending.p + w->pending.len;
+    const char *items = p ? sp_json_get(p, end, "items") : NULL;
     sp_buf_t key = {0};
-    if (items && *items == '[') {
-        for (const char *it = sp_json_array_first(items, end); it; it = sp_json_array_next(it, end)) {
-            const char *it_end = sp_json_skip(it, end);
-            if (!it_end || !object_key(it, it_end, &key))
-                continue;
+    const char *it = items ? sp_json_array_first(items, end) : NULL;
+    while (it && !w->stopping) {
+        const char *it_end = sp_json_skip(it, end);
+        if (!it_end)
+            break;
+        if (object_key(it, it_end, &key)) {
             bool known = kput(w, key.p, key.len);
             w->page_count++;
-            if (w->cbs.event && !w->stopping) {
+            if (w->cbs.event) {
                 w->busy++;
                 w->cbs.event(w->ud, known ? "MODIFIED" : "ADDED", it, (size_t)(it_end - it));
                 w->busy--;
             }
         }
+        const char *n = sp_json_ws(it_end, end);
+        it = (n < end && *n == ',') ? sp_json_ws(n + 1, end) : NULL;
     }
     sp_buf_free(&key);
-    sp_buf_free(&b);
-    return true;
+    w->pending.len = 0;
+    bool last = w->pending_last;
+    w->pending_last = false;
+    if (w->stopping) {
+        maybe_free(w);
+        return;
+    }
+    if (last)
+        finish_list(w);
+}
+
+static void on_deliver(uv_timer_t *t)
+{
+    sp_kwatch_t *w = t->data;
+    if (w->pending.len)
+        deliver_pending(w);
 }
 
 static void on_list_done(sp_kreq_t *r, int code, const char *cerr, long status, void *ud)
@@ -424,20 +453,25 @@ static void on_list_done(sp_kreq_t *r, int code, const char *cerr, long status, 
     w->last_status = status;
     if (code == 0 && status == 200) {
         w->list_pages++;
-        if (!process_page(w)) {
+        if (w->pending.len)
+            deliver_pending(w); /* the previous page first (normally already done) */
+        if (w->stopping)
+            return;
+        if (!read_page_meta(w, &w->body)) {
             w->body.len = 0;
             fail(w, status, "bad list", "the LIST response is not a list", -1, true);
             return;
         }
+        /* Ask for the next page now and deliver this one on the next loop turn, so the API
+         * server prepares page n+1 while page n is applied. */
+        sp_buf_t page = w->pending;
+        w->pending = w->body;
+        w->body = page;
         w->body.len = 0;
-        if (w->stopping) {
-            maybe_free(w);
-            return;
-        }
+        w->pending_last = w->cont == NULL;
         if (w->cont)
             start_list(w);
-        else
-            finish_list(w);
+        uv_timer_start(&w->deliver, on_deliver, 0, 0);
         return;
     }
     if (status == 410 && w->cont) {
@@ -446,6 +480,9 @@ static void on_list_done(sp_kreq_t *r, int code, const char *cerr, long status, 
                "s:resource", w->resource, NULL);
         set_str(&w->cont, NULL, 0);
         w->body.len = 0;
+        w->pending.len = 0; /* a page of the abandoned snapshot */
+        w->pending_last = false;
+        uv_timer_stop(&w->deliver);
         w->attempt++;
         w->mode = M_BACKOFF;
         w->next_is_list = true;
@@ -721,8 +758,9 @@ sp_kwatch_t *sp_kwatch_start(sp_kube_t *k, const sp_kwatch_opts_t *o, const sp_k
     uv_loop_t *loop = sp_kube_loop(k);
     uv_timer_init(loop, &w->timer);
     uv_timer_init(loop, &w->watchdog);
-    w->timer.data = w->watchdog.data = w;
-    w->handles = 2;
+    uv_timer_init(loop, &w->deliver);
+    w->timer.data = w->watchdog.data = w->deliver.data = w;
+    w->handles = 3;
     srand((unsigned)uv_hrtime());
     start_list(w);
     return w;
@@ -740,6 +778,7 @@ static void on_handle_closed(uv_handle_t *h)
         }
     free(w->buckets);
     sp_buf_free(&w->body);
+    sp_buf_free(&w->pending);
     sp_buf_free(&w->line);
     free(w->group);
     free(w->version);
@@ -761,8 +800,10 @@ static void maybe_free(sp_kwatch_t *w)
     w->mode = M_STOPPED;
     uv_timer_stop(&w->timer);
     uv_timer_stop(&w->watchdog);
+    uv_timer_stop(&w->deliver);
     uv_close((uv_handle_t *)&w->timer, on_handle_closed);
     uv_close((uv_handle_t *)&w->watchdog, on_handle_closed);
+    uv_close((uv_handle_t *)&w->deliver, on_handle_closed);
 }
 
 void sp_kwatch_stop(sp_kwatch_t *w)

@@ -89,6 +89,7 @@ static int k_configure(lua_State *L)
     c.insecure = lua_toboolean(L, -1);
     lua_pop(L, 1);
     c.token_refresh = sp_cfg.kube_token_refresh;
+    c.compression = sp_cfg.kube_compression;
     char err[256];
     g_kube = sp_kube_new(&vm->w->loop, &c, err);
     if (!g_kube) {

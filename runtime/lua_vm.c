@@ -31,19 +31,20 @@ sp_vm_t *sp_vm_of(lua_State *L)
 
 /* ---------------------------------------------------------------- memory cap */
 
+/* Wraps LuaJIT's own allocator (much faster than malloc for Lua's many small objects) to
+ * count the state's memory and refuse growth past lua_memory_limit_mb. */
 static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     sp_vm_t *vm = ud;
     if (nsize == 0) {
-        free(ptr);
         vm->mem_used -= osize;
-        return NULL;
+        return vm->base_alloc(vm->base_ud, ptr, osize, 0);
     }
     if (vm->mem_limit && nsize > osize && vm->mem_used + (nsize - osize) > vm->mem_limit) {
         vm->mem_exceeded = true;
         return NULL; /* LuaJIT raises "not enough memory" in the allocating coroutine */
     }
-    void *p = realloc(ptr, nsize);
+    void *p = vm->base_alloc(vm->base_ud, ptr, osize, nsize);
     if (p)
         vm->mem_used += nsize - osize;
     return p;
@@ -418,12 +419,15 @@ sp_vm_t *sp_vm_create(sp_worker_t *w, const char *entry, char *err, size_t errle
     vm->w = w;
     vm->mem_limit = (size_t)sp_cfg.lua_memory_limit_mb * 1024 * 1024;
     vm->on_request_ref = vm->on_log_ref = vm->init_ref = LUA_NOREF;
-    lua_State *L = lua_newstate(vm_alloc, vm);
+    lua_State *L = luaL_newstate();
     if (!L) {
         snprintf(err, errlen, "cannot create a Lua state");
         free(vm);
         return NULL;
     }
+    vm->base_alloc = lua_getallocf(L, &vm->base_ud);
+    vm->mem_used = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024;
+    lua_setallocf(L, vm_alloc, vm);
     vm->L = L;
     lua_pushlightuserdata(L, &vm_key);
     lua_pushlightuserdata(L, vm);

@@ -45,6 +45,8 @@ struct sp_vm {
     sp_task_t *current;
     int ntimers;
     size_t mem_used, mem_limit;
+    lua_Alloc base_alloc;  /* LuaJIT's allocator, wrapped to enforce the cap */
+    void *base_ud;
     bool mem_exceeded;
     int config_ref;
     sp_buf_t scratch;      /* copies of routes and dict values for the bindings */

@@ -132,70 +132,128 @@ function M.to_route(obj)
 end
 
 -- ------------------------------------------------------------------ the applied set
--- objects[namespace/name] = route; claims[key] = { [namespace/name] = route, ... }
+-- Kept lean for 100,000 sandboxes: the serving claimant's route lives only in sp.routes.
+--   objects[id]       = key       every applied object (id = "namespace/name")
+--   owner[key]        = id        the claimant whose route is served
+--   owner_created[key]            its creationTimestamp (to rank a newcomer)
+--   losers[key]       = { [id] = route }   other claimants of a key (conflicts only)
 
 local objects = {}
-local claims = {}
+local owner = {}
+local owner_created = {}
+local losers = {}
+local nobjects = 0
 
--- The winner among routes claiming one key: oldest creationTimestamp, then namespace.
-local function winner_of(set)
-    local best
-    for _, r in pairs(set) do
-        if not best or r.created < best.created
-            or (r.created == best.created and r.namespace < best.namespace) then
-            best = r
-        end
-    end
-    return best
+local function ns_of(id)
+    return id:match("^(.-)/")
 end
 
-local function route_fields(r, conflict)
-    return {
-        namespace = r.namespace,
-        name = r.name,
-        user = r.user,
-        address = r.address,
-        port = r.port,
-        ready = r.ready,
-        reason = r.reason,
-        service = r.service,
-        mode = r.mode,
-        conflict = conflict,
-        meta = r.api_version,
-    }
+-- True if claimant a (created, namespace) ranks before b.
+local function ranks_before(a_created, a_ns, b_created, b_ns)
+    return a_created < b_created or (a_created == b_created and a_ns < b_ns)
 end
 
 local reported = {}
 
--- Recomputes the route for one key from its claims.
-local function publish(key)
-    local set = claims[key]
-    if not set or next(set) == nil then
-        claims[key] = nil
+local function conflict_text(key, serving_ns)
+    local l = losers[key]
+    if not l then
         reported[key] = nil
-        routes.delete(key)
+        return nil
+    end
+    local others = {}
+    for id in pairs(l) do
+        others[#others + 1] = ns_of(id)
+    end
+    sort(others)
+    local text = "also in namespace " .. concat(others, ", ") .. "; serving " .. serving_ns
+    if reported[key] ~= text then
+        reported[key] = text
+        log.warn("sandbox key conflict", { key = key, serving = serving_ns, ignored = others })
+    end
+    return text
+end
+
+-- Publishes route r (a to_route result) as the one serving its key.
+local function serve(id, r)
+    local key = r.key
+    owner[key] = id
+    owner_created[key] = r.created
+    r.conflict = conflict_text(key, r.namespace)
+    r.meta = r.api_version
+    routes.set(key, r)
+end
+
+-- The route currently served for key, as a claimant record (for demotion).
+local function served_route(key)
+    local cur = routes.get(key)
+    if cur then
+        cur.created = owner_created[key]
+        cur.api_version = cur.meta
+        cur.conflict = nil
+    end
+    return cur
+end
+
+-- Refreshes the conflict text of the served route after the losers changed.
+local function refresh_conflict(key)
+    local cur = served_route(key)
+    if cur then
+        serve(owner[key], cur)
+    end
+end
+
+local function claim(id, r)
+    local key = r.key
+    local cur = owner[key]
+    if cur == nil or cur == id then
+        return serve(id, r)
+    end
+    local set = losers[key]
+    if not set then
+        set = {}
+        losers[key] = set
+    end
+    if ranks_before(r.created, r.namespace, owner_created[key], ns_of(cur)) then
+        local demoted = served_route(key)
+        set[cur] = demoted
+        set[id] = nil
+        return serve(id, r)
+    end
+    set[id] = r
+    refresh_conflict(key)
+end
+
+-- Drops id's claim on key, promoting the best other claimant if id was serving.
+local function release(id, key)
+    local set = losers[key]
+    if owner[key] ~= id then
+        if set then
+            set[id] = nil
+            if next(set) == nil then
+                losers[key] = nil
+            end
+            refresh_conflict(key)
+        end
         return
     end
-    local win = winner_of(set)
-    local others = {}
-    for _, r in pairs(set) do
-        if r ~= win then
-            others[#others + 1] = r.namespace
+    if set then
+        local best_id, best
+        for lid, lr in pairs(set) do
+            if not best or ranks_before(lr.created, lr.namespace, best.created, best.namespace) then
+                best_id, best = lid, lr
+            end
         end
-    end
-    local conflict
-    if #others > 0 then
-        sort(others)
-        conflict = "also in namespace " .. concat(others, ", ") .. "; serving " .. win.namespace
-        if reported[key] ~= conflict then
-            reported[key] = conflict
-            log.warn("sandbox key conflict", { key = key, serving = win.namespace,
-                ignored = others })
+        set[best_id] = nil
+        if next(set) == nil then
+            losers[key] = nil
         end
-    else
-        reported[key] = nil
+        return serve(best_id, best)
     end
-    routes.set(key, route_fields(win, conflict))
+    owner[key] = nil
+    owner_created[key] = nil
+    reported[key] = nil
+    routes.delete(key)
 end
 
 local function id_of(obj)
@@ -212,20 +270,15 @@ function M.upsert(obj)
         return nil, err
     end
     local id = id_of(obj)
-    local old = objects[id]
-    if old and old.key ~= r.key then
+    local old_key = objects[id]
+    if old_key == nil then
+        nobjects = nobjects + 1
+    elseif old_key ~= r.key then
         -- the user label changed: the old key loses this claim
-        claims[old.key][id] = nil
-        publish(old.key)
+        release(id, old_key)
     end
-    objects[id] = r
-    local set = claims[r.key]
-    if not set then
-        set = {}
-        claims[r.key] = set
-    end
-    set[id] = r
-    publish(r.key)
+    objects[id] = r.key
+    claim(id, r)
     return true
 end
 
@@ -236,13 +289,13 @@ function M.remove(obj)
         return nil, "metadata.name is missing"
     end
     local id = id_of(obj)
-    local old = objects[id]
-    if not old then
+    local key = objects[id]
+    if not key then
         return true
     end
     objects[id] = nil
-    claims[old.key][id] = nil
-    publish(old.key)
+    nobjects = nobjects - 1
+    release(id, key)
     return true
 end
 
@@ -262,9 +315,10 @@ function M.replace_all(items)
         end
     end
     local gone = {}
-    for id, r in pairs(objects) do
+    for id in pairs(objects) do
         if not seen[id] then
-            gone[#gone + 1] = { metadata = { namespace = r.namespace, name = r.name } }
+            local ns, name = id:match("^(.-)/(.*)$")
+            gone[#gone + 1] = { metadata = { namespace = ns, name = name } }
         end
     end
     for _, obj in ipairs(gone) do
@@ -275,20 +329,19 @@ end
 
 -- Forgets everything (tests).
 function M.reset()
-    for key in pairs(claims) do
+    for key in pairs(owner) do
         routes.delete(key)
     end
     objects = {}
-    claims = {}
+    owner = {}
+    owner_created = {}
+    losers = {}
     reported = {}
+    nobjects = 0
 end
 
 function M.object_count()
-    local n = 0
-    for _ in pairs(objects) do
-        n = n + 1
-    end
-    return n
+    return nobjects
 end
 
 -- ------------------------------------------------------------------ source state (for /health)
@@ -512,8 +565,10 @@ function M.start()
     end
     if settings.sandboxes_file then
         return M.start_file(settings.sandboxes_file)
+    elseif settings.source == "kubernetes" then
+        return M.start_kubernetes(settings)
     end
-    return M.start_kubernetes(settings)
+    return nil, "no sandbox source" -- `sandbox-proxy test`
 end
 
 -- For --check: problems with the configured source.
