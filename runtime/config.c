@@ -203,6 +203,53 @@ int sp_config_set(sp_config_t *c, const char *name, const char *value, char err[
     return set_knob(c, k, value, err);
 }
 
+int sp_config_parse_size(const char *s, size_t *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || v < 0 || isnan(v))
+        return -1;
+    double mult = 1;
+    if (*end == 'k' || *end == 'K')
+        mult = 1024, end++;
+    else if (*end == 'm' || *end == 'M')
+        mult = 1024.0 * 1024, end++;
+    else if (*end == 'g' || *end == 'G')
+        mult = 1024.0 * 1024 * 1024, end++;
+    if (*end)
+        return -1;
+    *out = (size_t)(v * mult);
+    return 0;
+}
+
+/* shared_dicts = { name = size, ... } */
+static int load_dicts(sp_config_t *c, lua_State *L, const char *path, char err[256])
+{
+    /* stack: ..., table */
+    lua_pushnil(L);
+    while (lua_next(L, -2)) {
+        const char *name = lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : NULL;
+        const char *val = lua_isstring(L, -1) ? lua_tostring(L, -1) : NULL;
+        size_t size = 0;
+        if (!name || !val || sp_config_parse_size(val, &size) || size < 4096) {
+            snprintf(err, 256, "config %s: shared_dicts: each entry must be name = size (at least "
+                     "4k, e.g. \"10m\")", path);
+            lua_pop(L, 2);
+            return -1;
+        }
+        if (c->ndicts == (int)SP_ARRAY_LEN(c->dict_names)) {
+            snprintf(err, 256, "config %s: shared_dicts: too many dicts", path);
+            lua_pop(L, 2);
+            return -1;
+        }
+        c->dict_names[c->ndicts] = sp_strdup(name);
+        c->dict_sizes[c->ndicts++] = size;
+        lua_pop(L, 1);
+    }
+    return 0;
+}
+
 int sp_config_load_file(sp_config_t *c, const char *path, char err[256])
 {
     lua_State *L = luaL_newstate();
@@ -224,7 +271,9 @@ int sp_config_load_file(sp_config_t *c, const char *path, char err[256])
             goto out;
         }
         const char *name = lua_tostring(L, -2);
-        if (lua_istable(L, -1)) { /* a script's section */
+        if (lua_istable(L, -1)) { /* a script's section, or the shared dicts */
+            if (!strcmp(name, "shared_dicts") && load_dicts(c, L, path, err))
+                goto out;
             lua_pop(L, 1);
             continue;
         }

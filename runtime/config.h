@@ -73,6 +73,11 @@ typedef struct sp_config {
     double kube_token_refresh;
     char *kube_serviceaccount_dir;
     bool kube_compression;
+
+    /* shared dicts declared in the config file's `shared_dicts` table (name -> bytes) */
+    int ndicts;
+    char *dict_names[64];
+    size_t dict_sizes[64];
 } sp_config_t;
 
 extern sp_config_t sp_cfg;
@@ -86,6 +91,8 @@ int sp_config_set(sp_config_t *c, const char *name, const char *value, char err[
  * knob. Tables are script sections and ignored here. Returns 0 or -1 with err filled.
  */
 int sp_config_load_file(sp_config_t *c, const char *path, char err[256]);
+/* Parses a size: a number of bytes, or "64k", "10m", "1g". Returns 0 or -1. */
+int sp_config_parse_size(const char *s, size_t *out);
 /* Prints the knob reference (name, default, meaning) for --help. */
 void sp_config_print_help(void *file);
 /* Writes the effective knob values as a JSON object (for the start-up log). */

@@ -93,7 +93,8 @@ struct sp_request {
     int status;           /* respond: the status */
     sp_buf_t out;         /* respond: the response head; forward: the upstream request head */
     sp_buf_t body;        /* respond: the response body */
-    sp_buf_t extra;       /* respond: extra headers; forward: header edits ("+name\0value\0", "-name\0") */
+    sp_buf_t extra;       /* header edits "<op>name\0value\0": '>' response header; '=' set, '+' add,
+                           * '-' remove on the upstream request */
     char up_host[256];
     int up_port;
     sp_buf_t up_path;
@@ -120,6 +121,14 @@ struct sp_request {
     char frames[SP_MAX_IOV][20];
     unsigned nframes;
     uint64_t chunk_left;  /* the current request chunk's size, to frame it */
+
+    /* counters held for the life of the exchange (req:hold), given back when it ends */
+    struct {
+        struct sp_shdict *dict;
+        char key[128];
+        uint8_t klen;
+    } holds[4];
+    uint8_t nholds;
 
     /* the record of the exchange */
     int resp_status;
@@ -222,7 +231,9 @@ void sp_request_decided(sp_request_t *req);
 /* Records a local response. The body is copied. Returns 0 or -EINVAL when already decided. */
 int sp_request_respond(sp_request_t *req, int status, const char *ctype, size_t ctlen,
                        const char *body, size_t blen);
-/* Adds a header to a local response (before sp_request_respond). -EINVAL on bad bytes. */
+/* Appends the script's response headers (op '>') to a response head being built. */
+void sp_request_emit_response_headers(const sp_request_t *req, sp_buf_t *o);
+/* Adds a header to the response sent to the client, local or proxied. -EINVAL on bad bytes. */
 int sp_request_add_header(sp_request_t *req, const char *name, size_t nlen, const char *val,
                           size_t vlen);
 /* Edits the request forwarded upstream: op '=' sets (replacing the client's), '+' adds,
@@ -232,6 +243,11 @@ int sp_request_edit_header(sp_request_t *req, char op, const char *name, size_t 
 /* Records a forward decision. Returns 0 or a negative errno-style code. */
 int sp_request_forward(sp_request_t *req, const char *host, size_t hlen, int port,
                        const char *path, size_t plen);
+/* Takes a unit of counter `key` in dict (capped at limit) for as long as the exchange lasts;
+ * it is given back however the exchange ends. Returns 1 taken, 0 at the limit, -E2BIG when
+ * the request already holds 4 counters or the key is too long. */
+int sp_request_hold(sp_request_t *req, struct sp_shdict *dict, const char *key, size_t klen,
+                    double limit);
 /* Reads the whole request body into req->body (at most limit bytes) for the script.
  * Returns 1 when it is there now, 0 when the hook body_ready will be called, or a negative
  * code (-E2BIG when the declared length exceeds limit, -ENOTCONN). */

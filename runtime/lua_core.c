@@ -6,6 +6,7 @@
 #include "config.h"
 #include "log.h"
 #include "worker.h"
+#include "shdict.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -75,6 +76,19 @@ static int c_log_write(lua_State *L)
     return 0;
 }
 
+/* core.access_log(line): queues one access-log line (no newline) for stdout. Never blocks. */
+static int c_access_log(lua_State *L)
+{
+    size_t n;
+    const char *line = luaL_checklstring(L, 1, &n);
+    sp_vm_t *vm = sp_vm_of(L);
+    if (vm->w && vm->w->alog)
+        sp_alog_append(vm->w, line, n);
+    else
+        sp_log_raw(1, line, n), sp_log_raw(1, "\n", 1);
+    return 0;
+}
+
 static int c_log_enabled(lua_State *L)
 {
     int lv = sp_log_level_parse(luaL_checkstring(L, 1));
@@ -129,34 +143,77 @@ static int c_settings(lua_State *L)
     return 1;
 }
 
-/* core.stats(): this worker's counters and the process-wide gauges. */
+/* core.stats(): the counters of every worker added up, and the process-wide gauges:
+ * { requests, by_method = { GET = { [1..5] = n, none = n }, ... }, latency_buckets = { {le, n} },
+ *   latency_sum, upstream_connect_errors, upstream_timeouts, script_errors, parse_errors,
+ *   accesslog_dropped, open_connections, open_tunnels, lua_memory (this worker's state) } */
 static int c_stats(lua_State *L)
 {
     sp_vm_t *vm = sp_vm_of(L);
-    lua_newtable(L);
-    lua_pushinteger(L, atomic_load(&sp_open_connections));
-    lua_setfield(L, -2, "open_connections");
-    lua_pushinteger(L, atomic_load(&sp_open_tunnels));
-    lua_setfield(L, -2, "open_tunnels");
-    if (vm->w) {
-        sp_worker_t *w = vm->w;
-        lua_pushnumber(L, (double)w->stats.requests);
-        lua_setfield(L, -2, "requests");
-        lua_pushnumber(L, (double)w->stats.upstream_connect_errors);
-        lua_setfield(L, -2, "upstream_connect_errors");
-        lua_pushnumber(L, (double)w->stats.upstream_timeouts);
-        lua_setfield(L, -2, "upstream_timeouts");
-        lua_pushnumber(L, (double)w->stats.script_errors);
-        lua_setfield(L, -2, "script_errors");
-        lua_pushnumber(L, (double)w->stats.parse_errors);
-        lua_setfield(L, -2, "parse_errors");
-        lua_pushinteger(L, (lua_Integer)w->active_requests);
-        lua_setfield(L, -2, "active_requests");
-        lua_pushinteger(L, (lua_Integer)w->nconns);
-        lua_setfield(L, -2, "worker_connections");
+    uint64_t req = 0, mc[SP_M_COUNT][6] = {{0}}, lat[SP_LAT_BUCKETS + 1] = {0}, sum = 0;
+    uint64_t ce = 0, to = 0, se = 0, pe = 0, drop = 0, active = 0;
+    int n = sp_workers_count();
+    for (int i = 0; i < n; i++) {
+        sp_worker_t *w = sp_worker_get(i);
+        if (!w)
+            continue;
+        req += SP_STAT_GET(w->stats.requests);
+        for (int m = 0; m < SP_M_COUNT; m++)
+            for (int c = 0; c < 6; c++)
+                mc[m][c] += SP_STAT_GET(w->stats.by_method_class[m][c]);
+        for (int b = 0; b <= SP_LAT_BUCKETS; b++)
+            lat[b] += SP_STAT_GET(w->stats.latency[b]);
+        sum += SP_STAT_GET(w->stats.latency_sum_us);
+        ce += SP_STAT_GET(w->stats.upstream_connect_errors);
+        to += SP_STAT_GET(w->stats.upstream_timeouts);
+        se += SP_STAT_GET(w->stats.script_errors);
+        pe += SP_STAT_GET(w->stats.parse_errors);
+        drop += SP_STAT_GET(w->stats.accesslog_dropped);
+        active += SP_STAT_GET(w->active_requests);
     }
-    lua_pushnumber(L, (double)(vm->mem_used));
-    lua_setfield(L, -2, "lua_memory");
+    lua_newtable(L);
+    lua_pushnumber(L, (double)req);
+    lua_setfield(L, -2, "requests");
+    lua_newtable(L);
+    for (int m = 0; m < SP_M_COUNT; m++) {
+        lua_newtable(L);
+        for (int c = 1; c <= 5; c++) {
+            lua_pushnumber(L, (double)mc[m][c]);
+            lua_rawseti(L, -2, c);
+        }
+        lua_pushnumber(L, (double)mc[m][0]);
+        lua_setfield(L, -2, "none");
+        lua_setfield(L, -2, sp_method_names[m]);
+    }
+    lua_setfield(L, -2, "by_method");
+    lua_newtable(L);
+    for (int b = 0; b <= SP_LAT_BUCKETS; b++) {
+        lua_createtable(L, 2, 0);
+        if (b < SP_LAT_BUCKETS)
+            lua_pushnumber(L, sp_latency_bounds[b]);
+        else
+            lua_pushstring(L, "+Inf");
+        lua_rawseti(L, -2, 1);
+        lua_pushnumber(L, (double)lat[b]);
+        lua_rawseti(L, -2, 2);
+        lua_rawseti(L, -2, b + 1);
+    }
+    lua_setfield(L, -2, "latency_buckets");
+    lua_pushnumber(L, (double)sum / 1e6);
+    lua_setfield(L, -2, "latency_sum");
+#define F(name, v)                                                                                \
+    lua_pushnumber(L, (double)(v));                                                               \
+    lua_setfield(L, -2, name)
+    F("upstream_connect_errors", ce);
+    F("upstream_timeouts", to);
+    F("script_errors", se);
+    F("parse_errors", pe);
+    F("accesslog_dropped", drop);
+    F("active_requests", active);
+    F("open_connections", atomic_load(&sp_open_connections));
+    F("open_tunnels", atomic_load(&sp_open_tunnels));
+    F("lua_memory", vm->mem_used);
+#undef F
     return 1;
 }
 
@@ -188,13 +245,42 @@ static int c_read_body(lua_State *L)
     return lua_yield(L, 0);
 }
 
+/* core.hold(request_pointer, dict_name, key, limit) -> true | false | nil, err.
+ * Called by the request object's hold method after its liveness check. */
+static int c_hold(lua_State *L)
+{
+    sp_request_t *r = lua_touserdata(L, 1);
+    size_t dl, kl;
+    const char *dname = luaL_checklstring(L, 2, &dl);
+    const char *key = luaL_checklstring(L, 3, &kl);
+    double limit = luaL_checknumber(L, 4);
+    if (!r)
+        return luaL_argerror(L, 1, "request expected");
+    sp_shdict_t *d = sp_shdict_find(dname, dl);
+    if (!d) {
+        lua_pushnil(L);
+        lua_pushfstring(L, "ENOENT: no shared dict '%s' (declare it in shared_dicts)", dname);
+        return 2;
+    }
+    int rc = sp_request_hold(r, d, key, kl, limit);
+    if (rc < 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, "E2BIG: at most 4 holds per request, keys under 128 bytes");
+        return 2;
+    }
+    lua_pushboolean(L, rc);
+    return 1;
+}
+
 int luaopen_sp_core(lua_State *L)
 {
     static const luaL_Reg fns[] = {
         {"worker_id", c_worker_id}, {"workers", c_workers},     {"now", c_now},
         {"monotonic", c_monotonic}, {"iso8601", c_iso8601},     {"draining", c_draining},
         {"log_write", c_log_write}, {"log_enabled", c_log_enabled}, {"settings", c_settings},
-        {"stats", c_stats},         {"read_body", c_read_body}, {NULL, NULL}};
+        {"stats", c_stats},         {"read_body", c_read_body}, {"hold", c_hold},
+        {"access_log", c_access_log},
+        {NULL, NULL}};
     lua_newtable(L);
     luaL_register(L, NULL, fns);
     lua_pushstring(L, SP_VERSION);

@@ -459,7 +459,7 @@ static int k_backoff(lua_State *L)
     return 1;
 }
 
-void sp_k8s_close_all(sp_vm_t *vm)
+void sp_k8s_close_all(sp_vm_t *vm, bool resume)
 {
     if (vm != g_owner)
         return;
@@ -471,7 +471,14 @@ void sp_k8s_close_all(sp_vm_t *vm)
             sp_kreq_cancel(c->req);
         c->req = NULL;
         uv_timer_stop(&c->timer);
+        sp_task_t *t = c->task;
         call_free(c);
+        if (resume && t) {
+            t->wait = NULL;
+            lua_pushnil(t->co);
+            lua_pushstring(t->co, "ECANCELED: the Kubernetes client was closed (scripts reloaded)");
+            sp_vm_resume(t, 2);
+        }
     }
     sp_kube_free(g_kube);
     g_kube = NULL;

@@ -82,7 +82,7 @@ SP_EXPORT int sp_req_respond(sp_request_t *r, int status, const char *ct, size_t
 
 SP_EXPORT int sp_req_add_header(sp_request_t *r, const char *n, size_t nl, const char *v, size_t vl)
 {
-    if (r->decision != SP_DECIDE_NONE)
+    if (r->resp_head_sent)
         return -EINVAL;
     return sp_request_add_header(r, n, nl, v, vl);
 }

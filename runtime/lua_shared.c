@@ -110,6 +110,25 @@ static int d_incr(lua_State *L)
     return 1;
 }
 
+/* rate(key, rate, burst) -> allowed, remaining, retry_after, reset (GCRA; atomic) */
+static int d_rate(lua_State *L)
+{
+    sp_shdict_t *d = check_dict(L);
+    size_t kl;
+    const char *k = luaL_checklstring(L, 2, &kl);
+    double rate = luaL_checknumber(L, 3);
+    double burst = luaL_checknumber(L, 4);
+    if (!(rate > 0) || !(burst >= 1))
+        return luaL_error(L, "rate: rate must be > 0 and burst >= 1");
+    double remaining, retry, reset;
+    int ok = sp_shdict_rate(d, k, kl, rate, burst, &remaining, &retry, &reset);
+    lua_pushboolean(L, ok);
+    lua_pushnumber(L, remaining);
+    lua_pushnumber(L, retry);
+    lua_pushnumber(L, reset);
+    return 4;
+}
+
 static int d_delete(lua_State *L)
 {
     sp_shdict_t *d = check_dict(L);
@@ -200,7 +219,7 @@ int luaopen_sp_shared(lua_State *L)
         {"get", d_get},         {"set", d_set},       {"add", d_add},
         {"replace", d_replace}, {"incr", d_incr},     {"delete", d_delete},
         {"expire", d_expire},   {"flush_all", d_flush}, {"stats", d_stats},
-        {"name", d_name},       {NULL, NULL}};
+        {"name", d_name},       {"rate", d_rate},     {NULL, NULL}};
     if (luaL_newmetatable(L, DICT_MT)) {
         lua_newtable(L);
         luaL_register(L, NULL, methods);

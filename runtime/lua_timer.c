@@ -191,6 +191,18 @@ void sp_timer_close_all(sp_vm_t *vm)
         timer_close(tl->head);
 }
 
+void sp_timer_close_services(sp_vm_t *vm)
+{
+    timer_list_t *tl = list_of(vm);
+    ltimer_t *t = tl->head;
+    while (t) {
+        ltimer_t *n = t->next;
+        if (!t->sleeper)
+            timer_close(t);
+        t = n;
+    }
+}
+
 int luaopen_sp_timer(lua_State *L)
 {
     static const luaL_Reg fns[] = {

@@ -77,7 +77,7 @@ int sp_vm_pcall(lua_State *L, int nargs, int nresults, const char *what)
         lua_pop(L, 1);
         sp_vm_t *vm = sp_vm_of(L);
         if (vm && vm->w)
-            vm->w->stats.script_errors++;
+            SP_STAT_ADD(vm->w->stats.script_errors, 1);
     }
     return rc;
 }
@@ -101,6 +101,12 @@ static sp_task_t *task_get(sp_vm_t *vm, sp_task_kind_t kind)
     t->aborted = false;
     t->running = true;
     t->wait = NULL;
+    t->out_prev = NULL;
+    t->out_next = vm->out;
+    if (vm->out)
+        vm->out->out_prev = t;
+    vm->out = t;
+    vm->nout++;
     return t;
 }
 
@@ -109,6 +115,14 @@ static void task_put(sp_task_t *t, bool reusable)
     sp_vm_t *vm = t->vm;
     t->running = false;
     t->req = NULL;
+    if (t->out_prev)
+        t->out_prev->out_next = t->out_next;
+    else
+        vm->out = t->out_next;
+    if (t->out_next)
+        t->out_next->out_prev = t->out_prev;
+    t->out_next = t->out_prev = NULL;
+    vm->nout--;
     if (!reusable || vm->nfree >= 1024) {
         luaL_unref(vm->L, LUA_REGISTRYINDEX, t->co_ref);
         free(t);
@@ -172,7 +186,7 @@ static int task_run(sp_task_t *t, int nargs, bool sync)
                    lua_tostring(vm->L, -1), NULL);
         lua_pop(vm->L, 1);
         if (vm->w)
-            vm->w->stats.script_errors++;
+            SP_STAT_ADD(vm->w->stats.script_errors, 1);
         if (vm->mem_exceeded) {
             vm->mem_exceeded = false;
             lua_gc(vm->L, LUA_GCCOLLECT, 0);
@@ -504,13 +518,46 @@ int sp_vm_check(sp_vm_t *vm)
     return problems;
 }
 
+void sp_vm_retire(sp_vm_t *vm)
+{
+    vm->retiring = true;
+    vm->retire_started = uv_hrtime();
+    sp_k8s_close_all(vm, true);
+    sp_timer_close_services(vm);
+    sp_fs_close_all(vm);
+}
+
+bool sp_vm_idle(const sp_vm_t *vm) { return vm->nout == 0; }
+
+void sp_vm_abandon_tasks(sp_vm_t *vm)
+{
+    while (vm->out) {
+        sp_task_t *t = vm->out;
+        sp_request_t *r = t->req;
+        if (t->kind == SP_TASK_REQUEST && r && r->gen == t->req_gen) {
+            r->script = NULL;
+            r->decision = SP_DECIDE_NONE;
+            r->extra.len = 0;
+            r->error = SP_ERR_SCRIPT;
+            r->script_busy = false;
+            sp_log(SP_LOG_ERROR, "script task abandoned by a reload", "s:request_id", r->id, NULL);
+            task_put(t, false);
+            sp_request_decided(r);
+        } else {
+            task_put(t, false);
+        }
+    }
+}
+
 void sp_vm_destroy(sp_vm_t *vm)
 {
     if (!vm)
         return;
-    sp_k8s_close_all(vm);
+    sp_k8s_close_all(vm, false);
     sp_timer_close_all(vm);
     sp_fs_close_all(vm);
+    while (vm->out)
+        task_put(vm->out, false);
     lua_close(vm->L);
     sp_buf_free(&vm->scratch);
     for (int i = 0; i < vm->nfree; i++)

@@ -30,6 +30,7 @@ struct sp_task {
     bool running;
     uint64_t started_ns;   /* when the current resume began (time budget) */
     void *wait;            /* what the task is suspended on (timer, wake wait); owner-defined */
+    struct sp_task *out_next, *out_prev; /* the vm's list of tasks out of the pool */
 };
 
 struct sp_vm {
@@ -43,7 +44,12 @@ struct sp_vm {
     sp_task_t **free_tasks;
     int nfree, free_cap;
     sp_task_t *current;
+    sp_task_t *out;        /* tasks out of the pool: running or suspended */
+    int nout;
     int ntimers;
+    bool retiring;         /* replaced by a reload: finishing its suspended tasks */
+    uint64_t retire_started;
+    struct sp_vm *next_retired;
     size_t mem_used, mem_limit;
     lua_Alloc base_alloc;  /* LuaJIT's allocator, wrapped to enforce the cap */
     void *base_ud;
@@ -58,6 +64,14 @@ sp_vm_t *sp_vm_create(sp_worker_t *w, const char *entry, char *err, size_t errle
 void sp_vm_destroy(sp_vm_t *vm);
 /* Calls init.on_start() if the scripts define it. Returns 0 or -1 (logged). */
 int sp_vm_start(sp_vm_t *vm);
+/* Reload: stops the state's services (timers that are not sleeps, file watches, the Kubernetes
+ * client, whose waiting calls get ECANCELED) so a new state can take over; suspended tasks may
+ * still finish. sp_vm_idle says when nothing runs in it any more. */
+void sp_vm_retire(sp_vm_t *vm);
+bool sp_vm_idle(const sp_vm_t *vm);
+/* Ends every task still suspended in vm: their requests get a 500. Before sp_vm_destroy of a
+ * state that did not go idle in time. */
+void sp_vm_abandon_tasks(sp_vm_t *vm);
 /* Calls init.check() if defined; returns the number of problems printed to stderr. */
 int sp_vm_check(sp_vm_t *vm);
 
@@ -88,7 +102,10 @@ int luaopen_sp_k8s(lua_State *L);
 /* Stops loop services owned by the vm (timers, fs watches) at shutdown. */
 void sp_timer_close_all(sp_vm_t *vm);
 void sp_fs_close_all(sp_vm_t *vm);
-void sp_k8s_close_all(sp_vm_t *vm);
+/* resume: wake tasks waiting in k8s.request with ECANCELED (reload); false at destruction */
+void sp_k8s_close_all(sp_vm_t *vm, bool resume);
+/* Closes timer.after / timer.every timers, keeping sleeps. */
+void sp_timer_close_services(sp_vm_t *vm);
 
 /* The embedded runtime Lua modules (generated at build time from runtime/lua/). */
 typedef struct sp_embedded {

@@ -227,7 +227,111 @@ static void on_hup(uv_signal_t *s, int signum)
 {
     SP_UNUSED(s);
     SP_UNUSED(signum);
+    if (draining)
+        return;
+    sp_log(SP_LOG_INFO, "SIGHUP: reloading the scripts", NULL);
     sp_workers_command(SP_CMD_RELOAD);
+}
+
+/* ---------------------------------------------------------------- script reload on change */
+
+static uv_fs_event_t watch_scripts, watch_config;
+static uv_timer_t watch_debounce, watch_poll;
+static uint64_t watch_sig;
+
+static uint64_t mix(uint64_t h, uint64_t v)
+{
+    h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+    return h;
+}
+
+static uint64_t stat_sig(uint64_t h, const char *path)
+{
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return mix(h, 1);
+    h = mix(h, (uint64_t)st.st_ino);
+    h = mix(h, (uint64_t)st.st_size);
+    h = mix(h, (uint64_t)st.st_mtim.tv_sec * 1000000000ull + (uint64_t)st.st_mtim.tv_nsec);
+    return h;
+}
+
+/* A fingerprint of the override directory (every entry, links followed, so a ConfigMap's
+ * ..data swap changes it) and of the config file. */
+static uint64_t scripts_signature(void)
+{
+    uint64_t h = 1469598103934665603ull;
+    if (sp_cfg.scripts_dir) {
+        uv_fs_t req;
+        if (uv_fs_scandir(NULL, &req, sp_cfg.scripts_dir, 0, NULL) >= 0) {
+            uv_dirent_t ent;
+            while (uv_fs_scandir_next(&req, &ent) != UV_EOF) {
+                char p[PATH_MAX];
+                snprintf(p, sizeof p, "%s/%s", sp_cfg.scripts_dir, ent.name);
+                for (const char *c = ent.name; *c; c++)
+                    h = mix(h, (unsigned char)*c);
+                h = stat_sig(h, p);
+            }
+        }
+        uv_fs_req_cleanup(&req);
+    }
+    if (sp_cfg.config_file)
+        h = stat_sig(h, sp_cfg.config_file);
+    return h;
+}
+
+static void check_scripts_changed(uv_timer_t *t)
+{
+    SP_UNUSED(t);
+    uint64_t sig = scripts_signature();
+    if (sig == watch_sig || draining)
+        return;
+    watch_sig = sig;
+    sp_log(SP_LOG_INFO, "scripts or config changed: reloading", "s:scripts",
+           sp_cfg.scripts_dir ? sp_cfg.scripts_dir : "", "s:config",
+           sp_cfg.config_file ? sp_cfg.config_file : "", NULL);
+    sp_workers_command(SP_CMD_RELOAD);
+}
+
+static void on_scripts_event(uv_fs_event_t *h, const char *file, int events, int status)
+{
+    SP_UNUSED(h);
+    SP_UNUSED(file);
+    SP_UNUSED(events);
+    SP_UNUSED(status);
+    /* changes come in bursts (a ConfigMap update is several renames): settle first */
+    uv_timer_start(&watch_debounce, check_scripts_changed, 200, 0);
+}
+
+static void start_script_watch(uv_loop_t *loop)
+{
+    uv_timer_init(loop, &watch_debounce);
+    uv_timer_init(loop, &watch_poll);
+    uv_fs_event_init(loop, &watch_scripts);
+    uv_fs_event_init(loop, &watch_config);
+    watch_sig = scripts_signature();
+    if (sp_cfg.scripts_dir)
+        uv_fs_event_start(&watch_scripts, on_scripts_event, sp_cfg.scripts_dir, 0);
+    if (sp_cfg.config_file) {
+        char dir[PATH_MAX];
+        snprintf(dir, sizeof dir, "%s", sp_cfg.config_file);
+        char *slash = strrchr(dir, '/');
+        if (slash)
+            *slash = '\0';
+        else
+            strcpy(dir, ".");
+        uv_fs_event_start(&watch_config, on_scripts_event, dir, 0);
+    }
+    if (sp_cfg.scripts_dir || sp_cfg.config_file)
+        uv_timer_start(&watch_poll, check_scripts_changed, 2000, 2000); /* the backstop */
+}
+
+static void stop_script_watch(void)
+{
+    uv_close((uv_handle_t *)&watch_debounce, NULL);
+    uv_close((uv_handle_t *)&watch_poll, NULL);
+    uv_close((uv_handle_t *)&watch_scripts, NULL);
+    uv_close((uv_handle_t *)&watch_config, NULL);
 }
 
 static void on_worker_exited(uv_async_t *a)
@@ -247,6 +351,7 @@ static void on_worker_exited(uv_async_t *a)
         uv_close((uv_handle_t *)&sig_hup, NULL);
         uv_close((uv_handle_t *)&drain_timer, NULL);
         uv_close((uv_handle_t *)&worker_exited, NULL);
+        stop_script_watch();
     }
 }
 
@@ -294,6 +399,23 @@ static int run_tests(int argc, char **argv)
 
 /* ---------------------------------------------------------------- main */
 
+/* The dicts from the config's shared_dicts, plus the defaults the built-in scripts use:
+ * "sp" (runtime state, 1m) and "ratelimit" (10m), unless declared with another size. */
+static int create_dicts(void)
+{
+    char err[128];
+    for (int i = 0; i < sp_cfg.ndicts; i++)
+        if (!sp_shdict_create(sp_cfg.dict_names[i], sp_cfg.dict_sizes[i], err)) {
+            fprintf(stderr, "sandbox-proxy: %s\n", err);
+            return -1;
+        }
+    if (!sp_shdict_find("sp", 2))
+        sp_shdict_create("sp", 1 << 20, err);
+    if (!sp_shdict_find("ratelimit", 9))
+        sp_shdict_create("ratelimit", 10 << 20, err);
+    return 0;
+}
+
 /* The value of option a: the next argument, which must exist. */
 static const char *next_arg(int argc, char **argv, int *i, const char *a)
 {
@@ -326,8 +448,7 @@ int main(int argc, char **argv)
     if (argc > 1 && strcmp(argv[1], "test") == 0) {
         sp_cfg.test_mode = true;
         sp_routes_init();
-        char err[128];
-        sp_shdict_create("sp", 1 << 20, err);
+        create_dicts();
         return run_tests(argc - 2, argv + 2);
     }
 
@@ -481,10 +602,8 @@ int main(int argc, char **argv)
         sp_cfg.workers = cpu_count();
 
     sp_routes_init();
-    {
-        char err[128];
-        sp_shdict_create("sp", 1 << 20, err);
-    }
+    if (create_dicts())
+        return 1;
 
     if (sp_cfg.check_only) {
         char err[2048];
@@ -555,6 +674,7 @@ int main(int argc, char **argv)
     uv_signal_start(&sig_int, on_stop_signal, SIGINT);
     uv_signal_start(&sig_hup, on_hup, SIGHUP);
     sp_workers_set_exit_notify(&worker_exited);
+    start_script_watch(loop);
 
     sp_buf_t knobs = {0};
     sp_config_dump_json(&sp_cfg, &knobs);

@@ -9,6 +9,7 @@
 #include "worker.h"
 #include "config.h"
 #include "log.h"
+#include "shdict.h"
 
 #include <arpa/inet.h>
 #include <stdio.h>
@@ -31,6 +32,11 @@ enum { T_NONE, T_HEADER, T_KEEPALIVE, T_BODY, T_SEND, T_LINGER };
 atomic_int sp_open_connections;
 atomic_int sp_open_tunnels;
 
+const double sp_latency_bounds[SP_LAT_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                  0.25,  0.5,    1,     2.5,  5,     10};
+const char *const sp_method_names[SP_M_COUNT] = {"GET",   "HEAD",   "POST",    "PUT",
+                                                 "PATCH", "DELETE", "OPTIONS", "OTHER"};
+
 const char *const sp_error_names[] = {
     "", "upstream connect failed", "upstream connect timeout", "upstream first byte timeout",
     "upstream idle timeout", "upstream closed connection", "upstream protocol error",
@@ -39,6 +45,7 @@ const char *const sp_error_names[] = {
 
 static void conn_process(sp_conn_t *c);
 static void conn_linger_close(sp_conn_t *c);
+static void release_holds(sp_request_t *r);
 static void conn_timer(sp_conn_t *c, int kind, double secs);
 
 /* ---------------------------------------------------------------- request slots */
@@ -100,10 +107,11 @@ sp_request_t *sp_request_acquire(sp_worker_t *w)
     r->t_head = r->t_connected = r->t_first_byte = r->t_end = 0;
     r->upstream_addr[0] = '\0';
     r->error = SP_ERR_NONE;
+    r->nholds = 0;
     uint64_t n = ++w->req_counter;
     r->id_len = (uint32_t)snprintf(r->id, sizeof r->id, "%s%010llx", w->id_prefix,
                                    (unsigned long long)(n & 0xffffffffffull));
-    w->active_requests++;
+    SP_STAT_ADD(w->active_requests, 1);
     return r;
 }
 
@@ -118,6 +126,7 @@ void sp_request_maybe_release(sp_request_t *r)
 {
     if (!r->core_done || r->script_busy)
         return;
+    release_holds(r); /* a script still running when the exchange ended may have taken some */
     sp_worker_t *w = r->w;
     if (w->hooks && w->hooks->release)
         w->hooks->release(r);
@@ -129,7 +138,7 @@ void sp_request_maybe_release(sp_request_t *r)
     trim_buf(&r->extra, 16384);
     trim_buf(&r->resp_head, 131072);
     trim_buf(&r->up_path, 16384);
-    w->active_requests--;
+    SP_STAT_ADD(w->active_requests, (uint64_t)-1);
     w->free_slots[w->nfree++] = r;
 }
 
@@ -227,7 +236,7 @@ int sp_request_add_header(sp_request_t *r, const char *name, size_t nlen, const 
 {
     if (!header_bytes_ok(name, nlen, true) || !header_bytes_ok(val, vlen, false))
         return -EINVAL;
-    add_hdr_entry(&r->extra, '+', name, nlen, val, vlen);
+    add_hdr_entry(&r->extra, '>', name, nlen, val, vlen);
     return 0;
 }
 
@@ -238,6 +247,25 @@ int sp_request_edit_header(sp_request_t *r, char op, const char *name, size_t nl
         return -EINVAL;
     add_hdr_entry(&r->extra, op, name, nlen, op == '-' ? "" : val, op == '-' ? 0 : vlen);
     return 0;
+}
+
+void sp_request_emit_response_headers(const sp_request_t *r, sp_buf_t *o)
+{
+    size_t i = 0;
+    while (i < r->extra.len) {
+        char op = r->extra.p[i];
+        const char *name = r->extra.p + i + 1;
+        size_t nlen = strlen(name);
+        const char *val = name + nlen + 1;
+        size_t vlen = strlen(val);
+        if (op == '>') {
+            sp_buf_add(o, name, nlen);
+            sp_buf_adds(o, ": ");
+            sp_buf_add(o, val, vlen);
+            sp_buf_adds(o, "\r\n");
+        }
+        i += 1 + nlen + 1 + vlen + 1;
+    }
 }
 
 /* Builds the head of a local response into r->out; the body is r->body. */
@@ -251,18 +279,7 @@ static void build_local_head(sp_request_t *r, int status)
     sp_buf_adds(o, "X-Request-Id: ");
     sp_buf_add(o, r->id, r->id_len);
     sp_buf_adds(o, "\r\n");
-    size_t i = 0;
-    while (i < r->extra.len) {
-        const char *name = r->extra.p + i + 1;
-        size_t nlen = strlen(name);
-        const char *val = name + nlen + 1;
-        size_t vlen = strlen(val);
-        sp_buf_add(o, name, nlen);
-        sp_buf_adds(o, ": ");
-        sp_buf_add(o, val, vlen);
-        sp_buf_adds(o, "\r\n");
-        i += 1 + nlen + 1 + vlen + 1;
-    }
+    sp_request_emit_response_headers(r, o);
     if (r->close_client)
         sp_buf_adds(o, "Connection: close\r\n");
     else if (r->vmajor == 1 && r->vminor == 0)
@@ -280,7 +297,7 @@ int sp_request_respond(sp_request_t *r, int status, const char *ctype, size_t ct
     r->decision = SP_DECIDE_RESPOND;
     r->status = status;
     if (ctlen)
-        add_hdr_entry(&r->extra, '+', "Content-Type", 12, ctype, ctlen);
+        add_hdr_entry(&r->extra, '>', "Content-Type", 12, ctype, ctlen);
     r->body.len = 0;
     sp_buf_add(&r->body, body, blen); /* copied: the script's string may not outlive this */
     return 0;
@@ -724,13 +741,54 @@ static void run_log(sp_request_t *r)
     if (!r->t_end)
         r->t_end = uv_hrtime();
     sp_worker_t *w = r->w;
-    w->stats.requests++;
+    SP_STAT_ADD(w->stats.requests, 1);
     int cls = r->resp_status / 100;
     if (cls < 0 || cls > 5)
         cls = 0;
-    w->stats.by_class[cls]++;
+    int m;
+    switch (r->method) {
+    case HTTP_GET: m = SP_M_GET; break;
+    case HTTP_HEAD: m = SP_M_HEAD; break;
+    case HTTP_POST: m = SP_M_POST; break;
+    case HTTP_PUT: m = SP_M_PUT; break;
+    case HTTP_PATCH: m = SP_M_PATCH; break;
+    case HTTP_DELETE: m = SP_M_DELETE; break;
+    case HTTP_OPTIONS: m = SP_M_OPTIONS; break;
+    default: m = SP_M_OTHER; break;
+    }
+    SP_STAT_ADD(w->stats.by_method_class[m][cls], 1);
+    double secs = (double)(r->t_end - r->t_start) / 1e9;
+    int b = 0;
+    while (b < SP_LAT_BUCKETS && secs > sp_latency_bounds[b])
+        b++;
+    SP_STAT_ADD(w->stats.latency[b], 1);
+    SP_STAT_ADD(w->stats.latency_sum_us, (uint64_t)(secs * 1e6));
     if (w->hooks && w->hooks->log)
         w->hooks->log(r);
+}
+
+int sp_request_hold(sp_request_t *r, sp_shdict_t *d, const char *key, size_t klen, double limit)
+{
+    if (r->nholds >= SP_ARRAY_LEN(r->holds) || klen >= sizeof r->holds[0].key || r->core_done)
+        return -E2BIG;
+    if (!sp_shdict_acquire(d, key, klen, limit))
+        return 0;
+    r->holds[r->nholds].dict = d;
+    memcpy(r->holds[r->nholds].key, key, klen);
+    r->holds[r->nholds].klen = (uint8_t)klen;
+    r->nholds++;
+    return 1;
+}
+
+/* Gives back the counters the exchange held: this runs however the exchange ends. */
+static void release_holds(sp_request_t *r)
+{
+    for (unsigned i = 0; i < r->nholds; i++) {
+        double left;
+        sp_shdict_incr(r->holds[i].dict, r->holds[i].key, r->holds[i].klen, -1, false, 0, 0,
+                       &left);
+    }
+    r->nholds = 0;
 }
 
 /* The core is done with the request: log it and release the slot (if the script is too). */
@@ -739,6 +797,7 @@ static void request_done(sp_conn_t *c)
     sp_request_t *r = c->req;
     if (!r)
         return;
+    release_holds(r);
     c->req = NULL;
     r->conn = NULL;
     if (r->up)
@@ -823,6 +882,25 @@ static void respond_decided(sp_conn_t *c)
     send_local(c);
 }
 
+/* Drops everything from r->extra but the script's response headers (rate-limit headers stay
+ * on a 502), and any Content-Type among them (the error body is JSON). */
+static void keep_response_headers(sp_request_t *r)
+{
+    size_t i = 0, o = 0;
+    while (i < r->extra.len) {
+        char op = r->extra.p[i];
+        const char *name = r->extra.p + i + 1;
+        size_t nlen = strlen(name);
+        size_t n = 1 + nlen + 1 + strlen(name + nlen + 1) + 1;
+        if (op == '>' && !sp_ieq(name, nlen, "content-type")) {
+            memmove(r->extra.p + o, r->extra.p + i, n);
+            o += n;
+        }
+        i += n;
+    }
+    r->extra.len = o;
+}
+
 void sp_conn_error_response(sp_conn_t *c, int status, const char *msg)
 {
     sp_request_t *r = c->req;
@@ -837,8 +915,8 @@ void sp_conn_error_response(sp_conn_t *c, int status, const char *msg)
     sp_buf_json_str(&r->body, r->id, r->id_len);
     sp_buf_adds(&r->body, "}");
     r->close_client = true;
-    r->extra.len = 0;
-    add_hdr_entry(&r->extra, '+', "Content-Type", 12, "application/json", 16);
+    keep_response_headers(r);
+    add_hdr_entry(&r->extra, '>', "Content-Type", 12, "application/json", 16);
     r->status = status;
     r->decision = SP_DECIDE_RESPOND;
     send_local(c);
@@ -864,7 +942,7 @@ static void act_on_decision(sp_conn_t *c)
         break;
     default:
         r->error = SP_ERR_SCRIPT;
-        c->w->stats.script_errors++;
+        SP_STAT_ADD(c->w->stats.script_errors, 1);
         sp_log(SP_LOG_ERROR, "request hook made no decision", "s:request_id", r->id, NULL);
         sp_conn_error_response(c, 500, "internal error");
         break;
@@ -977,7 +1055,7 @@ static int parse_error_status(sp_conn_t *c, llhttp_errno_t e)
 static void bad_request(sp_conn_t *c, llhttp_errno_t e)
 {
     int status = parse_error_status(c, e);
-    c->w->stats.parse_errors++;
+    SP_STAT_ADD(c->w->stats.parse_errors, 1);
     const char *reason = llhttp_get_error_reason(&c->parser);
     sp_log(SP_LOG_INFO, "bad request", "s:client", c->peer_ip, "i:status", (int64_t)status,
            "s:error", llhttp_errno_name(e), "s:reason", reason ? reason : "", NULL);

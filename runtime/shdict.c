@@ -273,6 +273,57 @@ int sp_shdict_incr(sp_shdict_t *d, const char *k, size_t kl, double delta, bool 
     return rc;
 }
 
+int sp_shdict_acquire(sp_shdict_t *d, const char *k, size_t kl, double limit)
+{
+    double now = now_s();
+    int rc = 0;
+    pthread_mutex_lock(&d->mu);
+    entry_t *e = lookup(d, k, kl, now);
+    double cur = (e && e->type == SP_SH_NUMBER) ? e->num : 0;
+    if (cur + 1 <= limit) {
+        if (e && e->type == SP_SH_NUMBER) {
+            e->num = cur + 1;
+            rc = 1;
+        } else {
+            sp_shval_t v = {SP_SH_NUMBER, 1, NULL, 0};
+            rc = set_locked(d, k, kl, &v, 0, SP_SH_SET, now) == 0 ? 1 : 0;
+        }
+    }
+    pthread_mutex_unlock(&d->mu);
+    return rc;
+}
+
+int sp_shdict_rate(sp_shdict_t *d, const char *k, size_t kl, double rate, double burst,
+                   double *remaining, double *retry_after, double *reset)
+{
+    double now = now_s();
+    double T = 1.0 / rate;           /* emission interval */
+    double tau = burst * T;          /* how far ahead the schedule may run */
+    pthread_mutex_lock(&d->mu);
+    entry_t *e = lookup(d, k, kl, now);
+    double tat = (e && e->type == SP_SH_NUMBER && e->num > now) ? e->num : now;
+    double new_tat = tat + T;
+    int allowed = new_tat - now <= tau + 1e-9;
+    if (allowed) {
+        if (e && e->type == SP_SH_NUMBER) {
+            e->num = new_tat;
+            e->expires = new_tat + 1;
+        } else {
+            sp_shval_t v = {SP_SH_NUMBER, new_tat, NULL, 0};
+            set_locked(d, k, kl, &v, new_tat - now + 1, SP_SH_SET, now);
+        }
+        tat = new_tat;
+        *retry_after = 0;
+    } else {
+        *retry_after = new_tat - tau - now;
+    }
+    pthread_mutex_unlock(&d->mu);
+    double left = (tau - (tat - now)) / T;
+    *remaining = left > 0 ? (double)(long long)(left + 1e-9) : 0;
+    *reset = tat - now > 0 ? tat - now : 0;
+    return allowed;
+}
+
 int sp_shdict_delete(sp_shdict_t *d, const char *k, size_t kl)
 {
     double now = now_s();

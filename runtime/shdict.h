@@ -44,6 +44,15 @@ int sp_shdict_set(sp_shdict_t *d, const char *k, size_t kl, const sp_shval_t *v,
  * has_init, else -ENOENT. -EINVAL if the value is not a number. */
 int sp_shdict_incr(sp_shdict_t *d, const char *k, size_t kl, double delta, bool has_init,
                    double init, double init_ttl, double *out);
+/* Takes one unit of a counter capped at limit: 1 when taken (the counter grew by one), 0 when
+ * it is at the limit. The counter never expires; give units back with sp_shdict_incr(-1). */
+int sp_shdict_acquire(sp_shdict_t *d, const char *k, size_t kl, double limit);
+/* A rate limit on key (GCRA, the token bucket's exact equivalent): `rate` requests per second
+ * with bursts of up to `burst`. Atomic across workers. Returns 1 if allowed (and counted), 0 if
+ * not. Fills remaining (requests left in the burst), retry_after (seconds until one more is
+ * allowed; 0 when allowed) and reset (seconds until the burst is whole again). */
+int sp_shdict_rate(sp_shdict_t *d, const char *k, size_t kl, double rate, double burst,
+                   double *remaining, double *retry_after, double *reset);
 int sp_shdict_delete(sp_shdict_t *d, const char *k, size_t kl);
 /* Sets a new TTL on an existing key (0: none). -ENOENT if missing. */
 int sp_shdict_expire(sp_shdict_t *d, const char *k, size_t kl, double ttl);

@@ -194,9 +194,9 @@ static void up_fail(sp_upconn_t *u, sp_error_t err, int status)
         r->error = err;
     sp_worker_t *w = r->w;
     if (err == SP_ERR_CONNECT)
-        w->stats.upstream_connect_errors++;
+        SP_STAT_ADD(w->stats.upstream_connect_errors, 1);
     if (err == SP_ERR_CONNECT_TIMEOUT || err == SP_ERR_FIRST_BYTE_TIMEOUT)
-        w->stats.upstream_timeouts++;
+        SP_STAT_ADD(w->stats.upstream_timeouts, 1);
     sp_conn_t *c = r->conn;
     if (!c)
         return;
@@ -881,6 +881,7 @@ static void build_response_head(sp_upconn_t *u)
     sp_buf_adds(o, "X-Request-Id: ");
     sp_buf_add(o, r->id, r->id_len);
     sp_buf_adds(o, "\r\n");
+    sp_request_emit_response_headers(r, o); /* the script's additions (req:add_response_header) */
     if (!upgrade) {
         if (r->close_client)
             sp_buf_adds(o, "Connection: close\r\n");

@@ -78,6 +78,55 @@ static void stop_loop_when_idle(uv_timer_t *t)
     }
 }
 
+#define RETIRE_GRACE_NS (60ull * 1000000000ull) /* how long a replaced state may keep tasks */
+
+/* Destroys replaced states once nothing runs in them (or after the grace period). */
+static void on_retire_timer(uv_timer_t *t)
+{
+    sp_worker_t *w = t->data;
+    struct sp_vm **pp = &w->retired;
+    uint64_t now = uv_hrtime();
+    while (*pp) {
+        struct sp_vm *vm = *pp;
+        bool expired = now - vm->retire_started > RETIRE_GRACE_NS;
+        if (sp_vm_idle(vm) || expired || w->stopping) {
+            if (!sp_vm_idle(vm))
+                sp_vm_abandon_tasks(vm);
+            *pp = vm->next_retired;
+            sp_vm_destroy(vm);
+            continue;
+        }
+        pp = &vm->next_retired;
+    }
+    if (!w->retired)
+        uv_timer_stop(t);
+}
+
+/* Loads the scripts into a new state; on success it replaces the current one (which finishes
+ * its suspended tasks), on failure the current one stays and the error is logged. */
+static void reload(sp_worker_t *w)
+{
+    char err[2048];
+    uint64_t t0 = uv_hrtime();
+    struct sp_vm *nvm = sp_vm_create(w, "init", err, sizeof err);
+    if (!nvm) {
+        w->reload_failures++;
+        sp_log(SP_LOG_ERROR, "reload rejected: the new scripts failed to load; the previous "
+               "scripts stay live", "i:worker", (int64_t)w->id, "s:error", err, NULL);
+        return;
+    }
+    struct sp_vm *old = w->vm;
+    sp_vm_retire(old);
+    old->next_retired = w->retired;
+    w->retired = old;
+    w->vm = nvm;
+    w->reloads++;
+    sp_vm_start(nvm);
+    uv_timer_start(&w->retire_timer, on_retire_timer, 100, 100);
+    sp_log(SP_LOG_INFO, "scripts reloaded", "i:worker", (int64_t)w->id, "d:ms",
+           (double)(uv_hrtime() - t0) / 1e6, NULL);
+}
+
 static void on_command(uv_async_t *a)
 {
     sp_worker_t *w = a->data;
@@ -102,6 +151,10 @@ static void on_command(uv_async_t *a)
             c = n;
         }
         uv_timer_start(drain_timer_of(w), stop_loop_when_idle, 0, 50);
+        break;
+    case SP_CMD_RELOAD:
+        if (!w->draining && w->vm)
+            reload(w);
         break;
     default:
         break;
@@ -153,7 +206,10 @@ static void worker_main(void *arg)
     w->async.data = w;
     uv_timer_init(&w->loop, drain_timer_of(w));
     drain_timer_of(w)->data = w;
+    uv_timer_init(&w->loop, &w->retire_timer);
+    w->retire_timer.data = w;
     w->hooks = &sp_vm_hooks;
+    sp_alog_start(w);
     if (open_listeners(w, err, sizeof err) == 0) {
         w->vm = sp_vm_create(w, "init", err, sizeof err);
     }
@@ -168,6 +224,11 @@ static void worker_main(void *arg)
         uv_run(&w->loop, UV_RUN_DEFAULT);
     }
     /* Shutdown: scripts first (their timers and watches), then every remaining handle. */
+    while (w->retired) {
+        struct sp_vm *vm = w->retired;
+        w->retired = vm->next_retired;
+        sp_vm_destroy(vm);
+    }
     sp_vm_destroy(w->vm);
     w->vm = NULL;
     for (sp_conn_t *c = w->conns; c;) {
@@ -176,9 +237,11 @@ static void worker_main(void *arg)
         c = n;
     }
     sp_upstream_close_idle(w);
+    sp_alog_stop(w);
     uv_walk(&w->loop, close_walk, NULL);
     uv_run(&w->loop, UV_RUN_DEFAULT);
     uv_loop_close(&w->loop);
+    sp_alog_finish(w);
     sp_upstream_pool_destroy(w);
     for (uint32_t i = 0; i < w->nslots; i++) {
         sp_request_t *r = w->slots[i];

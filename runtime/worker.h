@@ -13,13 +13,30 @@
 
 struct sp_vm;
 
+/* Counters: written only by their worker (SP_STAT_ADD), read by any (metrics), hence relaxed
+ * atomics: no lock and no lock prefix on the hot path. */
+typedef _Atomic uint64_t sp_counter_t;
+#define SP_STAT_ADD(c, n)                                                                         \
+    atomic_store_explicit(&(c), atomic_load_explicit(&(c), memory_order_relaxed) + (n),           \
+                          memory_order_relaxed)
+#define SP_STAT_GET(c) atomic_load_explicit(&(c), memory_order_relaxed)
+
+enum { SP_M_GET, SP_M_HEAD, SP_M_POST, SP_M_PUT, SP_M_PATCH, SP_M_DELETE, SP_M_OPTIONS,
+       SP_M_OTHER, SP_M_COUNT };
+#define SP_LAT_BUCKETS 13
+extern const double sp_latency_bounds[SP_LAT_BUCKETS];
+extern const char *const sp_method_names[SP_M_COUNT];
+
 typedef struct sp_worker_stats {
-    uint64_t requests;
-    uint64_t by_class[6]; /* 1xx..5xx by status/100, [0] none */
-    uint64_t upstream_connect_errors;
-    uint64_t upstream_timeouts;
-    uint64_t script_errors;
-    uint64_t parse_errors;
+    sp_counter_t requests;
+    sp_counter_t by_method_class[SP_M_COUNT][6]; /* [method][status/100], [..][0]: no status */
+    sp_counter_t latency[SP_LAT_BUCKETS + 1];    /* requests by duration bucket (+Inf last) */
+    sp_counter_t latency_sum_us;
+    sp_counter_t upstream_connect_errors;
+    sp_counter_t upstream_timeouts;
+    sp_counter_t script_errors;
+    sp_counter_t parse_errors;
+    sp_counter_t accesslog_dropped;
 } sp_worker_stats_t;
 
 struct sp_worker {
@@ -40,10 +57,13 @@ struct sp_worker {
     uint32_t nupkeys_cap, nupkeys;
     sp_conn_t *conns;          /* open client connections */
     uint32_t nconns;
-    uint32_t active_requests;
+    sp_counter_t active_requests; /* request slots in use (read by metrics) */
     uint64_t req_counter;
     char id_prefix[12];
     struct sp_vm *vm;
+    struct sp_vm *retired;     /* states replaced by reloads, finishing their tasks */
+    uv_timer_t retire_timer;
+    uint64_t reloads, reload_failures;
     const sp_hooks_t *hooks;
     bool draining;
     bool stopping;
@@ -51,7 +71,7 @@ struct sp_worker {
     int startup_error;
     sp_worker_stats_t stats;
     uint64_t tunnels_open;
-    struct sp_worker_ext *ext; /* per-worker state of optional modules (timers, fs watches) */
+    struct sp_alog *alog;      /* the access-log writer (accesslog.c) */
 };
 
 /* Process-wide counters shared by every worker. */
@@ -73,6 +93,12 @@ int sp_workers_count(void);
 /* Threads created by sp_workers_start (some may have failed and exited). */
 int sp_workers_started(void);
 sp_worker_t *sp_worker_get(int i);
+
+/* The access-log writer (accesslog.c). */
+void sp_alog_start(sp_worker_t *w);
+void sp_alog_append(sp_worker_t *w, const char *line, size_t len);
+void sp_alog_stop(sp_worker_t *w);
+void sp_alog_finish(sp_worker_t *w);
 
 /* Request slots (server.c uses these). */
 sp_request_t *sp_request_acquire(sp_worker_t *w);

@@ -36,13 +36,14 @@ describe("init", function()
     end)
 
     describe("endpoints", function()
-        it("are exactly the health and sandboxes endpoints, with their own handlers", function()
+        it("are exactly the health, sandboxes and metrics endpoints, with their own handlers", function()
             local paths = {}
             for p in pairs(init.endpoints) do
                 paths[#paths + 1] = p
             end
             table.sort(paths)
-            assert.are.same({ "/health", "/live", "/ready", "/sandboxes" }, paths)
+            assert.are.same({ "/health", "/live", "/metrics", "/ready", "/sandboxes" }, paths)
+            assert.are.equal(require("metrics").endpoints["/metrics"], init.endpoints["/metrics"])
             assert.are.equal(health.endpoints["/health"], init.endpoints["/health"])
             assert.are.equal(health.endpoints["/ready"], init.endpoints["/ready"])
             assert.are.equal(health.endpoints["/live"], init.endpoints["/live"])
@@ -124,10 +125,13 @@ describe("init", function()
             assert.are.same({ error = "sandbox not found", path = "health/sb" }, req.response.json)
         end)
 
-        it("routes the metrics or any other listener like main", function()
+        it("answers only /metrics on the metrics listener", function()
             testkit.set_routes{ ["alice/sb"] = { address = "10.0.0.7" } }
             local req = request("/alice/sb/", { listener = "metrics" })
-            assert.are.equal("forward", req:decision())
+            assert.are.equal(404, req.response.status)
+            req = request("/metrics", { listener = "metrics" })
+            assert.are.equal(200, req.response.status)
+            assert.matches("^# HELP", req.response.body)
         end)
 
         it("dispatches each request to exactly one handler", function()

@@ -198,6 +198,16 @@ function Req:read_body(limit)
     return read_body(self._p, limit or 1048576)
 end
 
+-- Takes one unit of counter `key` in shared dict `dict`, capped at `limit`, for as long as
+-- this exchange lasts: the runtime gives it back however the exchange ends (response sent,
+-- client gone, upstream error, timeout, WebSocket closed). Returns true when taken, false at
+-- the limit, or nil, err.
+local hold = core.hold
+function Req:hold(dict, key, limit)
+    live(self)
+    return hold(self._p, dict, key, limit)
+end
+
 local function check_rc(rc, what)
     if rc ~= 0 then
         error(what, 3)
@@ -268,6 +278,13 @@ function Req:add_header(name, value)
 end
 
 -- Removes a client header from the request sent upstream.
+-- Adds a header to the response the client gets (local or proxied), e.g. RateLimit-*.
+function Req:add_response_header(name, value)
+    value = tostring(value)
+    check_rc(C.sp_req_add_header(live(self), name, #name, value, #value),
+        "add_response_header: invalid header, or the response head has gone out")
+end
+
 function Req:remove_header(name)
     check_rc(C.sp_req_edit_header(live(self), 45 --[[ '-' ]], name, #name, "", 0),
         "remove_header: invalid header name")

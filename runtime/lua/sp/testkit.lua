@@ -166,6 +166,9 @@ function Fake:respond(status, body, headers)
     if h["Content-Type"] and find(h["Content-Type"], "json", 1, true) then
         json = cjson.decode(text)
     end
+    for k, v in pairs(self.response_headers or {}) do
+        h[k] = v
+    end
     self.response = { status = status, body = text, json = json, headers = h }
     self._record.status = status
 end
@@ -208,17 +211,49 @@ function Fake:set_timeouts(t)
     end
 end
 
+-- Response headers a script adds (RateLimit-*): recorded in req.response_headers and merged
+-- into req.response.headers when the script answers.
+function Fake:add_response_header(name, value)
+    self.response_headers = self.response_headers or {}
+    self.response_headers[name] = tostring(value)
+    if self.response then
+        self.response.headers[name] = tostring(value)
+    end
+end
+
+-- Counters held for the exchange (like the real req:hold, over the real shared dict); the
+-- fake gives them back in req:complete().
+function Fake:hold(dict, key, limit)
+    local d = require("sp.shared").dict(dict)
+    if not d then
+        return nil, "ENOENT: no shared dict '" .. tostring(dict) .. "'"
+    end
+    local cur = d:get(key) or 0
+    if cur + 1 > limit then
+        return false
+    end
+    d:incr(key, 1, 0)
+    self._holds = self._holds or {}
+    self._holds[#self._holds + 1] = { d, key }
+    return true
+end
+
 function Fake:decision()
     if self.response then return "respond" end
     if self.forwarded then return "forward" end
     return "none"
 end
 
--- The record of the exchange (log phase).
+-- The record of the exchange (log phase); also gives back held counters, as the runtime does
+-- when an exchange ends.
 function Fake:complete(rec)
     for k, v in pairs(rec or {}) do
         self._record[k] = v
     end
+    for _, h in ipairs(self._holds or {}) do
+        h[1]:incr(h[2], -1)
+    end
+    self._holds = nil
     return self
 end
 

@@ -1,0 +1,131 @@
+-- ratelimit.lua: request rate limits and per-sandbox concurrency limits, shared by all workers
+-- of the process (a shared dict; per-node scope).
+--
+-- A limited request gets 429 {"error":"rate limited"} with Retry-After; every request that a
+-- rate limit looked at carries RateLimit-Limit, RateLimit-Remaining and RateLimit-Reset (of
+-- the most constrained limit). Over the concurrency limit: 503 {"error":"too many requests in
+-- flight","path":..} with Retry-After. A concurrency slot is held in C and given back however
+-- the exchange ends (response, client abort, upstream error, timeout, WebSocket close).
+--
+-- Config (section `ratelimit`; defaults shown):
+--   enabled = true,
+--   dict = "ratelimit",                 -- the shared dict (declare a size in shared_dicts)
+--   limits = {                          -- each: key = "client" | "user" | "sandbox" | a function(req)
+--     { name = "client", key = "client", rate = 1000, burst = 2000 },   -- rate: per second
+--   },
+--   concurrency = { per_sandbox = 256 },  -- in-flight requests per sandbox (0: off)
+--   trusted_proxies = {},               -- CIDRs whose X-Forwarded-For is believed
+-- A function key may return nil to skip that limit for the request.
+-- The decision is left in req.ctx.ratelimit ("allowed", "limited", "concurrency") for log.lua.
+local config = require "sp.config"
+local shared = require "sp.shared"
+local ip = require "sp.ip"
+local sandbox_path = require "sandbox_path"
+
+local type = type
+local tostring = tostring
+local ceil = math.ceil
+local floor = math.floor
+
+local cfg = config.ratelimit or {}
+local M = {}
+
+M.enabled = cfg.enabled ~= false
+local DICT_NAME = cfg.dict or "ratelimit"
+local dict = assert(shared.dict(DICT_NAME))
+local sp_dict = assert(shared.dict("sp"))
+local LIMITS = cfg.limits or { { name = "client", key = "client", rate = 1000, burst = 2000 } }
+local PER_SANDBOX = (cfg.concurrency or {}).per_sandbox
+if PER_SANDBOX == nil then
+    PER_SANDBOX = 256
+end
+local trusted = assert(ip.ranges(cfg.trusted_proxies or {}))
+
+for i, l in ipairs(LIMITS) do
+    assert(type(l.rate) == "number" and l.rate > 0, "ratelimit.limits[" .. i .. "].rate must be > 0")
+    l.burst = l.burst or l.rate
+    l.name = l.name or ("limit" .. i)
+    l.prefix = "rl:" .. l.name .. ":"
+end
+
+-- The client address, believing X-Forwarded-For only from trusted proxies.
+function M.client(req)
+    return ip.client_address(req:client_addr(), req:header("x-forwarded-for"), trusted)
+end
+
+-- "user/sandbox" of the request target, or nil.
+local function sandbox_key(req)
+    local user, name = sandbox_path.split(req:target())
+    return user and (user .. "/" .. name) or nil, user
+end
+
+local function key_of(l, req)
+    local k = l.key
+    if k == "client" then
+        return M.client(req)
+    elseif k == "user" then
+        local _, user = sandbox_key(req)
+        return user
+    elseif k == "sandbox" then
+        return (sandbox_key(req))
+    elseif type(k) == "function" then
+        return k(req)
+    end
+    return nil
+end
+
+-- Applies the limits. Returns true if the request may go on; otherwise it has been answered.
+function M.check(req)
+    if not M.enabled then
+        return true
+    end
+    local best_remaining, best_limit, best_reset
+    for i = 1, #LIMITS do
+        local l = LIMITS[i]
+        local key = key_of(l, req)
+        if key then
+            local ok, remaining, retry, reset = dict:rate(l.prefix .. key, l.rate, l.burst)
+            if not ok then
+                sp_dict:incr("m:ratelimited", 1, 0)
+                req.ctx.ratelimit = "limited"
+                return false, req:respond(429, { error = "rate limited" }, {
+                    ["Retry-After"] = tostring(ceil(retry)),
+                    ["RateLimit-Limit"] = tostring(l.burst),
+                    ["RateLimit-Remaining"] = "0",
+                    ["RateLimit-Reset"] = tostring(ceil(reset)),
+                })
+            end
+            if not best_remaining or remaining < best_remaining then
+                best_remaining, best_limit, best_reset = remaining, l.burst, reset
+            end
+        end
+    end
+    if best_remaining then
+        req:add_response_header("RateLimit-Limit", tostring(best_limit))
+        req:add_response_header("RateLimit-Remaining", tostring(floor(best_remaining)))
+        req:add_response_header("RateLimit-Reset", tostring(ceil(best_reset)))
+    end
+    if PER_SANDBOX and PER_SANDBOX > 0 then
+        local sb = sandbox_key(req)
+        if sb then
+            local held, err = req:hold(DICT_NAME, "cc:" .. sb, PER_SANDBOX)
+            if held == false then
+                sp_dict:incr("m:concurrency_limited", 1, 0)
+                req.ctx.ratelimit = "concurrency"
+                return false, req:respond(503, { error = "too many requests in flight", path = sb },
+                    { ["Retry-After"] = "1" })
+            elseif held == nil then
+                error(err)
+            end
+        end
+    end
+    req.ctx.ratelimit = "allowed"
+    return true
+end
+
+-- In-flight requests of a sandbox right now (all workers).
+function M.in_flight(sandbox)
+    return dict:get("cc:" .. sandbox) or 0
+end
+
+return M
