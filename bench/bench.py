@@ -223,7 +223,7 @@ def all_proc_ticks():
         fields = st[st.rfind(")") + 2:].split()
         if int(fields[1]) == 2 or int(d) == 2:  # children of kthreadd
             continue
-        out[int(d)] = int(fields[11]) + int(fields[12])
+        out[int(d)] = (int(fields[11]) + int(fields[12]), st[st.find("(") + 1:st.rfind(")")])
     return out
 
 
@@ -701,8 +701,12 @@ def run_wrk(port, routed, scen, conns, duration, cpus, tmp, pids_target, pids_lo
     # CPU used meanwhile by processes that are not part of the benchmark (other users of the
     # machine: builds, test suites); processes that started and exited within the run are missed
     ours = set(pids_target) | set(pids_load) | set(BENCH_PIDS) | {os.getpid(), p.pid}
-    other = sum(t - all0.get(pid, 0) for pid, t in all1.items() if pid not in ours)
+    others = sorted(((t - all0.get(pid, (0, ""))[0], pid, comm) for pid, (t, comm) in all1.items()
+                     if pid not in ours), reverse=True)
+    other = sum(o[0] for o in others)
     res["other_cpu_pct"] = round(100.0 * other / CLK_TCK / wall, 1)
+    res["other_top"] = ["%s[%d] %.0f%%" % (comm, pid, 100.0 * d / CLK_TCK / wall)
+                        for d, pid, comm in others[:3] if d > 0]
     wrk_cpu = rusage.ru_utime + rusage.ru_stime
     res["wrk_cpu_pct"] = round(100.0 * wrk_cpu / wall, 1)
     # load CPU = backend (+ nothing else) + wrk; for "direct" the backend is the target
@@ -1112,8 +1116,8 @@ def main():
                             r = ri
                         if ri["other_cpu_pct"] < DISTURBED_PCT:
                             break
-                        log("  [%d/%d] %-15s disturbed: other processes used %s of a core, %s" % (
-                            rep + 1, a.repeat, t, pct(ri["other_cpu_pct"]),
+                        log("  [%d/%d] %-15s disturbed: other processes used %s of a core (%s), %s" % (
+                            rep + 1, a.repeat, t, pct(ri["other_cpu_pct"]), ", ".join(ri["other_top"]),
                             "running it again" if attempt < a.retry_disturbed else "keeping the least disturbed run"))
                 except Exception as e:
                     r = {"error": str(e)}

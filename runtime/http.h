@@ -87,6 +87,9 @@ struct sp_request {
     uint64_t body_bytes;  /* request body bytes received */
     char id[24];
     uint32_t id_len;
+    char client_ip[48];   /* copied from the connection: the record outlives it */
+    int client_port;
+    const char *listener; /* "main", "demo", "metrics" */
 
     /* the decision */
     sp_decision_t decision;

@@ -44,12 +44,9 @@ SP_EXPORT const char *sp_req_header_at(const sp_request_t *r, int i, size_t *nle
     return r->head.p + h->name_off;
 }
 
-SP_EXPORT const char *sp_req_client_ip(const sp_request_t *r)
-{
-    return r->conn ? r->conn->peer_ip : "";
-}
+SP_EXPORT const char *sp_req_client_ip(const sp_request_t *r) { return r->client_ip; }
 
-SP_EXPORT int sp_req_client_port(const sp_request_t *r) { return r->conn ? r->conn->peer_port : 0; }
+SP_EXPORT int sp_req_client_port(const sp_request_t *r) { return r->client_port; }
 
 SP_EXPORT const char *sp_req_id(const sp_request_t *r, size_t *len)
 {
@@ -57,10 +54,7 @@ SP_EXPORT const char *sp_req_id(const sp_request_t *r, size_t *len)
     return r->id;
 }
 
-SP_EXPORT const char *sp_req_listener(const sp_request_t *r)
-{
-    return (r->conn && r->conn->listener) ? r->conn->listener->name : "";
-}
+SP_EXPORT const char *sp_req_listener(const sp_request_t *r) { return r->listener; }
 
 SP_EXPORT int sp_req_http_version(const sp_request_t *r) { return r->vmajor * 10 + r->vminor; }
 

@@ -26,7 +26,7 @@
 
 static const char usage_text[] =
     "Usage: sandbox-proxy [OPTIONS]\n"
-    "       sandbox-proxy test [BUSTED-OPTIONS] [SPEC-PATHS]\n"
+    "       sandbox-proxy test [--scripts DIR] [BUSTED-OPTIONS] [SPEC-PATHS]\n"
     "\n"
     "A Lua-scriptable HTTP proxy for agent sandboxes: routes {METHOD} /{user}/{sandbox}/{path}\n"
     "to the sandbox. Without a sandbox source it runs the local demo (a demo sandbox list and a\n"
@@ -54,6 +54,10 @@ static const char usage_text[] =
     "  --check                    load the config and scripts, report problems, exit 0 or 1\n"
     "  --version                  print the version and exit\n"
     "  -h, --help                 this text\n"
+    "\n"
+    "`test` runs busted specs inside the runtime, with the real C bindings and the test kit\n"
+    "(sp.testkit: fake requests, routes and upstream answers); --scripts puts your override\n"
+    "directory first, as in production.\n"
     "\n"
     "Exit codes: 0 success (also after a graceful SIGTERM drain), 1 start-up or check failure,\n"
     "2 bad command line.\n"
@@ -447,9 +451,17 @@ int main(int argc, char **argv)
 
     if (argc > 1 && strcmp(argv[1], "test") == 0) {
         sp_cfg.test_mode = true;
+        int skip = 2;
+        if (argc > 3 && strcmp(argv[2], "--scripts") == 0) {
+            if (!is_dir(argv[3]))
+                usage_error("--scripts: '%s' is not a directory%s", argv[3], "");
+            char real[PATH_MAX];
+            sp_cfg.scripts_dir = sp_strdup(realpath(argv[3], real) ? real : argv[3]);
+            skip = 4;
+        }
         sp_routes_init();
         create_dicts();
-        return run_tests(argc - 2, argv + 2);
+        return run_tests(argc - skip, argv + skip);
     }
 
     /* Command line: collected first so that it wins over the config file. */

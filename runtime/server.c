@@ -108,6 +108,9 @@ sp_request_t *sp_request_acquire(sp_worker_t *w)
     r->upstream_addr[0] = '\0';
     r->error = SP_ERR_NONE;
     r->nholds = 0;
+    r->client_ip[0] = '\0';
+    r->client_port = 0;
+    r->listener = "";
     uint64_t n = ++w->req_counter;
     r->id_len = (uint32_t)snprintf(r->id, sizeof r->id, "%s%010llx", w->id_prefix,
                                    (unsigned long long)(n & 0xffffffffffull));
@@ -510,6 +513,9 @@ static int cb_message_begin(llhttp_t *p)
     c->req = sp_request_acquire(c->w);
     c->req->conn = c;
     c->req->bytes_in = c->rlen - c->rpos;
+    memcpy(c->req->client_ip, c->peer_ip, sizeof c->peer_ip);
+    c->req->client_port = c->peer_port;
+    c->req->listener = c->listener->name;
     c->state = CS_HEAD;
     conn_timer(c, T_HEADER, sp_cfg.header_timeout);
     return 0;
@@ -1062,6 +1068,9 @@ static void bad_request(sp_conn_t *c, llhttp_errno_t e)
     if (!c->req) {
         c->req = sp_request_acquire(c->w);
         c->req->conn = c;
+        memcpy(c->req->client_ip, c->peer_ip, sizeof c->peer_ip);
+        c->req->client_port = c->peer_port;
+        c->req->listener = c->listener->name;
     }
     if (status == 413)
         c->req->error = SP_ERR_BODY_TOO_LARGE;

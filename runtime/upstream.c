@@ -478,7 +478,7 @@ static void build_request_head(sp_request_t *r)
         sp_buf_add(o, xff, xfflen);
         sp_buf_adds(o, ", ");
     }
-    sp_buf_adds(o, r->conn ? r->conn->peer_ip : "unknown");
+    sp_buf_adds(o, r->client_ip[0] ? r->client_ip : "unknown");
     sp_buf_adds(o, "\r\nX-Forwarded-Proto: http\r\n");
     if (host) {
         sp_buf_adds(o, "X-Forwarded-Host: ");

@@ -115,6 +115,58 @@ describe("the command line", function()
         p:stop()
     end)
 
+    it("finds its built-in scripts from an installed tree too", function()
+        local prefix = H.tmpdir()
+        local build = H.BIN:match("^(.*)/[^/]+$")
+        assert(os.execute("cmake --install " .. build .. " --prefix " .. prefix .. " >/dev/null") == 0)
+        local code, out = run({ "--check", "--demo" })
+        assert.are.equal(0, code, out)
+        local p = assert(process.spawn{ cmd = { prefix .. "/bin/sandbox-proxy", "--check", "--demo" },
+            stdout = prefix .. "/out", stderr = prefix .. "/err" })
+        assert.are.equal(0, p:wait(20), p:read_stderr())
+        assert.matches("OK", p:read_stdout())
+    end)
+
+    it("runs a team's specs against its override scripts (sandbox-proxy test --scripts)", function()
+        local dir = H.tmpdir()
+        assert(os.execute("mkdir -p " .. dir .. "/scripts " .. dir .. "/specs") == 0)
+        assert(process.write_file(dir .. "/scripts/router.lua", [[
+local M = {}
+function M.handle(req)
+    if req:header("x-team") ~= "blue" then
+        return req:respond(403, { error = "team only" })
+    end
+    req:forward("10.0.0.9", 8888, req:target())
+end
+return M
+]]))
+        assert(process.write_file(dir .. "/specs/router_spec.lua", [[
+local testkit = require "sp.testkit"
+local router = require "router"
+describe("team router", function()
+    it("refuses strangers", function()
+        local req = testkit.request{ target = "/a/b/x" }
+        router.handle(req)
+        assert.are.equal(403, req.response.status)
+    end)
+    it("forwards the team", function()
+        local req = testkit.request{ target = "/a/b/x", headers = { ["X-Team"] = "blue" } }
+        router.handle(req)
+        assert.are.equal("10.0.0.9", req.forwarded.host)
+    end)
+end)
+]]))
+        local code, out = run({ "test", "--scripts", dir .. "/scripts", dir .. "/specs" })
+        assert.are.equal(0, code, out)
+        assert.matches("2 successes / 0 failures", out)
+        -- and a failing spec fails the command
+        assert(process.write_file(dir .. "/specs/bad_spec.lua", [[
+describe("x", function() it("fails", function() assert.are.equal(1, 2) end) end)
+]]))
+        code = run({ "test", "--scripts", dir .. "/scripts", dir .. "/specs" })
+        assert.are_not.equal(0, code)
+    end)
+
     it("runs the embedded demo with no source: /health and a demo round trip", function()
         local port = assert(H.net.free_port())
         local demo = assert(H.net.free_port())

@@ -1,0 +1,37 @@
+# sandbox-proxy image: built from Debian bookworm packages only (the same lists .ci/run
+# installs: .ci/packages to build and test, .ci/packages.runtime to run), running as non-root.
+#   docker build -t sandbox-proxy .
+#   docker run -p 8080:8080 sandbox-proxy            # local demo (no cluster)
+# In Kubernetes (k8s/deployment.yaml) it finds the API server in-cluster. Built-in scripts are
+# in /usr/local/share/sandbox-proxy/scripts; mount a ConfigMap at /etc/sandbox-proxy/scripts
+# (the override directory) to replace any of them file by file.
+
+FROM debian:bookworm AS build
+COPY .ci/packages .ci/packages.runtime /tmp/
+RUN apt-get update \
+ && grep -hv '^[[:space:]]*#' /tmp/packages /tmp/packages.runtime \
+    | xargs apt-get install -y --no-install-recommends \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY CMakeLists.txt ./
+COPY cmake ./cmake
+COPY runtime ./runtime
+COPY scripts ./scripts
+COPY spec ./spec
+RUN cmake -B build -DCMAKE_BUILD_TYPE=Release \
+ && cmake --build build -j"$(nproc)" --target sandbox-proxy \
+ && cmake --install build --prefix /opt/sandbox-proxy \
+ && /opt/sandbox-proxy/bin/sandbox-proxy --check --demo
+
+FROM debian:bookworm-slim
+COPY .ci/packages.runtime /tmp/
+RUN apt-get update \
+ && grep -v '^[[:space:]]*#' /tmp/packages.runtime | xargs apt-get install -y --no-install-recommends \
+ && rm -rf /var/lib/apt/lists/* /tmp/packages.runtime \
+ && useradd --system --uid 10001 --user-group --no-create-home sandbox-proxy \
+ && mkdir -p /etc/sandbox-proxy/scripts
+COPY --from=build /opt/sandbox-proxy /usr/local
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/sandbox-proxy"]
+CMD ["--listen", "0.0.0.0:8080", "--scripts", "/etc/sandbox-proxy/scripts"]
