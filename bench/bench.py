@@ -73,9 +73,9 @@ class Procs:
     def __init__(self):
         self.procs = []  # (name, Popen)
 
-    def start(self, name, cmd, cpus, logdir, env=None):
+    def start(self, name, cmd, cpus, logdir, env=None, stdout=None):
         full = (["taskset", "-c", cpus] if cpus else []) + cmd
-        out = open(os.path.join(logdir, name + ".stdout.log"), "wb")
+        out = open(stdout or os.path.join(logdir, name + ".stdout.log"), "wb")
         err = open(os.path.join(logdir, name + ".stderr.log"), "wb")
         p = subprocess.Popen(full, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
                              start_new_session=True, env=env)
@@ -305,9 +305,23 @@ events { worker_connections 8192; multi_accept off; }
 """ % (worker_cpu_note, prefix, prefix)
 
 
-def nginx_http_common(prefix):
-    return """    access_log off;
-    server_tokens off;
+ACCESS_LOG = "off"  # set from --access-log
+
+
+def nginx_http_common(prefix, proxy=True):
+    if ACCESS_LOG == "on" and proxy:
+        # about the fields sandbox-proxy's log.lua writes, JSON, buffered like it (64 KiB, 0.2 s);
+        # to /dev/null: formatted and written, without filling the disk
+        log = """    log_format bench escape=json '{"time":"$time_iso8601","request_id":"$request_id",'
+        '"client":"$remote_addr","method":"$request_method","path":"$uri","status":$status,'
+        '"bytes_in":$request_length,"bytes_out":$bytes_sent,"duration":$request_time,'
+        '"upstream":"$upstream_addr","upstream_connect":"$upstream_connect_time",'
+        '"upstream_first_byte":"$upstream_header_time","worker":$pid}';
+    access_log /dev/null bench buffer=64k flush=200ms;
+"""
+    else:
+        log = "    access_log off;\n"
+    return log + """    server_tokens off;
     client_body_temp_path %(p)s/tmp/body;
     proxy_temp_path %(p)s/tmp/proxy;
     fastcgi_temp_path %(p)s/tmp/fastcgi;
@@ -361,7 +375,7 @@ http {
         location / { return 404; }
     }
 }
-""" % (nginx_http_common(prefix), port, data_dir, SMALL_BODY.replace("\n", "\\n"),
+""" % (nginx_http_common(prefix, proxy=False), port, data_dir, SMALL_BODY.replace("\n", "\\n"),
        POST_BODY.replace("\n", "\\n"))
 
 
@@ -492,15 +506,20 @@ def haproxy_conf(tmp, port, backend_port, routes):
     with open(mapfile, "w") as f:
         for key in routes:
             f.write("%s sandbox\n" % key)
+    if ACCESS_LOG == "on":
+        # one line per request to stdout (-> /dev/null), HAProxy's own HTTP log format
+        glog, dlog = "    log stdout format raw local0\n", "    log global\n    option httplog\n"
+    else:
+        glog, dlog = "", ""
     return """# target d: HAProxy, map-file route lookup
 global
     nbthread 1
     maxconn 8000
     tune.bufsize 16384
-
+%(glog)s
 defaults
     mode http
-    option http-keep-alive
+%(dlog)s    option http-keep-alive
     timeout connect 5s
     timeout client 75s
     timeout server 180s
@@ -528,7 +547,21 @@ frontend fe
 backend sandbox
     http-reuse safe
     server s1 127.0.0.1:%(bport)d
-""" % {"port": port, "bport": backend_port, "map": mapfile}
+""" % {"port": port, "bport": backend_port, "map": mapfile, "glog": glog, "dlog": dlog}
+
+
+def sandbox_proxy_config(access_log):
+    return """-- bench: sandbox-proxy runs its default (built-in) scripts; only these policy settings differ.
+return {
+    -- The default per-client rate limit (1,000 req/s, burst 2,000) would answer most of the
+    -- benchmark's requests (all from 127.0.0.1) with 429. The limiter still runs on every
+    -- request; the limit is simply out of reach.
+    ratelimit = { limits = { { name = "client", key = "client", rate = 1e9, burst = 1e9 } } },
+    -- The access log (one JSON line per request on stdout; stdout goes to /dev/null here).
+    -- bench/run --access-log on|off switches it for every target alike (default off).
+    access_log = { enabled = %s },
+}
+""" % ("true" if access_log == "on" else "false")
 
 
 def sandboxes_json(routes, backend_port):
@@ -716,10 +749,6 @@ def run_wrk(port, routed, scen, conns, duration, cpus, tmp, pids_target, pids_lo
     return res
 
 
-def fmt_num(x):
-    return ("%g" % x)
-
-
 # ----------------------------------------------------------------------------------------------
 # output
 
@@ -738,12 +767,6 @@ def fmt_ms(x):
     return "%.1fms" % x
 
 
-def fmt_ratio(a, b):
-    if not a or not b:
-        return "-"
-    return "%.2f" % (a / b)
-
-
 def pct(x):
     return "-" if x is None else "%.0f%%" % x
 
@@ -751,8 +774,6 @@ def pct(x):
 def table_rows(summary, scen_key, targets):
     rows = []
     res = summary[scen_key]
-    base_nginx = res.get("nginx", {}).get("rps")
-    base_direct = res.get("direct", {}).get("rps")
     for t in targets:
         r = res.get(t)
         if not r:
@@ -766,9 +787,10 @@ def table_rows(summary, scen_key, targets):
             fmt_rps(r["rps"]),
             fmt_ms(r["p50_ms"]),
             fmt_ms(r["p99_ms"]),
-            fmt_ratio(r["rps"], base_nginx),
-            fmt_ratio(r["rps"], base_direct),
+            "-" if r.get("vs_nginx") is None else "%.2f" % r["vs_nginx"],
+            "-" if r.get("vs_direct") is None else "%.2f" % r["vs_direct"],
             pct(r.get("target_cpu_pct")),
+            "-" if r.get("target_cpu_us_per_req") is None else "%.0f" % r["target_cpu_us_per_req"],
             pct(r.get("target_core_busy_pct")),
             pct(r.get("load_core_busy_pct")),
             pct(r.get("spread_pct")),
@@ -777,7 +799,7 @@ def table_rows(summary, scen_key, targets):
     return rows
 
 
-HEADERS = ["target", "req/s", "p50", "p99", "vs nginx", "vs direct", "proc CPU",
+HEADERS = ["target", "req/s", "p50", "p99", "vs nginx", "vs direct", "proc CPU", "us/req",
            "T busy", "L busy", "spread", "bound"]
 BUSY_LIMIT = 90.0
 
@@ -816,6 +838,25 @@ def md_table(rows):
     for r in rows:
         out.append("| " + " | ".join(str(c) for c in r) + " |")
     return "\n".join(out)
+
+
+def scan_logs(paths, offsets, t):
+    """Warning and error lines of a target's logs, from the given offsets on."""
+    found = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                f.seek(offsets.get(path, 0))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            low = line.lower()
+            if ('"level":"warn' in low or '"level":"error' in low or "[error]" in low
+                    or "[crit]" in low or "[alert]" in low or "[emerg]" in low
+                    or (t == "haproxy" and ("[warning]" in low or "[alert]" in low))):
+                found.append(line.strip()[:300])
+    return found
 
 
 def machine_info():
@@ -890,6 +931,12 @@ def parse_args():
                     help="comma-separated subset of: " + ", ".join(s[0] for s in SCENARIOS))
     ap.add_argument("--proxy-bin", default=os.path.join(ROOT, "build", "sandbox-proxy"))
     ap.add_argument("--proxy-workers", type=int, default=1, help="sandbox-proxy --workers (default 1)")
+    ap.add_argument("--access-log", choices=["off", "on"], default="off",
+                    help="access logs of every proxy target (sandbox-proxy's log.lua, nginx access_log "
+                         "JSON buffered, HAProxy httplog), written to /dev/null (default off)")
+    ap.add_argument("--proxy-config", metavar="FILE",
+                    help="sandbox-proxy --config file to use instead of the generated one "
+                         "(which only lifts the client rate limit and sets the access log)")
     ap.add_argument("--proxy-set", action="append", default=[], metavar="KNOB=VALUE",
                     help="extra --set for sandbox-proxy (repeatable)")
     ap.add_argument("--target-cpus", help="CPU list for the targets (default: first allowed CPU)")
@@ -904,6 +951,8 @@ def parse_args():
     ap.add_argument("--out-dir", default=os.path.join(BENCH_DIR, "results"))
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     a = ap.parse_args()
+    global ACCESS_LOG
+    ACCESS_LOG = a.access_log
     if a.quick:
         a.duration, a.repeat, a.warmup = 1, 1, 1
         a.quiet_wait, a.retry_disturbed = min(a.quiet_wait, 5.0), min(a.retry_disturbed, 1)
@@ -1015,6 +1064,12 @@ def main():
     failed = {}
     configs = {}
 
+    def target_log_files(t):
+        files = [target_procs[t].bench_stderr]
+        if t in ("nginx", "nginx-lua", "direct"):
+            files.append(os.path.join(tmp, "backend" if t == "direct" else t, "logs", "error.log"))
+        return files
+
     def start_target(t):
         if t == "direct":
             target_procs[t] = backend
@@ -1025,15 +1080,25 @@ def main():
             sfile = os.path.join(tmp, "sandboxes.json")
             with open(sfile, "w") as f:
                 json.dump(sandboxes_json(routes, backend_port), f)
+            if a.proxy_config:
+                cfile = os.path.abspath(a.proxy_config)
+                with open(cfile) as f:
+                    ctext = f.read()
+            else:
+                cfile = os.path.join(tmp, "sandbox-proxy-config.lua")
+                ctext = sandbox_proxy_config(a.access_log)
+                with open(cfile, "w") as f:
+                    f.write(ctext)
             cmd = [a.proxy_bin, "--listen", "127.0.0.1:%d" % port, "--workers", str(a.proxy_workers),
-                   "--sandboxes-file", sfile]
+                   "--sandboxes-file", sfile, "--config", cfile]
             for kv in a.proxy_set:
                 cmd += ["--set", kv]
             env = dict(os.environ)
             env.pop("KUBERNETES_SERVICE_HOST", None)
             env.pop("KUBECONFIG", None)
-            p = PROCS.start(t, cmd, tcpu, logdir, env=env)
-            configs[t] = " ".join(cmd)
+            # stdout carries the access log (when on): written to /dev/null, not to the disk
+            p = PROCS.start(t, cmd, tcpu, logdir, env=env, stdout=os.devnull)
+            configs[t] = " ".join(cmd) + "\n\n" + ctext
 
             def all_routes(body):
                 try:
@@ -1041,8 +1106,11 @@ def main():
                 except ValueError:
                     return False
             wait_ready(p, port, "/health", check=all_routes)
-            target_notes[t] = "default scripts, --workers %d%s" % (
-                a.proxy_workers, "".join(" --set " + kv for kv in a.proxy_set))
+            target_notes[t] = "default scripts, --workers %d, %s%s" % (
+                a.proxy_workers,
+                ("--config " + a.proxy_config) if a.proxy_config else
+                "client rate limit raised out of reach, access log %s" % a.access_log,
+                "".join(" --set " + kv for kv in a.proxy_set))
         elif t in ("nginx", "nginx-lua"):
             prefix = os.path.join(tmp, t)
             os.makedirs(prefix)
@@ -1063,7 +1131,8 @@ def main():
             with open(conf, "w") as f:
                 f.write(text)
             configs[t] = text
-            p = PROCS.start(t, ["haproxy", "-db", "-f", conf], tcpu, logdir)
+            p = PROCS.start(t, ["haproxy", "-db", "-f", conf], tcpu, logdir,
+                            stdout=os.devnull if a.access_log == "on" else None)
             wait_ready(p, port)
             target_notes[t] = "nbthread 1, map file of 1,000 routes, http-reuse safe"
         target_procs[t] = p
@@ -1080,6 +1149,19 @@ def main():
         status = "OK" if t not in failed else "FAILED: " + "; ".join(failed[t])
         log("  %-15s port %-5s pinned to CPU %-5s %s -- check %s" % (
             t, ports.get(t, "-"), affinity_of(pids) or "-", target_notes.get(t, ""), status))
+    # where each target's logs stand now: only what is logged under load is reported later
+    log_offsets, startup_warnings = {}, {}
+    for t in target_procs:
+        log_offsets[t] = {}
+        for path in target_log_files(t):
+            try:
+                log_offsets[t][path] = os.path.getsize(path)
+            except OSError:
+                pass
+        found = scan_logs(target_log_files(t), {}, t)
+        if found:
+            startup_warnings[t] = found[:5]
+            log("  %-15s logged at start: %s" % (t, found[0][:200]))
     # the load side: backend nginx (+ wrk, measured separately)
     backend_pids = proc_tree(backend.pid)
     for _, p in PROCS.procs:
@@ -1176,26 +1258,26 @@ def main():
             }
             m["is_direct"] = t == "direct"
             summary[sk][t] = m
+        # paired ratios: within one repeat the targets run back to back, so the ratio of two
+        # targets' req/s in the same repeat cancels slow drift of the machine; the table shows
+        # the median of the per-repeat ratios
+        for t in active:
+            m = summary[sk][t]
+            if m.get("error"):
+                continue
+            for base in ("nginx", "direct"):
+                ratios = []
+                for rt, rb in zip(runs[sk][t], runs[sk].get(base, [])):
+                    if not rt.get("error") and not rb.get("error") and rt.get("rps") and rb.get("rps"):
+                        ratios.append(rt["rps"] / rb["rps"])
+                m["vs_%s_runs" % base] = [round(x, 3) for x in ratios]
+                m["vs_%s" % base] = round(statistics.median(ratios), 3) if ratios else None
 
     # --- stderr / error logs of the targets ---------------------------------------------------
+    # warnings/errors the targets logged while under load (startup lines excluded)
     log_findings = {}
-    for t, p in target_procs.items():
-        path = p.bench_stderr
-        err_logs = [path]
-        if t in ("nginx", "nginx-lua", "direct"):
-            err_logs.append(os.path.join(tmp, "backend" if t == "direct" else t, "logs", "error.log"))
-        found = []
-        for ep in err_logs:
-            try:
-                with open(ep, errors="replace") as f:
-                    for line in f:
-                        low = line.lower()
-                        if ('"level":"warn' in low or '"level":"error' in low or "[error]" in low
-                                or "[crit]" in low or "[alert]" in low or "[emerg]" in low
-                                or ("[warning]" in low and t == "haproxy") or "[alert]" in low):
-                            found.append(line.strip()[:300])
-            except OSError:
-                pass
+    for t in target_procs:
+        found = scan_logs(target_log_files(t), log_offsets.get(t, {}), t)
         if found:
             log_findings[t] = {"count": len(found), "first": found[:5]}
 
@@ -1210,14 +1292,17 @@ def main():
     header.append("versions: %s; %s; libnginx-mod-http-lua %s; %s; %s" % (
         machine["sandbox_proxy"], machine["nginx"], machine["nginx_lua_module"], machine["haproxy"], machine["wrk"]))
     header.append("CPU layout: %s; every target gets the same budget: CPU %s only (taskset)" % (layout_note, tcpu))
-    header.append("routes: 1,000 (/u0..u9/sb0..sb99), requests cycle through all of them; prefix stripped")
+    header.append("routes: 1,000 (/u0..u9/sb0..sb99), requests cycle through all of them; prefix stripped; "
+                  "access logs %s for every proxy; sandbox-proxy: %s" % (
+                      a.access_log, target_notes.get("sandbox-proxy", "-")))
     header.append("runs: %gs each, %d repeat(s), median shown (req/s, p50, p99 each the median); warm-up %gs; "
                   "wrk -t1 --latency; targets interleaved within each repeat; each run waits up to %gs for a quiet "
                   "machine and is run again (up to %d times) if other processes used >= %g%% of a core during it"
                   % (a.duration, a.repeat, a.warmup, a.quiet_wait, a.retry_disturbed, DISTURBED_PCT))
-    legend = ("columns: req/s, p50, p99 = medians over the repeats; vs nginx / vs direct = req/s ratio; "
+    legend = ("columns: req/s, p50, p99 = medians over the repeats; vs nginx / vs direct = req/s ratio "
+              "(median of the per-repeat ratios: targets run back to back within a repeat); "
               "proc CPU = CPU time of the target's processes / wall time (100%% = one core; for 'direct' "
-              "the backend); T busy = CPU %s (the targets' core) busy, L busy = CPU %s (backend + wrk) "
+              "the backend); us/req = that CPU time per request in microseconds; T busy = CPU %s (the targets' core) busy, L busy = CPU %s (backend + wrk) "
               "busy, from /proc/stat, softirq included; spread = (max-min)/median of req/s over the "
               "repeats; bound = the core at >= %d%% busy (T, L, T+L, or neither: latency-bound or time lost "
               "outside the VM); '!' = errors, see notes" % (tcpu, ",".join(map(str, lcpus)), BUSY_LIMIT))
@@ -1248,7 +1333,7 @@ def main():
                 notes.append("%s / %s: p99 outlier run: %s (median %s)" % (
                     sk, t, fmt_ms(m["p99_max_ms"]), fmt_ms(m["p99_ms"])))
     busy_runs = [(sk, t, i + 1, r["other_cpu_pct"]) for sk in a.scenarios for t, rs in runs[sk].items()
-                 for i, r in enumerate(rs) if (r.get("other_cpu_pct") or 0) >= 5]
+                 for i, r in enumerate(rs) if (r.get("other_cpu_pct") or 0) >= DISTURBED_PCT]
     if busy_runs:
         notes.append("other processes on the machine used CPU during %d of %d kept runs (>= %g%% of a core "
                      "even after retries; worst %.0f%% in %s / %s run %d): those figures are disturbed" % (
@@ -1268,6 +1353,7 @@ def main():
         "settings": {"duration_s": a.duration, "repeat": a.repeat, "warmup_s": a.warmup,
                      "connections": a.connections, "routes": len(routes),
                      "proxy_workers": a.proxy_workers, "proxy_set": a.proxy_set,
+                     "proxy_config": a.proxy_config, "access_log": a.access_log,
                      "quiet_wait_s": a.quiet_wait, "retry_disturbed": a.retry_disturbed},
         "targets": {t: {"label": TARGET_LABEL[t], "note": target_notes.get(t), "port": ports.get(t),
                         "check_problems": failed.get(t, [])} for t in a.targets},
@@ -1280,6 +1366,7 @@ def main():
                                     for t, rs in runs[sk].items()}}
                       for sk in a.scenarios},
         "log_findings": log_findings,
+        "startup_log_warnings": startup_warnings,
         "notes": notes,
         "configs": configs,
     }

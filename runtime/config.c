@@ -96,6 +96,8 @@ static const knob_t knobs[] = {
      "seconds between flushes of the buffered access log"},
     {"access_log_buffer", K_INT, O(access_log_buffer), "65536", 1024, 67108864,
      "bytes buffered per worker before the access log is flushed early"},
+    {"auth_required", K_BOOL, O(auth_required), "false", 0, 0,
+     "refuse to start unless auth.lua has API keys or JWT configured (the k8s manifests set it)"},
     {"kube_api", K_STR, O(kube_api), NULL, 0, 0,
      "Kubernetes API URL (e.g. http://127.0.0.1:8001 for kubectl proxy)"},
     {"kube_token_file", K_STR, O(kube_token_file), NULL, 0, 0, "bearer token file for kube_api"},

@@ -73,6 +73,7 @@ typedef struct sp_config {
     double kube_token_refresh;
     char *kube_serviceaccount_dir;
     bool kube_compression;
+    bool auth_required;
 
     /* shared dicts declared in the config file's `shared_dicts` table (name -> bytes) */
     int ndicts;

@@ -128,6 +128,8 @@ static int c_settings(lua_State *L)
     set_str(L, "kube_namespace", sp_cfg.kube_namespace);
     set_str(L, "kube_label_selector", sp_cfg.kube_label_selector);
     set_str(L, "kube_serviceaccount_dir", sp_cfg.kube_serviceaccount_dir);
+    lua_pushboolean(L, sp_cfg.auth_required);
+    lua_setfield(L, -2, "auth_required");
     lua_pushboolean(L, sp_cfg.kube_insecure_skip_verify);
     lua_setfield(L, -2, "kube_insecure_skip_verify");
     lua_pushinteger(L, sp_cfg.kube_page_size);

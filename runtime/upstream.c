@@ -1026,7 +1026,7 @@ static void start_tunnel(sp_upconn_t *u)
     atomic_fetch_add(&sp_open_tunnels, 1);
     r->w->tunnels_open++;
     u->state = US_TUNNEL;
-    up_timer(u, UT_TUNNEL, sp_cfg.tunnel_idle_timeout);
+    up_timer(u, UT_TUNNEL, req_timeout(r, r->to_idle, sp_cfg.tunnel_idle_timeout));
     sp_conn_start_tunnel(r->conn);
 }
 

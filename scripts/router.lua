@@ -4,6 +4,8 @@
 --   known, not ready         -> 503 {"error":"sandbox not ready","path":..,"reason":..} + Retry-After
 --   ready, no address        -> 503 {"error":"sandbox has no address","path":..} + Retry-After
 --   no user/sandbox in path  -> 400 with the expected form
+--   another user's sandbox   -> 403 when auth.lua is on (the path's user must be the caller's,
+--                               unless the caller is an admin)
 -- The path is read by sandbox_path.lua (percent-decoded user and sandbox; unsafe segments are
 -- refused, so encoded tricks cannot reach another prefix).
 -- Config (config file section `router`): retry_after (seconds, default 2).
@@ -11,6 +13,7 @@ local routes = require "sp.routes"
 local config = require "sp.config"
 
 local sandbox_path = require "sandbox_path"
+local auth = require "auth"
 
 local cfg = config.router or {}
 local RETRY_AFTER = tostring(cfg.retry_after or 2)
@@ -31,6 +34,9 @@ function M.handle(req)
     local user, name, rest = split(req:target())
     if not user then
         return req:respond(400, BAD_PATH)
+    end
+    if not auth.may_access(req, user, name) then
+        return
     end
     local key = user .. "/" .. name
     local r = routes.get(key)

@@ -48,14 +48,15 @@ function M.respond(req, listing)
     req:respond(200, listing)
 end
 
-local function handler(req)
+-- Answers GET /sandboxes; keep(route) (optional) filters what the caller may see.
+function M.handle(req, keep)
     local m = req:method()
     if m ~= "GET" and m ~= "HEAD" then
         return req:respond(405, { error = "method not allowed" }, { Allow = "GET, HEAD" })
     end
-    M.respond(req, M.listing())
+    M.respond(req, M.listing(keep))
 end
 
-M.endpoints = { ["/sandboxes"] = handler }
+M.endpoints = { ["/sandboxes"] = function(req) return M.handle(req) end }
 
 return M

@@ -28,10 +28,11 @@
 --   no such sandbox              -> 404
 --   known, not ready / no address-> 503 + Retry-After
 --   route index refreshing       -> 503 + Retry-After (see "Lookup" below)
+--   another user's sandbox       -> 404, when auth.lua is enabled (see "Auth" below)
 --   Upstream failures are answered by the runtime, not by this script: 502 (connect refused,
 --   sandbox closed the connection, bad response) and 504 (connect/first-byte/idle timeout).
 --   Those bodies are the runtime's own {"error": "...", "request_id": "..."}, NOT {"detail":..}.
---   The official router's 401 (bearer-token auth) is not implemented here.
+--   401/403 for credentials come from auth.lua before this router runs, also as {"error":..}.
 --
 -- Lookup: routes are keyed "{user}/{name}" (discovery.lua), but clients name a sandbox by
 -- namespace and name. Scanning routes.list() per request is O(n), so this script keeps a
@@ -43,14 +44,28 @@
 --     i.e. everything the SDK creates), which needs no index;
 --   * then, if routes.generation() moved since the index was built, it rebuilds the index
 --     from routes.list() (O(n), sorted copies of every route) and looks again;
---   * rebuilds are at most one per `index_min_interval` seconds per worker (0.25): a miss
---     inside that window while the table has changed answers 503 + Retry-After ("refreshing")
---     rather than a 404 that might be wrong. With no route changes, a miss is a plain 404
---     and costs no rebuild, so a flood of unknown IDs cannot force rebuilds on its own.
+--   * rebuilds are spaced by at least max(index_min_interval, index_cost_factor x the
+--     duration of the last rebuild) seconds per worker (0.25 s; 10 x), so rebuilding takes
+--     at most about a tenth of a worker however the routes churn. A miss inside that window
+--     while the table has changed answers 503 + Retry-After ("refreshing") rather than a 404
+--     that might be wrong. With no route changes a miss is a plain 404 and costs no rebuild,
+--     so a flood of unknown IDs cannot force rebuilds on its own.
 --   Trade-off: memory of one string pair per route per worker, and an O(n) rebuild after
---   route changes that coincide with a miss. Two keys claiming the same namespace/name
+--   route changes that coincide with a miss. routes.list() is the only way to enumerate the
+--   table and copies and sorts every route: measured 0.3-0.9 s per call for 100,000 routes
+--   (about 8 ms for 1,000), during which the worker serves nothing. At that scale a sandbox
+--   that is neither in the index nor under a guess user may get "refreshing" 503s for some
+--   seconds after it appears. Two keys claiming the same namespace/name
 --   (impossible for one Kubernetes object; possible with hand-written routes) resolve to the
 --   first key in sorted order.
+--
+-- Auth: auth.lua (when enabled) authorizes a request by the user in its PATH, which names
+-- nothing in header routing. So this script repeats the ownership check itself: after the
+-- lookup, auth.can_see(req.ctx.identity, route) must hold (the route's user is the caller's,
+-- or the caller is an admin), else the answer is the same 404 as for an unknown sandbox (no
+-- way to probe other users' sandbox names). With auth enabled and no identity in req.ctx
+-- (a custom init.lua that skipped auth.check), every header-routed request gets that 404:
+-- it fails closed. Without auth.lua (or with it disabled) there is no check.
 --
 -- Without X-Sandbox-ID the request goes to the built-in path router (/{user}/{sandbox}/...)
 -- when `fallback` is true, so both styles work behind one proxy; else 400.
@@ -64,6 +79,7 @@
 --       allowed_ports = nil,        -- list of ports clients may name (nil: any 1..65535)
 --       retry_after = 2,            -- Retry-After of the 503 answers (seconds)
 --       index_min_interval = 0.25,  -- seconds between index rebuilds (per worker)
+--       index_cost_factor = 10,     -- ... and at least this many times the last rebuild
 --       guess_users = nil,          -- users tried before the index (default: {discovery
 --                                   -- default_user or "default"}); {} to disable
 --   }
@@ -72,10 +88,18 @@
 --   * init.lua answers /health, /ready, /live, /sandboxes and /metrics itself before any
 --     router runs, so a header-routed request for a sandbox's own path of one of those
 --     names gets the proxy's endpoint, not the sandbox's.
+--   * With auth enabled, auth.check runs before the router and compares the caller with the
+--     first path segment whenever the path has two segments or more: a header-routed
+--     `GET /download/tmp%2Fout.txt` from alice is refused 403 ("download" is not alice).
+--     Paths of one segment (/execute, /upload, /) pass. Fixing that needs an auth.lua or
+--     init.lua that skips the path check when X-Sandbox-ID is present (this router then does
+--     the ownership check, above).
 --   * ratelimit.lua keys its "sandbox"/"user" limits and its per-sandbox concurrency limit
 --     on the PATH (/{user}/{sandbox}/...), so header-routed requests are limited per client
 --     only (or, for a path like /list/tmp, per a meaningless "list/tmp" key).
---   * /healthz is not one of init.lua's endpoints: it passes the rate limiter first.
+--   * /healthz is not one of init.lua's open endpoints: it passes the rate limiter and, with
+--     auth enabled, auth.check (401 without a credential) before reaching this router. Use
+--     /live or /ready for probes, or add /healthz to init.lua's open endpoints.
 local routes = require "sp.routes"
 local config = require "sp.config"
 local core = require "sp.core"
@@ -108,7 +132,9 @@ if cfg.allowed_ports ~= nil then
     assert(type(cfg.allowed_ports) == "table", "sdk_router.allowed_ports must be a list of ports")
     ALLOWED_PORTS = {}
     for _, p in ipairs(cfg.allowed_ports) do
-        ALLOWED_PORTS[tonumber(p)] = true
+        assert(type(p) == "number" and p >= 1 and p <= 65535 and p % 1 == 0,
+            "sdk_router.allowed_ports: " .. tostring(p) .. " is not a port")
+        ALLOWED_PORTS[p] = true
     end
 end
 
@@ -117,12 +143,23 @@ local RETRY_AFTER = tostring(cfg.retry_after or 2)
 local MIN_INTERVAL = cfg.index_min_interval == nil and 0.25 or cfg.index_min_interval
 assert(type(MIN_INTERVAL) == "number" and MIN_INTERVAL >= 0,
     "sdk_router.index_min_interval must be a number >= 0")
+local COST_FACTOR = cfg.index_cost_factor == nil and 10 or cfg.index_cost_factor
+assert(type(COST_FACTOR) == "number" and COST_FACTOR >= 0,
+    "sdk_router.index_cost_factor must be a number >= 0")
 
 local GUESS_USERS = cfg.guess_users
 if GUESS_USERS == nil then
     GUESS_USERS = { (config.discovery or {}).default_user or "default" }
 end
 assert(type(GUESS_USERS) == "table", "sdk_router.guess_users must be a list")
+
+-- auth.lua, if the scripts have one (its `enabled` and can_see decide; replaceable in
+-- tests). A missing module means no auth; an auth.lua that fails to load is an error.
+local has_auth, auth = pcall(require, "auth")
+if not has_auth and not find(tostring(auth), "module 'auth' not found", 1, true) then
+    error(auth, 0)
+end
+M.auth = has_auth and type(auth) == "table" and auth or nil
 
 -- The built-in path router, for requests without X-Sandbox-ID. Loaded by path from the
 -- built-in directory: `require "router"` would return this file when it is mounted as
@@ -137,7 +174,7 @@ M.builtin = builtin
 
 M.config = {
     fallback = FALLBACK, max_timeout = MAX_TIMEOUT, default_port = DEFAULT_PORT,
-    retry_after = RETRY_AFTER, index_min_interval = MIN_INTERVAL,
+    retry_after = RETRY_AFTER, index_min_interval = MIN_INTERVAL, index_cost_factor = COST_FACTOR,
 }
 
 -- ------------------------------------------------------------------ validation
@@ -191,12 +228,14 @@ local index = {}          -- "namespace/name" -> route key
 local index_gen = -1      -- routes.generation() the index was built at
 local index_size = 0
 local built_at = -huge    -- core.monotonic() of the last rebuild
-local stats = { rebuilds = 0, guesses = 0 }
+local wait = 0            -- seconds the next rebuild must wait after built_at
+local stats = { rebuilds = 0, guesses = 0, last_cost = 0 }
 
 local function rebuild()
     -- read the generation first: a change during list() leaves index_gen behind, so the
     -- next miss rebuilds again (never the other way round)
     local gen = routes.generation()
+    local started = core.monotonic()
     local idx, n = {}, 0
     for _, r in ipairs(routes.list()) do
         local name = r.name
@@ -210,7 +249,13 @@ local function rebuild()
     end
     index, index_gen, index_size = idx, gen, n
     built_at = core.monotonic()
+    local cost = built_at - started
+    wait = COST_FACTOR * cost
+    if wait < MIN_INTERVAL then
+        wait = MIN_INTERVAL
+    end
     stats.rebuilds = stats.rebuilds + 1
+    stats.last_cost = cost
 end
 
 -- The live route of key if it is the sandbox namespace/name, else nil.
@@ -244,7 +289,7 @@ function M.lookup(namespace, name)
     if routes.generation() == index_gen then
         return nil, "not found"
     end
-    if core.monotonic() - built_at < MIN_INTERVAL then
+    if core.monotonic() - built_at < wait then
         return nil, "refreshing"
     end
     rebuild()
@@ -258,16 +303,17 @@ function M.lookup(namespace, name)
     return nil, "not found"
 end
 
--- Index state, for tests and debugging: { rebuilds, guesses, size, generation }.
+-- Index state, for tests and debugging: { rebuilds, guesses, size, generation, last_cost
+-- (seconds the last rebuild took), wait (seconds the next must wait after the last) }.
 function M.index_stats()
     return { rebuilds = stats.rebuilds, guesses = stats.guesses, size = index_size,
-        generation = index_gen }
+        generation = index_gen, last_cost = stats.last_cost, wait = wait }
 end
 
 -- Forgets the index (tests).
 function M.reset_index()
-    index, index_gen, index_size, built_at = {}, -1, 0, -huge
-    stats.rebuilds, stats.guesses = 0, 0
+    index, index_gen, index_size, built_at, wait = {}, -1, 0, -huge, 0
+    stats.rebuilds, stats.guesses, stats.last_cost = 0, 0, 0
 end
 
 -- ------------------------------------------------------------------ handling
@@ -320,6 +366,10 @@ function M.handle(req)
     end
 
     local r, why = M.lookup(namespace, id)
+    local a = M.auth
+    if r and a and a.enabled and not a.can_see(req.ctx.identity, r) then
+        r, why = nil, "not found"
+    end
     if not r then
         if why == "refreshing" then
             return detail(req, 503, "Sandbox '" .. id .. "' in namespace '" .. namespace

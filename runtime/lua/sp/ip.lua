@@ -65,7 +65,10 @@ local function parse6(s)
         end
         return out
     end
-    local h, t = groups(head), tail and groups(tail) or {}
+    local h, t = groups(head), {}
+    if tail then
+        t = groups(tail)
+    end
     if not h or not t then
         return nil
     end

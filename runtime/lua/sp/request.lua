@@ -277,7 +277,6 @@ function Req:add_header(name, value)
         "add_header: invalid header name or value")
 end
 
--- Removes a client header from the request sent upstream.
 -- Adds a header to the response the client gets (local or proxied), e.g. RateLimit-*.
 function Req:add_response_header(name, value)
     value = tostring(value)
@@ -285,6 +284,7 @@ function Req:add_response_header(name, value)
         "add_response_header: invalid header, or the response head has gone out")
 end
 
+-- Removes a client header from the request sent upstream.
 function Req:remove_header(name)
     check_rc(C.sp_req_edit_header(live(self), 45 --[[ '-' ]], name, #name, "", 0),
         "remove_header: invalid header name")

@@ -1,0 +1,340 @@
+-- ratelimit.lua over the real "ratelimit" shared dict with fake requests: check() decisions,
+-- the RateLimit-* headers, the 429 and 503 answers, key functions, per-sandbox concurrency
+-- (fake holds, given back by req:complete()) and the trusted-proxy client address. Rates are
+-- tiny (one token per 1000 s) so that the clock never refills a bucket during a test.
+local testkit = require "sp.testkit"
+local shared = require "sp.shared"
+local config = require "sp.config"
+
+local dict = assert(shared.dict("ratelimit"))
+local sp_dict = assert(shared.dict("sp"))
+
+local SLOW = 0.001 -- tokens per second
+
+-- A fresh ratelimit.lua with the given config section.
+local function load(section)
+    config.ratelimit = section
+    package.loaded["ratelimit"] = nil
+    return require "ratelimit"
+end
+
+local function request(target, opts)
+    opts = opts or {}
+    opts.target = target
+    return testkit.request(opts)
+end
+
+-- check() on a new request; returns the request and check's first result.
+local function check(rl, target, opts)
+    local req = request(target, opts)
+    local ok = rl.check(req)
+    return req, ok
+end
+
+local function counter(name)
+    return sp_dict:get(name) or 0
+end
+
+describe("ratelimit.lua", function()
+    before_each(function()
+        dict:flush_all()
+        sp_dict:delete("m:ratelimited")
+        sp_dict:delete("m:concurrency_limited")
+    end)
+
+    after_each(function()
+        config.ratelimit = nil
+        package.loaded["ratelimit"] = nil
+        dict:flush_all()
+    end)
+
+    describe("rate limits", function()
+        it("admits the burst, then answers 429 with the exact body and headers", function()
+            local rl = load({ limits = { { name = "c", key = "client", rate = SLOW, burst = 3 } } })
+            for i = 1, 3 do
+                local req, ok = check(rl, "/alice/sb/x")
+                assert.is_true(ok, "request " .. i)
+                assert.is_nil(req.response)
+                assert.are.equal("allowed", req.ctx.ratelimit)
+                local h = req.response_headers
+                assert.are.equal("3", h["RateLimit-Limit"])
+                assert.are.equal(tostring(3 - i), h["RateLimit-Remaining"])
+                -- the bucket is full again i tokens from now (rounded up; +1 for float noise)
+                local reset = tonumber(h["RateLimit-Reset"])
+                assert.is_true(reset > (i - 1) * 1000 and reset <= i * 1000 + 1, h["RateLimit-Reset"])
+            end
+            local req, ok = check(rl, "/alice/sb/x")
+            assert.is_false(ok)
+            assert.are.equal("limited", req.ctx.ratelimit)
+            assert.are.equal(429, req.response.status)
+            assert.are.equal('{"error":"rate limited"}', req.response.body)
+            assert.are.equal("application/json", req.response.headers["Content-Type"])
+            local h = req.response.headers
+            local retry = tonumber(h["Retry-After"])
+            assert.is_true(retry >= 999 and retry <= 1001, h["Retry-After"])
+            assert.are.equal(h["Retry-After"], tostring(math.floor(retry)))
+            assert.are.equal("3", h["RateLimit-Limit"])
+            assert.are.equal("0", h["RateLimit-Remaining"])
+            local reset = tonumber(h["RateLimit-Reset"])
+            assert.is_true(reset > 2000 and reset <= 3001, h["RateLimit-Reset"])
+            assert.are.equal(1, counter("m:ratelimited"))
+            -- a limited request does not take a token: still limited, counted again
+            req, ok = check(rl, "/alice/sb/x")
+            assert.is_false(ok)
+            assert.are.equal(2, counter("m:ratelimited"))
+        end)
+
+        it("answers the proxy's own and unroutable paths too (key client)", function()
+            local rl = load({ limits = { { key = "client", rate = SLOW, burst = 1 } } })
+            local _, ok = check(rl, "/anything")
+            assert.is_true(ok)
+            local req
+            req, ok = check(rl, "/")
+            assert.is_false(ok)
+            assert.are.equal(429, req.response.status)
+        end)
+
+        it("defaults the burst to the rate and names limits", function()
+            local rl = load({ limits = { { key = "client", rate = 2 } } })
+            local req = check(rl, "/a/b/c")
+            assert.are.equal("2", req.response_headers["RateLimit-Limit"])
+            assert.are.equal("1", req.response_headers["RateLimit-Remaining"])
+        end)
+
+        it("keeps one bucket per client address", function()
+            local rl = load({ limits = { { key = "client", rate = SLOW, burst = 1 } } })
+            assert.is_true(select(2, check(rl, "/a/b/c", { client = "10.0.0.1" })))
+            assert.is_false(select(2, check(rl, "/a/b/c", { client = "10.0.0.1" })))
+            assert.is_true(select(2, check(rl, "/a/b/c", { client = "10.0.0.2" })))
+            assert.is_true(select(2, check(rl, "/a/b/c", { client = "::1" })))
+        end)
+
+        it("keys by sandbox: each sandbox its own bucket, non-sandbox paths skipped", function()
+            local rl = load({ limits = { { key = "sandbox", rate = SLOW, burst = 2 } } })
+            for _ = 1, 2 do
+                assert.is_true(select(2, check(rl, "/alice/a/x")))
+            end
+            assert.is_false(select(2, check(rl, "/alice/a/y")))
+            assert.is_false(select(2, check(rl, "/al%69ce/a/z"))) -- the same sandbox, encoded
+            assert.is_true(select(2, check(rl, "/alice/b/x")))
+            assert.is_true(select(2, check(rl, "/bob/a/x")))
+            -- no sandbox in the path: the limit does not apply, and no headers are added
+            for _ = 1, 5 do
+                local req, ok = check(rl, "/health")
+                assert.is_true(ok)
+                assert.is_nil(req.response_headers)
+            end
+        end)
+
+        it("keys by user: one bucket for all of a user's sandboxes", function()
+            local rl = load({ limits = { { key = "user", rate = SLOW, burst = 3 } } })
+            assert.is_true(select(2, check(rl, "/alice/a/x")))
+            assert.is_true(select(2, check(rl, "/alice/b/x")))
+            assert.is_true(select(2, check(rl, "/alice/c/x")))
+            assert.is_false(select(2, check(rl, "/alice/d/x")))
+            assert.is_true(select(2, check(rl, "/bob/a/x")))
+            assert.is_true(select(2, check(rl, "/nosandbox")))
+        end)
+
+        it("calls a function key, and a nil key skips the limit", function()
+            local seen = {}
+            local rl = load({ limits = { { name = "tenant", rate = SLOW, burst = 1,
+                key = function(req)
+                    seen[#seen + 1] = req:path()
+                    return req:header("x-tenant")
+                end } } })
+            for _ = 1, 4 do
+                local req, ok = check(rl, "/a/b/c")
+                assert.is_true(ok)
+                assert.is_nil(req.response_headers)
+            end
+            local req, ok = check(rl, "/a/b/c", { headers = { ["X-Tenant"] = "t1" } })
+            assert.is_true(ok)
+            assert.are.equal("0", req.response_headers["RateLimit-Remaining"])
+            req, ok = check(rl, "/a/b/c", { headers = { ["X-Tenant"] = "t1" } })
+            assert.is_false(ok)
+            assert.are.equal(429, req.response.status)
+            assert.is_true(select(2, check(rl, "/a/b/c", { headers = { ["X-Tenant"] = "t2" } })))
+            assert.are.equal(7, #seen)
+        end)
+
+        it("reports the most constrained limit, and the first limit that refuses", function()
+            local rl = load({ limits = {
+                { name = "wide", key = "client", rate = SLOW, burst = 10 },
+                { name = "narrow", key = "sandbox", rate = SLOW, burst = 2 },
+            } })
+            local req = check(rl, "/alice/a/x")
+            assert.are.equal("2", req.response_headers["RateLimit-Limit"])
+            assert.are.equal("1", req.response_headers["RateLimit-Remaining"])
+            req = check(rl, "/health") -- only the wide limit applies
+            assert.are.equal("10", req.response_headers["RateLimit-Limit"])
+            assert.are.equal("8", req.response_headers["RateLimit-Remaining"])
+            check(rl, "/alice/a/x")
+            local ok
+            req, ok = check(rl, "/alice/a/x")
+            assert.is_false(ok)
+            assert.are.equal("2", req.response.headers["RateLimit-Limit"])
+            assert.are.equal("0", req.response.headers["RateLimit-Remaining"])
+        end)
+
+        it("keeps separate buckets for limits with different names", function()
+            local rl = load({ limits = {
+                { name = "one", key = "client", rate = SLOW, burst = 1 },
+                { name = "two", key = "client", rate = SLOW, burst = 2 },
+            } })
+            local req, ok = check(rl, "/a/b/c")
+            assert.is_true(ok)
+            assert.are.equal("0", req.response_headers["RateLimit-Remaining"])
+            req, ok = check(rl, "/a/b/c")
+            assert.is_false(ok)
+            assert.are.equal("1", req.response.headers["RateLimit-Limit"])
+        end)
+
+        it("uses a default limit of 1000/s with a burst of 2000", function()
+            local rl = load(nil)
+            local req, ok = check(rl, "/a/b/c")
+            assert.is_true(ok)
+            assert.are.equal("2000", req.response_headers["RateLimit-Limit"])
+            assert.are.equal("1999", req.response_headers["RateLimit-Remaining"])
+        end)
+
+        it("does nothing when disabled", function()
+            local rl = load({ enabled = false, concurrency = { per_sandbox = 1 },
+                limits = { { key = "client", rate = SLOW, burst = 1 } } })
+            for _ = 1, 5 do
+                local req, ok = check(rl, "/alice/sb/x")
+                assert.is_true(ok)
+                assert.is_nil(req.response)
+                assert.is_nil(req.response_headers)
+            end
+        end)
+
+        it("refuses a limit without a positive rate at load time", function()
+            assert.has_error(function()
+                load({ limits = { { key = "client", rate = 0 } } })
+            end)
+            local ok, err = pcall(load, { limits = { { key = "client" } } })
+            assert.is_false(ok)
+            assert.matches("rate must be > 0", tostring(err), 1, true)
+        end)
+
+        it("refuses bad trusted proxies at load time", function()
+            local ok, err = pcall(load, { trusted_proxies = { "10.0.0.0/99" } })
+            assert.is_false(ok)
+            assert.matches("10.0.0.0/99", tostring(err), 1, true)
+        end)
+    end)
+
+    describe("concurrency", function()
+        local CFG = { limits = { { key = "client", rate = 1000, burst = 1000 } },
+            concurrency = { per_sandbox = 2 } }
+
+        it("admits per_sandbox requests in flight, then answers 503", function()
+            local rl = load(CFG)
+            local a = check(rl, "/alice/sb/x")
+            local b = check(rl, "/alice/sb/y")
+            assert.is_nil(a.response)
+            assert.is_nil(b.response)
+            assert.are.equal(2, rl.in_flight("alice/sb"))
+            local c, ok = check(rl, "/alice/sb/z")
+            assert.is_false(ok)
+            assert.are.equal("concurrency", c.ctx.ratelimit)
+            assert.are.equal(503, c.response.status)
+            assert.are.same({ error = "too many requests in flight", path = "alice/sb" },
+                c.response.json)
+            assert.are.equal("1", c.response.headers["Retry-After"])
+            assert.are.equal(1, counter("m:concurrency_limited"))
+            assert.are.equal(0, counter("m:ratelimited"))
+            -- the refused request holds nothing
+            assert.are.equal(2, rl.in_flight("alice/sb"))
+            c:complete{ status = 503 }
+            assert.are.equal(2, rl.in_flight("alice/sb"))
+        end)
+
+        it("gives the slot back when the exchange completes", function()
+            local rl = load(CFG)
+            local a = check(rl, "/alice/sb/x")
+            check(rl, "/alice/sb/y")
+            assert.is_false(select(2, check(rl, "/alice/sb/z")))
+            a:complete{ status = 200 }
+            assert.are.equal(1, rl.in_flight("alice/sb"))
+            local d, ok = check(rl, "/alice/sb/z")
+            assert.is_true(ok)
+            assert.are.equal("allowed", d.ctx.ratelimit)
+            assert.are.equal(2, rl.in_flight("alice/sb"))
+        end)
+
+        it("counts each sandbox separately, and skips non-sandbox paths", function()
+            local rl = load(CFG)
+            check(rl, "/alice/sb/x")
+            check(rl, "/alice/sb/x")
+            assert.is_true(select(2, check(rl, "/alice/other/x")))
+            assert.is_true(select(2, check(rl, "/bob/sb/x")))
+            for _ = 1, 5 do
+                assert.is_true(select(2, check(rl, "/health")))
+            end
+            assert.are.equal(2, rl.in_flight("alice/sb"))
+            assert.are.equal(1, rl.in_flight("alice/other"))
+            assert.are.equal(0, rl.in_flight("nobody/none"))
+        end)
+
+        it("does not hold a slot for a rate-limited request", function()
+            local rl = load({ limits = { { key = "client", rate = SLOW, burst = 1 } },
+                concurrency = { per_sandbox = 5 } })
+            check(rl, "/alice/sb/x")
+            local req, ok = check(rl, "/alice/sb/x")
+            assert.is_false(ok)
+            assert.are.equal(429, req.response.status)
+            assert.are.equal(1, rl.in_flight("alice/sb"))
+        end)
+
+        it("is off with per_sandbox = 0", function()
+            local rl = load({ limits = CFG.limits, concurrency = { per_sandbox = 0 } })
+            for _ = 1, 10 do
+                assert.is_true(select(2, check(rl, "/alice/sb/x")))
+            end
+            assert.are.equal(0, rl.in_flight("alice/sb"))
+        end)
+
+        it("defaults to 256 per sandbox", function()
+            local rl = load({ limits = CFG.limits })
+            for i = 1, 256 do
+                assert.is_true(select(2, check(rl, "/alice/sb/x")), "request " .. i)
+            end
+            assert.is_false(select(2, check(rl, "/alice/sb/x")))
+        end)
+    end)
+
+    describe("client address and trusted proxies", function()
+        it("ignores X-Forwarded-For without trusted proxies", function()
+            local rl = load({ limits = { { key = "client", rate = SLOW, burst = 1 } } })
+            local req = request("/a/b/c", { headers = { ["X-Forwarded-For"] = "1.2.3.4" } })
+            assert.are.equal("127.0.0.1", rl.client(req))
+            assert.is_true(rl.check(req))
+            -- another forwarded address shares the peer's bucket
+            local _, ok = check(rl, "/a/b/c", { headers = { ["X-Forwarded-For"] = "5.6.7.8" } })
+            assert.is_false(ok)
+        end)
+
+        it("believes X-Forwarded-For from a trusted proxy", function()
+            local rl = load({ trusted_proxies = { "127.0.0.0/8" },
+                limits = { { key = "client", rate = SLOW, burst = 1 } } })
+            local function xff(v, client)
+                return request("/a/b/c", { client = client, headers = { ["X-Forwarded-For"] = v } })
+            end
+            assert.are.equal("1.2.3.4", rl.client(xff("1.2.3.4")))
+            assert.are.equal("1.2.3.4", rl.client(xff("9.9.9.9, 1.2.3.4, 127.0.0.2")))
+            assert.are.equal("127.0.0.1", rl.client(xff("garbage")))
+            assert.are.equal("192.0.2.1", rl.client(xff("1.2.3.4", "192.0.2.1")))
+            -- buckets follow the believed address
+            assert.is_true(rl.check(xff("1.2.3.4")))
+            assert.is_false(rl.check(xff("1.2.3.4")))
+            assert.is_false(rl.check(xff("8.8.8.8, 1.2.3.4")))
+            assert.is_true(rl.check(xff("5.6.7.8")))
+            assert.is_true(rl.check(request("/a/b/c")))
+            -- an untrusted peer cannot pick its bucket
+            assert.is_true(rl.check(xff("4.4.4.4", "192.0.2.1")))
+            assert.is_false(rl.check(xff("3.3.3.3", "192.0.2.1")))
+        end)
+    end)
+end)
