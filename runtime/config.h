@@ -27,6 +27,8 @@ typedef struct sp_config {
     /* client side limits */
     int max_connections;
     int max_connections_per_ip;
+    int max_tunnels;
+    int max_chunk_extension_size;
     int max_url_size;
     int max_header_size;
     int max_headers;

@@ -124,6 +124,7 @@ struct sp_request {
     char frames[SP_MAX_IOV][20];
     unsigned nframes;
     uint64_t chunk_left;  /* the current request chunk's size, to frame it */
+    uint32_t chunk_ext_bytes; /* chunk-extension bytes seen in the request body */
 
     /* counters held for the life of the exchange (req:hold), given back when it ends */
     struct {
@@ -207,6 +208,7 @@ struct sp_upconn {
     sp_request_t *req;
     int state;
     int rflags;            /* response parse progress (upstream.c RESP_*) */
+    const char *value_end; /* end of the last response header value piece in this run */
     int handles;
     uint32_t nrequests;
     bool reused;

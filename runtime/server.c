@@ -46,6 +46,7 @@ const char *const sp_error_names[] = {
 static void conn_process(sp_conn_t *c);
 static void conn_linger_close(sp_conn_t *c);
 static void release_holds(sp_request_t *r);
+static void ip_release(const char *ip);
 static void conn_timer(sp_conn_t *c, int kind, double secs);
 
 /* ---------------------------------------------------------------- request slots */
@@ -101,6 +102,7 @@ sp_request_t *sp_request_acquire(sp_worker_t *w)
     r->reason_len = 0;
     r->niov = r->nframes = 0;
     r->chunk_left = 0;
+    r->chunk_ext_bytes = 0;
     r->resp_status = 0;
     r->bytes_in = r->bytes_out = 0;
     r->t_start = uv_hrtime();
@@ -663,6 +665,21 @@ static int cb_chunk_header(llhttp_t *p)
     return 0;
 }
 
+/* Chunk extensions are never forwarded (bodies are re-framed), but a client could send
+ * megabytes of them: count and cap them. */
+static int cb_chunk_ext(llhttp_t *p, const char *at, size_t len)
+{
+    SP_UNUSED(at);
+    sp_conn_t *c = p->data;
+    sp_request_t *r = c->req;
+    r->chunk_ext_bytes += (uint32_t)len;
+    if (r->chunk_ext_bytes > (uint32_t)sp_cfg.max_chunk_extension_size) {
+        llhttp_set_error_reason(p, "chunk extensions too long");
+        return HPE_USER;
+    }
+    return 0;
+}
+
 static int cb_chunk_complete(llhttp_t *p)
 {
     sp_conn_t *c = p->data;
@@ -697,6 +714,8 @@ const llhttp_settings_t sp_request_settings = {
     .on_body = cb_body,
     .on_chunk_header = cb_chunk_header,
     .on_chunk_complete = cb_chunk_complete,
+    .on_chunk_extension_name = cb_chunk_ext,
+    .on_chunk_extension_value = cb_chunk_ext,
     .on_message_complete = cb_message_complete,
 };
 
@@ -969,15 +988,29 @@ static void bad_request(sp_conn_t *c, llhttp_errno_t e);
 
 /* Validates the body bytes that arrived with the head, with a silent copy of the parser, so a
  * malformed body that is already here is refused before anything reaches the sandbox. */
+static int probe_ext(llhttp_t *p, const char *at, size_t len)
+{
+    SP_UNUSED(at);
+    uint32_t *n = p->data;
+    *n += (uint32_t)len;
+    return *n > (uint32_t)sp_cfg.max_chunk_extension_size ? HPE_USER : 0;
+}
+
 static bool body_lookahead_ok(sp_conn_t *c)
 {
-    static const llhttp_settings_t silent = {0};
+    static const llhttp_settings_t probe_settings = {
+        .on_chunk_extension_name = probe_ext,
+        .on_chunk_extension_value = probe_ext,
+    };
+    uint32_t ext = 0;
     llhttp_t probe = c->parser;
-    probe.settings = (void *)&silent;
+    probe.settings = (void *)&probe_settings;
+    probe.data = &ext;
     llhttp_errno_t e = llhttp_execute(&probe, c->rbuf + c->rpos, c->rlen - c->rpos);
     if (e == HPE_OK || e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE)
         return true;
-    llhttp_set_error_reason(&c->parser, llhttp_get_error_reason(&probe));
+    llhttp_set_error_reason(&c->parser, e == HPE_USER ? "chunk extensions too long"
+                                                      : llhttp_get_error_reason(&probe));
     return false;
 }
 
@@ -1014,6 +1047,11 @@ static void start_request(sp_conn_t *c)
         sp_conn_error_response(c, 400, "duplicate Host header");
         return;
     }
+    if ((c->parser.flags & F_TRANSFER_ENCODING) && !r->chunked) {
+        /* RFC 9112 6.3: a request whose final transfer coding is not chunked is refused */
+        sp_conn_error_response(c, 400, "unsupported Transfer-Encoding");
+        return;
+    }
     if (sp_cfg.max_body_size > 0 && (double)r->content_length > sp_cfg.max_body_size) {
         r->error = SP_ERR_BODY_TOO_LARGE;
         sp_conn_error_response(c, 413, "request body too large");
@@ -1030,6 +1068,11 @@ static void start_request(sp_conn_t *c)
     }
     if (r->upgrade && r->has_body) {
         sp_conn_error_response(c, 400, "upgrade request with a body");
+        return;
+    }
+    if (r->upgrade && sp_cfg.max_tunnels > 0 &&
+        atomic_load(&sp_open_tunnels) >= sp_cfg.max_tunnels) {
+        sp_conn_error_response(c, 503, "too many open tunnels");
         return;
     }
     if (r->has_body && c->rpos < c->rlen && !body_lookahead_ok(c)) {
@@ -1109,7 +1152,16 @@ static void step_head(sp_conn_t *c)
         sp_conn_read_start(c);
         return;
     }
+    const char *chunk = c->rbuf + c->rpos;
+    size_t chunk_len = c->rlen - c->rpos;
     llhttp_errno_t e = parse_some(c);
+    if (e == HPE_OK && c->state == CS_HEAD && c->parser.http_major == 0 && c->req &&
+        c->req->url_len && memchr(chunk, '\n', chunk_len)) {
+        /* a request line ended without " HTTP/x.y": HTTP/0.9, which we do not speak */
+        llhttp_set_error_reason(&c->parser, "HTTP/0.9 is not supported");
+        bad_request(c, HPE_INVALID_VERSION);
+        return;
+    }
     if (e == HPE_OK) {
         /* Everything consumed (the head bytes were copied); the buffer can be reused. */
         c->rpos = c->rlen = 0;
@@ -1384,6 +1436,8 @@ static void on_conn_handle_closed(uv_handle_t *h)
         c->next->prev = c->prev;
     w->nconns--;
     atomic_fetch_sub(&sp_open_connections, 1);
+    if (c->counted_ip)
+        ip_release(c->peer_ip);
     free(c);
 }
 
@@ -1443,6 +1497,69 @@ static void conn_linger_close(sp_conn_t *c)
     sp_conn_read_start(c);
 }
 
+/* ---------------------------------------------------------------- connections per address */
+
+/* A process-wide count of open connections per client address (max_connections_per_ip). */
+typedef struct ipcount {
+    struct ipcount *next;
+    int n;
+    char ip[48];
+} ipcount_t;
+
+#define IP_BUCKETS 4096
+static ipcount_t *ip_buckets[IP_BUCKETS];
+static uv_mutex_t ip_mu;
+static uv_once_t ip_once = UV_ONCE_INIT;
+
+static void ip_init(void) { uv_mutex_init(&ip_mu); }
+
+static unsigned ip_hash(const char *s)
+{
+    unsigned h = 2166136261u;
+    for (; *s; s++)
+        h = (h ^ (unsigned char)*s) * 16777619u;
+    return h % IP_BUCKETS;
+}
+
+/* Counts one more connection from ip. Returns false (and counts nothing) past the limit. */
+static bool ip_acquire(const char *ip, int limit)
+{
+    uv_once(&ip_once, ip_init);
+    unsigned h = ip_hash(ip);
+    bool ok = true;
+    uv_mutex_lock(&ip_mu);
+    ipcount_t *e = ip_buckets[h];
+    while (e && strcmp(e->ip, ip) != 0)
+        e = e->next;
+    if (!e) {
+        e = sp_calloc(1, sizeof *e);
+        snprintf(e->ip, sizeof e->ip, "%s", ip);
+        e->next = ip_buckets[h];
+        ip_buckets[h] = e;
+    }
+    if (e->n >= limit)
+        ok = false;
+    else
+        e->n++;
+    uv_mutex_unlock(&ip_mu);
+    return ok;
+}
+
+static void ip_release(const char *ip)
+{
+    unsigned h = ip_hash(ip);
+    uv_mutex_lock(&ip_mu);
+    ipcount_t **pp = &ip_buckets[h];
+    while (*pp && strcmp((*pp)->ip, ip) != 0)
+        pp = &(*pp)->next;
+    if (*pp && --(*pp)->n == 0) {
+        ipcount_t *e = *pp;
+        *pp = e->next;
+        free(e);
+    }
+    uv_mutex_unlock(&ip_mu);
+}
+
 /* ---------------------------------------------------------------- accepting */
 
 void sp_server_on_connection(uv_stream_t *server, int status)
@@ -1498,6 +1615,22 @@ void sp_server_on_connection(uv_stream_t *server, int status)
             uv_ip6_name(a, c->peer_ip, sizeof c->peer_ip);
             c->peer_port = ntohs(a->sin6_port);
         }
+    }
+    if (sp_cfg.max_connections_per_ip > 0) {
+        if (!ip_acquire(c->peer_ip, sp_cfg.max_connections_per_ip)) {
+            static _Atomic uint64_t last_ip_warn;
+            uint64_t now = uv_now(&w->loop);
+            if (now - atomic_load(&last_ip_warn) > 1000) {
+                atomic_store(&last_ip_warn, now);
+                sp_log(SP_LOG_WARN, "connection refused: max_connections_per_ip reached",
+                       "s:client", c->peer_ip, "i:limit", (int64_t)sp_cfg.max_connections_per_ip,
+                       NULL);
+            }
+            c->eof = true;
+            sp_conn_close(c);
+            return;
+        }
+        c->counted_ip = true;
     }
     llhttp_init(&c->parser, HTTP_REQUEST, &sp_request_settings);
     c->parser.data = c;

@@ -737,6 +737,13 @@ static int rcb_header_value(llhttp_t *p, const char *at, size_t len)
     if (resp_limit(u, len))
         return HPE_USER;
     sp_hdr_t *h = &r->rhdrs[r->nrhdrs - 1];
+    /* obsolete line folding arrives as a second piece after a gap: refuse it (502) rather
+     * than pass a folded header to the client */
+    if (h->value_len > 0 && u->value_end && at != u->value_end) {
+        llhttp_set_error_reason(p, "obsolete line folding in a response header");
+        return HPE_USER;
+    }
+    u->value_end = at + len;
     if (h->value_len == 0)
         h->value_off = (uint32_t)r->resp_head.len;
     sp_buf_add(&r->resp_head, at, len);
@@ -1066,6 +1073,7 @@ static void up_step(sp_upconn_t *u)
     bool head_now = false;
     if (!(u->rflags & RESP_HEAD_DONE)) {
         const char *start = u->buf + u->pos;
+        u->value_end = NULL;
         llhttp_errno_t e = llhttp_execute(&u->parser, start, u->len - u->pos);
         if (e == HPE_OK) {
             u->pos = u->len;

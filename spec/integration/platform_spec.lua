@@ -298,6 +298,7 @@ end)
 describe("concurrency limit per sandbox", function()
     local up, px
     local refused = 0 -- 503s seen (compared with the metric at the end)
+    local streams = {} -- long requests, closed after each test whatever happened
 
     setup(function()
         up = H.upstream{ name = "cc" }
@@ -306,7 +307,7 @@ describe("concurrency limit per sandbox", function()
             sandboxes[#sandboxes + 1] = H.sandbox("alice", "s" .. i, up.port)
         end
         px = H.start{ workers = 2, sandboxes = sandboxes,
-            set = { first_byte_timeout = 0.5, connect_retries = 0 },
+            set = { first_byte_timeout = 0.5, connect_retries = 0, drain_timeout = 3 },
             config = [[return { ratelimit = {
                 limits = { { key = "client", rate = 100000, burst = 100000 } },
                 concurrency = { per_sandbox = 2 } } }]] }
@@ -314,6 +315,13 @@ describe("concurrency limit per sandbox", function()
 
     teardown(function()
         H.stop_all()
+    end)
+
+    after_each(function()
+        for _, r in ipairs(streams) do
+            r:close()
+        end
+        streams = {}
     end)
 
     local function quick(sb)
@@ -337,6 +345,7 @@ describe("concurrency limit per sandbox", function()
                 r:close()
                 return false
             end
+            streams[#streams + 1] = r
             assert.are.equal(200, r.status)
             return r
         end, 5, 0.02, "a slot for a long request on " .. sb)
@@ -374,6 +383,7 @@ describe("concurrency limit per sandbox", function()
         -- a normal end gives the slot back
         local c = assert(http.stream{ port = px.port, timeout = 15,
             path = "/alice/s2/slow-body?chunks=10&interval_ms=100" })
+        streams[#streams + 1] = c
         assert.are.equal(200, c.status)
         local d = hold("alice/s2")
         assert_full("alice/s2")
