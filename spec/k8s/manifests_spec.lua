@@ -38,11 +38,13 @@ local function has_value(list, v)
 end
 
 describe("k8s manifests", function()
-    local rbac, dep
+    local rbac, dep, conf, secret
 
     setup(function()
         rbac = load_docs("k8s/rbac.yaml")
         dep = load_docs("k8s/deployment.yaml")
+        conf = load_docs("k8s/config.yaml")
+        secret = load_docs("k8s/auth-secret.example.yaml")
     end)
 
     teardown(function()
@@ -88,6 +90,37 @@ describe("k8s manifests", function()
         assert.is_truthy(c.resources.limits.memory)
     end)
 
+    it("require authentication: auth_required, a config with keys, a Secret that must exist", function()
+        local d = find(dep, "Deployment")
+        local pod = d.spec.template.spec
+        local c = pod.containers[1]
+        local args = table.concat(c.args, " ")
+        assert.matches("%-%-set auth_required=true", args)
+        local config_path = args:match("%-%-config (%S+)")
+        assert.is_truthy(config_path)
+        local mounts = {}
+        for _, m in ipairs(c.volumeMounts) do
+            mounts[m.name] = m.mountPath
+        end
+        local vols = {}
+        for _, v in ipairs(pod.volumes) do
+            vols[v.name] = v
+        end
+        -- the config file comes from the ConfigMap in k8s/config.yaml
+        local cm = find(conf, "ConfigMap")
+        assert.are.equal(cm.metadata.name, vols.config.configMap.name)
+        assert.is_not_true(vols.config.configMap.optional)
+        assert.are.equal(mounts.config .. "/config.lua", config_path)
+        local text = cm.data["config.lua"]
+        local cfg = assert(loadstring(text))()
+        -- its keys file lives in the Secret's mount, and the Secret is not optional
+        local sec = find(secret, "Secret")
+        assert.are.equal(sec.metadata.name, vols.auth.secret.secretName)
+        assert.is_not_true(vols.auth.secret.optional)
+        assert.are.equal(mounts.auth .. "/keys.json", cfg.auth.keys_file)
+        assert.is_truthy(sec.stringData["keys.json"])
+    end)
+
     it("give a grace period that covers the preStop pause and the drain", function()
         local d = find(dep, "Deployment")
         local pod = d.spec.template.spec
@@ -126,8 +159,13 @@ describe("k8s manifests", function()
         local c = d.spec.template.spec.containers[1]
         assert.are.equal("http", c.readinessProbe.httpGet.port)
         assert.are.equal("http", c.livenessProbe.httpGet.port)
-        -- the container's arguments, with the listen address and paths made local
+        -- the container's arguments, with the listen address and the mounted paths made local
         local dir = H.tmpdir()
+        local cm = find(conf, "ConfigMap")
+        assert(process.write_file(dir .. "/keys.json",
+            '{"keys":[{"user":"ops","sha256":"' .. string.rep("ab", 32) .. '","admin":true}]}'))
+        assert(process.write_file(dir .. "/config.lua",
+            (cm.data["config.lua"]:gsub("/etc/sandbox%-proxy/auth/keys%.json", dir .. "/keys.json"))))
         local args = {}
         local i = 1
         while i <= #c.args do
@@ -137,6 +175,10 @@ describe("k8s manifests", function()
             elseif a == "--scripts" then
                 args[#args + 1] = a
                 args[#args + 1] = dir
+                i = i + 1
+            elseif a == "--config" then
+                args[#args + 1] = a
+                args[#args + 1] = dir .. "/config.lua"
                 i = i + 1
             else
                 args[#args + 1] = a
