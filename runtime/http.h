@@ -231,6 +231,9 @@ struct sp_listener {
 /* server.c */
 extern const llhttp_settings_t sp_request_settings;
 void sp_server_on_connection(uv_stream_t *server, int status);
+/* Serves an already connected stream socket (fuzzing and tests: a socketpair). Returns 0 or a
+ * negative libuv error. */
+int sp_server_adopt(sp_listener_t *l, int fd);
 /* The scripting layer finished deciding `req` asynchronously. */
 void sp_request_decided(sp_request_t *req);
 /* Records a local response. The body is copied. Returns 0 or -EINVAL when already decided. */

@@ -52,6 +52,7 @@ struct sp_kwatch {
     bool next_is_list;    /* what the backoff timer starts */
     bool watch_had_event;
     bool watch_error;     /* an ERROR event other than 410 ended the stream */
+    bool detached;        /* fed by sp_kwatch_feed_*: makes no requests */
     bool freeing;
     uint32_t gen;
     kentry_t **buckets;
@@ -371,7 +372,8 @@ static void finish_list(sp_kwatch_t *w)
         maybe_free(w);
         return;
     }
-    start_watch(w);
+    if (!w->detached)
+        start_watch(w);
 }
 
 /* Reads a page's metadata (resourceVersion, continue). Returns false if it is not a list. */
@@ -591,6 +593,8 @@ static int handle_line(sp_kwatch_t *w, const char *line, size_t len)
     return w->stopping ? 1 : rc;
 }
 
+static int frame_events(sp_kwatch_t *w, const char *data, size_t len);
+
 static int on_watch_data(sp_kreq_t *r, const char *data, size_t len, void *ud)
 {
     sp_kwatch_t *w = ud;
@@ -603,7 +607,12 @@ static int on_watch_data(sp_kreq_t *r, const char *data, size_t len, void *ud)
             sp_buf_add(&w->body, data, len);
         return 0;
     }
-    /* Events are newline-delimited and may be cut anywhere: frame them across reads. */
+    return frame_events(w, data, len);
+}
+
+/* Events are newline-delimited and may be cut anywhere: frame them across reads. */
+static int frame_events(sp_kwatch_t *w, const char *data, size_t len)
+{
     const char *p = data, *end = data + len;
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
@@ -734,6 +743,48 @@ static void start_watch(sp_kwatch_t *w)
     uv_timer_start(&w->watchdog, on_watchdog, 5000, 5000);
 }
 
+/* ---------------------------------------------------------------- detached (fuzzing, tests) */
+
+sp_kwatch_t *sp_kwatch_detached(const sp_kwatch_cbs_t *cbs, void *ud)
+{
+    sp_kwatch_t *w = sp_calloc(1, sizeof *w);
+    w->detached = true;
+    w->group = sp_strdup("agents.x-k8s.io");
+    w->version = sp_strdup("v1beta1");
+    w->resource = sp_strdup("sandboxes");
+    w->cbs = *cbs;
+    w->ud = ud;
+    w->nbuckets = 64;
+    w->buckets = sp_calloc(w->nbuckets, sizeof *w->buckets);
+    w->gen = 1;
+    return w;
+}
+
+int sp_kwatch_feed_stream(sp_kwatch_t *w, const char *data, size_t len)
+{
+    return frame_events(w, data, len);
+}
+
+bool sp_kwatch_feed_page(sp_kwatch_t *w, const char *data, size_t len, bool last)
+{
+    w->body.len = 0;
+    sp_buf_add(&w->body, data, len);
+    if (!read_page_meta(w, &w->body)) {
+        w->body.len = 0;
+        return false;
+    }
+    sp_buf_t t = w->pending;
+    w->pending = w->body;
+    w->body = t;
+    w->pending_last = last;
+    deliver_pending(w);
+    return true;
+}
+
+static void free_watch(sp_kwatch_t *w);
+
+void sp_kwatch_free_detached(sp_kwatch_t *w) { free_watch(w); }
+
 /* ---------------------------------------------------------------- lifecycle */
 
 static char *dupz(const char *s) { return (s && *s) ? sp_strdup(s) : NULL; }
@@ -769,8 +820,12 @@ sp_kwatch_t *sp_kwatch_start(sp_kube_t *k, const sp_kwatch_opts_t *o, const sp_k
 static void on_handle_closed(uv_handle_t *h)
 {
     sp_kwatch_t *w = h->data;
-    if (--w->handles > 0)
-        return;
+    if (--w->handles == 0)
+        free_watch(w);
+}
+
+static void free_watch(sp_kwatch_t *w)
+{
     for (size_t i = 0; i < w->nbuckets; i++)
         for (kentry_t *e = w->buckets[i], *n; e; e = n) {
             n = e->next;

@@ -54,6 +54,14 @@ sp_kwatch_t *sp_kwatch_start(sp_kube_t *k, const sp_kwatch_opts_t *o, const sp_k
 void sp_kwatch_stop(sp_kwatch_t *w);
 void sp_kwatch_get_state(const sp_kwatch_t *w, sp_kwatch_state_t *st);
 
+/* For fuzzing and tests: a watch that makes no requests. Feed it watch-stream bytes (framed
+ * into events across arbitrary boundaries; returns 1 when the stream would end: a 410 or an
+ * error event) or LIST pages (last: the end of a list, delivering deletions). */
+sp_kwatch_t *sp_kwatch_detached(const sp_kwatch_cbs_t *cbs, void *ud);
+int sp_kwatch_feed_stream(sp_kwatch_t *w, const char *data, size_t len);
+bool sp_kwatch_feed_page(sp_kwatch_t *w, const char *data, size_t len, bool last);
+void sp_kwatch_free_detached(sp_kwatch_t *w);
+
 /* The backoff policy shared with one-shot requests: attempt n (0-based) -> seconds, with
  * jitter; retry_after (>= 0) wins when larger. */
 double sp_kube_backoff(int attempt, double retry_after, bool forbidden);

@@ -1562,6 +1562,8 @@ static void ip_release(const char *ip)
 
 /* ---------------------------------------------------------------- accepting */
 
+static void conn_start(sp_conn_t *c);
+
 void sp_server_on_connection(uv_stream_t *server, int status)
 {
     sp_listener_t *l = server->data;
@@ -1580,6 +1582,31 @@ void sp_server_on_connection(uv_stream_t *server, int status)
         uv_close((uv_handle_t *)&c->tcp, (uv_close_cb)free);
         return;
     }
+    conn_start(c);
+}
+
+int sp_server_adopt(sp_listener_t *l, int fd)
+{
+    sp_worker_t *w = l->w;
+    sp_conn_t *c = sp_calloc(1, sizeof *c);
+    c->w = w;
+    c->listener = l;
+    uv_tcp_init(&w->loop, &c->tcp);
+    c->tcp.data = c;
+    c->handles = 1;
+    int rc = uv_tcp_open(&c->tcp, fd);
+    if (rc < 0) {
+        uv_close((uv_handle_t *)&c->tcp, (uv_close_cb)free);
+        return rc;
+    }
+    conn_start(c);
+    return 0;
+}
+
+/* A new client connection: counted, limited, then reading. */
+static void conn_start(sp_conn_t *c)
+{
+    sp_worker_t *w = c->w;
     int open = atomic_fetch_add(&sp_open_connections, 1) + 1;
     uv_timer_init(&w->loop, &c->timer);
     c->timer.data = c;

@@ -351,6 +351,32 @@ describe("concurrency limit per sandbox", function()
         end, 5, 0.02, "a slot for a long request on " .. sb)
     end
 
+    -- px:get(path), retrying a 503 like hold(); returns what px:get returned otherwise.
+    local function get_admitted(path)
+        local r, err
+        net.wait_until(function()
+            r, err = px:get(path)
+            if r and r.status == 503 then
+                refused = refused + 1
+                return false
+            end
+            return true
+        end, 5, 0.02, "admitted: " .. path)
+        return r, err
+    end
+
+    -- A WebSocket tunnel to sb's /ws (retrying a 503 like hold()).
+    local function ws_open(sb)
+        return net.wait_until(function()
+            local w, err, resp = ws.connect{ port = px.port, path = "/" .. sb .. "/ws" }
+            if not w and resp and resp.status == 503 then
+                refused = refused + 1
+                return false
+            end
+            return assert(w, err)
+        end, 5, 0.02, "a WebSocket tunnel to " .. sb)
+    end
+
     local function assert_full(sb)
         local r = quick(sb)
         assert.are.equal(503, r.status)
@@ -411,17 +437,17 @@ describe("concurrency limit per sandbox", function()
     it("gives the slot back when the upstream fails mid-response or resets", function()
         local a = hold("alice/s4")
         -- FIN after half the promised body: the client connection is closed, not completed
-        local r, err = px:get("/alice/s4/close-mid?n=1000")
+        local r, err = get_admitted("/alice/s4/close-mid?n=1000")
         assert.is_nil(r)
         assert.matches("still expected", err)
         wait_admitted("alice/s4")
         assert_exactly_one_free("alice/s4")
-        r, err = px:get("/alice/s4/close-mid?n=1000&rst=1")
+        r, err = get_admitted("/alice/s4/close-mid?n=1000&rst=1")
         assert.is_nil(r, "a truncated body was delivered as complete")
         wait_admitted("alice/s4")
         assert_exactly_one_free("alice/s4")
         -- no response at all: 502
-        r = assert(px:get("/alice/s4/reset"))
+        r = assert(get_admitted("/alice/s4/reset"))
         assert.are.equal(502, r.status)
         wait_admitted("alice/s4")
         assert_exactly_one_free("alice/s4")
@@ -446,7 +472,7 @@ describe("concurrency limit per sandbox", function()
 
     it("holds a slot for a WebSocket tunnel and gives it back when the tunnel closes", function()
         local a = hold("alice/s6")
-        local w = assert(ws.connect{ port = px.port, path = "/alice/s6/ws" })
+        local w = ws_open("alice/s6")
         assert_full("alice/s6")
         assert(w:send_text("still open"))
         assert.are.same({ "text", "still open" }, { w:receive(5) })
@@ -454,7 +480,7 @@ describe("concurrency limit per sandbox", function()
         wait_admitted("alice/s6")
         assert_exactly_one_free("alice/s6")
         -- closed by the sandbox this time
-        w = assert(ws.connect{ port = px.port, path = "/alice/s6/ws" })
+        w = ws_open("alice/s6")
         assert_full("alice/s6")
         assert(w:send_text("__close__"))
         local kind, reason, code = w:receive(5)
@@ -885,7 +911,7 @@ return M
             end
             for i, c in ipairs(conns) do
                 local r, err = c:read_response{}
-                results[#results + 1] = r and { r.status, r.headers["x-script-version"] }
+                results[#results + 1] = r and { r.status, r.headers["x-script-version"], i }
                     or { "error: " .. tostring(err) }
                 if not r then
                     conns[i] = assert(px:connect{ timeout = 10 })
@@ -901,12 +927,16 @@ return M
             end
         end
         assert.are.equal(0, #failed, #results .. " requests; failed: " .. table.concat(failed, ", "))
-        -- v1 until the reload, v2 after it, never anything else; and it switches for good
-        local first_v2
+        -- v1 until the reload, v2 after it, never anything else; on each connection (one
+        -- worker) it switches once and for good
+        local first_v2, switched = nil, {}
         for i, x in ipairs(results) do
             assert(x[2] == "v1" or x[2] == "v2", tostring(x[2]))
-            if x[2] == "v2" and not first_v2 then
-                first_v2 = i
+            if x[2] == "v2" then
+                first_v2 = first_v2 or i
+                switched[x[3]] = true
+            else
+                assert(not switched[x[3]], "v1 again after v2 on connection " .. x[3])
             end
         end
         assert(first_v2 and first_v2 > hup_at, "no switch to v2 after SIGHUP")
@@ -993,9 +1023,10 @@ return M
         end
         assert.are.same({}, reload_lines(px))
         -- the check mode names the broken file
+        local out = H.tmpdir()
         local p = assert(process.spawn{ cmd = { H.BIN, "--check", "--scripts", dir,
-            "--sandboxes-file", px.sandboxes_file }, stdout = dir .. "/../check.out",
-            stderr = dir .. "/../check.err" })
+            "--sandboxes-file", px.sandboxes_file }, stdout = out .. "/check.out",
+            stderr = out .. "/check.err" })
         assert.are.equal(1, p:wait(20))
         assert.matches("router.lua", p:read_stderr(), 1, true)
         -- fixed: the next reload takes it
