@@ -64,6 +64,7 @@ static void push_route(lua_State *L, const sp_route_t *r)
 
 static int r_get(lua_State *L)
 {
+    sp_vm_check_budget(L);
     size_t klen;
     const char *key = luaL_checklstring(L, 1, &klen);
     sp_vm_t *vm = sp_vm_of(L);
@@ -100,6 +101,7 @@ static int cmp_routes(const void *a, const void *b)
 /* list() -> array of route copies sorted by key */
 static int r_list(lua_State *L)
 {
+    sp_vm_check_budget(L);
     sp_buf_t snap = {0};
     size_t n = sp_routes_snapshot(&snap);
     const sp_route_t **v = sp_malloc((n ? n : 1) * sizeof *v);

@@ -12,6 +12,7 @@
 
 static sp_shdict_t *check_dict(lua_State *L)
 {
+    sp_vm_check_budget(L);
     sp_shdict_t **d = luaL_checkudata(L, 1, DICT_MT);
     return *d;
 }

@@ -50,6 +50,32 @@ static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
     return p;
 }
 
+/* ---------------------------------------------------------------- the time budget */
+
+/* A count hook: every few thousand interpreted instructions, stop a hook or timer that has
+ * run longer than script_time_budget since it was last resumed. LuaJIT does not call hooks
+ * from compiled (JIT) code, so a hot compiled loop escapes this check; runtime API calls check
+ * the budget too (sp_vm_check_budget). */
+static void budget_hook(lua_State *L, lua_Debug *ar)
+{
+    SP_UNUSED(ar);
+    sp_vm_check_budget(L);
+}
+
+void sp_vm_check_budget(lua_State *L)
+{
+    if (sp_cfg.script_time_budget <= 0)
+        return;
+    sp_vm_t *vm = sp_vm_of(L);
+    sp_task_t *t = vm ? vm->current : NULL;
+    if (!t || t->co != L)
+        return;
+    double ran = (double)(uv_hrtime() - t->started_ns) / 1e9;
+    if (ran > sp_cfg.script_time_budget)
+        luaL_error(L, "script time budget exceeded: ran %.3f s without yielding "
+                      "(script_time_budget = %g s)", ran, sp_cfg.script_time_budget);
+}
+
 /* ---------------------------------------------------------------- protected calls */
 
 static int traceback_handler(lua_State *L)
@@ -187,14 +213,15 @@ static int task_run(sp_task_t *t, int nargs, bool sync)
         lua_pop(vm->L, 1);
         if (vm->w)
             SP_STAT_ADD(vm->w->stats.script_errors, 1);
-        if (vm->mem_exceeded) {
-            vm->mem_exceeded = false;
-            lua_gc(vm->L, LUA_GCCOLLECT, 0);
-        }
     }
     if (t->kind == SP_TASK_REQUEST)
         request_task_done(t, failed, sync);
     task_put(t, !failed);
+    if (vm->mem_exceeded) {
+        /* the failed coroutine (and whatever it built) is garbage now: get the memory back */
+        vm->mem_exceeded = false;
+        lua_gc(vm->L, LUA_GCCOLLECT, 0);
+    }
     return 1;
 }
 
@@ -443,6 +470,8 @@ sp_vm_t *sp_vm_create(sp_worker_t *w, const char *entry, char *err, size_t errle
     vm->base_alloc = lua_getallocf(L, &vm->base_ud);
     vm->mem_used = (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024;
     lua_setallocf(L, vm_alloc, vm);
+    if (sp_cfg.script_time_budget > 0 && w)
+        lua_sethook(L, budget_hook, LUA_MASKCOUNT, 10000);
     vm->L = L;
     lua_pushlightuserdata(L, &vm_key);
     lua_pushlightuserdata(L, vm);
@@ -493,9 +522,40 @@ int sp_vm_start(sp_vm_t *vm)
     return 0;
 }
 
+/* Prints sp.lint's warnings about the scripts (they never fail the check). */
+static void lint(lua_State *L)
+{
+    lua_getglobal(L, "require");
+    lua_pushstring(L, "sp.lint");
+    if (sp_vm_pcall(L, 1, 1, "lint"))
+        return;
+    lua_getfield(L, -1, "scan_dirs");
+    lua_newtable(L);
+    int n = 0;
+    if (sp_cfg.scripts_dir) {
+        lua_pushstring(L, sp_cfg.scripts_dir);
+        lua_rawseti(L, -2, ++n);
+    }
+    if (sp_cfg.builtin_dir) {
+        lua_pushstring(L, sp_cfg.builtin_dir);
+        lua_rawseti(L, -2, ++n);
+    }
+    if (sp_vm_pcall(L, 1, 1, "lint") == 0) {
+        int k = (int)lua_objlen(L, -1);
+        for (int i = 1; i <= k; i++) {
+            lua_rawgeti(L, -1, i);
+            fprintf(stderr, "sandbox-proxy: check: warning: %s\n", lua_tostring(L, -1));
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
 int sp_vm_check(sp_vm_t *vm)
 {
     lua_State *L = vm->L;
+    lint(L);
     lua_rawgeti(L, LUA_REGISTRYINDEX, vm->init_ref);
     lua_getfield(L, -1, "check");
     lua_remove(L, -2);

@@ -88,6 +88,8 @@ sp_task_t *sp_vm_task_of(sp_vm_t *vm, lua_State *L);
 void sp_vm_spawn(sp_vm_t *vm, int nargs);
 /* Resumes a suspended task with nargs values pushed on its coroutine. */
 void sp_vm_resume(sp_task_t *t, int nargs);
+/* Raises if the running hook or timer has used up script_time_budget since it was resumed. */
+void sp_vm_check_budget(lua_State *L);
 /* The protected-call helper: calls the function below nargs arguments on L with a traceback
  * handler; on error logs "what" with the traceback and returns non-zero (error left popped). */
 int sp_vm_pcall(lua_State *L, int nargs, int nresults, const char *what);

@@ -966,9 +966,11 @@ static void act_on_decision(sp_conn_t *c)
         sp_upstream_start(r);
         break;
     default:
-        r->error = SP_ERR_SCRIPT;
-        SP_STAT_ADD(c->w->stats.script_errors, 1);
-        sp_log(SP_LOG_ERROR, "request hook made no decision", "s:request_id", r->id, NULL);
+        if (r->error != SP_ERR_SCRIPT) { /* a script error was logged with its traceback */
+            r->error = SP_ERR_SCRIPT;
+            SP_STAT_ADD(c->w->stats.script_errors, 1);
+            sp_log(SP_LOG_ERROR, "request hook made no decision", "s:request_id", r->id, NULL);
+        }
         sp_conn_error_response(c, 500, "internal error");
         break;
     }

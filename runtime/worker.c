@@ -4,6 +4,7 @@
  * state, runs its loop, and obeys commands from the main thread: drain (stop accepting, let
  * in-flight requests and tunnels finish), stop (close everything) and reload (issue: scripts).
  */
+#define _GNU_SOURCE /* accept4 */
 #include "worker.h"
 #include "config.h"
 #include "log.h"
@@ -11,6 +12,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 static sp_worker_t *workers;
@@ -44,24 +46,49 @@ void sp_workers_set_listeners(int n, const char **names, int **fds, const int *p
 
 void sp_workers_set_exit_notify(uv_async_t *a) { exit_notify = a; }
 
+/* Takes the connections already queued on a listener (the kernel completed their handshake;
+ * closing the socket would reset them), so a drain serves them instead. */
+static void drain_backlog(sp_listener_t *l)
+{
+    uv_os_fd_t fd;
+    if (uv_fileno((uv_handle_t *)&l->tcp, &fd) != 0)
+        return;
+    for (int i = 0; i < 4096; i++) {
+        int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (cfd < 0)
+            break;
+        if (sp_server_adopt(l, cfd) != 0)
+            close(cfd);
+    }
+}
+
 static void close_listeners(sp_worker_t *w)
 {
     for (int i = 0; i < w->nlisteners; i++) {
         uv_handle_t *h = (uv_handle_t *)&w->listeners[i].tcp;
-        if (!uv_is_closing(h))
+        if (!uv_is_closing(h)) {
+            drain_backlog(&w->listeners[i]);
             uv_close(h, NULL);
+        }
     }
 }
 
 static uv_timer_t *drain_timer_of(sp_worker_t *w);
 
+/* While draining, a keep-alive connection that has been idle this long is closed; a busier one
+ * gets `Connection: close` on its next response instead, so a client sending its next request
+ * does not race with the close. */
+#define DRAIN_IDLE_MS 500
+
 /* Closes client connections that are between requests; the others finish first. */
 static void close_idle_conns(sp_worker_t *w)
 {
+    uint64_t now = uv_now(&w->loop);
     sp_conn_t *c = w->conns;
     while (c) {
         sp_conn_t *next = c->next;
-        if (!c->req && !c->closing && c->rpos == c->rlen)
+        if (!c->req && !c->closing && c->rpos == c->rlen &&
+            (w->stopping || now - c->last_active >= DRAIN_IDLE_MS))
             sp_conn_close(c);
         c = next;
     }

@@ -451,14 +451,15 @@ end
 -- Asks the API server which version to use, retrying with backoff until it answers.
 local function discover_version()
     local attempt = 0
-    while true do
+    local version
+    repeat
         local status, body, headers = k8s.request{ path = "/apis/" .. GROUP, retries = 0 }
-        local version, err
+        local err
         local forbidden = status == 403
         if status == 200 then
             version, err = M.pick_version(cjson.decode(body))
             if version then
-                return version
+                break
             end
         elseif status == 404 then
             err = GROUP .. " is not served: is agent-sandbox installed in this cluster?"
@@ -476,7 +477,8 @@ local function discover_version()
         say("cannot discover the Sandbox API version", { error = err, retry_in = delay })
         publish_state({ last_error = err, last_error_at = core.iso8601() })
         timer.sleep(delay)
-    end
+    until version
+    return version
 end
 
 local function publish_watch_state()

@@ -881,11 +881,18 @@ return M
         return per
     end
 
+    -- H.start returns once one worker answers /health; the scripts must not change before
+    -- every worker has loaded them (else a worker still starting loads the new ones), so this
+    -- also waits for "listening", which is logged when all workers are up.
     local function start(dir, opts)
         opts = opts or {}
-        return H.start{ workers = opts.workers or 2, scripts = dir,
+        local px = H.start{ workers = opts.workers or 2, scripts = dir,
             sandboxes = { H.sandbox("alice", "sb", up.port) }, set = opts.set,
             config = "return { ratelimit = { enabled = false } }" }
+        px:wait_log(function(l)
+            return l.msg == "listening"
+        end)
+        return px
     end
 
     it("(a) on SIGHUP, under load: no failed request, the new script answers, once per worker", function()
@@ -1112,5 +1119,66 @@ return M
         assert.are.equal("alice", line.user)
         assert.are.equal("sb", line.sandbox)
         assert.are.equal("allowed", line.ratelimit)
+    end)
+end)
+
+---------------------------------------------------------------------------------------------
+describe("a worker that fails to start", function()
+    teardown(function()
+        H.stop_all()
+    end)
+
+    -- BUG: runtime/main.c, when a worker fails to start after another one is already running,
+    -- sends SP_CMD_STOP to the workers (sp_workers_command) but does not mark the process as
+    -- stopping; a SIGHUP (or a script-change reload) handled right after stores SP_CMD_RELOAD
+    -- in the same single-command slot of each worker (worker.c: atomic_store(&w->command)),
+    -- overwriting the STOP before the worker has read it. The running worker then reloads and
+    -- keeps serving, and the half-started process lives on (exit code 1 only at SIGTERM).
+    -- Expected: the start-up failure ends the process with exit code 1 whatever signal
+    -- arrives meanwhile. (Seen for real when scripts changed while the workers were starting.)
+    -- Here worker 1 refuses to start after 1 s, and worker 0 is kept from reading its commands
+    -- for 2 s (it sleeps in on_start), so the SIGHUP lands between the two deterministically.
+    it("ends the process with exit code 1 even if a SIGHUP arrives meanwhile", function()
+        local dir = H.tmpdir()
+        write(dir .. "/init.lua", [[
+local core = require "sp.core"
+local shared = require "sp.shared"
+local builtin = dofile(core.settings().builtin_dir .. "/init.lua")
+if core.worker_id() == 1 then
+    os.execute("sleep 1")
+    error("worker 1 refuses to start")
+end
+local M = {}
+for k, v in pairs(builtin) do
+    M[k] = v
+end
+function M.on_start()
+    if core.worker_id() == 0 and shared.dict("sp"):add("test:slept", true) then
+        os.execute("sleep 2") -- blocks the worker's loop: commands wait
+    end
+    if builtin.on_start then
+        return builtin.on_start()
+    end
+end
+return M
+]])
+        local port = assert(net.free_port())
+        local out = H.tmpdir()
+        local p = assert(process.spawn{ cmd = { H.BIN, "--listen", "127.0.0.1:" .. port,
+            "--workers", "2", "--scripts", dir, "--set", "demo_listen=127.0.0.1:0",
+            "--set", "script_time_budget=0", "--sandboxes-file",
+            H.SOURCE_DIR .. "/scripts/demo/sandboxes.json" },
+            stdout = out .. "/stdout.log", stderr = out .. "/stderr.log" })
+        assert(p:wait_output("worker failed to start", 10, "stderr", true))
+        assert(p:signal("HUP"))
+        local code, how = p:wait(5)
+        local alive = p:alive()
+        if alive then
+            p:kill()
+        end
+        assert.is_false(alive, "still running 5 s after the start-up failure:\n"
+            .. p:read_stderr())
+        assert.are.equal("exited", how)
+        assert.are.equal(1, code)
     end)
 end)
