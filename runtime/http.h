@@ -61,7 +61,8 @@ struct sp_request {
     sp_conn_t *conn;      /* NULL once the client connection is gone */
     uint32_t gen;
     uint32_t slot;
-    void *script;         /* the scripting layer's per-slot data */
+    void *script;         /* the scripting layer's per-slot data (the running task) */
+    void *script_vm;      /* the Lua state that decided it (its log hook runs there too) */
     bool script_busy;     /* the scripting layer still runs code for this request */
     bool core_done;       /* the core has finished with it (response sent or connection lost) */
     bool logged;

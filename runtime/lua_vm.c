@@ -32,7 +32,9 @@ sp_vm_t *sp_vm_of(lua_State *L)
 /* ---------------------------------------------------------------- memory cap */
 
 /* Wraps LuaJIT's own allocator (much faster than malloc for Lua's many small objects) to
- * count the state's memory and refuse growth past lua_memory_limit_mb. */
+ * count the state's memory and refuse growth past lua_memory_limit_mb. Only script code
+ * running in a task is refused (it gets a "not enough memory" error, caught like any other);
+ * the runtime's own glue between tasks always gets its few bytes, so it never panics. */
 static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     sp_vm_t *vm = ud;
@@ -40,7 +42,8 @@ static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         vm->mem_used -= osize;
         return vm->base_alloc(vm->base_ud, ptr, osize, 0);
     }
-    if (vm->mem_limit && nsize > osize && vm->mem_used + (nsize - osize) > vm->mem_limit) {
+    if (vm->mem_limit && vm->current && nsize > osize &&
+        vm->mem_used + (nsize - osize) > vm->mem_limit) {
         vm->mem_exceeded = true;
         return NULL; /* LuaJIT raises "not enough memory" in the allocating coroutine */
     }
@@ -196,7 +199,7 @@ static int task_run(sp_task_t *t, int nargs, bool sync)
     vm->current = t;
     t->started_ns = uv_hrtime();
     int st = lua_resume(t->co, nargs);
-    vm->current = prev;
+    vm->current = prev; /* from here on (error reports included) allocations are not capped */
     if (st == LUA_YIELD)
         return 0;
     bool failed = st != 0;
@@ -267,6 +270,10 @@ static int hook_request(sp_request_t *r)
     t->req = r;
     t->req_gen = r->gen;
     r->script = t;
+    if (r->script_vm != vm) {
+        r->script_vm = vm;
+        vm->nreq_refs++;
+    }
     lua_rawgeti(t->co, LUA_REGISTRYINDEX, vm->on_request_ref);
     lua_xmove(L, t->co, 1);
     return task_run(t, 1, true);
@@ -274,7 +281,8 @@ static int hook_request(sp_request_t *r)
 
 static void hook_log(sp_request_t *r)
 {
-    sp_vm_t *vm = r->w->vm;
+    /* the state that decided the request: req.ctx is there (a reload may have happened since) */
+    sp_vm_t *vm = r->script_vm ? r->script_vm : r->w->vm;
     if (vm->on_log_ref == LUA_NOREF)
         return;
     lua_State *L = vm->L;
@@ -319,6 +327,10 @@ static void hook_abort(sp_request_t *r)
 static void hook_release(sp_request_t *r)
 {
     r->script = NULL;
+    if (r->script_vm) {
+        ((sp_vm_t *)r->script_vm)->nreq_refs--;
+        r->script_vm = NULL;
+    }
 }
 
 const sp_hooks_t sp_vm_hooks = {
@@ -588,10 +600,17 @@ void sp_vm_retire(sp_vm_t *vm)
     sp_fs_close_all(vm);
 }
 
-bool sp_vm_idle(const sp_vm_t *vm) { return vm->nout == 0; }
+bool sp_vm_idle(const sp_vm_t *vm) { return vm->nout == 0 && vm->nreq_refs == 0; }
 
 void sp_vm_abandon_tasks(sp_vm_t *vm)
 {
+    /* requests that still point at this state log in the current one instead */
+    if (vm->w)
+        for (uint32_t i = 0; i < vm->w->nslots; i++)
+            if (vm->w->slots[i]->script_vm == vm) {
+                vm->w->slots[i]->script_vm = NULL;
+                vm->nreq_refs--;
+            }
     while (vm->out) {
         sp_task_t *t = vm->out;
         sp_request_t *r = t->req;

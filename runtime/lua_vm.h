@@ -46,6 +46,7 @@ struct sp_vm {
     sp_task_t *current;
     sp_task_t *out;        /* tasks out of the pool: running or suspended */
     int nout;
+    int nreq_refs;         /* requests whose hooks ran in this state and are not released */
     int ntimers;
     bool retiring;         /* replaced by a reload: finishing its suspended tasks */
     uint64_t retire_started;

@@ -199,6 +199,8 @@ static int bind_set(const char *addr, int n, int *fds, int *out_port, char err[2
 /* ---------------------------------------------------------------- signals */
 
 static uv_signal_t sig_term, sig_int, sig_hup;
+static uint64_t watch_sig;
+static uint64_t scripts_signature(void);
 static uv_timer_t drain_timer;
 static uv_async_t worker_exited;
 static int exited_workers, total_workers, started_workers;
@@ -234,6 +236,7 @@ static void on_hup(uv_signal_t *s, int signum)
     if (draining)
         return;
     sp_log(SP_LOG_INFO, "SIGHUP: reloading the scripts", NULL);
+    watch_sig = scripts_signature(); /* the watcher must not reload this edit a second time */
     sp_workers_command(SP_CMD_RELOAD);
 }
 
@@ -241,7 +244,6 @@ static void on_hup(uv_signal_t *s, int signum)
 
 static uv_fs_event_t watch_scripts, watch_config;
 static uv_timer_t watch_debounce, watch_poll;
-static uint64_t watch_sig;
 
 static uint64_t mix(uint64_t h, uint64_t v)
 {
@@ -275,6 +277,20 @@ static uint64_t scripts_signature(void)
                 for (const char *c = ent.name; *c; c++)
                     h = mix(h, (unsigned char)*c);
                 h = stat_sig(h, p);
+                /* one level of subdirectories (lib/), not the ConfigMap's ..data internals */
+                struct stat st;
+                if (ent.name[0] != '.' && stat(p, &st) == 0 && S_ISDIR(st.st_mode)) {
+                    uv_fs_t sub;
+                    if (uv_fs_scandir(NULL, &sub, p, 0, NULL) >= 0) {
+                        uv_dirent_t e2;
+                        while (uv_fs_scandir_next(&sub, &e2) != UV_EOF) {
+                            char p2[PATH_MAX + 256];
+                            snprintf(p2, sizeof p2, "%s/%s", p, e2.name);
+                            h = stat_sig(h, p2);
+                        }
+                    }
+                    uv_fs_req_cleanup(&sub);
+                }
             }
         }
         uv_fs_req_cleanup(&req);
@@ -707,6 +723,7 @@ int main(int argc, char **argv)
             sp_log(SP_LOG_WARN, "local demo mode: no authentication, demo sandbox list",
                    "s:sandboxes_file", sp_cfg.sandboxes_file, NULL);
     } else {
+        draining = true; /* no reload may replace the stop */
         sp_workers_command(SP_CMD_STOP);
     }
     uv_run(loop, UV_RUN_DEFAULT);

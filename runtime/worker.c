@@ -157,7 +157,12 @@ static void reload(sp_worker_t *w)
 static void on_command(uv_async_t *a)
 {
     sp_worker_t *w = a->data;
-    int cmd = atomic_exchange(&w->command, SP_CMD_NONE);
+    int bits = atomic_exchange(&w->command, 0);
+    /* several commands may arrive at once: the strongest wins (stop > drain > reload) */
+    int cmd = (bits & (1 << SP_CMD_STOP))    ? SP_CMD_STOP
+              : (bits & (1 << SP_CMD_DRAIN)) ? SP_CMD_DRAIN
+              : (bits & (1 << SP_CMD_RELOAD)) ? SP_CMD_RELOAD
+                                             : SP_CMD_NONE;
     switch (cmd) {
     case SP_CMD_DRAIN:
         if (w->draining)
@@ -319,7 +324,7 @@ void sp_workers_command(int cmd)
     for (int i = 0; i < nstarted; i++) {
         if (workers[i].startup_error)
             continue;
-        atomic_store(&workers[i].command, cmd);
+        atomic_fetch_or(&workers[i].command, 1 << cmd);
         uv_async_send(&workers[i].async);
     }
 }

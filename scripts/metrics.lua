@@ -24,6 +24,12 @@ local format = string.format
 local sp_dict = assert(shared.dict("sp"))
 local M = {}
 
+-- A label value escaped as the exposition format wants (backslash, quote, newline).
+local function label(v)
+    return (tostring(v):gsub("[\\\"\n]", { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
+end
+M.label = label
+
 local function num(v)
     if v == math.huge then
         return "+Inf"
@@ -121,12 +127,12 @@ function M.render()
     local used = {}
     for _, name in ipairs(dicts) do
         local s = shared.dict(name):stats()
-        sample("sandbox_proxy_shared_dict_evictions_total", format('{dict="%s"}', name), s.evictions)
+        sample("sandbox_proxy_shared_dict_evictions_total", format('{dict="%s"}', label(name)), s.evictions)
         used[#used + 1] = { name, s.used }
     end
     metric("sandbox_proxy_shared_dict_used_bytes", "gauge", "Bytes used in each shared dict.")
     for _, u in ipairs(used) do
-        sample("sandbox_proxy_shared_dict_used_bytes", format('{dict="%s"}', u[1]), u[2])
+        sample("sandbox_proxy_shared_dict_used_bytes", format('{dict="%s"}', label(u[1])), u[2])
     end
     metric("sandbox_proxy_lua_memory_bytes", "gauge", "Memory of the answering worker's Lua state.")
     sample("sandbox_proxy_lua_memory_bytes", nil, st.lua_memory)

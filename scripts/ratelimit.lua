@@ -89,10 +89,10 @@ function M.check(req)
                 sp_dict:incr("m:ratelimited", 1, 0)
                 req.ctx.ratelimit = "limited"
                 return false, req:respond(429, { error = "rate limited" }, {
-                    ["Retry-After"] = tostring(ceil(retry)),
+                    ["Retry-After"] = tostring(math.max(1, ceil(retry - 1e-6))),
                     ["RateLimit-Limit"] = tostring(l.burst),
                     ["RateLimit-Remaining"] = "0",
-                    ["RateLimit-Reset"] = tostring(ceil(reset)),
+                    ["RateLimit-Reset"] = tostring(ceil(reset - 1e-6)),
                 })
             end
             if not best_remaining or remaining < best_remaining then
@@ -103,7 +103,7 @@ function M.check(req)
     if best_remaining then
         req:add_response_header("RateLimit-Limit", tostring(best_limit))
         req:add_response_header("RateLimit-Remaining", tostring(floor(best_remaining)))
-        req:add_response_header("RateLimit-Reset", tostring(ceil(best_reset)))
+        req:add_response_header("RateLimit-Reset", tostring(ceil(best_reset - 1e-6)))
     end
     if PER_SANDBOX and PER_SANDBOX > 0 then
         local sb = sandbox_key(req)

@@ -209,7 +209,7 @@ describe("metrics.lua", function()
         end
     end)
 
-    -- BUG: metrics.lua writes the dict label as format('{dict="%s"}', name) without escaping.
+    -- Regression (fixed): metrics.lua writes the dict label as format('{dict="%s"}', name) without escaping.
     -- A dict name is any string the config's shared_dicts accepts (e.g.
     -- shared_dicts = { ['we"ird\\x'] = "8k" }), and such a name yields the line
     -- sandbox_proxy_shared_dict_used_bytes{dict="we"ird\x"} 0, which no Prometheus parser
