@@ -285,6 +285,7 @@ int luaopen_sp_core(lua_State *L)
         {NULL, NULL}};
     lua_newtable(L);
     luaL_register(L, NULL, fns);
+    sp_sync_register(L);
     lua_pushstring(L, SP_VERSION);
     lua_setfield(L, -2, "version");
     return 1;

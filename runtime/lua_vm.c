@@ -321,6 +321,8 @@ static void hook_abort(sp_request_t *r)
         t->aborted = true;
         if (t->wait == &sp_vm_body_wait)
             hook_body_ready(r, -ECONNRESET);
+        else
+            sp_sync_abort_wait(t); /* a held request (core.wait) is released at once */
     }
 }
 
@@ -633,6 +635,7 @@ void sp_vm_destroy(sp_vm_t *vm)
 {
     if (!vm)
         return;
+    sp_sync_close_all(vm);
     sp_k8s_close_all(vm, false);
     sp_timer_close_all(vm);
     sp_fs_close_all(vm);

@@ -30,6 +30,7 @@ struct sp_task {
     bool running;
     uint64_t started_ns;   /* when the current resume began (time budget) */
     void *wait;            /* what the task is suspended on (timer, wake wait); owner-defined */
+    void *wait_handle;     /* core.wait's waiter */
     struct sp_task *out_next, *out_prev; /* the vm's list of tasks out of the pool */
 };
 
@@ -108,6 +109,11 @@ void sp_timer_close_all(sp_vm_t *vm);
 void sp_fs_close_all(sp_vm_t *vm);
 /* resume: wake tasks waiting in k8s.request with ECANCELED (reload); false at destruction */
 void sp_k8s_close_all(sp_vm_t *vm, bool resume);
+/* lua_sync.c: core.post/on/wait/signal */
+void sp_sync_register(lua_State *L);
+void sp_sync_drain_inbox(sp_worker_t *w);
+void sp_sync_abort_wait(sp_task_t *task);
+void sp_sync_close_all(sp_vm_t *vm);
 /* Closes timer.after / timer.every timers, keeping sleeps. */
 void sp_timer_close_services(sp_vm_t *vm);
 

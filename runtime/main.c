@@ -420,7 +420,7 @@ static int run_tests(int argc, char **argv)
 /* ---------------------------------------------------------------- main */
 
 /* The dicts from the config's shared_dicts, plus the defaults the built-in scripts use:
- * "sp" (runtime state, 1m) and "ratelimit" (10m), unless declared with another size. */
+ * "sp" (runtime state, 1m), "ratelimit" (10m) and "wake" (4m), unless declared otherwise. */
 static int create_dicts(void)
 {
     char err[128];
@@ -433,6 +433,8 @@ static int create_dicts(void)
         sp_shdict_create("sp", 1 << 20, err);
     if (!sp_shdict_find("ratelimit", 9))
         sp_shdict_create("ratelimit", 10 << 20, err);
+    if (!sp_shdict_find("wake", 4))
+        sp_shdict_create("wake", 4 << 20, err);
     return 0;
 }
 

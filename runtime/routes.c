@@ -12,7 +12,9 @@
 #define NSHARDS 64
 
 const char *const sp_route_field_names[SP_RF_COUNT] = {
-    "namespace", "name", "user", "address", "reason", "service", "conflict", "mode", "meta",
+    "namespace",   "name",        "user",         "address",          "reason",
+    "service",     "conflict",    "mode",         "meta",             "api_version",
+    "resource_version", "idle_timeout", "last_activity",
 };
 
 typedef struct shard {

@@ -20,6 +20,10 @@ typedef enum {
     SP_RF_CONFLICT,
     SP_RF_MODE,
     SP_RF_META,
+    SP_RF_API_VERSION,
+    SP_RF_RESOURCE_VERSION,
+    SP_RF_IDLE_TIMEOUT,
+    SP_RF_LAST_ACTIVITY,
     SP_RF_COUNT
 } sp_route_field_t;
 

@@ -157,6 +157,7 @@ static void reload(sp_worker_t *w)
 static void on_command(uv_async_t *a)
 {
     sp_worker_t *w = a->data;
+    sp_sync_drain_inbox(w); /* messages from other workers (core.post) */
     int bits = atomic_exchange(&w->command, 0);
     /* several commands may arrive at once: the strongest wins (stop > drain > reload) */
     int cmd = (bits & (1 << SP_CMD_STOP))    ? SP_CMD_STOP

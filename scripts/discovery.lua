@@ -41,6 +41,8 @@ local DEFAULT_PORT = tonumber(cfg.port) or 8888
 local USER_LABEL = cfg.user_label or "user"
 local DEFAULT_USER = cfg.default_user or "default"
 local PORT_ANNOTATION = "sandbox-proxy.dev/port"
+local IDLE_ANNOTATION = "sandbox-proxy.dev/idle-timeout"
+local ACTIVITY_ANNOTATION = "sandbox-proxy.dev/last-activity"
 
 local sp_dict = assert(shared.dict("sp"))
 
@@ -84,6 +86,20 @@ local function port_of(meta)
     return M.default_port or DEFAULT_PORT
 end
 
+-- Parses a duration ("30m", "1h", "90s", "900") into seconds, or nil.
+function M.parse_duration(v)
+    if type(v) ~= "string" then
+        return nil
+    end
+    local n, unit = v:match("^%s*(%d+%.?%d*)%s*([smhd]?)%s*$")
+    n = tonumber(n)
+    if not n or n <= 0 then
+        return nil
+    end
+    local mult = ({ [""] = 1, s = 1, m = 60, h = 3600, d = 86400 })[unit]
+    return n * mult
+end
+
 -- Maps one Sandbox object to a route. Returns route, or nil and a reason the object is
 -- unusable. The route carries the identity fields discovery needs (namespace, name, user).
 function M.to_route(obj)
@@ -114,6 +130,9 @@ function M.to_route(obj)
     end
     local service = type(status.serviceFQDN) == "string" and status.serviceFQDN ~= ""
         and status.serviceFQDN or nil
+    local ann = type(meta.annotations) == "table" and meta.annotations or {}
+    local idle = M.parse_duration(ann[IDLE_ANNOTATION])
+    local activity = type(ann[ACTIVITY_ANNOTATION]) == "string" and ann[ACTIVITY_ANNOTATION] or nil
     return {
         key = user .. "/" .. meta.name,
         namespace = namespace,
@@ -127,7 +146,10 @@ function M.to_route(obj)
         mode = mode_of(obj.spec),
         -- no timestamp sorts last: an object of unknown age never displaces a known one
         created = type(meta.creationTimestamp) == "string" and meta.creationTimestamp or "~",
-        api_version = obj.apiVersion,
+        api_version = type(obj.apiVersion) == "string" and obj.apiVersion or nil,
+        resource_version = type(meta.resourceVersion) == "string" and meta.resourceVersion or nil,
+        idle_timeout = idle and tostring(idle) or nil,
+        last_activity = activity,
     }
 end
 
@@ -140,6 +162,10 @@ end
 
 local objects = {}
 local owner = {}
+-- keys whose serving route carries an idle timeout (wake.lua's idle checks walk only these)
+M.idle_keys = {}
+-- called with the key after every route change (init.lua wires wake.route_changed here)
+M.on_route_change = nil
 local owner_created = {}
 local losers = {}
 local nobjects = 0
@@ -180,8 +206,12 @@ local function serve(id, r)
     owner[key] = id
     owner_created[key] = r.created
     r.conflict = conflict_text(key, r.namespace)
-    r.meta = r.api_version
+    r.meta = "discovery" -- routes this script owns (others' routes are left alone)
     routes.set(key, r)
+    M.idle_keys[key] = r.idle_timeout and true or nil
+    if M.on_route_change then
+        M.on_route_change(key)
+    end
 end
 
 -- The route currently served for key, as a claimant record (for demotion).
@@ -189,7 +219,6 @@ local function served_route(key)
     local cur = routes.get(key)
     if cur then
         cur.created = owner_created[key]
-        cur.api_version = cur.meta
         cur.conflict = nil
     end
     return cur
@@ -253,7 +282,11 @@ local function release(id, key)
     owner[key] = nil
     owner_created[key] = nil
     reported[key] = nil
+    M.idle_keys[key] = nil
     routes.delete(key)
+    if M.on_route_change then
+        M.on_route_change(key)
+    end
 end
 
 local function id_of(obj)
@@ -338,6 +371,7 @@ function M.reset()
     losers = {}
     reported = {}
     nobjects = 0
+    M.idle_keys = {}
 end
 
 function M.object_count()

@@ -24,6 +24,7 @@ local auth = require "auth"
 local router = require "router"
 local access_log = require "log"
 local demo_sandbox = require "demo_sandbox"
+local wake = require "wake"
 
 local M = {}
 
@@ -71,8 +72,10 @@ function M.on_start()
             log.warn("authentication is OFF: anyone who can reach this port can reach every "
                 .. "sandbox (configure auth.keys_file or auth.jwt; set auth_required=true)")
         end
+        discovery.on_route_change = wake.route_changed
         discovery.start()
     end
+    wake.start()
 end
 
 function M.on_request(req)

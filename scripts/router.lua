@@ -4,6 +4,7 @@
 --   known, not ready         -> 503 {"error":"sandbox not ready","path":..,"reason":..} + Retry-After
 --   ready, no address        -> 503 {"error":"sandbox has no address","path":..} + Retry-After
 --   no user/sandbox in path  -> 400 with the expected form
+--   suspended or starting    -> held while wake.lua wakes it / waits for it, then forwarded
 --   another user's sandbox   -> 403 when auth.lua is on (the path's user must be the caller's,
 --                               unless the caller is an admin)
 -- The path is read by sandbox_path.lua (percent-decoded user and sandbox; unsafe segments are
@@ -14,6 +15,7 @@ local config = require "sp.config"
 
 local sandbox_path = require "sandbox_path"
 local auth = require "auth"
+local wake = require "wake"
 
 local cfg = config.router or {}
 local RETRY_AFTER = tostring(cfg.retry_after or 2)
@@ -43,7 +45,16 @@ function M.handle(req)
     if not r then
         return req:respond(404, { error = "sandbox not found", path = key })
     end
+    local function forward(rq, route)
+        rq.ctx.route = route
+        wake.activity(rq, route)
+        rq:forward(route.address, route.port, rest)
+    end
     if not r.ready then
+        -- a suspended sandbox is woken, a starting one waited for (wake.lua)
+        if wake.handle(req, r, forward) then
+            return
+        end
         return req:respond(503, { error = "sandbox not ready", path = key, reason = r.reason },
             { ["Retry-After"] = RETRY_AFTER })
     end
@@ -52,8 +63,7 @@ function M.handle(req)
         return req:respond(503, { error = "sandbox has no address", path = key },
             { ["Retry-After"] = RETRY_AFTER })
     end
-    req.ctx.route = r
-    req:forward(address, r.port, rest)
+    forward(req, r)
 end
 
 return M

@@ -1,0 +1,292 @@
+-- wake.lua: wake on request and idle suspend.
+--
+-- Wake on request: a request for a sandbox that is suspended (spec.operatingMode Suspended in
+-- v1beta1, spec.replicas 0 in v1alpha1, or Ready=False with reason SandboxSuspended) makes the
+-- proxy send ONE merge-PATCH setting it running again (shared by every request and worker:
+-- the first to claim it in the "wake" shared dict asks worker 0, which owns the Kubernetes
+-- client), and holds the request until the watch reports Ready=True, then proxies it. A
+-- sandbox that is starting (Ready=False, DependenciesNotReady) can be waited for the same way.
+-- Bounded: at most max_held_per_sandbox held requests per sandbox and max_held in total; past
+-- that, or at the deadline, 503 {"error":"sandbox waking","path":..} with Retry-After. A
+-- client that disconnects while held is released at once. Terminal reasons (PodFailed,
+-- SandboxExpired, PodSucceeded) are never woken: the router answers 503 with the reason.
+--
+-- Idle suspend (opt-in per sandbox): a Sandbox annotated `sandbox-proxy.dev/idle-timeout:
+-- "30m"` is suspended after that long with no request and no open tunnel through ANY replica.
+-- Replicas coordinate through the API server only: each records its activity on the Sandbox
+-- (annotation `sandbox-proxy.dev/last-activity`, written at most once per activity_interval),
+-- and the suspend is a PATCH with the resourceVersion it last saw as a precondition, so a 409
+-- means another replica acted first (or recorded activity) and this one backs off. Never
+-- suspends with a request or WebSocket in flight on this replica.
+--
+-- Off by default: waking needs `patch` on sandboxes (apply k8s/rbac-wake.yaml), so it is
+-- enabled in the config together with that role. Config (section `wake`; defaults shown):
+--   enabled = false,            -- wake suspended sandboxes on request (and idle suspend)
+--   wait_starting = false,      -- hold requests for sandboxes that are starting
+--   max_wait = 60,              -- seconds a request may be held (capped by its own deadline)
+--   max_held_per_sandbox = 100, max_held = 1000,
+--   retry_after = 5,            -- Retry-After of the 503 "sandbox waking"
+--   idle_suspend = true,        -- honour the idle-timeout annotation (when enabled)
+--   check_interval = 5,         -- seconds between idle checks (worker 0)
+--   activity_interval = 30,     -- at most one activity annotation write per sandbox per this
+local core = require "sp.core"
+local config = require "sp.config"
+local shared = require "sp.shared"
+local routes = require "sp.routes"
+local timer = require "sp.timer"
+local log = require "sp.log"
+local k8s = require "sp.k8s"
+local cjson = require "cjson.safe"
+
+local type = type
+local tonumber = tonumber
+local min = math.min
+
+local cfg = config.wake or {}
+local M = {}
+
+M.enabled = cfg.enabled == true
+M.wait_starting = cfg.wait_starting == true
+local MAX_WAIT = cfg.max_wait or 60
+local MAX_HELD_PER_SANDBOX = cfg.max_held_per_sandbox or 100
+local MAX_HELD = cfg.max_held or 1000
+local RETRY_AFTER = tostring(cfg.retry_after or 5)
+local IDLE = M.enabled and cfg.idle_suspend ~= false
+local CHECK_INTERVAL = cfg.check_interval or 5
+local ACTIVITY_INTERVAL = cfg.activity_interval or 30
+local PATCH_TIMEOUT = cfg.patch_timeout or 15
+
+local GROUP = "agents.x-k8s.io"
+local ACTIVITY_ANNOTATION = "sandbox-proxy.dev/last-activity"
+
+local dict = shared.dict("wake") or assert(shared.dict("sp"))
+local sp_dict = assert(shared.dict("sp"))
+local DICT = shared.dict("wake") and "wake" or "sp"
+
+local TERMINAL = { PodFailed = true, SandboxExpired = true, PodSucceeded = true }
+
+-- Suspended: what a PATCH to Running wakes (spec.operatingMode Suspended, or replicas 0).
+function M.is_suspended(r)
+    return r.mode == "Suspended"
+end
+
+-- Being woken: spec says Running, status still says SandboxSuspended (a PATCH, ours or
+-- another replica's, is taking effect): wait for it, do not PATCH again.
+function M.is_waking(r)
+    return not r.ready and r.mode ~= "Suspended" and r.reason == "SandboxSuspended"
+end
+
+function M.is_starting(r)
+    return not r.ready and r.mode ~= "Suspended" and r.reason == "DependenciesNotReady"
+end
+
+-- The API path of a route's Sandbox.
+local function sandbox_path(r)
+    local version = (r.api_version or (GROUP .. "/v1beta1")):match("/(.+)$") or "v1beta1"
+    return ("/apis/%s/%s/namespaces/%s/sandboxes/%s"):format(GROUP, version, r.namespace, r.name),
+        version
+end
+
+local function waking(req, key)
+    return req:respond(503, { error = "sandbox waking", path = key },
+        { ["Retry-After"] = RETRY_AFTER })
+end
+
+-- ------------------------------------------------------------------ wake on request
+
+-- Worker 0: PATCH the sandbox running (one request at a time per sandbox).
+local function patch_running(key)
+    local r = routes.get(key)
+    if not r or not M.is_suspended(r) then
+        return
+    end
+    local path, version = sandbox_path(r)
+    local body = version == "v1alpha1" and '{"spec":{"replicas":1}}'
+        or '{"spec":{"operatingMode":"Running"}}'
+    local status, resp = k8s.request{ method = "PATCH", path = path, body = body,
+        content_type = "application/merge-patch+json", timeout = PATCH_TIMEOUT }
+    if status and status >= 200 and status < 300 then
+        sp_dict:incr("m:wakes", 1, 0)
+        log.info("woke a suspended sandbox", { key = key, namespace = r.namespace, name = r.name })
+    else
+        dict:delete("patching:" .. key) -- let a later request try again
+        log.error("cannot wake the sandbox", { key = key, status = status,
+            error = status and (cjson.decode(resp or "") or {}).message or resp })
+    end
+end
+
+-- Holds the request until the sandbox is ready (waking it when suspended). Returns true if
+-- it answered or forwarded, false to let the caller answer (terminal or disabled).
+-- forward(req, route) is how the caller proxies a ready route.
+function M.handle(req, r, forward)
+    local key = r.key
+    if TERMINAL[r.reason] then
+        return false
+    end
+    local suspended = M.is_suspended(r)
+    if not (((suspended or M.is_waking(r)) and M.enabled) or (M.is_starting(r) and M.wait_starting)) then
+        return false
+    end
+    if not core.in_task() then
+        return false -- not in a request's own coroutine (e.g. sp.testkit unit tests): no holding
+    end
+    if not req:hold(DICT, "held:" .. key, MAX_HELD_PER_SANDBOX) or
+        not req:hold(DICT, "held:*", MAX_HELD) then
+        waking(req, key)
+        return true
+    end
+    local deadline = core.monotonic() + min(MAX_WAIT, req.ctx.deadline or MAX_WAIT)
+    while true do
+        if suspended and dict:add("patching:" .. key, true, PATCH_TIMEOUT + MAX_WAIT) then
+            core.post(0, "wake", key)
+        end
+        local left = deadline - core.monotonic()
+        if left <= 0 then
+            waking(req, key)
+            return true
+        end
+        -- wake up at least every 2 s: a PATCH that failed is then tried again
+        local ok, err = core.wait("route:" .. key, min(left, 2))
+        if not ok and err and err:find("ECONNRESET", 1, true) then
+            return true -- the client went away: nothing to answer
+        end
+        r = routes.get(key)
+        if not r then
+            return false -- deleted meanwhile: the caller answers 404
+        end
+        if r.ready and r.address and r.address ~= "" then
+            forward(req, r)
+            return true
+        end
+        if TERMINAL[r.reason] then
+            return false
+        end
+        suspended = M.is_suspended(r)
+    end
+end
+
+-- Discovery calls this when a route changed: wake the requests held for it on every worker.
+function M.route_changed(key)
+    if (dict:get("held:" .. key) or 0) > 0 then
+        core.post(-1, "route", key)
+    end
+    dict:delete("patching:" .. key)
+end
+
+-- ------------------------------------------------------------------ activity and idle suspend
+
+local function iso_to_epoch(s)
+    local y, mo, d, h, mi, sec = tostring(s):match("^(%d+)%-(%d+)%-(%d+)T(%d+):(%d+):(%d+)")
+    if not y then
+        return tonumber(s)
+    end
+    -- days from civil (Howard Hinnant's algorithm), UTC
+    y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
+    y = mo <= 2 and y - 1 or y
+    local era = math.floor(y / 400)
+    local yoe = y - era * 400
+    local doy = math.floor((153 * (mo + (mo > 2 and -3 or 9)) + 2) / 5) + d - 1
+    local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+    local days = era * 146097 + doe - 719468
+    return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec)
+end
+M.iso_to_epoch = iso_to_epoch
+
+-- The router calls this for every request it forwards to a sandbox with an idle timeout:
+-- it records this replica's activity and holds an in-flight slot for the exchange.
+function M.activity(req, r)
+    if not IDLE or not r.idle_timeout then
+        return
+    end
+    local key = r.key
+    local now = core.now()
+    dict:set("act:" .. key, now)
+    req:hold(DICT, "inflight:" .. key, 1e9)
+    local written = dict:get("written:" .. key) or 0
+    if now - written >= ACTIVITY_INTERVAL and dict:add("writing:" .. key, true, 10) then
+        core.post(0, "activity", key)
+    end
+end
+
+-- Worker 0: write this replica's last activity on the Sandbox.
+local function write_activity(key)
+    local r = routes.get(key)
+    local last = dict:get("act:" .. key)
+    if not r or not last then
+        dict:delete("writing:" .. key)
+        return
+    end
+    local body = cjson.encode({ metadata = { annotations = {
+        [ACTIVITY_ANNOTATION] = core.iso8601(last) } } })
+    local path = sandbox_path(r)
+    local status = k8s.request{ method = "PATCH", path = path, body = body,
+        content_type = "application/merge-patch+json", timeout = PATCH_TIMEOUT }
+    if status and status >= 200 and status < 300 then
+        dict:set("written:" .. key, last)
+    end
+    dict:delete("writing:" .. key)
+end
+
+-- Worker 0: suspend the idle sandboxes among the routes that carry an idle timeout
+-- (discovery keeps the set of their keys, so a check costs nothing for the others).
+function M.check_idle()
+    local now = core.now()
+    for key in pairs(require("discovery").idle_keys) do
+        local r = routes.get(key)
+        local idle = r and tonumber(r.idle_timeout)
+        if idle and r.ready and r.mode ~= "Suspended" then
+            local inflight = dict:get("inflight:" .. key) or 0
+            local local_last = dict:get("act:" .. key) or 0
+            local seen_last = iso_to_epoch(r.last_activity or "") or 0
+            local first_seen = dict:get("seen:" .. key)
+            if not first_seen then
+                first_seen = now
+                dict:set("seen:" .. key, now)
+            end
+            local last = math.max(local_last, seen_last, first_seen)
+            if inflight > 0 then
+                last = now
+            end
+            if local_last > seen_last + 1 and now - (dict:get("written:" .. key) or 0)
+                >= ACTIVITY_INTERVAL then
+                write_activity(key) -- tell the other replicas first
+            elseif now - last > idle and r.resource_version then
+                local path, version = sandbox_path(r)
+                local spec = version == "v1alpha1" and { replicas = 0 }
+                    or { operatingMode = "Suspended" }
+                local body = cjson.encode({ metadata = { resourceVersion = r.resource_version },
+                    spec = spec })
+                local status = k8s.request{ method = "PATCH", path = path, body = body,
+                    content_type = "application/merge-patch+json", timeout = PATCH_TIMEOUT,
+                    retries = 0 }
+                if status and status >= 200 and status < 300 then
+                    sp_dict:incr("m:idle_suspends", 1, 0)
+                    log.info("suspended an idle sandbox", { key = key, idle_for = now - last })
+                elseif status == 409 then
+                    log.info("idle suspend skipped: the sandbox changed meanwhile (another "
+                        .. "replica acted)", { key = key })
+                else
+                    log.warn("cannot suspend the idle sandbox", { key = key, status = status })
+                end
+            end
+        end
+    end
+end
+
+-- Per worker: listen for route changes; on worker 0 also for wake/activity requests and run
+-- the idle checks.
+function M.start()
+    core.on("route", function(key)
+        core.signal("route:" .. key)
+    end)
+    if core.worker_id() ~= 0 or not k8s.configured() then
+        return
+    end
+    core.on("wake", patch_running)
+    core.on("activity", write_activity)
+    if IDLE then
+        timer.every(CHECK_INTERVAL, M.check_idle)
+    end
+end
+
+return M
