@@ -2,6 +2,8 @@
 --   1. event-to-route latency: the stand-in emits MODIFIED (ready=true) for a sandbox that was
 --      not ready; we time until the first 200 through the proxy. p50/p99 over N events.
 --   2. sync of 100,000 sandboxes: time from the proxy's start to /ready, and peak RSS.
+--   3. wake on request: the time a request for a suspended sandbox takes beyond the stand-in's
+--      own wake delay (PATCH -> Ready=True after wake_delay_ms), p50/p99 over N wakes.
 -- Run from the repository root:  bench/k8s [--events N] [--sandboxes N]
 -- (bench/k8s is a wrapper that sets LUA_PATH and runs this with luajit).
 local H = require "spec.helpers.proxy"
@@ -10,7 +12,7 @@ local process = require "spec.helpers.process"
 local socket = require "socket"
 local http = require "spec.helpers.http"
 
-local args = { events = 1000, sandboxes = 100000 }
+local args = { events = 1000, sandboxes = 100000, wakes = 100, wake_delay = 200 }
 local i = 1
 while arg[i] do
     local k = arg[i]:match("^%-%-(.+)$")
@@ -88,6 +90,30 @@ local ok, err = pcall(function()
     print(("  peak RSS %.1f MiB, RSS after sync %.1f MiB"):format(hwm / 1024, rss / 1024))
     local r = http.request{ port = px2.port, path = "/u00042/sb-00042/echo" }
     print(("  a routed request after the sync: %s"):format(r and r.status or "failed"))
+    px2:stop()
+    api2:stop()
+
+    ----------------------------------------------------------------- 3. wake latency
+    local api3 = K.start{ bookmark_interval = 5, history = 100000 }
+    api3:wake_config{ wake_delay_ms = args.wake_delay, wake_pod_ip = "127.0.0.1" }
+    local px3 = api3:proxy{ config = "return { wake = { enabled = true, max_wait = 30 } }" }
+    local extra = {}
+    for n = 1, args.wakes do
+        local name = "w" .. n
+        api3:put(H.sandbox("bench", name, up.port, { ready = false, reason = "SandboxSuspended",
+            mode = "Suspended" }))
+        H.net.wait_until(function()
+            local rr = http.request{ port = px3.port, path = "/sandboxes" }
+            return rr and rr.body:find('"bench/' .. name .. '"', 1, true)
+        end, 10, 0.005)
+        local t0 = socket.gettime()
+        local rr = assert(http.request{ port = px3.port, path = "/bench/" .. name .. "/", timeout = 30 })
+        assert(rr.status == 200, "wake " .. n .. ": " .. rr.status)
+        extra[#extra + 1] = socket.gettime() - t0 - args.wake_delay / 1000
+    end
+    print(("\nwake on request over %d wakes (stand-in wake delay %d ms): added latency "
+        .. "p50 %s, p99 %s"):format(args.wakes, args.wake_delay, fmt_ms(percentile(extra, 0.5)),
+        fmt_ms(percentile(extra, 0.99))))
 end)
 H.stop_all()
 if not ok then
