@@ -264,6 +264,8 @@ int sp_request_read_body(sp_request_t *req, uint64_t limit);
 /* Looks up a request header (case-insensitive); returns the first value or NULL. */
 const char *sp_request_header(const sp_request_t *req, const char *name, size_t nlen,
                               size_t *vlen);
+/* True when the connection ends after this exchange (keep-alive request cap, drain). */
+bool sp_conn_last_exchange(const sp_conn_t *c);
 /* Called by upstream.c: the response is fully written (or failed) and the exchange is over. */
 void sp_conn_finish_request(sp_conn_t *c);
 /* Called by upstream.c: writes to the client. Returns 0 if written at once, 1 if pending

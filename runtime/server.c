@@ -832,11 +832,15 @@ static void request_done(sp_conn_t *c)
     sp_request_maybe_release(r);
 }
 
+bool sp_conn_last_exchange(const sp_conn_t *c)
+{
+    return c->nrequests + 1 >= (uint32_t)sp_cfg.keepalive_requests || c->w->draining;
+}
+
 void sp_conn_finish_request(sp_conn_t *c)
 {
     sp_request_t *r = c->req;
-    bool close = r->close_client || !r->keepalive || r->upgrade ||
-                 c->nrequests + 1 >= (uint32_t)sp_cfg.keepalive_requests || c->w->draining ||
+    bool close = r->close_client || !r->keepalive || r->upgrade || sp_conn_last_exchange(c) ||
                  (r->has_body && !r->body_done);
     c->nrequests++;
     request_done(c);
@@ -878,8 +882,8 @@ static void on_local_written(uv_write_t *wr, int status)
 static void send_local(sp_conn_t *c)
 {
     sp_request_t *r = c->req;
-    if (c->w->draining)
-        r->close_client = true;
+    if (sp_conn_last_exchange(c))
+        r->close_client = true; /* the response says the connection ends */
     build_local_head(r, r->status);
     c->state = CS_RESPOND;
     r->resp_status = r->status;

@@ -837,7 +837,10 @@ static void build_response_head(sp_upconn_t *u)
         r->resp_decode = true;
     if (!bodyless && llhttp_message_needs_eof(&u->parser))
         r->close_client = true;
-    if (r->resp_decode || !r->keepalive || r->w->draining)
+    /* Say "Connection: close" whenever the client connection will end after this exchange:
+     * the request cap, a drain, or a request body still unread when the answer comes. */
+    if (r->resp_decode || !r->keepalive || r->w->draining ||
+        (r->conn && sp_conn_last_exchange(r->conn)) || (r->has_body && !r->body_done))
         r->close_client = true;
     if (upgrade)
         r->close_client = false;

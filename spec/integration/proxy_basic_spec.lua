@@ -204,3 +204,56 @@ describe("proxying", function()
         assert.are.equal("not found", cjson.decode(r.body).message)
     end)
 end)
+
+describe("the end of a keep-alive connection", function()
+    local up, px
+
+    setup(function()
+        up = H.upstream{ name = "up-ka" }
+        px = H.start{ sandboxes = { H.sandbox("alice", "sb1", up.port) },
+            set = { keepalive_requests = 3 } }
+    end)
+
+    teardown(function()
+        H.stop_all()
+    end)
+
+    -- A client must learn from the response that the connection ends: without
+    -- "Connection: close" it would send its next request into a closing socket.
+    it("announces the last proxied response of keepalive_requests with Connection: close", function()
+        local c = assert(px:connect())
+        for i = 1, 2 do
+            local r = assert(c:request{ path = "/alice/sb1/echo" })
+            assert.are.equal(200, r.status)
+            assert.is_nil(r.headers["connection"], "response " .. i)
+            assert.is_false(r.closed)
+        end
+        local r = assert(c:request{ path = "/alice/sb1/echo" })
+        assert.are.equal(200, r.status)
+        assert.are.equal("close", r.headers["connection"])
+        assert.is_true(c:closed_by_peer(5))
+        c:close()
+    end)
+
+    it("announces the last local response too", function()
+        local c = assert(px:connect())
+        assert.is_nil(assert(c:request{ path = "/health" }).headers["connection"])
+        assert.is_nil(assert(c:request{ path = "/alice/nope/x" }).headers["connection"])
+        local r = assert(c:request{ path = "/health" })
+        assert.are.equal(200, r.status)
+        assert.are.equal("close", r.headers["connection"])
+        assert.is_true(c:closed_by_peer(5))
+        c:close()
+    end)
+
+    it("says Connection: close when the sandbox answers before the request body is read", function()
+        local c = assert(px:connect())
+        assert(c:send_raw("POST /alice/sb1/early/413 HTTP/1.1\r\nHost: x\r\n"
+            .. "Content-Length: 100000\r\n\r\n" .. string.rep("a", 100)))
+        local r = assert(c:read_response{ method = "POST" })
+        assert.are.equal(413, r.status)
+        assert.are.equal("close", r.headers["connection"])
+        assert.is_true(c:closed_by_peer(5))
+        c:close()
+    end)
+end)
