@@ -929,7 +929,8 @@ def parse_args():
                     help="comma-separated subset of: " + ", ".join(k for k, _ in TARGETS))
     ap.add_argument("--scenarios", default=",".join(s[0] for s in SCENARIOS),
                     help="comma-separated subset of: " + ", ".join(s[0] for s in SCENARIOS))
-    ap.add_argument("--proxy-bin", default=os.path.join(ROOT, "build", "sandbox-proxy"))
+    ap.add_argument("--proxy-bin", default=os.path.join(ROOT, "build", "sandbox-proxy"),
+                    help="the sandbox-proxy binary (default: build/sandbox-proxy)")
     ap.add_argument("--proxy-workers", type=int, default=1, help="sandbox-proxy --workers (default 1)")
     ap.add_argument("--access-log", choices=["off", "on"], default="off",
                     help="access logs of every proxy target (sandbox-proxy's log.lua, nginx access_log "
@@ -944,11 +945,12 @@ def parse_args():
     ap.add_argument("--wrk-cpus", help="CPU list for wrk")
     ap.add_argument("--quiet-wait", type=float, default=30.0,
                     help="before each run, wait up to this many seconds for the machine to be quiet "
-                         "(other processes busy < %g%% of the CPUs) (default 30; 0: don't wait)" % QUIET_PCT)
+                         "(other processes busy < %g%%%% of the CPUs) (default 30; 0: don't wait)" % QUIET_PCT)
     ap.add_argument("--retry-disturbed", type=int, default=2,
                     help="run a measurement again, up to N times, when other processes used more than "
-                         "%g%% of a core during it; the least disturbed run is kept (default 2)" % DISTURBED_PCT)
-    ap.add_argument("--out-dir", default=os.path.join(BENCH_DIR, "results"))
+                         "%g%%%% of a core during it; the least disturbed run is kept (default 2)" % DISTURBED_PCT)
+    ap.add_argument("--out-dir", default=os.path.join(BENCH_DIR, "results"),
+                    help="where the JSON and Markdown results go (default: bench/results)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     a = ap.parse_args()
     global ACCESS_LOG
@@ -1253,7 +1255,8 @@ def main():
                 "rps_runs": rps_vals,
                 "spread_pct": (100.0 * (max(rps_vals) - min(rps_vals)) / statistics.median(rps_vals)
                                if len(rps_vals) > 1 else None),
-                "problems": sorted({p for r in ok for p in r.get("problems", [])}),
+                "problems": ["run %d: %s" % (i + 1, pr) for i, r in enumerate(runs[sk][t])
+                             for pr in r.get("problems", [])],
                 "failed_runs": len(runs[sk][t]) - len(ok),
             }
             m["is_direct"] = t == "direct"
