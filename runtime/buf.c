@@ -7,10 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-void sp_buf_reserve(sp_buf_t *b, size_t extra)
+void sp_buf_grow(sp_buf_t *b, size_t extra)
 {
-    if (b->len + extra <= b->cap)
-        return;
     size_t cap = b->cap ? b->cap : 256;
     while (cap < b->len + extra)
         cap *= 2;
@@ -23,23 +21,6 @@ void sp_buf_reserve(sp_buf_t *b, size_t extra)
         b->p = sp_realloc(b->p, cap);
     }
     b->cap = cap;
-}
-
-void sp_buf_add(sp_buf_t *b, const void *data, size_t n)
-{
-    if (n == 0)
-        return;
-    sp_buf_reserve(b, n);
-    memcpy(b->p + b->len, data, n);
-    b->len += n;
-}
-
-void sp_buf_adds(sp_buf_t *b, const char *s) { sp_buf_add(b, s, strlen(s)); }
-
-void sp_buf_addc(sp_buf_t *b, char c)
-{
-    sp_buf_reserve(b, 1);
-    b->p[b->len++] = c;
 }
 
 void sp_buf_addf(sp_buf_t *b, const char *fmt, ...)
@@ -61,23 +42,33 @@ void sp_buf_json_str(sp_buf_t *b, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";
     sp_buf_reserve(b, n + 2);
-    sp_buf_addc(b, '"');
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)s[i];
+    b->p[b->len++] = '"';
+    size_t i = 0;
+    while (i < n) {
+        /* copy the run of bytes that need no escape in one go */
+        size_t j = i;
+        while (j < n) {
+            unsigned char c = (unsigned char)s[j];
+            if (c < 0x20 || c == '"' || c == '\\' || c == 0x7f)
+                break;
+            j++;
+        }
+        sp_buf_add(b, s + i, j - i);
+        if (j == n)
+            break;
+        unsigned char c = (unsigned char)s[j];
         switch (c) {
         case '"': sp_buf_add(b, "\\\"", 2); break;
         case '\\': sp_buf_add(b, "\\\\", 2); break;
         case '\n': sp_buf_add(b, "\\n", 2); break;
         case '\r': sp_buf_add(b, "\\r", 2); break;
         case '\t': sp_buf_add(b, "\\t", 2); break;
-        default:
-            if (c < 0x20 || c == 0x7f) {
-                char e[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
-                sp_buf_add(b, e, 6);
-            } else {
-                sp_buf_addc(b, (char)c);
-            }
+        default: {
+            char e[6] = {'\\', 'u', '0', '0', hex[c >> 4], hex[c & 15]};
+            sp_buf_add(b, e, 6);
         }
+        }
+        i = j + 1;
     }
     sp_buf_addc(b, '"');
 }

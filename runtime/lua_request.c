@@ -5,6 +5,7 @@
  * caller-owned buffers; validity (the generation check) is done on the Lua side.
  */
 #include "http.h"
+#include "log.h"
 #include "worker.h"
 
 #include <errno.h>
@@ -125,3 +126,142 @@ SP_EXPORT double sp_req_first_byte_time(const sp_request_t *r)
 SP_EXPORT const char *sp_req_upstream_addr(const sp_request_t *r) { return r->upstream_addr; }
 SP_EXPORT const char *sp_req_error(const sp_request_t *r) { return sp_error_names[r->error]; }
 SP_EXPORT int sp_req_worker(const sp_request_t *r) { return r->w->id; }
+
+/* ---- the access-log line, built here: the scripts pick the fields, the core writes bytes */
+
+enum {
+    LF_TIME = 1 << 0,
+    LF_REQUEST_ID = 1 << 1,
+    LF_CLIENT = 1 << 2,
+    LF_METHOD = 1 << 3,
+    LF_PATH = 1 << 4,
+    LF_QUERY = 1 << 5,
+    LF_STATUS = 1 << 6,
+    LF_BYTES_IN = 1 << 7,
+    LF_BYTES_OUT = 1 << 8,
+    LF_DURATION = 1 << 9,
+    LF_UPSTREAM_CONNECT = 1 << 10,
+    LF_UPSTREAM_FIRST_BYTE = 1 << 11,
+    LF_UPSTREAM = 1 << 12,
+    LF_ERROR = 1 << 13,
+    LF_WORKER = 1 << 14,
+};
+
+static void lf_name(sp_buf_t *b, const char *name, size_t n)
+{
+    if (b->len > 1)
+        sp_buf_addc(b, ','); /* not the first field */
+    sp_buf_addc(b, '"');
+    sp_buf_add(b, name, n);
+    sp_buf_lit(b, "\":");
+}
+#define LF_NAME(b, lit) lf_name((b), "" lit, sizeof(lit) - 1)
+
+/* Seconds from nanoseconds, with microsecond precision ("0.000236"). */
+static void lf_seconds(sp_buf_t *b, uint64_t ns)
+{
+    uint64_t us = (ns + 500) / 1000;
+    sp_buf_addu(b, us / 1000000);
+    char frac[7];
+    uint64_t f = us % 1000000;
+    for (int i = 5; i >= 0; i--, f /= 10)
+        frac[i + 1] = (char)('0' + f % 10);
+    frac[0] = '.';
+    sp_buf_add(b, frac, sizeof frac);
+}
+
+static void lf_span(sp_buf_t *b, const char *name, size_t n, uint64_t a, uint64_t z)
+{
+    if (!a || !z || z < a)
+        return;
+    lf_name(b, name, n);
+    lf_seconds(b, z - a);
+}
+
+/* Appends one JSON line for the exchange to the worker's access log: the fields of `mask` in a
+ * fixed order, then n name/value string pairs from the script (user, sandbox, ...). */
+SP_EXPORT int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char *const *extra,
+                                const size_t *elen, int n)
+{
+    char storage[1024];
+    sp_buf_t b = SP_BUF_ON(storage);
+    sp_buf_addc(&b, '{');
+    if (mask & LF_TIME) {
+        char t[32];
+        sp_iso8601(sp_wall_time(), t);
+        LF_NAME(&b, "time");
+        sp_buf_addc(&b, '"');
+        sp_buf_add(&b, t, 24);
+        sp_buf_addc(&b, '"');
+    }
+    if (mask & LF_REQUEST_ID) {
+        LF_NAME(&b, "request_id");
+        sp_buf_json_str(&b, r->id, r->id_len);
+    }
+    if (mask & LF_CLIENT) {
+        LF_NAME(&b, "client");
+        sp_buf_json_str(&b, r->client_ip, strlen(r->client_ip));
+    }
+    if (mask & LF_METHOD) {
+        const char *m = llhttp_method_name((llhttp_method_t)r->method);
+        LF_NAME(&b, "method");
+        sp_buf_json_str(&b, m, strlen(m));
+    }
+    if (mask & LF_PATH) {
+        LF_NAME(&b, "path");
+        sp_buf_json_str(&b, r->head.p, r->path_len);
+    }
+    if ((mask & LF_QUERY) && r->path_len + 1 < r->url_len) {
+        LF_NAME(&b, "query");
+        sp_buf_json_str(&b, r->head.p + r->path_len + 1, r->url_len - r->path_len - 1);
+    }
+    if (mask & LF_STATUS) {
+        LF_NAME(&b, "status");
+        sp_buf_addu(&b, (uint64_t)(r->resp_status > 0 ? r->resp_status : 0));
+    }
+    if (mask & LF_BYTES_IN) {
+        LF_NAME(&b, "bytes_in");
+        sp_buf_addu(&b, r->bytes_in);
+    }
+    if (mask & LF_BYTES_OUT) {
+        LF_NAME(&b, "bytes_out");
+        sp_buf_addu(&b, r->bytes_out);
+    }
+    if (mask & LF_DURATION)
+        lf_span(&b, "duration", 8, r->t_start, r->t_end ? r->t_end : uv_hrtime());
+    if (mask & LF_UPSTREAM_CONNECT)
+        lf_span(&b, "upstream_connect", 16, r->t_head, r->t_connected);
+    if (mask & LF_UPSTREAM_FIRST_BYTE)
+        lf_span(&b, "upstream_first_byte", 19, r->t_head, r->t_first_byte);
+    if ((mask & LF_UPSTREAM) && r->upstream_addr[0]) {
+        LF_NAME(&b, "upstream");
+        sp_buf_json_str(&b, r->upstream_addr, strlen(r->upstream_addr));
+    }
+    if ((mask & LF_ERROR) && sp_error_names[r->error][0]) {
+        const char *e = sp_error_names[r->error];
+        LF_NAME(&b, "error");
+        sp_buf_json_str(&b, e, strlen(e));
+    }
+    for (int i = 0; i + 1 < n; i += 2) {
+        if (!extra[i] || !extra[i + 1])
+            continue;
+        if (b.len > 1)
+            sp_buf_addc(&b, ',');
+        sp_buf_json_str(&b, extra[i], elen[i]);
+        sp_buf_addc(&b, ':');
+        sp_buf_json_str(&b, extra[i + 1], elen[i + 1]);
+    }
+    if (mask & LF_WORKER) {
+        LF_NAME(&b, "worker");
+        sp_buf_addu(&b, (uint64_t)r->w->id);
+    }
+    sp_buf_addc(&b, '}');
+    if (r->w->alog) {
+        sp_alog_append(r->w, b.p, b.len);
+    } else {
+        sp_buf_addc(&b, '\n');
+        sp_log_raw(1, b.p, b.len);
+    }
+    sp_buf_free(&b);
+    return 0;
+}

@@ -62,17 +62,56 @@ static void push_route(lua_State *L, const sp_route_t *r)
     lua_setfield(L, -2, "updated");
 }
 
+/* get(key): the route as a table, or nil. The table of an unchanged route is handed out again
+ * (a per-state cache, emptied when it outgrows twice the route count), so the hot path copies
+ * nothing: a version check under the shard lock, then a table lookup. Route tables are shared
+ * snapshots: read them, do not write to them. */
 static int r_get(lua_State *L)
 {
     sp_vm_check_budget(L);
     size_t klen;
     const char *key = luaL_checklstring(L, 1, &klen);
+    lua_settop(L, 1);
     sp_vm_t *vm = sp_vm_of(L);
-    if (!sp_routes_get(key, klen, &vm->scratch)) {
+    uint64_t version = sp_routes_version_of(key, klen);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, vm->route_cache_ref); /* 2: the cache */
+    if (version == 0) {
+        lua_pushvalue(L, 1);
+        lua_pushnil(L);
+        lua_rawset(L, 2);
         lua_pushnil(L);
         return 1;
     }
-    push_route(L, (const sp_route_t *)vm->scratch.p);
+    lua_pushvalue(L, 1);
+    lua_rawget(L, 2); /* 3: the cached table or nil */
+    if (lua_istable(L, 3)) {
+        lua_getfield(L, 3, "version");
+        if (lua_tonumber(L, -1) == (double)version) {
+            lua_pop(L, 1);
+            return 1;
+        }
+        lua_pop(L, 1);
+    }
+    lua_settop(L, 2);
+    if (!sp_routes_get(key, klen, &vm->scratch)) {
+        lua_pushvalue(L, 1);
+        lua_pushnil(L);
+        lua_rawset(L, 2);
+        lua_pushnil(L);
+        return 1;
+    }
+    push_route(L, (const sp_route_t *)vm->scratch.p); /* 3 */
+    if (++vm->route_cache_n > 2 * sp_routes_count() + 1024) {
+        /* entries of deleted routes nobody asked for again: start over */
+        lua_newtable(L);
+        lua_replace(L, 2);
+        lua_pushvalue(L, 2);
+        lua_rawseti(L, LUA_REGISTRYINDEX, vm->route_cache_ref);
+        vm->route_cache_n = 1;
+    }
+    lua_pushvalue(L, 1);
+    lua_pushvalue(L, 3);
+    lua_rawset(L, 2);
     return 1;
 }
 

@@ -20,8 +20,15 @@ extern int luaopen_cjson_safe(lua_State *L);
 
 static char vm_key; /* registry[&vm_key] = lightuserdata(vm) */
 
+static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize);
+
 sp_vm_t *sp_vm_of(lua_State *L)
 {
+    /* Every state made by sp_vm_create runs on vm_alloc with the vm as its userdata: reading
+     * it back is two loads, where the registry lookup below hashes a key. */
+    void *ud;
+    if (lua_getallocf(L, &ud) == vm_alloc)
+        return ud;
     lua_pushlightuserdata(L, &vm_key);
     lua_rawget(L, LUA_REGISTRYINDEX);
     sp_vm_t *vm = lua_touserdata(L, -1);
@@ -72,6 +79,9 @@ void sp_vm_check_budget(lua_State *L)
     sp_vm_t *vm = sp_vm_of(L);
     sp_task_t *t = vm ? vm->current : NULL;
     if (!t || t->co != L)
+        return;
+    /* Read the clock on every 16th call only: the budget is seconds, a call microseconds. */
+    if ((++vm->budget_tick & 15) != 0)
         return;
     double ran = (double)(uv_hrtime() - t->started_ns) / 1e9;
     if (ran > sp_cfg.script_time_budget)
@@ -492,6 +502,8 @@ sp_vm_t *sp_vm_create(sp_worker_t *w, const char *entry, char *err, size_t errle
     lua_rawset(L, LUA_REGISTRYINDEX);
     lua_newtable(L);
     vm->reqobj_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_newtable(L); /* the route cache of sp.routes.get */
+    vm->route_cache_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 
     lua_pushcfunction(L, traceback_handler);
     lua_pushcfunction(L, vm_setup);

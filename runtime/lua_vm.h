@@ -58,6 +58,9 @@ struct sp_vm {
     bool mem_exceeded;
     int config_ref;
     sp_buf_t scratch;      /* copies of routes and dict values for the bindings */
+    int route_cache_ref;   /* table: key -> route table (sp.routes.get) */
+    size_t route_cache_n;  /* entries added to it since it was (re)made */
+    unsigned budget_tick;  /* runtime API calls since the last clock read (time budget) */
 };
 
 /* Creates a state and loads the scripts (init.lua). w may be NULL (check / test mode, no loop

@@ -114,8 +114,13 @@ sp_request_t *sp_request_acquire(sp_worker_t *w)
     r->client_port = 0;
     r->listener = "";
     uint64_t n = ++w->req_counter;
-    r->id_len = (uint32_t)snprintf(r->id, sizeof r->id, "%s%010llx", w->id_prefix,
-                                   (unsigned long long)(n & 0xffffffffffull));
+    /* id = the worker's 6 hex digits, then the request counter in 10 (no printf per request) */
+    static const char hex[] = "0123456789abcdef";
+    memcpy(r->id, w->id_prefix, 6);
+    for (int i = 15; i >= 6; i--, n >>= 4)
+        r->id[i] = hex[n & 15];
+    r->id[16] = '\0';
+    r->id_len = 16;
     SP_STAT_ADD(w->active_requests, 1);
     return r;
 }
@@ -188,15 +193,25 @@ const char *sp_status_reason(int s)
     }
 }
 
+/* Byte classes for header names and values a script supplies: 1 = a token character
+ * (RFC 9110 tchar, allowed in names), 2 = allowed in values (anything but CR, LF and NUL). */
+#define HC_TCHAR(c)                                                                              \
+    (((c) >= '0' && (c) <= '9') || ((c) >= 'a' && (c) <= 'z') || ((c) >= 'A' && (c) <= 'Z') ||  \
+     (c) == '!' || (c) == '#' || (c) == '$' || (c) == '%' || (c) == '&' || (c) == '\'' ||        \
+     (c) == '*' || (c) == '+' || (c) == '-' || (c) == '.' || (c) == '^' || (c) == '_' ||          \
+     (c) == '`' || (c) == '|' || (c) == '~')
+#define HC(c) (uint8_t)((HC_TCHAR(c) ? 1 : 0) | (((c) == '\r' || (c) == '\n' || (c) == 0) ? 0 : 2))
+#define HC4(c) HC(c), HC((c) + 1), HC((c) + 2), HC((c) + 3)
+#define HC16(c) HC4(c), HC4((c) + 4), HC4((c) + 8), HC4((c) + 12)
+#define HC64(c) HC16(c), HC16((c) + 16), HC16((c) + 32), HC16((c) + 48)
+static const uint8_t hdr_class[256] = {HC64(0), HC64(64), HC64(128), HC64(192)};
+
 static bool header_bytes_ok(const char *s, size_t n, bool name)
 {
-    for (size_t i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        if (ch == '\r' || ch == '\n' || ch == '\0')
+    uint8_t want = name ? 1 : 2;
+    for (size_t i = 0; i < n; i++)
+        if (!(hdr_class[(unsigned char)s[i]] & want))
             return false;
-        if (name && (ch <= ' ' || ch == ':' || ch >= 0x7f))
-            return false;
-    }
     return !name || n > 0;
 }
 
@@ -265,9 +280,9 @@ void sp_request_emit_response_headers(const sp_request_t *r, sp_buf_t *o)
         size_t vlen = strlen(val);
         if (op == '>') {
             sp_buf_add(o, name, nlen);
-            sp_buf_adds(o, ": ");
+            sp_buf_lit(o, ": ");
             sp_buf_add(o, val, vlen);
-            sp_buf_adds(o, "\r\n");
+            sp_buf_lit(o, "\r\n");
         }
         i += 1 + nlen + 1 + vlen + 1;
     }
@@ -278,18 +293,25 @@ static void build_local_head(sp_request_t *r, int status)
 {
     sp_buf_t *o = &r->out;
     o->len = 0;
-    sp_buf_addf(o, "HTTP/1.1 %d %s\r\n", status, sp_status_reason(status));
-    if (status >= 200 && status != 204 && status != 304)
-        sp_buf_addf(o, "Content-Length: %zu\r\n", r->body.len);
-    sp_buf_adds(o, "X-Request-Id: ");
+    sp_buf_lit(o, "HTTP/1.1 ");
+    sp_buf_addu(o, (uint64_t)status);
+    sp_buf_addc(o, ' ');
+    sp_buf_adds(o, sp_status_reason(status));
+    sp_buf_lit(o, "\r\n");
+    if (status >= 200 && status != 204 && status != 304) {
+        sp_buf_lit(o, "Content-Length: ");
+        sp_buf_addu(o, r->body.len);
+        sp_buf_lit(o, "\r\n");
+    }
+    sp_buf_lit(o, "X-Request-Id: ");
     sp_buf_add(o, r->id, r->id_len);
-    sp_buf_adds(o, "\r\n");
+    sp_buf_lit(o, "\r\n");
     sp_request_emit_response_headers(r, o);
     if (r->close_client)
-        sp_buf_adds(o, "Connection: close\r\n");
+        sp_buf_lit(o, "Connection: close\r\n");
     else if (r->vmajor == 1 && r->vminor == 0)
-        sp_buf_adds(o, "Connection: keep-alive\r\n");
-    sp_buf_adds(o, "\r\n");
+        sp_buf_lit(o, "Connection: keep-alive\r\n");
+    sp_buf_lit(o, "\r\n");
 }
 
 int sp_request_respond(sp_request_t *r, int status, const char *ctype, size_t ctlen,
@@ -938,11 +960,11 @@ void sp_conn_error_response(sp_conn_t *c, int status, const char *msg)
         return;
     }
     r->body.len = 0;
-    sp_buf_adds(&r->body, "{\"error\":");
+    sp_buf_lit(&r->body, "{\"error\":");
     sp_buf_json_str(&r->body, msg, strlen(msg));
-    sp_buf_adds(&r->body, ",\"request_id\":");
+    sp_buf_lit(&r->body, ",\"request_id\":");
     sp_buf_json_str(&r->body, r->id, r->id_len);
-    sp_buf_adds(&r->body, "}");
+    sp_buf_lit(&r->body, "}");
     r->close_client = true;
     keep_response_headers(r);
     add_hdr_entry(&r->extra, '>', "Content-Type", 12, "application/json", 16);

@@ -36,7 +36,22 @@ double sp_wall_time(void);
 void sp_iso8601(double t, char out[32]);
 
 /* ASCII case-insensitive comparison of a span with a NUL-terminated lowercase literal. */
-bool sp_ieq(const char *a, size_t alen, const char *lower_lit);
+/* ASCII case-insensitive equality of a[0..alen) and a lowercase literal (inline: header names
+ * are compared many times per request; the literal's length folds at compile time). */
+static inline bool sp_ieq(const char *a, size_t alen, const char *lower_lit)
+{
+    size_t n = strlen(lower_lit);
+    if (alen != n)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)a[i];
+        if (c >= 'A' && c <= 'Z')
+            c = (unsigned char)(c + 32);
+        if (c != (unsigned char)lower_lit[i])
+            return false;
+    }
+    return true;
+}
 /* Returns true if `hay` (len) contains the token `tok` (lowercase) in a comma list, case-insensitive. */
 bool sp_has_token(const char *hay, size_t len, const char *tok);
 

@@ -371,18 +371,35 @@ static void up_connect_start(sp_upconn_t *u)
     up_timer(u, UT_CONNECT, req_timeout(u->req, u->req->to_connect, sp_cfg.connect_timeout));
 }
 
+/* r->upstream_addr = "host:port" (host cut at 50 bytes), without printf on the hot path. */
+static void format_upstream_addr(sp_request_t *r)
+{
+    size_t hl = strnlen(r->up_host, 50);
+    memcpy(r->upstream_addr, r->up_host, hl);
+    r->upstream_addr[hl] = ':';
+    char tmp[8];
+    size_t i = sizeof tmp;
+    unsigned port = (unsigned)r->up_port;
+    do {
+        tmp[--i] = (char)('0' + port % 10);
+        port /= 10;
+    } while (port && i > 0);
+    memcpy(r->upstream_addr + hl + 1, tmp + i, sizeof tmp - i);
+    r->upstream_addr[hl + 1 + sizeof tmp - i] = '\0';
+}
+
 void sp_upstream_start(sp_request_t *r)
 {
     sp_worker_t *w = r->w;
-    snprintf(r->upstream_addr, sizeof r->upstream_addr, "%.50s:%d", r->up_host, r->up_port);
+    format_upstream_addr(r);
     sp_upkey_t *k = key_get(w, r->up_host, r->up_port);
     while (k->idle) {
         sp_upconn_t *u = k->idle;
         idle_unlink(u);
         u->state = US_ACTIVE;
         up_timer(u, UT_NONE, 0);
-        uv_read_stop((uv_stream_t *)&u->tcp);
-        u->reading = false;
+        /* It stays readable (as it was in the pool): stopping and restarting reads would cost
+         * two epoll_ctl calls per request. Bytes before our head goes out are the response's. */
         u->reused = true;
         up_attach(u, r);
         r->t_connected = uv_hrtime();
@@ -447,7 +464,7 @@ static void build_request_head(sp_request_t *r)
     sp_buf_adds(o, m);
     sp_buf_addc(o, ' ');
     sp_buf_add(o, r->up_path.p, r->up_path.len);
-    sp_buf_adds(o, " HTTP/1.1\r\n");
+    sp_buf_lit(o, " HTTP/1.1\r\n");
     size_t clen = 0, xfflen = 0, hostlen = 0, uplen = 0;
     const char *conn = sp_request_header(r, "connection", 10, &clen);
     const char *xff = sp_request_header(r, "x-forwarded-for", 15, &xfflen);
@@ -469,25 +486,25 @@ static void build_request_head(sp_request_t *r)
         if (r->extra.len && edited(r, n, l))
             continue;
         sp_buf_add(o, n, l);
-        sp_buf_adds(o, ": ");
+        sp_buf_lit(o, ": ");
         sp_buf_add(o, r->head.p + h->value_off, h->value_len);
-        sp_buf_adds(o, "\r\n");
+        sp_buf_lit(o, "\r\n");
     }
-    sp_buf_adds(o, "X-Forwarded-For: ");
+    sp_buf_lit(o, "X-Forwarded-For: ");
     if (xff && xfflen) {
         sp_buf_add(o, xff, xfflen);
-        sp_buf_adds(o, ", ");
+        sp_buf_lit(o, ", ");
     }
     sp_buf_adds(o, r->client_ip[0] ? r->client_ip : "unknown");
-    sp_buf_adds(o, "\r\nX-Forwarded-Proto: http\r\n");
+    sp_buf_lit(o, "\r\nX-Forwarded-Proto: http\r\n");
     if (host) {
-        sp_buf_adds(o, "X-Forwarded-Host: ");
+        sp_buf_lit(o, "X-Forwarded-Host: ");
         sp_buf_add(o, host, hostlen);
-        sp_buf_adds(o, "\r\n");
+        sp_buf_lit(o, "\r\n");
     }
-    sp_buf_adds(o, "X-Request-Id: ");
+    sp_buf_lit(o, "X-Request-Id: ");
     sp_buf_add(o, r->id, r->id_len);
-    sp_buf_adds(o, "\r\n");
+    sp_buf_lit(o, "\r\n");
     size_t i = 0;
     while (i < r->extra.len) {
         char op = r->extra.p[i];
@@ -497,22 +514,24 @@ static void build_request_head(sp_request_t *r)
         size_t vlen = strlen(val);
         if (op == '+' || op == '=') {
             sp_buf_add(o, name, nlen);
-            sp_buf_adds(o, ": ");
+            sp_buf_lit(o, ": ");
             sp_buf_add(o, val, vlen);
-            sp_buf_adds(o, "\r\n");
+            sp_buf_lit(o, "\r\n");
         }
         i += 1 + nlen + 1 + vlen + 1;
     }
-    if (r->body_buffered)
-        sp_buf_addf(o, "Content-Length: %zu\r\n", r->body.len); /* the script read it */
-    else if (r->chunked)
-        sp_buf_adds(o, "Transfer-Encoding: chunked\r\n");
+    if (r->body_buffered) {
+        sp_buf_lit(o, "Content-Length: "); /* the script read it */
+        sp_buf_addu(o, r->body.len);
+        sp_buf_lit(o, "\r\n");
+    } else if (r->chunked)
+        sp_buf_lit(o, "Transfer-Encoding: chunked\r\n");
     if (upg) {
-        sp_buf_adds(o, "Connection: upgrade\r\nUpgrade: ");
+        sp_buf_lit(o, "Connection: upgrade\r\nUpgrade: ");
         sp_buf_add(o, upg, uplen);
-        sp_buf_adds(o, "\r\n");
+        sp_buf_lit(o, "\r\n");
     }
-    sp_buf_adds(o, "\r\n");
+    sp_buf_lit(o, "\r\n");
 }
 
 /* ---------------------------------------------------------------- writing upstream */
@@ -844,12 +863,14 @@ static void build_response_head(sp_upconn_t *u)
         r->close_client = true;
     if (upgrade)
         r->close_client = false;
-    sp_buf_addf(o, "HTTP/1.1 %d ", r->resp_status);
+    sp_buf_lit(o, "HTTP/1.1 ");
+    sp_buf_addu(o, (uint64_t)r->resp_status);
+    sp_buf_addc(o, ' ');
     if (r->reason_len)
         sp_buf_add(o, r->resp_head.p, r->reason_len);
     else
         sp_buf_adds(o, sp_status_reason(r->resp_status));
-    sp_buf_adds(o, "\r\n");
+    sp_buf_lit(o, "\r\n");
     size_t clen = 0, uplen = 0;
     const char *conn = NULL, *upg = NULL;
     for (uint32_t i = 0; i < r->nrhdrs; i++) {
@@ -874,31 +895,31 @@ static void build_response_head(sp_upconn_t *u)
         if (l == 12 && sp_ieq(n, l, "x-request-id"))
             continue; /* ours is added below: one id per exchange */
         sp_buf_add(o, n, l);
-        sp_buf_adds(o, ": ");
+        sp_buf_lit(o, ": ");
         sp_buf_add(o, r->resp_head.p + h->value_off, h->value_len);
-        sp_buf_adds(o, "\r\n");
+        sp_buf_lit(o, "\r\n");
     }
     if (upgrade) {
-        sp_buf_adds(o, "Connection: upgrade\r\n");
+        sp_buf_lit(o, "Connection: upgrade\r\n");
         if (upg) {
-            sp_buf_adds(o, "Upgrade: ");
+            sp_buf_lit(o, "Upgrade: ");
             sp_buf_add(o, upg, uplen);
-            sp_buf_adds(o, "\r\n");
+            sp_buf_lit(o, "\r\n");
         }
     } else if (chunked && !r->resp_decode) {
-        sp_buf_adds(o, "Transfer-Encoding: chunked\r\n");
+        sp_buf_lit(o, "Transfer-Encoding: chunked\r\n");
     }
-    sp_buf_adds(o, "X-Request-Id: ");
+    sp_buf_lit(o, "X-Request-Id: ");
     sp_buf_add(o, r->id, r->id_len);
-    sp_buf_adds(o, "\r\n");
+    sp_buf_lit(o, "\r\n");
     sp_request_emit_response_headers(r, o); /* the script's additions (req:add_response_header) */
     if (!upgrade) {
         if (r->close_client)
-            sp_buf_adds(o, "Connection: close\r\n");
+            sp_buf_lit(o, "Connection: close\r\n");
         else if (client10)
-            sp_buf_adds(o, "Connection: keep-alive\r\n");
+            sp_buf_lit(o, "Connection: keep-alive\r\n");
     }
-    sp_buf_adds(o, "\r\n");
+    sp_buf_lit(o, "\r\n");
 }
 
 static void up_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
@@ -964,8 +985,7 @@ static void up_complete(sp_upconn_t *u)
         k->idle = u;
         k->nidle++;
         up_timer(u, UT_KEEPALIVE, sp_cfg.upstream_keepalive_timeout);
-        u->reading = false;
-        up_read_start(u); /* to notice the sandbox closing it */
+        up_read_start(u); /* to notice the sandbox closing it (a no-op if still reading) */
     } else {
         up_close(u);
     }

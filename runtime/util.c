@@ -65,25 +65,28 @@ double sp_wall_time(void)
 
 void sp_iso8601(double t, char out[32])
 {
+    /* The date and time of day change once a second: format them then, not per call (every
+     * access-log line and log event asks). One cache per thread. */
+    static _Thread_local time_t cached_s = (time_t)-1;
+    static _Thread_local char cached[24];
     long long total_ms = llround(t * 1000.0);
+    if (total_ms < 0)
+        total_ms = 0;
     time_t s = (time_t)(total_ms / 1000);
     int ms = (int)(total_ms % 1000);
-    struct tm tm;
-    gmtime_r(&s, &tm);
-    char date[24];
-    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(out, 32, "%.19s.%03dZ", date, ms);
-}
-
-bool sp_ieq(const char *a, size_t alen, const char *lower_lit)
-{
-    size_t n = strlen(lower_lit);
-    if (alen != n)
-        return false;
-    for (size_t i = 0; i < n; i++)
-        if (tolower((unsigned char)a[i]) != lower_lit[i])
-            return false;
-    return true;
+    if (s != cached_s) {
+        struct tm tm;
+        gmtime_r(&s, &tm);
+        strftime(cached, sizeof cached, "%Y-%m-%dT%H:%M:%S", &tm);
+        cached_s = s;
+    }
+    memcpy(out, cached, 19);
+    out[19] = '.';
+    out[20] = (char)('0' + ms / 100);
+    out[21] = (char)('0' + ms / 10 % 10);
+    out[22] = (char)('0' + ms % 10);
+    out[23] = 'Z';
+    out[24] = '\0';
 }
 
 bool sp_has_token(const char *hay, size_t len, const char *tok)

@@ -216,11 +216,17 @@ end
 
 -- The route currently served for key, as a claimant record (for demotion).
 local function served_route(key)
-    local cur = routes.get(key)
-    if cur then
-        cur.created = owner_created[key]
-        cur.conflict = nil
+    local served = routes.get(key)
+    if not served then
+        return nil
     end
+    -- a copy: route tables from routes.get are shared snapshots, never written to
+    local cur = {}
+    for k, v in pairs(served) do
+        cur[k] = v
+    end
+    cur.created = owner_created[key]
+    cur.conflict = nil
     return cur
 end
 

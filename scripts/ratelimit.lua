@@ -48,6 +48,15 @@ for i, l in ipairs(LIMITS) do
     l.prefix = "rl:" .. l.name .. ":"
 end
 
+-- Seconds as a whole number for a header: rounded up, never "-0" or negative.
+local function whole_seconds(s)
+    local n = ceil(s - 1e-6)
+    if n <= 0 then
+        return "0"
+    end
+    return tostring(n)
+end
+
 -- The client address, believing X-Forwarded-For only from trusted proxies.
 function M.client(req)
     return ip.client_address(req:client_addr(), req:header("x-forwarded-for"), trusted)
@@ -92,7 +101,7 @@ function M.check(req)
                     ["Retry-After"] = tostring(math.max(1, ceil(retry - 1e-6))),
                     ["RateLimit-Limit"] = tostring(l.burst),
                     ["RateLimit-Remaining"] = "0",
-                    ["RateLimit-Reset"] = tostring(ceil(reset - 1e-6)),
+                    ["RateLimit-Reset"] = whole_seconds(reset),
                 })
             end
             if not best_remaining or remaining < best_remaining then
@@ -103,7 +112,7 @@ function M.check(req)
     if best_remaining then
         req:add_response_header("RateLimit-Limit", tostring(best_limit))
         req:add_response_header("RateLimit-Remaining", tostring(floor(best_remaining)))
-        req:add_response_header("RateLimit-Reset", tostring(ceil(best_reset - 1e-6)))
+        req:add_response_header("RateLimit-Reset", whole_seconds(best_reset))
     end
     if PER_SANDBOX and PER_SANDBOX > 0 then
         local sb = sandbox_key(req)

@@ -32,6 +32,15 @@ M.decode_segment = sandbox_path.decode_segment
 M.split = sandbox_path.split
 local split = sandbox_path.split
 
+-- Sends req to the route's sandbox (a plain function, not a closure per request: the routing
+-- path stays compiled). rest is in req.ctx.rest.
+local function forward(req, route)
+    local ctx = req.ctx
+    ctx.route = route
+    wake.activity(req, route)
+    req:forward(route.address, route.port, ctx.rest)
+end
+
 function M.handle(req)
     local user, name, rest = split(req:target())
     if not user then
@@ -45,11 +54,7 @@ function M.handle(req)
     if not r then
         return req:respond(404, { error = "sandbox not found", path = key })
     end
-    local function forward(rq, route)
-        rq.ctx.route = route
-        wake.activity(rq, route)
-        rq:forward(route.address, route.port, rest)
-    end
+    req.ctx.rest = rest
     if not r.ready then
         -- a suspended sandbox is woken, a starting one waited for (wake.lua)
         if wake.handle(req, r, forward) then

@@ -587,6 +587,20 @@ describe("access log", function()
         assert.is_nil(l.error)
         assert.is_true(l.worker == 0 or l.worker == 1)
         assert.are.equal("127.0.0.1", l.client)
+        -- the runtime writes the fields in the documented order
+        local raw
+        for line in px:stdout():gmatch("[^\n]+") do
+            if line:find(l.request_id, 1, true) then
+                raw = line
+            end
+        end
+        local keys = {}
+        for k in raw:gmatch('"([%w_]+)":') do
+            keys[#keys + 1] = k
+        end
+        assert.are.same({ "time", "request_id", "client", "method", "path", "status", "bytes_in",
+            "bytes_out", "duration", "upstream_connect", "upstream_first_byte", "upstream",
+            "user", "sandbox", "ratelimit", "worker" }, keys)
         -- a request body counts in bytes_in
         assert.are.equal("POST", L.post.method)
         assert.is_true(L.post.bytes_in > 1000)

@@ -84,6 +84,13 @@ describe("ratelimit.lua", function()
             assert.are.equal(2, counter("m:ratelimited"))
         end)
 
+        it("says RateLimit-Reset 0 (never -0) when the bucket is full again at once", function()
+            local rl = load({ limits = { { name = "c", key = "client", rate = 1e9, burst = 1e9 } } })
+            local req, ok = check(rl, "/alice/sb/x")
+            assert.is_true(ok)
+            assert.are.equal("0", req.response_headers["RateLimit-Reset"])
+        end)
+
         it("answers the proxy's own and unroutable paths too (key client)", function()
             local rl = load({ limits = { { key = "client", rate = SLOW, burst = 1 } } })
             local _, ok = check(rl, "/anything")

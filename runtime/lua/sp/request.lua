@@ -55,9 +55,13 @@ double sp_req_first_byte_time(const sp_request_t *r);
 const char *sp_req_upstream_addr(const sp_request_t *r);
 const char *sp_req_error(const sp_request_t *r);
 int sp_req_worker(const sp_request_t *r);
+int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char **extra,
+                      const size_t *elen, int n);
 ]]
 
 local len_out = ffi.new("size_t[1]")
+local log_extra = ffi.new("const char *[16]")
+local log_extra_len = ffi.new("size_t[16]")
 local len_out2 = ffi.new("size_t[1]")
 local str_out = ffi.new("const char *[1]")
 local num_out = ffi.new("double[1]")
@@ -333,6 +337,44 @@ end
 
 function Req:worker()
     return C.sp_req_worker(live(self))
+end
+
+-- The fields the runtime writes into an access-log line itself (req:access_log), as bits.
+M.LOG_FIELDS = {
+    time = 1, request_id = 2, client = 4, method = 8, path = 16, query = 32, status = 64,
+    bytes_in = 128, bytes_out = 256, duration = 512, upstream_connect = 1024,
+    upstream_first_byte = 2048, upstream = 4096, error = 8192, worker = 16384,
+}
+-- Their order in the line (the script's own fields come after "error", before "worker").
+M.LOG_ORDER = { "time", "request_id", "client", "method", "path", "query", "status", "bytes_in",
+    "bytes_out", "duration", "upstream_connect", "upstream_first_byte", "upstream", "error",
+    "worker" }
+
+-- Log phase: writes the exchange's access-log line (one JSON object) without building it in
+-- Lua. mask: the sum of M.LOG_FIELDS bits to write; extra: an array of name, value strings
+-- (n entries used; a nil value leaves its pair out), e.g. { "user", "alice", "sandbox", "sb" }.
+-- Absent values (no query, no upstream, no error, no timing) are left out.
+function Req:access_log(mask, extra, n)
+    local r = live(self)
+    n = n or 0
+    if n > 16 then
+        error("access_log: at most 8 name/value pairs", 2)
+    end
+    for i = 0, n - 1 do
+        local v = extra[i + 1]
+        if v == nil then
+            log_extra[i] = nil
+            log_extra_len[i] = 0
+        else
+            if type(v) ~= "string" then
+                v = tostring(v)
+                extra[i + 1] = v -- keeps the string alive for the call
+            end
+            log_extra[i] = v
+            log_extra_len[i] = #v
+        end
+    end
+    C.sp_req_access_log(r, mask, log_extra, log_extra_len, n)
 end
 
 -- Everything about the exchange in one table (built on each call).

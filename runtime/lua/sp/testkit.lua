@@ -279,6 +279,51 @@ function Fake:record()
     }
 end
 
+-- The access-log line, as the runtime writes it (sp.request Req:access_log), handed to
+-- core.access_log (looked up on each call, so a spec can capture lines by replacing it).
+local function json_str(v)
+    return (cjson.encode(v):gsub("\\/", "/"))
+end
+
+function Fake:access_log(mask, extra, n)
+    local F = request_mod.LOG_FIELDS
+    local rec = self:record()
+    local parts = {}
+    local function put(name, json)
+        parts[#parts + 1] = json_str(name) .. ":" .. json
+    end
+    local function seconds(v)
+        return v and v >= 0 and string.format("%.6f", v) or nil
+    end
+    local values = {
+        time = json_str(require("sp.core").iso8601()),
+        request_id = json_str(rec.request_id), client = json_str(rec.client),
+        method = json_str(rec.method), path = json_str(rec.path),
+        query = rec.query ~= "" and json_str(rec.query) or nil,
+        status = string.format("%d", rec.status or 0),
+        bytes_in = string.format("%d", rec.bytes_in or 0),
+        bytes_out = string.format("%d", rec.bytes_out or 0),
+        duration = seconds(rec.duration), upstream_connect = seconds(rec.upstream_connect),
+        upstream_first_byte = seconds(rec.upstream_first_byte),
+        upstream = rec.upstream and json_str(rec.upstream) or nil,
+        error = rec.error and json_str(rec.error) or nil,
+        worker = "0",
+    }
+    for _, name in ipairs(request_mod.LOG_ORDER) do
+        if name == "worker" then
+            for i = 1, (n or 0) - 1, 2 do
+                if extra[i] ~= nil and extra[i + 1] ~= nil then
+                    put(tostring(extra[i]), json_str(tostring(extra[i + 1])))
+                end
+            end
+        end
+        if bit.band(mask, F[name]) ~= 0 and values[name] then
+            put(name, values[name])
+        end
+    end
+    require("sp.core").access_log("{" .. table.concat(parts, ",") .. "}")
+end
+
 -- Names of request methods the fake lacks (should be empty: keeps the kit honest).
 function M.missing_methods()
     local missing = {}
