@@ -73,11 +73,14 @@ class Procs:
     def __init__(self):
         self.procs = []  # (name, Popen)
 
-    def start(self, name, cmd, cpus, logdir, env=None, stdout=None):
+    def start(self, name, cmd, cpus, logdir, env=None, stdout=None, stdin=None):
         full = (["taskset", "-c", cpus] if cpus else []) + cmd
-        out = open(stdout or os.path.join(logdir, name + ".stdout.log"), "wb")
+        # append mode: the access logs on stdout are truncated between runs (bench.py keeps the
+        # disk use bounded); with O_APPEND the writer goes on at the new end, no sparse file
+        out = open(stdout or os.path.join(logdir, name + ".stdout.log"), "ab")
         err = open(os.path.join(logdir, name + ".stderr.log"), "wb")
-        p = subprocess.Popen(full, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+        p = subprocess.Popen(full, stdout=out, stderr=err,
+                             stdin=subprocess.DEVNULL if stdin is None else stdin,
                              start_new_session=True, env=env)
         out.close()
         err.close()
@@ -300,25 +303,28 @@ worker_processes 1;
 pid %s/nginx.pid;
 error_log %s/logs/error.log warn;
 pcre_jit on;
-worker_rlimit_nofile 16384;
-events { worker_connections 8192; multi_accept off; }
+worker_rlimit_nofile 65536;
+events { worker_connections 32768; multi_accept off; }
 """ % (worker_cpu_note, prefix, prefix)
 
 
-ACCESS_LOG = "off"  # set from --access-log
+ACCESS_LOG = "on"  # set from --access-log
+# Idle keep-alive connections are kept this long by every target (and the backend), so that the
+# idle-10k scenario's connections outlive its runs even when quiet-machine waits stretch them.
+KEEPALIVE_TIMEOUT = 600  # the nginx and HAProxy configs below say 600s literally
 
 
 def nginx_http_common(prefix, proxy=True):
     if ACCESS_LOG == "on" and proxy:
-        # about the fields sandbox-proxy's log.lua writes, JSON, buffered like it (64 KiB, 0.2 s);
-        # to /dev/null: formatted and written, without filling the disk
+        # about the fields sandbox-proxy's log.lua writes, JSON, buffered like it (64 KiB, 0.2 s),
+        # to a real file (truncated by bench.py after each run, which counts its lines first)
         log = """    log_format bench escape=json '{"time":"$time_iso8601","request_id":"$request_id",'
         '"client":"$remote_addr","method":"$request_method","path":"$uri","status":$status,'
         '"bytes_in":$request_length,"bytes_out":$bytes_sent,"duration":$request_time,'
         '"upstream":"$upstream_addr","upstream_connect":"$upstream_connect_time",'
         '"upstream_first_byte":"$upstream_header_time","worker":$pid}';
-    access_log /dev/null bench buffer=64k flush=200ms;
-"""
+    access_log %s/logs/access.log bench buffer=64k flush=200ms;
+""" % prefix
     else:
         log = "    access_log off;\n"
     return log + """    server_tokens off;
@@ -358,7 +364,7 @@ http {
     tcp_nopush on;
     tcp_nodelay on;
     keepalive_requests 1000000;
-    keepalive_timeout 75s;
+    keepalive_timeout 600s;
     default_type application/octet-stream;
     server {
         listen 127.0.0.1:%d backlog=4096;
@@ -388,7 +394,7 @@ def nginx_map_conf(prefix, port, backend_port, routes):
 http {
 %(common)s
     keepalive_requests 10000;
-    keepalive_timeout 75s;
+    keepalive_timeout 600s;
     map_hash_max_size 4096;
     map_hash_bucket_size 64;
 
@@ -471,7 +477,7 @@ def nginx_lua_conf(prefix, port, backend_port, routes):
 http {
 %(common)s
     keepalive_requests 10000;
-    keepalive_timeout 75s;
+    keepalive_timeout 600s;
     lua_package_path "%(lua)s/?.lua;/usr/share/lua/5.1/?.lua;;";
     lua_code_cache on;
     init_by_lua_block {
@@ -507,23 +513,24 @@ def haproxy_conf(tmp, port, backend_port, routes):
         for key in routes:
             f.write("%s sandbox\n" % key)
     if ACCESS_LOG == "on":
-        # one line per request to stdout (-> /dev/null), HAProxy's own HTTP log format
+        # one line per request to stdout (HAProxy 2.6 cannot write a file itself; bench.py sends
+        # its stdout to a file), HAProxy's own HTTP log format; one write() per line, unbuffered
         glog, dlog = "    log stdout format raw local0\n", "    log global\n    option httplog\n"
     else:
         glog, dlog = "", ""
     return """# target d: HAProxy, map-file route lookup
 global
     nbthread 1
-    maxconn 8000
+    maxconn 30000
     tune.bufsize 16384
 %(glog)s
 defaults
     mode http
 %(dlog)s    option http-keep-alive
     timeout connect 5s
-    timeout client 75s
+    timeout client 600s
     timeout server 180s
-    timeout http-keep-alive 75s
+    timeout http-keep-alive 600s
     timeout http-request 10s
 
 frontend fe
@@ -557,11 +564,31 @@ return {
     -- benchmark's requests (all from 127.0.0.1) with 429. The limiter still runs on every
     -- request; the limit is simply out of reach.
     ratelimit = { limits = { { name = "client", key = "client", rate = 1e9, burst = 1e9 } } },
-    -- The access log (one JSON line per request on stdout; stdout goes to /dev/null here).
-    -- bench/run --access-log on|off switches it for every target alike (default off).
+    -- The access log (one JSON line per request on stdout; bench.py sends stdout to a file).
+    -- bench/run --access-log on|off switches it for every target alike (default on).
     access_log = { enabled = %s },
 }
 """ % ("true" if access_log == "on" else "false")
+
+
+def proxy_cmd(a, port, cfile, source_args):
+    """sandbox-proxy's command line for the benchmark: one worker (--workers), a source, the
+    generated config, room for the idle-10k scenario (max_connections 20,000: 10,000 idle + the
+    load; idle keep-alive connections kept KEEPALIVE_TIMEOUT s), then the user's --proxy-set."""
+    cmd = [a.proxy_bin, "--listen", "127.0.0.1:%d" % port, "--workers", str(a.proxy_workers)]
+    cmd += source_args + ["--config", cfile,
+                          "--set", "max_connections=20000",
+                          "--set", "keepalive_timeout=%d" % KEEPALIVE_TIMEOUT]
+    for kv in a.proxy_set:
+        cmd += ["--set", kv]
+    return cmd
+
+
+def proxy_env():
+    env = dict(os.environ)
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    env.pop("KUBECONFIG", None)
+    return env
 
 
 def sandboxes_json(routes, backend_port):
@@ -932,9 +959,10 @@ def parse_args():
     ap.add_argument("--proxy-bin", default=os.path.join(ROOT, "build", "sandbox-proxy"),
                     help="the sandbox-proxy binary (default: build/sandbox-proxy)")
     ap.add_argument("--proxy-workers", type=int, default=1, help="sandbox-proxy --workers (default 1)")
-    ap.add_argument("--access-log", choices=["off", "on"], default="off",
-                    help="access logs of every proxy target (sandbox-proxy's log.lua, nginx access_log "
-                         "JSON buffered, HAProxy httplog), written to /dev/null (default off)")
+    ap.add_argument("--access-log", choices=["off", "on"], default="on",
+                    help="access logs of every proxy target (sandbox-proxy's log.lua on stdout, nginx "
+                         "access_log JSON buffered, HAProxy httplog on stdout), each written to a file "
+                         "in the temp dir, counted and truncated after every run (default on)")
     ap.add_argument("--proxy-config", metavar="FILE",
                     help="sandbox-proxy --config file to use instead of the generated one "
                          "(which only lifts the client rate limit and sets the access log)")
@@ -1091,15 +1119,9 @@ def main():
                 ctext = sandbox_proxy_config(a.access_log)
                 with open(cfile, "w") as f:
                     f.write(ctext)
-            cmd = [a.proxy_bin, "--listen", "127.0.0.1:%d" % port, "--workers", str(a.proxy_workers),
-                   "--sandboxes-file", sfile, "--config", cfile]
-            for kv in a.proxy_set:
-                cmd += ["--set", kv]
-            env = dict(os.environ)
-            env.pop("KUBERNETES_SERVICE_HOST", None)
-            env.pop("KUBECONFIG", None)
-            # stdout carries the access log (when on): written to /dev/null, not to the disk
-            p = PROCS.start(t, cmd, tcpu, logdir, env=env, stdout=os.devnull)
+            cmd = proxy_cmd(a, port, cfile, ["--sandboxes-file", sfile])
+            # stdout carries the access log (when on): to a file in the temp dir
+            p = PROCS.start(t, cmd, tcpu, logdir, env=proxy_env(), stdout=access_log_of(t))
             configs[t] = " ".join(cmd) + "\n\n" + ctext
 
             def all_routes(body):
@@ -1134,7 +1156,7 @@ def main():
                 f.write(text)
             configs[t] = text
             p = PROCS.start(t, ["haproxy", "-db", "-f", conf], tcpu, logdir,
-                            stdout=os.devnull if a.access_log == "on" else None)
+                            stdout=access_log_of(t) if a.access_log == "on" else None)
             wait_ready(p, port)
             target_notes[t] = "nbthread 1, map file of 1,000 routes, http-reuse safe"
         target_procs[t] = p

@@ -169,9 +169,10 @@ struct sp_conn {
     uint32_t rlen, rpos, rcap;
     int state;
     sp_request_t *req;
-    uv_timer_t timer;
+    uv_timer_t timer;      /* armed lazily: see conn_timer in server.c */
     int timer_kind;
     uint64_t timer_ms;
+    uint64_t timer_start;  /* uv_now ms when timer_kind was set */
     uint64_t last_active;  /* uv_now ms */
     uv_write_t wreq;
     uv_shutdown_t sreq;
@@ -199,9 +200,10 @@ struct sp_upconn {
     llhttp_t parser;
     char *buf;
     uint32_t len, pos, cap;
-    uv_timer_t timer;
+    uv_timer_t timer;      /* armed lazily: see up_timer in upstream.c */
     int timer_kind;
     uint64_t timer_ms;
+    uint64_t timer_start;
     uint64_t last_active;
     uv_connect_t creq;
     uv_write_t wreq;

@@ -179,9 +179,11 @@ static void lf_span(sp_buf_t *b, const char *name, size_t n, uint64_t a, uint64_
 }
 
 /* Appends one JSON line for the exchange to the worker's access log: the fields of `mask` in a
- * fixed order, then n name/value string pairs from the script (user, sandbox, ...). */
-SP_EXPORT int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char *const *extra,
-                                const size_t *elen, int n)
+ * fixed order, then the script's name/value string pairs (a NULL value skips its pair). */
+SP_EXPORT int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char *k1,
+                                const char *v1, const char *k2, const char *v2, const char *k3,
+                                const char *v3, const char *k4, const char *v4, const char *k5,
+                                const char *v5, const char *k6, const char *v6)
 {
     char storage[1024];
     sp_buf_t b = SP_BUF_ON(storage);
@@ -242,14 +244,15 @@ SP_EXPORT int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char
         LF_NAME(&b, "error");
         sp_buf_json_str(&b, e, strlen(e));
     }
-    for (int i = 0; i + 1 < n; i += 2) {
-        if (!extra[i] || !extra[i + 1])
+    const char *kv[12] = {k1, v1, k2, v2, k3, v3, k4, v4, k5, v5, k6, v6};
+    for (int i = 0; i < 12; i += 2) {
+        if (!kv[i] || !kv[i + 1])
             continue;
         if (b.len > 1)
             sp_buf_addc(&b, ',');
-        sp_buf_json_str(&b, extra[i], elen[i]);
+        sp_buf_json_str(&b, kv[i], strlen(kv[i]));
         sp_buf_addc(&b, ':');
-        sp_buf_json_str(&b, extra[i + 1], elen[i + 1]);
+        sp_buf_json_str(&b, kv[i + 1], strlen(kv[i + 1]));
     }
     if (mask & LF_WORKER) {
         LF_NAME(&b, "worker");

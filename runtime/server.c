@@ -365,12 +365,14 @@ static void on_conn_timer(uv_timer_t *t)
     sp_conn_t *c = t->data;
     uint64_t now = now_ms(c);
     int kind = c->timer_kind;
-    if (kind == T_KEEPALIVE || kind == T_BODY || kind == T_SEND) {
-        uint64_t idle = now - c->last_active;
-        if (idle < c->timer_ms) {
-            uv_timer_start(&c->timer, on_conn_timer, c->timer_ms - idle, 0);
-            return;
-        }
+    if (kind == T_NONE)
+        return; /* cleared since it was armed */
+    /* Inactivity timeouts count from the last read; the others from when they were set. */
+    bool idle_kind = kind == T_KEEPALIVE || kind == T_BODY || kind == T_SEND;
+    uint64_t deadline = (idle_kind ? c->last_active : c->timer_start) + c->timer_ms;
+    if (now < deadline) {
+        uv_timer_start(&c->timer, on_conn_timer, deadline - now, 0);
+        return;
     }
     switch (kind) {
     case T_HEADER:
@@ -407,17 +409,22 @@ static void on_conn_timer(uv_timer_t *t)
     }
 }
 
+/* Sets the connection's one timeout. The libuv timer is armed lazily: clearing it or moving
+ * its deadline later only records the change, and the timer, when it fires, re-arms itself for
+ * the real deadline or does nothing. A keep-alive exchange then touches no timer heap at all;
+ * only a deadline earlier than the armed one re-arms. */
 static void conn_timer(sp_conn_t *c, int kind, double secs)
 {
     c->timer_kind = kind;
-    if (kind == T_NONE) {
-        uv_timer_stop(&c->timer);
+    if (kind == T_NONE)
         return;
-    }
     c->timer_ms = (uint64_t)(secs * 1000.0);
     if (c->timer_ms == 0)
         c->timer_ms = 1;
-    c->last_active = now_ms(c);
+    uint64_t now = now_ms(c);
+    c->last_active = c->timer_start = now;
+    if (uv_is_active((uv_handle_t *)&c->timer) && uv_timer_get_due_in(&c->timer) <= c->timer_ms)
+        return;
     uv_timer_start(&c->timer, on_conn_timer, c->timer_ms, 0);
 }
 

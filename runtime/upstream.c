@@ -221,12 +221,14 @@ static void on_up_timer(uv_timer_t *t)
     sp_upconn_t *u = t->data;
     uint64_t now = uv_now(&u->w->loop);
     int kind = u->timer_kind;
-    if (kind == UT_IDLE || kind == UT_TUNNEL || kind == UT_FIRST_BYTE) {
-        uint64_t idle = now - u->last_active;
-        if (idle < u->timer_ms) {
-            uv_timer_start(&u->timer, on_up_timer, u->timer_ms - idle, 0);
-            return;
-        }
+    if (kind == UT_NONE)
+        return; /* cleared since it was armed */
+    /* Inactivity timeouts count from the last read; the others from when they were set. */
+    bool idle_kind = kind == UT_IDLE || kind == UT_TUNNEL || kind == UT_FIRST_BYTE;
+    uint64_t deadline = (idle_kind ? u->last_active : u->timer_start) + u->timer_ms;
+    if (now < deadline) {
+        uv_timer_start(&u->timer, on_up_timer, deadline - now, 0);
+        return;
     }
     switch (kind) {
     case UT_CONNECT: up_fail(u, SP_ERR_CONNECT_TIMEOUT, 504); break;
@@ -239,17 +241,19 @@ static void on_up_timer(uv_timer_t *t)
     }
 }
 
+/* The connection's one timeout, armed lazily like the client side's (conn_timer in server.c):
+ * no timer heap work per request unless a deadline moves earlier. */
 static void up_timer(sp_upconn_t *u, int kind, double secs)
 {
     u->timer_kind = kind;
-    if (kind == UT_NONE) {
-        uv_timer_stop(&u->timer);
+    if (kind == UT_NONE)
         return;
-    }
     u->timer_ms = (uint64_t)(secs * 1000.0);
     if (u->timer_ms == 0)
         u->timer_ms = 1;
-    u->last_active = uv_now(&u->w->loop);
+    u->last_active = u->timer_start = uv_now(&u->w->loop);
+    if (uv_is_active((uv_handle_t *)&u->timer) && uv_timer_get_due_in(&u->timer) <= u->timer_ms)
+        return;
     uv_timer_start(&u->timer, on_up_timer, u->timer_ms, 0);
 }
 

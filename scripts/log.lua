@@ -67,7 +67,6 @@ for f in pairs(fields) do
     mask = mask + (LOG_FIELDS[f] or 0)
 end
 M.mask = mask
-local extra = { "user", false, "sandbox", false, "ratelimit", false }
 local want_user, want_sandbox, want_ratelimit = fields.user, fields.sandbox, fields.ratelimit
 
 function M.write(req)
@@ -76,10 +75,10 @@ function M.write(req)
     end
     local ctx = rawget(req, "ctx")
     local route = ctx and ctx.route
-    extra[2] = want_user and route and route.user or nil
-    extra[4] = want_sandbox and route and route.name or nil
-    extra[6] = want_ratelimit and ctx and ctx.ratelimit or nil
-    req:access_log(mask, extra, 6)
+    req:access_log(mask,
+        "user", want_user and route and route.user or nil,
+        "sandbox", want_sandbox and route and route.name or nil,
+        "ratelimit", want_ratelimit and ctx and ctx.ratelimit or nil)
 end
 
 return M

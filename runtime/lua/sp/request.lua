@@ -20,7 +20,7 @@ local lower = string.lower
 local gsub = string.gsub
 local cjson_encode = cjson.encode
 
-ffi.cdef [[
+local CDEF = [[
 typedef struct sp_request sp_request_t;
 uint32_t sp_req_gen(const sp_request_t *r);
 const char *sp_req_method(const sp_request_t *r);
@@ -55,19 +55,28 @@ double sp_req_first_byte_time(const sp_request_t *r);
 const char *sp_req_upstream_addr(const sp_request_t *r);
 const char *sp_req_error(const sp_request_t *r);
 int sp_req_worker(const sp_request_t *r);
-int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char **extra,
-                      const size_t *elen, int n);
+int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char *k1, const char *v1,
+                      const char *k2, const char *v2, const char *k3, const char *v3,
+                      const char *k4, const char *v4, const char *k5, const char *v5,
+                      const char *k6, const char *v6);
 ]]
+ffi.cdef(CDEF)
+-- Resolve every symbol now: the first lookup of a C function inside a trace aborts it
+-- ("symbol not in cache"), and the routing path should compile on its first hot pass.
+for name in CDEF:gmatch("([%w_]+)%(") do
+    local _ = C[name]
+end
 
 local len_out = ffi.new("size_t[1]")
-local log_extra = ffi.new("const char *[16]")
-local log_extra_len = ffi.new("size_t[16]")
 local len_out2 = ffi.new("size_t[1]")
 local str_out = ffi.new("const char *[1]")
 local num_out = ffi.new("double[1]")
 
 local Req = {}
 local M = {}
+
+-- Methods end with `local s = ffi_string(..); return s`, never `return ffi_string(..)`: a tail
+-- call of a builtin from the first frame of a trace aborts that trace in LuaJIT 2.1.
 
 local mt = {
     __index = function(self, k)
@@ -98,21 +107,24 @@ local function live(self)
 end
 
 function Req:method()
-    return ffi_string(C.sp_req_method(live(self)))
+    local s = ffi_string(C.sp_req_method(live(self)))
+    return s
 end
 
 -- The request target exactly as received (path and query, still percent-encoded).
 function Req:target()
     local r = live(self)
     local p = C.sp_req_target(r, len_out)
-    return ffi_string(p, len_out[0])
+    local s = ffi_string(p, len_out[0])
+    return s
 end
 
 -- The raw path (no query string), still percent-encoded.
 function Req:path()
     local r = live(self)
     local p = C.sp_req_target(r, len_out)
-    return ffi_string(p, C.sp_req_path_len(r))
+    local s = ffi_string(p, C.sp_req_path_len(r))
+    return s
 end
 
 -- The raw query string without '?', or "" when there is none.
@@ -124,7 +136,8 @@ function Req:query()
     if plen >= total then
         return ""
     end
-    return ffi_string(p + plen + 1, total - plen - 1)
+    local s = ffi_string(p + plen + 1, total - plen - 1)
+    return s
 end
 
 -- The first value of a header (case-insensitive name), or nil.
@@ -134,7 +147,8 @@ function Req:header(name)
     if v == nil then
         return nil
     end
-    return ffi_string(v, len_out[0])
+    local s = ffi_string(v, len_out[0])
+    return s
 end
 
 -- All headers as a table of lowercase name -> value (repeated headers joined by ", ").
@@ -153,7 +167,8 @@ function Req:headers()
 end
 
 function Req:client_addr()
-    return ffi_string(C.sp_req_client_ip(live(self)))
+    local s = ffi_string(C.sp_req_client_ip(live(self)))
+    return s
 end
 
 function Req:client_port()
@@ -162,12 +177,14 @@ end
 
 function Req:id()
     local p = C.sp_req_id(live(self), len_out)
-    return ffi_string(p, len_out[0])
+    local s = ffi_string(p, len_out[0])
+    return s
 end
 
 -- The name of the listener the request came in on: "main", "demo" or "metrics".
 function Req:listener()
-    return ffi_string(C.sp_req_listener(live(self)))
+    local s = ffi_string(C.sp_req_listener(live(self)))
+    return s
 end
 
 -- "1.1" or "1.0".
@@ -351,30 +368,13 @@ M.LOG_ORDER = { "time", "request_id", "client", "method", "path", "query", "stat
     "worker" }
 
 -- Log phase: writes the exchange's access-log line (one JSON object) without building it in
--- Lua. mask: the sum of M.LOG_FIELDS bits to write; extra: an array of name, value strings
--- (n entries used; a nil value leaves its pair out), e.g. { "user", "alice", "sandbox", "sb" }.
--- Absent values (no query, no upstream, no error, no timing) are left out.
-function Req:access_log(mask, extra, n)
-    local r = live(self)
-    n = n or 0
-    if n > 16 then
-        error("access_log: at most 8 name/value pairs", 2)
-    end
-    for i = 0, n - 1 do
-        local v = extra[i + 1]
-        if v == nil then
-            log_extra[i] = nil
-            log_extra_len[i] = 0
-        else
-            if type(v) ~= "string" then
-                v = tostring(v)
-                extra[i + 1] = v -- keeps the string alive for the call
-            end
-            log_extra[i] = v
-            log_extra_len[i] = #v
-        end
-    end
-    C.sp_req_access_log(r, mask, log_extra, log_extra_len, n)
+-- Lua. mask: the sum of M.LOG_FIELDS bits to write; then up to 6 name, value pairs of strings
+-- the script adds (a nil value leaves its pair out), e.g.
+--   req:access_log(mask, "user", route.user, "sandbox", route.name)
+-- Absent values (no query, no upstream, no error, no timing) are left out. No loop and no
+-- table here: the log hook stays one compiled trace.
+function Req:access_log(mask, k1, v1, k2, v2, k3, v3, k4, v4, k5, v5, k6, v6)
+    C.sp_req_access_log(live(self), mask, k1, v1, k2, v2, k3, v3, k4, v4, k5, v5, k6, v6)
 end
 
 -- Everything about the exchange in one table (built on each call).

@@ -285,7 +285,11 @@ local function json_str(v)
     return (cjson.encode(v):gsub("\\/", "/"))
 end
 
-function Fake:access_log(mask, extra, n)
+function Fake:access_log(mask, ...)
+    local extra, n = { ... }, select("#", ...)
+    if n > 12 then
+        error("access_log: at most 6 name/value pairs", 2)
+    end
     local F = request_mod.LOG_FIELDS
     local rec = self:record()
     local parts = {}
@@ -312,8 +316,12 @@ function Fake:access_log(mask, extra, n)
     for _, name in ipairs(request_mod.LOG_ORDER) do
         if name == "worker" then
             for i = 1, (n or 0) - 1, 2 do
-                if extra[i] ~= nil and extra[i + 1] ~= nil then
-                    put(tostring(extra[i]), json_str(tostring(extra[i + 1])))
+                local k, v = extra[i], extra[i + 1]
+                if (k ~= nil and type(k) ~= "string") or (v ~= nil and type(v) ~= "string") then
+                    error("access_log: names and values must be strings (as the runtime's)", 3)
+                end
+                if k ~= nil and v ~= nil then
+                    put(k, json_str(v))
                 end
             end
         end
