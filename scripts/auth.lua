@@ -278,7 +278,7 @@ function M.check(req)
     if not M.authenticate(req) then
         return false
     end
-    local user, name = sandbox_path.split(req:target())
+    local user, name = sandbox_path.of(req)
     if not user then
         return true -- the router answers 400
     end

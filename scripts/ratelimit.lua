@@ -63,10 +63,10 @@ function M.client(req)
     return ip.client_address(req:client_addr(), req:header("x-forwarded-for"), trusted)
 end
 
--- "user/sandbox" of the request target, or nil.
+-- "user/sandbox" of the request target, or nil; and the user.
 local function sandbox_key(req)
-    local user, name = sandbox_path.split(req:target())
-    return user and (user .. "/" .. name) or nil, user
+    local user, _, _, key = sandbox_path.of(req)
+    return key, user
 end
 
 local function key_of(l, req)

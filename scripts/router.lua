@@ -30,31 +30,28 @@ local BAD_PATH = {
 -- The same functions as sandbox_path.lua (one parser for every script).
 M.decode_segment = sandbox_path.decode_segment
 M.split = sandbox_path.split
-local split = sandbox_path.split
 
 -- Sends req to the route's sandbox (a plain function, not a closure per request: the routing
--- path stays compiled). rest is in req.ctx.rest.
+-- path stays compiled). The rest of the path is in req.ctx.target_rest (sandbox_path.of).
 local function forward(req, route)
     local ctx = req.ctx
     ctx.route = route
     wake.activity(req, route)
-    req:forward(route.address, route.port, ctx.rest)
+    req:forward(route.address, route.port, ctx.target_rest)
 end
 
 function M.handle(req)
-    local user, name, rest = split(req:target())
+    local user, name, _, key = sandbox_path.of(req)
     if not user then
         return req:respond(400, BAD_PATH)
     end
     if not auth.may_access(req, user, name) then
         return
     end
-    local key = user .. "/" .. name
     local r = routes.get(key)
     if not r then
         return req:respond(404, { error = "sandbox not found", path = key })
     end
-    req.ctx.rest = rest
     if not r.ready then
         -- a suspended sandbox is woken, a starting one waited for (wake.lua)
         if wake.handle(req, r, forward) then

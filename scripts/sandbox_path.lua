@@ -1,6 +1,9 @@
 -- sandbox_path.lua: the one place that reads /{user}/{sandbox}/{rest} out of a request target.
 -- Used by router.lua, ratelimit.lua and auth.lua, so all of them agree on who a request is for.
 --   split(target) -> user, sandbox, rest | nil
+--   of(req)       -> user, sandbox, rest, key ("user/sandbox") | nil, for the request's target;
+--                    read once per request and kept in req.ctx (target_user, target_sandbox,
+--                    target_rest, target_key), so every script that asks shares one parse
 -- user and sandbox are percent-decoded; a segment that decodes to "", ".", "..", or contains
 -- "/", "\0" or a bad escape is refused (nil), so encoded tricks cannot reach another user's or
 -- sandbox's prefix. rest is the remainder exactly as received (still encoded), query included,
@@ -59,6 +62,25 @@ function M.split(target)
         rest = "/" .. sub(target, plen + 1)
     end
     return user, name, rest
+end
+
+-- user, sandbox, rest, key of the request (nil when its target has no valid sandbox path).
+function M.of(req)
+    local ctx = req.ctx
+    local user = ctx.target_user
+    if user == nil then
+        local name, rest
+        user, name, rest = M.split(req:target())
+        if not user then
+            ctx.target_user = false
+            return nil
+        end
+        ctx.target_user, ctx.target_sandbox, ctx.target_rest = user, name, rest
+        ctx.target_key = user .. "/" .. name
+    elseif user == false then
+        return nil
+    end
+    return user, ctx.target_sandbox, ctx.target_rest, ctx.target_key
 end
 
 return M

@@ -125,3 +125,33 @@ describe("sandbox_path.split", function()
         assert.are.equal(decode, router.decode_segment)
     end)
 end)
+
+describe("sandbox_path.of", function()
+    local testkit = require "sp.testkit"
+
+    it("reads the request's target once and gives user, sandbox, rest and key", function()
+        local req = testkit.request{ target = "/al%69ce/sb1/x/y?q=1" }
+        local calls = 0
+        local target = req.target
+        req.target = function(self)
+            calls = calls + 1
+            return target(self)
+        end
+        for _ = 1, 3 do
+            local user, name, rest, key = sandbox_path.of(req)
+            assert.are.equal("alice", user)
+            assert.are.equal("sb1", name)
+            assert.are.equal("/x/y?q=1", rest)
+            assert.are.equal("alice/sb1", key)
+        end
+        assert.are.equal(1, calls)
+        assert.are.equal("alice/sb1", req.ctx.target_key)
+    end)
+
+    it("remembers a target without a sandbox path too", function()
+        local req = testkit.request{ target = "/health" }
+        assert.is_nil(sandbox_path.of(req))
+        assert.is_false(req.ctx.target_user)
+        assert.is_nil(sandbox_path.of(req))
+    end)
+end)

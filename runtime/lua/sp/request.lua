@@ -78,10 +78,14 @@ local M = {}
 -- Methods end with `local s = ffi_string(..); return s`, never `return ffi_string(..)`: a tail
 -- call of a builtin from the first frame of a trace aborts that trace in LuaJIT 2.1.
 
+-- req.ctx is made on first use, sized for the fields the default scripts set (target_*,
+-- route, ratelimit, identity) so it never rehashes while a request runs.
+local new_table = require "table.new"
+
 local mt = {
     __index = function(self, k)
         if k == "ctx" then
-            local ctx = {}
+            local ctx = new_table(0, 8)
             rawset(self, "ctx", ctx)
             return ctx
         end
