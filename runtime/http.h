@@ -110,6 +110,7 @@ struct sp_request {
     bool head_sent;       /* the upstream request head has been written */
     bool sent_continue;
     uint64_t body_forwarded;
+    bool body_in_head;    /* iov[0..niov) holds body bytes sent with the head, not yet confirmed */
     bool resp_head_sent;  /* the response head has gone to the client */
     bool resp_done;
     bool resp_decode;     /* forward decoded body (HTTP/1.0 client, chunked upstream) */
@@ -281,6 +282,11 @@ void sp_conn_error_response(sp_conn_t *c, int status, const char *msg);
 /* Upstream asks the client side to continue parsing the request body (after the head is sent
  * or a write to the upstream completed). */
 void sp_conn_resume_body(sp_conn_t *c);
+/* Parses request body bytes already read from the client into r->iov (slices of the read
+ * buffer) so the upstream head can carry them in the same write; returns how many slices.
+ * 0 when none are buffered or the body must wait (100-continue); a malformed body is left for
+ * the normal body path to report once the head is out. */
+unsigned sp_conn_take_body(sp_conn_t *c);
 /* Tunnel: start relaying raw client bytes to the upstream. */
 void sp_conn_start_tunnel(sp_conn_t *c);
 /* Stop/resume reading the client (backpressure from the upstream side). */

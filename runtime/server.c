@@ -95,6 +95,7 @@ sp_request_t *sp_request_acquire(sp_worker_t *w)
     r->connect_tries = 0;
     r->head_sent = r->sent_continue = false;
     r->body_forwarded = 0;
+    r->body_in_head = false;
     r->resp_head_sent = r->resp_done = r->resp_decode = r->close_client = r->tunnel = false;
     r->resp_head.len = 0;
     r->nrhdrs = 0;
@@ -1221,6 +1222,11 @@ static void step_head(sp_conn_t *c)
 static void step_body(sp_conn_t *c)
 {
     sp_request_t *r = c->req;
+    if (r->head_sent && r->body_done && !c->writing && !(r->up && r->up->writing)) {
+        /* the body went (perhaps with the head): keep reading to notice a vanished client */
+        sp_conn_read_start(c);
+        return;
+    }
     if (!r->head_sent || r->body_done || c->writing || (r->up && r->up->writing))
         return;
     if (!r->has_body)
@@ -1272,6 +1278,24 @@ static void step_body(sp_conn_t *c)
         return;
     }
     c->process_again = true;
+}
+
+unsigned sp_conn_take_body(sp_conn_t *c)
+{
+    sp_request_t *r = c->req;
+    if (!r || !r->has_body || r->body_done || r->body_buffered || c->state != CS_UPSTREAM ||
+        !c->rbuf || c->rpos == c->rlen || c->writing || (r->expect_continue && !r->sent_continue))
+        return 0;
+    r->niov = 0;
+    r->nframes = 0;
+    llhttp_errno_t e = parse_some(c);
+    if (e != HPE_OK && e != HPE_PAUSED) {
+        r->niov = 0; /* the error stays in the parser: step_body reports it after the head */
+        return 0;
+    }
+    if (r->body_done && c->timer_kind == T_BODY)
+        conn_timer(c, T_NONE, 0);
+    return r->niov;
 }
 
 void sp_conn_resume_body(sp_conn_t *c)

@@ -592,6 +592,13 @@ static void after_head_sent(sp_upconn_t *u)
 {
     sp_request_t *r = u->req;
     r->head_sent = true;
+    if (r->body_in_head) {
+        /* the body bytes that went with the head are delivered */
+        for (unsigned i = 0; i < r->niov; i++)
+            r->body_forwarded += r->iov[i].len;
+        r->body_in_head = false;
+        r->niov = 0;
+    }
     up_timer(u, UT_FIRST_BYTE, req_timeout(r, r->to_first_byte, sp_cfg.first_byte_timeout));
     up_read_start(u);
     if (r->conn)
@@ -617,11 +624,23 @@ static void up_send_head(sp_upconn_t *u)
     sp_request_t *r = u->req;
     if (!r->out.len || !r->head_sent)
         build_request_head(r);
-    /* A body the script already read goes out with the head. */
-    uv_buf_t b[2] = {uv_buf_init(r->out.p, (unsigned)r->out.len),
-                     uv_buf_init(r->body.p, (unsigned)r->body.len)};
-    unsigned nb = (r->body_buffered && r->body.len) ? 2 : 1;
+    /* A body the script already read goes out with the head; so do the body bytes already
+     * read from the client (one write instead of two for a small upload). They stay in the
+     * client's read buffer until confirmed, so a retry on a fresh connection sends them again. */
+    uv_buf_t b[1 + SP_MAX_IOV];
+    unsigned nb = 0;
+    b[nb++] = uv_buf_init(r->out.p, (unsigned)r->out.len);
+    if (r->body_buffered) {
+        if (r->body.len)
+            b[nb++] = uv_buf_init(r->body.p, (unsigned)r->body.len);
+    } else if (r->body_in_head || (r->conn && sp_conn_take_body(r->conn) > 0)) {
+        r->body_in_head = true;
+        for (unsigned i = 0; i < r->niov; i++)
+            b[nb++] = r->iov[i];
+    }
     int rc = up_write(u, b, nb, on_head_written);
+    if (rc != 0 && r->body_in_head && r->conn)
+        sp_conn_read_stop(r->conn); /* the buffer under the slices stays put (write, retry) */
     if (rc == 0) {
         after_head_sent(u);
     } else if (rc < 0) {
