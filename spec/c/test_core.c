@@ -1444,7 +1444,8 @@ static void config_free(sp_config_t *c)
                      &c->scripts_dir,    &c->builtin_dir,      &c->config_file,
                      &c->sandboxes_file, &c->log_level,        &c->kube_api,
                      &c->kube_token_file, &c->kube_ca_file,    &c->kubeconfig,
-                     &c->kube_api_version, &c->kube_namespace, &c->kube_label_selector};
+                     &c->kube_api_version, &c->kube_namespace, &c->kube_label_selector,
+                     &c->kube_serviceaccount_dir};
     for (size_t i = 0; i < SP_ARRAY_LEN(strs); i++) {
         free(*strs[i]);
         *strs[i] = NULL;
