@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import re
+import select
 import shutil
 import signal
 import socket
@@ -26,6 +27,11 @@ import time
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH_DIR)
 WRK_SCRIPT = os.path.join(BENCH_DIR, "wrk_routes.lua")
+IDLE_SCRIPT = os.path.join(BENCH_DIR, "idle_conns.py")
+CHURN_DRIVER = os.path.join(BENCH_DIR, "churn_driver.py")
+KUBE_STANDIN = os.path.join(ROOT, "spec", "fixtures", "kube_apiserver.py")
+NOFILE_WANT = 200000
+NOFILE = 65536  # RLIMIT_NOFILE in force (set by main(): NOFILE_WANT, or the hard limit if lower)
 NGINX_MODULES = "/usr/lib/nginx/modules"
 
 SMALL_BODY = "hello from the sandbox backend\n"
@@ -42,6 +48,10 @@ TARGETS = [
     ("direct", "direct backend"),
 ]
 TARGET_LABEL = dict(TARGETS)
+# the churn scenario's two rows: one sandbox-proxy on the Kubernetes stand-in, without and with churn
+TARGET_LABEL["k8s"] = "sandbox-proxy (k8s), no churn"
+TARGET_LABEL["k8s-decoy"] = "sandbox-proxy (k8s), decoy churn"
+TARGET_LABEL["k8s-churn"] = "sandbox-proxy (k8s), churn"
 
 SCENARIOS = [
     # key, title, rest, method, body bytes, connections (None: --connections)
@@ -49,7 +59,12 @@ SCENARIOS = [
     ("small-c1", "small GET, 1 connection (latency)", "/small", "GET", 0, 1),
     ("get-1m", "1 MiB GET", "/1m", "GET", 0, None),
     ("post-4k", "4 KiB POST", "/post", "POST", POST_BYTES, None),
+    ("idle-10k", "small GET, 50 connections, 10,000 idle keep-alive connections open", "/small", "GET", 0, None),
+    ("churn", "small GET, 50 connections, sandbox-proxy on the Kubernetes stand-in, route updates",
+     "/small", "GET", 0, None),
+    ("memory", "sandbox-proxy memory (RSS)", None, None, 0, None),
 ]
+LOAD_SCENARIOS = ("small-c50", "small-c1", "get-1m", "post-4k", "idle-10k")  # need the targets
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BENCH_PIDS = set()  # every process tree of the benchmark (filled once all are started)
@@ -303,9 +318,23 @@ worker_processes 1;
 pid %s/nginx.pid;
 error_log %s/logs/error.log warn;
 pcre_jit on;
-worker_rlimit_nofile 65536;
-events { worker_connections 32768; multi_accept off; }
-""" % (worker_cpu_note, prefix, prefix)
+worker_rlimit_nofile %d;
+events { worker_connections %d; multi_accept off; }
+""" % (worker_cpu_note, prefix, prefix, NOFILE, nginx_worker_connections())
+
+
+def nginx_worker_connections():
+    # clients + upstream connections; within the descriptor limit (nginx warns otherwise)
+    return min(32768, NOFILE - 100)
+
+
+def haproxy_maxconn():
+    """HAProxy wants 2 descriptors per maxconn (client + server side). 30,000 when the limit
+    allows it; else 12,000 (10,000 idle + the load) with 'no strict-limits' (HAProxy then warns
+    and runs, instead of refusing to start, when it cannot raise RLIMIT_NOFILE to 2 x maxconn)."""
+    if 2 * 30000 + 100 <= NOFILE:
+        return 30000, False
+    return 12000, 2 * 12000 + 100 > NOFILE
 
 
 ACCESS_LOG = "on"  # set from --access-log
@@ -521,8 +550,8 @@ def haproxy_conf(tmp, port, backend_port, routes):
     return """# target d: HAProxy, map-file route lookup
 global
     nbthread 1
-    maxconn 30000
-    tune.bufsize 16384
+    maxconn %(maxconn)d
+%(strict)s    tune.bufsize 16384
 %(glog)s
 defaults
     mode http
@@ -554,7 +583,8 @@ frontend fe
 backend sandbox
     http-reuse safe
     server s1 127.0.0.1:%(bport)d
-""" % {"port": port, "bport": backend_port, "map": mapfile, "glog": glog, "dlog": dlog}
+""" % {"port": port, "bport": backend_port, "map": mapfile, "glog": glog, "dlog": dlog,
+       "maxconn": haproxy_maxconn()[0], "strict": "    no strict-limits\n" if haproxy_maxconn()[1] else ""}
 
 
 def sandbox_proxy_config(access_log):
@@ -715,7 +745,21 @@ def parse_wrk(text):
     return res
 
 
-def run_wrk(port, routed, scen, conns, duration, cpus, tmp, pids_target, pids_load):
+def run_wrk(port, routed, scen, conns, duration, cpus, tmp, pids_target, pids_load, hook=None):
+    """One wrk run. hook (optional): hook.start() just before wrk starts, hook.stop() right after
+    it ended (the churn driver); what stop() returns is kept as res["hook"]."""
+    if hook is None:
+        return _run_wrk(port, routed, scen, conns, duration, cpus, tmp, pids_target, pids_load)
+    hook.start()
+    try:
+        res = _run_wrk(port, routed, scen, conns, duration, cpus, tmp, pids_target, pids_load)
+    finally:
+        stopped = hook.stop()
+    res["hook"] = stopped
+    return res
+
+
+def _run_wrk(port, routed, scen, conns, duration, cpus, tmp, pids_target, pids_load):
     key, title, rest, method, body_bytes, _ = scen
     args = ["wrk", "-t1", "-c%d" % conns, "-d%ds" % duration, "--latency",
             "--timeout", "5s", "-s", WRK_SCRIPT, "http://127.0.0.1:%d" % port, "--",
@@ -822,12 +866,13 @@ def table_rows(summary, scen_key, targets):
             pct(r.get("load_core_busy_pct")),
             pct(r.get("spread_pct")),
             bound_of(r),
+            "-" if r.get("log_bytes_per_req") is None else "%.0f" % r["log_bytes_per_req"],
         ])
     return rows
 
 
 HEADERS = ["target", "req/s", "p50", "p99", "vs nginx", "vs direct", "proc CPU", "us/req",
-           "T busy", "L busy", "spread", "bound"]
+           "T busy", "L busy", "spread", "bound", "log B/req"]
 BUSY_LIMIT = 90.0
 
 
@@ -865,6 +910,146 @@ def md_table(rows):
     for r in rows:
         out.append("| " + " | ".join(str(c) for c in r) + " |")
     return "\n".join(out)
+
+
+def simple_table(headers, rows, md=False):
+    if md:
+        out = ["| " + " | ".join(headers) + " |",
+               "|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|"]
+        return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    fmt = lambda r: "  ".join((str(c).ljust(w) if i == 0 else str(c).rjust(w))
+                              for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(headers), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def kib(x):
+    return "-" if x is None else "%.1f" % x
+
+
+IDLE_HEADERS = ["target", "opened", "open after", "2nd req ok", "RSS before", "RSS idle", "KiB/conn",
+                "RSS after load"]
+
+
+def idle_rows(info, targets):
+    rows = []
+    for t in targets:
+        ti = info["targets"].get(t)
+        if not ti:
+            continue
+        o, c = ti.get("open") or {}, ti.get("check") or {}
+        rows.append([TARGET_LABEL[t] + (" !" if ti.get("problems") or ti.get("error") else ""),
+                     "{:,}".format(o["opened"]) if o else "-",
+                     "{:,}".format(c["open"]) if c else "-",
+                     "%d/%d" % (c["sample_ok"], c["sample"]) if c else "-",
+                     mib(ti.get("rss_before_kib")), mib(ti.get("rss_idle_kib")), kib(ti.get("kib_per_conn")),
+                     mib(ti.get("rss_after_load_kib"))])
+    return rows
+
+
+CHURN_HEADERS = ["run", "req/s", "p50", "p99", "us/req", "updates/s", "proxy events/updates",
+                 "last RV seen", "driver CPU", "stand-in CPU", "L busy"]
+
+
+def churn_rows(runs_sk):
+    rows = []
+    for k in ("k8s", "k8s-decoy", "k8s-churn"):
+        for i, r in enumerate(runs_sk.get(k, [])):
+            if r.get("error"):
+                rows.append(["%s #%d" % (TARGET_LABEL[k], i + 1), "FAILED"] + [""] * (len(CHURN_HEADERS) - 2))
+                continue
+            h = r.get("hook") or {}
+            rows.append([
+                "%s #%d" % (TARGET_LABEL[k], i + 1), fmt_rps(r.get("rps")), fmt_ms(r.get("p50_ms")),
+                fmt_ms(r.get("p99_ms")),
+                "-" if r.get("target_cpu_us_per_req") is None else "%.0f" % r["target_cpu_us_per_req"],
+                fmt_rps(h.get("rate")) if h else "-",
+                ("%d/%d" % (h["proxy_events"], h["applied"])) if h else "-",
+                ("yes (%.1fs)" % h["proxy_rv_wait_s"] if h.get("proxy_rv_reached") else "NO")
+                if h and k == "k8s-churn" else "-",
+                pct(h.get("cpu_pct")) if h else "-", pct(h.get("standin_cpu_pct")) if h else "-",
+                pct(r.get("load_core_busy_pct"))])
+    return rows
+
+
+def churn_verdict(summary_sk, runs_sk, rate, load_cpu):
+    """The drop of req/s with churn (median of the paired per-repeat ratios), p99 both ways."""
+    m0, md, m1 = (summary_sk.get(k, {}) for k in ("k8s", "k8s-decoy", "k8s-churn"))
+    if m0.get("error") or m1.get("error") or m1.get("vs_k8s") is None:
+        return None, ["churn: no comparison (a run failed)"]
+    drop = 100.0 * (1 - m1["vs_k8s"])
+
+    def us(m):
+        return "-" if m.get("target_cpu_us_per_req") is None else "%.0f" % m["target_cpu_us_per_req"]
+    lines = [
+        "throughput with %s route updates/s vs without (same proxy, same k8s source, paired per repeat): "
+        "%.3f -> drop %.1f%% (goal: <= 5%%: %s); per-repeat ratios %s" % (
+            fmt_rps(rate), m1["vs_k8s"], drop, "met" if drop <= 5 else "NOT met",
+            ", ".join("%.3f" % x for x in m1.get("vs_k8s_runs", []))),
+        "req/s %s without, %s with; p99 %s without, %s with; proxy CPU per request %s us without, %s us with" % (
+            fmt_rps(m0.get("rps")), fmt_rps(m1.get("rps")), fmt_ms(m0.get("p99_ms")), fmt_ms(m1.get("p99_ms")),
+            us(m0), us(m1)),
+    ]
+    if not md.get("error") and md.get("vs_k8s") is not None and m1.get("vs_k8s-decoy") is not None:
+        lines.append(
+            "split: the driver + stand-in on the load core alone (decoy updates, no event reaches the proxy) "
+            "cost %.1f%% (decoy vs none: %.3f, p99 %s, %s us/req); the proxy's own share (churn vs decoy, "
+            "same load-core work): %.3f -> drop %.1f%%" % (
+                100.0 * (1 - md["vs_k8s"]), md["vs_k8s"], fmt_ms(md.get("p99_ms")), us(md),
+                m1["vs_k8s-decoy"], 100.0 * (1 - m1["vs_k8s-decoy"])))
+    hooks = [r["hook"] for r in runs_sk.get("k8s-churn", []) if r.get("hook")]
+    rates = [h["rate"] for h in hooks if h.get("rate")]
+    if hooks:
+        lines.append(
+            "driver (pinned to CPU %s, like the stand-in): applied %s updates/s (median; target %s/s), %s of them "
+            "seen by the proxy as watch events; the proxy reached the RV of the last update in %d of %d runs; "
+            "driver CPU %s of a core, stand-in CPU %s of a core (both on the load core)" % (
+                load_cpu, fmt_rps(statistics.median(rates)) if rates else "-", fmt_rps(rate),
+                "all" if all(h["proxy_events"] >= h["applied"] for h in hooks) else "NOT all",
+                sum(1 for h in hooks if h.get("proxy_rv_reached")), len(hooks),
+                pct(statistics.median([h["cpu_pct"] for h in hooks])),
+                pct(statistics.median([h["standin_cpu_pct"] for h in hooks]))))
+    return drop, lines
+
+
+def memory_rows(info, idle_info):
+    rows = []
+    n = info.get("count")
+    s = info.get("sp_1k")
+    if s:
+        rows.append(["sandbox-proxy, 1,000 routes (file), at rest after start", mib(s["rss_start_kib"]),
+                     mib(s["hwm_start_kib"])])
+        rows.append(["  + %s idle keep-alive connections (%s opened)" % ("{:,}".format(n), "{:,}".format(s["open"]["opened"])),
+                     mib(s["rss_idle_kib"]), mib(s["hwm_idle_kib"])])
+        rows.append(["  = per idle connection", "%s KiB" % kib(s.get("kib_per_conn")), ""])
+        rows.append(["  after closing them", mib(s["rss_closed_kib"]), mib(s["hwm_closed_kib"])])
+        rows.append(["  2nd cycle: %s idle connections open again" % "{:,}".format(s["open2"]),
+                     mib(s["rss_idle2_kib"]), ""])
+        rows.append(["  2nd cycle: closed again", mib(s["rss_closed2_kib"]), mib(s["hwm_closed2_kib"])])
+    if info.get("sp_big_rss_kib") is not None:
+        rows.append(["sandbox-proxy, %s routes (Kubernetes stand-in), synced in %.1f s" % (
+            "{:,}".format(info["big_routes"]), info["sp_big_ready_s"]),
+            mib(info["sp_big_rss_kib"]), mib(info["sp_big_hwm_kib"])])
+    if info.get("k8s_1k_rss_kib") is not None:
+        rows.append(["sandbox-proxy, 1,000 routes (Kubernetes stand-in), after the churn runs",
+                     mib(info["k8s_1k_rss_kib"]), mib(info["k8s_1k_hwm_kib"])])
+    for t, label in (("nginx", "nginx (map)"), ("haproxy", "HAProxy (map)")):
+        m = info.get(t)
+        if m:
+            rows.append(["%s, fresh: at rest -> %s idle connections" % (label, "{:,}".format(m["open"]["opened"])),
+                         "%s -> %s" % (mib(m["rss_start_kib"]), mib(m["rss_idle_kib"])), mib(m["hwm_idle_kib"])])
+            rows.append(["  = per idle connection", "%s KiB" % kib(m.get("kib_per_conn")), ""])
+            rows.append(["  after closing them; after a 2nd open + close cycle",
+                         "%s; %s" % (mib(m["rss_closed_kib"]), mib(m["rss_closed2_kib"])), mib(m["hwm_closed2_kib"])])
+    return rows
+
+
+def idle_per_conn_line(idle_info):
+    if not idle_info:
+        return None
+    per = ", ".join("%s %s" % (TARGET_LABEL[t], kib(ti.get("kib_per_conn")))
+                    for t, ti in idle_info["targets"].items() if ti.get("kib_per_conn") is not None)
+    return ("idle-10k scenario (the same targets, already warm): KiB per idle connection: " + per) if per else None
 
 
 def scan_logs(paths, offsets, t):
@@ -940,6 +1125,244 @@ def machine_info():
 
 
 # ----------------------------------------------------------------------------------------------
+# access-log files, memory, idle connections, the Kubernetes stand-in
+
+
+def fsize(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def settle_files(paths, quiet=0.25, limit=3.0):
+    """Waits until none of the files grew for `quiet` seconds (the buffered writers flush every
+    0.2 s), at most `limit` seconds. Returns {path: size}."""
+    sizes = {p: fsize(p) for p in paths}
+    t0 = t_change = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if now - t_change >= quiet or now - t0 >= limit:
+            return sizes
+        time.sleep(0.05)
+        new = {p: fsize(p) for p in paths}
+        if new != sizes:
+            sizes, t_change = new, time.monotonic()
+
+
+def drain_logs(paths, count=True):
+    """Once the access-log files stopped growing: their lines and bytes, then the files are
+    truncated, which keeps the disk use bounded. nginx and sandbox-proxy write with O_APPEND and
+    go on at offset 0; HAProxy clears O_APPEND on its stdout (it sets O_NONBLOCK with F_SETFL)
+    and goes on at its own offset, leaving a hole: the holes are skipped (SEEK_DATA) and the
+    bytes counted are the non-NUL ones."""
+    settle_files(paths)
+    lines = nbytes = 0
+    for p in paths:
+        if count:
+            try:
+                with open(p, "rb") as f:
+                    try:
+                        f.seek(os.lseek(f.fileno(), 0, os.SEEK_DATA))
+                    except OSError:  # ENXIO: no data at all
+                        f.seek(0, os.SEEK_END)
+                    while True:
+                        b = f.read(1 << 20)
+                        if not b:
+                            break
+                        lines += b.count(b"\n")
+                        nbytes += len(b) - b.count(b"\0")
+            except OSError:
+                pass
+        try:
+            os.truncate(p, 0)
+        except OSError:
+            pass
+    return lines, nbytes
+
+
+def mem_of(pids):
+    """(VmRSS, VmHWM) summed over pids, in KiB (/proc/PID/status)."""
+    rss = hwm = 0
+    for pid in pids:
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                text = f.read()
+        except OSError:
+            continue
+        m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
+        rss += int(m.group(1)) if m else 0
+        m = re.search(r"^VmHWM:\s+(\d+) kB", text, re.M)
+        hwm += int(m.group(1)) if m else 0
+    return rss, hwm
+
+
+def conn_count(pids):
+    """Open sockets of the processes (from /proc/PID/fd)."""
+    n = 0
+    for pid in pids:
+        try:
+            fds = os.listdir("/proc/%d/fd" % pid)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)).startswith("socket:"):
+                    n += 1
+            except OSError:
+                pass
+    return n
+
+
+def mib(kib):
+    return "-" if kib is None else "%.1f MiB" % (kib / 1024.0)
+
+
+def raise_nofile(want):
+    """RLIMIT_NOFILE of this process (inherited by every target): 10,000 idle connections need
+    10,000 descriptors on the client side and as many in the target."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+        except (ValueError, OSError):
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            except (ValueError, OSError):
+                pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class IdleClient:
+    """bench/idle_conns.py, pinned to the load CPU: holds the idle keep-alive connections."""
+
+    def __init__(self, cpus, logdir):
+        cmd = (["taskset", "-c", cpus] if cpus else []) + [sys.executable, IDLE_SCRIPT, str(NOFILE_WANT)]
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=open(os.path.join(logdir, "idle-client.stderr.log"), "ab"),
+                                  start_new_session=True, text=True)
+        self.p.bench_name = "idle-client"
+        PROCS.procs.append(("idle-client", self.p))
+        BENCH_PIDS.add(self.p.pid)
+        hello = self._read(20)
+        self.nofile = hello.get("nofile")
+
+    def _read(self, timeout):
+        r, _, _ = select.select([self.p.stdout], [], [], timeout)
+        if not r:
+            raise RuntimeError("idle client: no answer in %gs" % timeout)
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError("idle client exited (%s)" % self.p.poll())
+        return json.loads(line)
+
+    def call(self, msg, timeout):
+        self.p.stdin.write(json.dumps(msg) + "\n")
+        self.p.stdin.flush()
+        res = self._read(timeout + 10)
+        if res.get("error"):
+            raise RuntimeError("idle client: " + res["error"])
+        return res
+
+    def stop(self):
+        try:
+            self.p.stdin.close()
+        except OSError:
+            pass
+        PROCS.stop(self.p)
+        if ("idle-client", self.p) in PROCS.procs:
+            PROCS.procs.remove(("idle-client", self.p))
+
+
+def start_kube_standin(tmp, logdir, cpus, seed_file):
+    """spec/fixtures/kube_apiserver.py seeded with the benchmark's SandboxList (no events at
+    start, like a fresh watch cache), control API on its own port. Returns (proc, api, control)."""
+    port_file = os.path.join(tmp, "kube-ports-%d.json" % time.monotonic_ns())  # one per stand-in
+    cmd = [sys.executable, "-u", KUBE_STANDIN, "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0",
+           "--port-file", port_file, "--bookmark-interval", "5", "--history", "200000",
+           "--rv-step-max", "1", "--seed-file", seed_file]
+    p = PROCS.start("kube-standin", cmd, cpus, logdir)
+    BENCH_PIDS.add(p.pid)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise RuntimeError("kube stand-in exited:\n" + tail(p.bench_stderr))
+        try:
+            with open(port_file) as f:
+                ports = json.load(f)
+            return p, ports["api"], ports["control"]
+        except (OSError, ValueError):
+            time.sleep(0.02)
+    raise RuntimeError("kube stand-in did not write its port file:\n" + tail(p.bench_stderr))
+
+
+class ChurnHook:
+    """Runs bench/churn_driver.py (pinned to the load CPU) for exactly the span of one wrk run,
+    and afterwards checks that the proxy saw the updates: /health's source.events (the watch
+    events the proxy applied) and source.resource_version, which must reach the RV of the
+    driver's last update."""
+
+    def __init__(self, cpus, logdir, control_port, sandboxes_file, rate, proxy_port, standin_pids,
+                 decoy=False):
+        self.cpus, self.logdir, self.control_port = cpus, logdir, control_port
+        self.sandboxes_file, self.rate, self.proxy_port = sandboxes_file, rate, proxy_port
+        self.standin_pids, self.decoy = standin_pids, decoy
+
+    def source(self):
+        status, body = http_get(self.proxy_port, "/health")
+        return json.loads(body).get("source", {})
+
+    def start(self):
+        self.src0 = self.source()
+        self.sc0 = cpu_seconds(self.standin_pids)
+        cmd = (["taskset", "-c", self.cpus] if self.cpus else []) + [
+            sys.executable, CHURN_DRIVER, "--control-port", str(self.control_port),
+            "--sandboxes", self.sandboxes_file, "--rate", str(self.rate), "--max-seconds", "120"]
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=open(os.path.join(self.logdir, "churn-driver.stderr.log"), "ab"),
+                                  start_new_session=True, text=True)
+        self.p.bench_name = "churn-driver"
+        PROCS.procs.append(("churn-driver", self.p))
+        BENCH_PIDS.add(self.p.pid)
+        r, _, _ = select.select([self.p.stdout], [], [], 20)
+        line = self.p.stdout.readline() if r else ""
+        if not line:
+            raise RuntimeError("churn driver did not start")
+        self.t0 = time.monotonic()
+        return self.p.pid
+
+    def stop(self):
+        wall = time.monotonic() - self.t0
+        standin_cpu = cpu_seconds(self.standin_pids) - self.sc0
+        self.p.stdin.close()
+        r, _, _ = select.select([self.p.stdout], [], [], 20)
+        line = self.p.stdout.readline() if r else ""
+        PROCS.stop(self.p)
+        PROCS.procs.remove(("churn-driver", self.p))
+        if not line:
+            raise RuntimeError("churn driver gave no summary")
+        res = json.loads(line)
+        res["standin_cpu_pct"] = round(100.0 * standin_cpu / wall, 1) if wall else None
+        # the proxy publishes its watch state every second: wait until it reached the RV of the
+        # last update (bounded), then count the events it applied meanwhile
+        want = int(res["last_rv"]) if res.get("last_rv") and not self.decoy else None
+        deadline = time.monotonic() + 5
+        t_stop = time.monotonic()
+        src = self.source()
+        while want is not None and int(src.get("resource_version") or 0) < want \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+            src = self.source()
+        res["proxy_rv"] = src.get("resource_version")
+        res["proxy_rv_reached"] = want is not None and int(src.get("resource_version") or 0) >= want
+        res["proxy_rv_wait_s"] = round(time.monotonic() - t_stop, 2)
+        res["proxy_events"] = (src.get("events") or 0) - (self.src0.get("events") or 0)
+        res["proxy_relists"] = (src.get("relists") or 0) - (self.src0.get("relists") or 0)
+        return res
+
+
+# ----------------------------------------------------------------------------------------------
 # main
 
 
@@ -977,6 +1400,20 @@ def parse_args():
     ap.add_argument("--retry-disturbed", type=int, default=2,
                     help="run a measurement again, up to N times, when other processes used more than "
                          "%g%%%% of a core during it; the least disturbed run is kept (default 2)" % DISTURBED_PCT)
+    ap.add_argument("--idle-conns", type=int, default=10000,
+                    help="idle keep-alive connections of the idle-10k and memory scenarios (default 10000)")
+    ap.add_argument("--idle-sample", type=int, default=200,
+                    help="idle connections that must answer a second request after the load (default 200)")
+    ap.add_argument("--churn-rate", type=float, default=1000.0,
+                    help="route updates per second of the churn scenario (default 1000)")
+    ap.add_argument("--memory-routes", type=int, default=100000,
+                    help="routes of the memory scenario's large sandboxes file (default 100000)")
+    ap.add_argument("--memory-compare", default="nginx,haproxy",
+                    help="fresh targets whose per-connection memory the memory scenario measures too "
+                         "(subset of nginx,haproxy; empty: none) (default nginx,haproxy)")
+    ap.add_argument("--time-budget", type=float, default=15.0,
+                    help="minutes: quiet-machine waits and re-runs of disturbed runs are skipped once they "
+                         "would push the whole run past this (the measurements are always made) (default 15)")
     ap.add_argument("--out-dir", default=os.path.join(BENCH_DIR, "results"),
                     help="where the JSON and Markdown results go (default: bench/results)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
@@ -988,6 +1425,13 @@ def parse_args():
         a.quiet_wait, a.retry_disturbed = min(a.quiet_wait, 5.0), min(a.retry_disturbed, 1)
     if a.duration <= 0 or a.duration > 600 or a.repeat < 1 or a.repeat > 50:
         ap.error("--duration must be in (0, 600] and --repeat in [1, 50]")
+    if not 1 <= a.idle_conns <= 50000 or not 0 <= a.idle_sample <= a.idle_conns:
+        ap.error("--idle-conns must be in [1, 50000] and --idle-sample in [0, --idle-conns]")
+    if not 0 < a.churn_rate <= 10000:
+        ap.error("--churn-rate must be in (0, 10000]")
+    if not 100 <= a.memory_routes <= 1000000:
+        ap.error("--memory-routes must be in [100, 1000000]")
+    a.memory_compare = [t.strip() for t in a.memory_compare.split(",") if t.strip()]
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     for t in a.targets:
         if t not in TARGET_LABEL:
@@ -1056,6 +1500,42 @@ def main():
         % (layout_note, tcpu))
     log("runs: %gs each, %d repeat(s), median reported; warm-up %gs; temp dir %s"
         % (a.duration, a.repeat, a.warmup, tmp))
+    global NOFILE
+    nofile = NOFILE = raise_nofile(NOFILE_WANT)
+    machine["nofile"] = nofile
+    log("scenarios: %s; RLIMIT_NOFILE %d (inherited by every target)" % (", ".join(a.scenarios), nofile))
+
+    # churn and memory start their own processes: the five targets only for the other scenarios
+    started_targets = a.targets if any(s in LOAD_SCENARIOS for s in a.scenarios) else []
+
+    # every access log goes to a file in the temp dir; bench.py counts its lines after each run
+    # (lines per request, bytes per request) and truncates it
+    def access_log_of(name):
+        if name in ("nginx", "nginx-lua"):
+            return os.path.join(tmp, name, "logs", "access.log")
+        return os.path.join(logdir, name + ".access.log")
+    access_logs = {}
+    if a.access_log == "on":
+        for t in ("sandbox-proxy", "nginx", "nginx-lua", "haproxy"):
+            access_logs[t] = [access_log_of(t)]
+    log_notes = {
+        "sandbox-proxy": "log.lua (default script): JSON line per request on stdout (runtime buffered "
+                         "writer, 64 KiB / 0.2 s) -> %s" % access_log_of("sandbox-proxy"),
+        "nginx": "access_log JSON (same fields) buffer=64k flush=200ms -> %s" % access_log_of("nginx"),
+        "nginx-lua": "access_log JSON (same fields) buffer=64k flush=200ms -> %s" % access_log_of("nginx-lua"),
+        "haproxy": "option httplog, log stdout format raw (one write per line) -> stdout -> %s"
+                   % access_log_of("haproxy"),
+        "direct": "nothing (the backend has access_log off)",
+    }
+    if a.access_log == "off":
+        log_notes = {t: "nothing (--access-log off)" for t in log_notes}
+    if a.proxy_config:
+        log_notes["sandbox-proxy"] = "as %s says; stdout -> %s" % (a.proxy_config, access_log_of("sandbox-proxy"))
+    log_notes["k8s"] = log_notes["sandbox-proxy"].replace(access_log_of("sandbox-proxy"),
+                                                          access_log_of("sandbox-proxy-k8s"))
+    log("access logs:")
+    for t in list(started_targets) + (["k8s"] if "churn" in a.scenarios else []):
+        log("  %-15s %s" % (t, log_notes[t]))
 
     routes = ["u%d/sb%d" % (u, s) for u in range(10) for s in range(100)]
 
@@ -1161,7 +1641,7 @@ def main():
             target_notes[t] = "nbthread 1, map file of 1,000 routes, http-reuse safe"
         target_procs[t] = p
 
-    for t in a.targets:
+    for t in started_targets:
         try:
             start_target(t)
             problems = verify_target(t, ports[t], t != "direct", routes, tmp, reference)
@@ -1197,67 +1677,99 @@ def main():
     scen_by_key = {s[0]: s for s in SCENARIOS}
     runs = {}     # scen -> target -> [results]
     summary = {}  # scen -> target -> medians
-    active = [t for t in a.targets if t not in failed]
+    extras = {}   # scen -> what the idle-10k / churn / memory scenarios add
+    active = [t for t in started_targets if t not in failed]
+
+    # The time budget: quiet-machine waits and re-runs of disturbed runs are extras; they are
+    # skipped once they would push the whole run past --time-budget minutes (what is left is
+    # estimated from the runs still to do). The measurements themselves are always made.
+    run_cost = a.duration + a.warmup / max(1, a.repeat) + 2.5  # s per run: settle, checks, wrk start
+    budget = {"left_runs": 0, "skipped": 0}
     for sk in a.scenarios:
-        scen = scen_by_key[sk]
-        conns = scen[5] or a.connections
-        log("\n== %s (%s %s%s, %d connection%s, %gs x %d) ==" % (
-            scen[1], scen[3], "/{user}/{sandbox}" + scen[2], " + %d-byte body" % scen[4] if scen[4] else "",
-            conns, "s" if conns != 1 else "", a.duration, a.repeat))
-        runs[sk] = {t: [] for t in active}
-        for rep in range(a.repeat):
-            for t in active:
-                pids_t = proc_tree(target_procs[t].pid)
-                pids_l = backend_pids if t != "direct" else []
-                try:
-                    if rep == 0 and a.warmup > 0:
-                        run_wrk(ports[t], t != "direct", scen, conns, a.warmup, wcpu, tmp, pids_t, pids_l)
-                    r = None
-                    for attempt in range(1 + a.retry_disturbed):
-                        waited, idle = wait_quiet(a.quiet_wait)
-                        ri = run_wrk(ports[t], t != "direct", scen, conns, a.duration, wcpu, tmp, pids_t, pids_l)
-                        ri["quiet_wait_s"], ri["machine_busy_before_pct"] = waited, idle
-                        ri["attempt"] = attempt + 1
-                        if r is None or ri["other_cpu_pct"] < r["other_cpu_pct"]:
-                            r = ri
-                        if ri["other_cpu_pct"] < DISTURBED_PCT:
-                            break
-                        log("  [%d/%d] %-15s disturbed: other processes used %s of a core (%s), %s" % (
-                            rep + 1, a.repeat, t, pct(ri["other_cpu_pct"]), ", ".join(ri["other_top"]),
-                            "running it again" if attempt < a.retry_disturbed else "keeping the least disturbed run"))
-                except Exception as e:
-                    r = {"error": str(e)}
-                if target_procs[t].poll() is not None:
-                    r.setdefault("error", "target exited with %s" % target_procs[t].returncode)
-                if "cpu_busy_pct" in r:
-                    for name, cl in (("target_core_busy_pct", tcpus), ("load_core_busy_pct", lcpus)):
-                        vals = [r["cpu_busy_pct"].get(str(c)) for c in cl]
-                        vals = [v for v in vals if v is not None]
-                        r[name] = round(sum(vals) / len(vals), 1) if vals else None
-                runs[sk][t].append(r)
-                if r.get("error"):
-                    log("  [%d/%d] %-15s ERROR %s" % (rep + 1, a.repeat, t, r["error"].strip()[-500:]))
-                    continue
-                probs = []
-                if r["non2xx"]:
-                    probs.append("%d non-2xx/3xx responses" % r["non2xx"])
-                se = r.get("socket_errors")
-                if se and any(se.values()):
-                    probs.append("socket errors %s" % se)
-                if r["rps"] is None or r.get("p99_ms") is None:
-                    probs.append("could not parse wrk output")
-                r["problems"] = probs
-                log("  [%d/%d] %-15s %10s req/s  p50 %-8s p99 %-8s proc CPU %4s  T busy %4s  L busy %4s%s" % (
-                    rep + 1, a.repeat, t, fmt_rps(r["rps"]), fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p99_ms")),
-                    pct(r["target_cpu_pct"]), pct(r.get("target_core_busy_pct")),
-                    pct(r.get("load_core_busy_pct")), ("  !! " + "; ".join(probs)) if probs else "")
-                    + ("  (other processes: %s of a core)" % pct(r["other_cpu_pct"])
-                       if r.get("other_cpu_pct", 0) >= DISTURBED_PCT else ""))
+        if sk in LOAD_SCENARIOS:
+            budget["left_runs"] += len(active) * a.repeat
+        elif sk == "churn":
+            budget["left_runs"] += 3 * a.repeat
+    fixed_cost = 12 * len(active) * ("idle-10k" in a.scenarios) + 15 * ("churn" in a.scenarios) \
+        + 30 * ("memory" in a.scenarios)
+    t_start = time.monotonic()
+
+    def extras_allowed():
+        left = budget["left_runs"] * run_cost + fixed_cost
+        return time.monotonic() - t_start + left < a.time_budget * 60
+
+    def measure(t, port, routed, scen, conns, rep, pids_t, pids_l, warm, hook=None):
+        """One measured run of target t (warm-up first if warm), retried when disturbed; the
+        access-log files are drained before it and counted after it."""
+        logs = access_logs.get(t, [])
+        budget["left_runs"] -= 1
+        try:
+            if warm and a.warmup > 0:
+                run_wrk(port, routed, scen, conns, a.warmup, wcpu, tmp, pids_t, pids_l)
+            r = None
+            for attempt in range(1 + a.retry_disturbed):
+                if logs:
+                    drain_logs(logs, count=False)  # the checks, the warm-up, the idle set, ...
+                waited, idle = wait_quiet(a.quiet_wait if extras_allowed() else 0.0)
+                ri = run_wrk(port, routed, scen, conns, a.duration, wcpu, tmp, pids_t, pids_l, hook=hook)
+                ri["quiet_wait_s"], ri["machine_busy_before_pct"] = waited, idle
+                ri["attempt"] = attempt + 1
+                if logs:
+                    ri["log_lines"], ri["log_bytes"] = drain_logs(logs)
+                    if ri.get("requests"):
+                        ri["log_bytes_per_req"] = round(ri["log_bytes"] / ri["requests"], 1)
+                        ri["log_lines_per_req"] = round(ri["log_lines"] / ri["requests"], 4)
+                if r is None or ri["other_cpu_pct"] < r["other_cpu_pct"]:
+                    r = ri
+                if ri["other_cpu_pct"] < DISTURBED_PCT:
+                    break
+                if not extras_allowed():
+                    budget["skipped"] += 1
+                    log("  [%d/%d] %-15s disturbed (other processes %s of a core), kept: --time-budget %g min "
+                        "reached, no re-run" % (rep + 1, a.repeat, t, pct(ri["other_cpu_pct"]), a.time_budget))
+                    break
+                log("  [%d/%d] %-15s disturbed: other processes used %s of a core (%s), %s" % (
+                    rep + 1, a.repeat, t, pct(ri["other_cpu_pct"]), ", ".join(ri["other_top"]),
+                    "running it again" if attempt < a.retry_disturbed else "keeping the least disturbed run"))
+        except Exception as e:
+            r = {"error": str(e)}
+        proc = target_procs.get(t)
+        if proc is not None and proc.poll() is not None:
+            r.setdefault("error", "target exited with %s" % proc.returncode)
+        if "cpu_busy_pct" in r:
+            for name, cl in (("target_core_busy_pct", tcpus), ("load_core_busy_pct", lcpus)):
+                vals = [r["cpu_busy_pct"].get(str(c)) for c in cl]
+                vals = [v for v in vals if v is not None]
+                r[name] = round(sum(vals) / len(vals), 1) if vals else None
+        if r.get("error"):
+            log("  [%d/%d] %-15s ERROR %s" % (rep + 1, a.repeat, t, r["error"].strip()[-500:]))
+            return r
+        probs = []
+        if r["non2xx"]:
+            probs.append("%d non-2xx/3xx responses" % r["non2xx"])
+        se = r.get("socket_errors")
+        if se and any(se.values()):
+            probs.append("socket errors %s" % se)
+        if r["rps"] is None or r.get("p99_ms") is None:
+            probs.append("could not parse wrk output")
+        r["problems"] = probs
+        log("  [%d/%d] %-15s %10s req/s  p50 %-8s p99 %-8s proc CPU %4s  T busy %4s  L busy %4s  log %s%s" % (
+            rep + 1, a.repeat, t, fmt_rps(r["rps"]), fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p99_ms")),
+            pct(r["target_cpu_pct"]), pct(r.get("target_core_busy_pct")),
+            pct(r.get("load_core_busy_pct")),
+            ("%s B/req, %.3f lines/req" % (r["log_bytes_per_req"], r["log_lines_per_req"]))
+            if r.get("log_bytes_per_req") is not None else "none",
+            ("  !! " + "; ".join(probs)) if probs else "")
+            + ("  (other processes: %s of a core)" % pct(r["other_cpu_pct"])
+               if r.get("other_cpu_pct", 0) >= DISTURBED_PCT else ""))
+        return r
+
+    def summarize(sk, keys, bases=("nginx", "direct")):
         summary[sk] = {}
-        for t in active:
+        for t in keys:
             ok = [r for r in runs[sk][t] if not r.get("error")]
             if not ok:
-                summary[sk][t] = {"error": runs[sk][t][-1].get("error")}
+                summary[sk][t] = {"error": runs[sk][t][-1].get("error") if runs[sk][t] else "no run"}
                 continue
 
             def med(k):
@@ -1274,6 +1786,7 @@ def main():
                 "other_cpu_max_pct": max((r.get("other_cpu_pct") or 0 for r in ok), default=None),
                 "load_core_busy_pct": med("load_core_busy_pct"),
                 "wrk_cpu_pct": med("wrk_cpu_pct"), "target_cpu_us_per_req": med("target_cpu_us_per_req"),
+                "log_bytes_per_req": med("log_bytes_per_req"), "log_lines_per_req": med("log_lines_per_req"),
                 "rps_runs": rps_vals,
                 "spread_pct": (100.0 * (max(rps_vals) - min(rps_vals)) / statistics.median(rps_vals)
                                if len(rps_vals) > 1 else None),
@@ -1286,11 +1799,11 @@ def main():
         # paired ratios: within one repeat the targets run back to back, so the ratio of two
         # targets' req/s in the same repeat cancels slow drift of the machine; the table shows
         # the median of the per-repeat ratios
-        for t in active:
+        for t in keys:
             m = summary[sk][t]
             if m.get("error"):
                 continue
-            for base in ("nginx", "direct"):
+            for base in bases:
                 ratios = []
                 for rt, rb in zip(runs[sk][t], runs[sk].get(base, [])):
                     if not rt.get("error") and not rb.get("error") and rt.get("rps") and rb.get("rps"):
@@ -1298,10 +1811,340 @@ def main():
                 m["vs_%s_runs" % base] = [round(x, 3) for x in ratios]
                 m["vs_%s" % base] = round(statistics.median(ratios), 3) if ratios else None
 
+    def route_paths(routed, rest):
+        return (["/%s%s" % (k, rest) for k in routes] if routed else [rest])
+
+    def run_idle(sk, scen, conns):
+        """idle-10k: per target, open the idle set, note the RSS, run the load, check the set."""
+        idle = IdleClient(wcpu, logdir)
+        info = extras[sk] = {"count": a.idle_conns, "client_nofile": idle.nofile, "targets": {}}
+        log("  idle connections held by bench/idle_conns.py pinned to CPU %s (RLIMIT_NOFILE %s)"
+            % (wcpu, idle.nofile))
+        try:
+            for t in active:
+                port, routed = ports[t], t != "direct"
+                pids_t = proc_tree(target_procs[t].pid)
+                pids_l = backend_pids if t != "direct" else []
+                ti = info["targets"][t] = {}
+                try:
+                    if access_logs.get(t):
+                        drain_logs(access_logs[t], count=False)
+                    ti["rss_before_kib"] = mem_of(pids_t)[0]
+                    o = idle.call({"cmd": "open", "port": port, "count": a.idle_conns,
+                                   "paths": route_paths(routed, "/small"), "timeout": 120}, 120)
+                    ti["open"] = o
+                    if access_logs.get(t):
+                        settle_files(access_logs[t])
+                    ti["rss_idle_kib"] = mem_of(pids_t)[0]
+                    if o["opened"]:
+                        ti["kib_per_conn"] = round((ti["rss_idle_kib"] - ti["rss_before_kib"]) / o["opened"], 2)
+                    log("  %-15s %d idle connections opened in %.1fs (%d failed%s); RSS %s -> %s = %s KiB per connection"
+                        % (t, o["opened"], o["seconds"], o["failed"],
+                           (": %s" % o["errors"]) if o["errors"] else "", mib(ti["rss_before_kib"]),
+                           mib(ti["rss_idle_kib"]), ti.get("kib_per_conn", "-")))
+                except Exception as e:
+                    ti["error"] = str(e)
+                    log("  %-15s ERROR opening the idle connections: %s" % (t, e))
+                for rep in range(a.repeat):
+                    runs[sk][t].append(measure(t, port, routed, scen, conns, rep, pids_t, pids_l, rep == 0))
+                try:
+                    ti["rss_after_load_kib"] = mem_of(pids_t)[0]
+                    c = idle.call({"cmd": "check", "sample": a.idle_sample, "timeout": 30}, 30)
+                    ti["check"] = c
+                    bad = []
+                    if ti.get("open") and c["open"] < ti["open"]["opened"]:
+                        bad.append("%d of %d idle connections no longer open (closed %d, reset %d, unexpected data %d)"
+                                   % (ti["open"]["opened"] - c["open"], ti["open"]["opened"], c["closed"],
+                                      c["reset"], c["unexpected"]))
+                    if c["sample_ok"] < c["sample"]:
+                        bad.append("%d of %d sampled idle connections failed a second request: %s"
+                                   % (c["sample"] - c["sample_ok"], c["sample"], c["sample_errors"]))
+                    if ti.get("open") and ti["open"]["failed"]:
+                        bad.append("%d of %d idle connections could not be opened: %s"
+                                   % (ti["open"]["failed"], a.idle_conns, ti["open"]["errors"]))
+                    ti["problems"] = bad
+                    log("  %-15s after the load: %d of %d idle connections still open, %d/%d sampled answered a "
+                        "second request; RSS %s%s" % (t, c["open"], c["held"], c["sample_ok"], c["sample"],
+                                                      mib(ti["rss_after_load_kib"]),
+                                                      ("  !! " + "; ".join(bad)) if bad else ""))
+                except Exception as e:
+                    ti["error"] = str(e)
+                    log("  %-15s ERROR checking the idle connections: %s" % (t, e))
+                try:
+                    idle.call({"cmd": "close"}, 30)
+                except Exception as e:
+                    log("  %-15s ERROR closing the idle connections: %s" % (t, e))
+                    idle.stop()
+                    idle = IdleClient(wcpu, logdir)
+        finally:
+            idle.stop()
+
+    def run_churn(sk, scen, conns):
+        """churn: sandbox-proxy on the Kubernetes stand-in (the same 1,000 routes as Sandbox
+        objects, label bench=routes; the proxy watches with that label selector), small GETs in
+        three variants per repeat, in a rotating order:
+          k8s        no updates;
+          k8s-decoy  the driver updates 1,000 decoy Sandboxes without the label: the same work
+                     for the driver and the stand-in on the load core, no event reaches the proxy;
+          k8s-churn  the driver updates the 1,000 routed Sandboxes (each once a second)."""
+        info = extras[sk] = {"rate": a.churn_rate}
+        real = sandboxes_json(routes, backend_port)
+        decoy = sandboxes_json(["decoy/sb%d" % i for i in range(len(routes))], backend_port)
+        for o in real["items"]:
+            o["metadata"]["labels"]["bench"] = "routes"
+        real_file = os.path.join(tmp, "churn-routes.json")
+        decoy_file = os.path.join(tmp, "churn-decoys.json")
+        seed_file = os.path.join(tmp, "churn-seed.json")
+        for path, doc in ((real_file, real), (decoy_file, decoy)):
+            with open(path, "w") as f:
+                json.dump(doc, f)
+        with open(seed_file, "w") as f:
+            json.dump(dict(real, items=real["items"] + decoy["items"]), f)
+        standin, api_port, control_port = start_kube_standin(tmp, logdir, wcpu, seed_file)
+        standin_pids = proc_tree(standin.pid)
+        port = free_port()
+        cfile = os.path.join(tmp, "sandbox-proxy-config.lua")
+        if a.proxy_config:
+            cfile = os.path.abspath(a.proxy_config)
+        elif not os.path.exists(cfile):
+            with open(cfile, "w") as f:
+                f.write(sandbox_proxy_config(a.access_log))
+        cmd = proxy_cmd(a, port, cfile, ["--kube-api", "http://127.0.0.1:%d" % api_port,
+                                         "--set", "kube_label_selector=bench=routes"])
+        keys = ("k8s", "k8s-decoy", "k8s-churn")
+        for k in keys:
+            access_logs[k] = [access_log_of("sandbox-proxy-k8s")] if a.access_log == "on" else []
+        p = PROCS.start("sandbox-proxy-k8s", cmd, tcpu, logdir, env=proxy_env(),
+                        stdout=access_log_of("sandbox-proxy-k8s"))
+        BENCH_PIDS.add(p.pid)
+        for k in keys:
+            target_procs[k] = p
+        configs["sandbox-proxy-k8s"] = " ".join(cmd)
+        t0 = time.monotonic()
+        try:
+            wait_ready(p, port, "/ready", timeout=60)
+            wait_ready(p, port, "/health", timeout=30,
+                       check=lambda b: json.loads(b).get("ready") == len(routes)
+                       and json.loads(b).get("sandboxes") == len(routes))
+            info["sync_s"] = round(time.monotonic() - t0, 2)
+            problems = verify_target("k8s", port, True, routes, tmp, reference)
+        except Exception as e:
+            problems = [str(e)]
+        info["check_problems"] = problems
+        log("  %-15s port %-5s pinned to CPU %-5s --kube-api stand-in (CPU %s, port %d, %d routed + %d decoy "
+            "Sandboxes, label selector bench=routes), synced in %ss -- check %s"
+            % ("sandbox-proxy-k8s", port, affinity_of(proc_tree(p.pid)), wcpu, api_port, len(real["items"]),
+               len(decoy["items"]), info.get("sync_s", "-"),
+               "OK" if not problems else "FAILED: " + "; ".join(problems)))
+        log_offsets["k8s"] = {p.bench_stderr: fsize(p.bench_stderr)}
+        found = scan_logs([p.bench_stderr], {}, "k8s")
+        if found:
+            startup_warnings["k8s"] = found[:5]
+            log("  %-15s logged at start: %s" % ("sandbox-proxy-k8s", found[0][:200]))
+        if problems:
+            failed["sandbox-proxy-k8s"] = problems
+            for k in keys:
+                runs[sk][k].append({"error": "check failed: " + "; ".join(problems)})
+            return
+        pids_t = proc_tree(p.pid)
+        pids_l = backend_pids + standin_pids
+        hooks = {
+            "k8s-churn": ChurnHook(wcpu, logdir, control_port, real_file, a.churn_rate, port, standin_pids),
+            "k8s-decoy": ChurnHook(wcpu, logdir, control_port, decoy_file, a.churn_rate, port, standin_pids,
+                                   decoy=True),
+        }
+        for rep in range(a.repeat):
+            order = keys[rep % 3:] + keys[:rep % 3]
+            for k in order:
+                r = measure(k, port, True, scen, conns, rep, pids_t, pids_l, rep == 0 and k == order[0],
+                            hook=hooks.get(k))
+                h = r.get("hook")
+                if h:
+                    bad = []
+                    if h.get("errors"):
+                        bad.append("driver: %d failed posts (%s)" % (h["errors"], h.get("first_error")))
+                    if k == "k8s-churn" and not h.get("proxy_rv_reached"):
+                        bad.append("the proxy did not reach the RV of the last update (%s < %s)"
+                                   % (h.get("proxy_rv"), h.get("last_rv")))
+                    if k == "k8s-churn" and h.get("proxy_events", 0) < h.get("applied", 0):
+                        bad.append("the proxy applied %d watch events for %d updates"
+                                   % (h.get("proxy_events", 0), h.get("applied", 0)))
+                    if k == "k8s-decoy" and h.get("proxy_events"):
+                        bad.append("the proxy received %d events of decoy updates" % h["proxy_events"])
+                    r.setdefault("problems", []).extend(bad)
+                    log("  [%d/%d] %-15s driver: %d updates in %.2fs = %s/s (late ticks %d), driver CPU %s, "
+                        "stand-in CPU %s; proxy applied %d events%s%s" % (
+                            rep + 1, a.repeat, k, h["applied"], h["seconds"], fmt_rps(h["rate"]),
+                            h["late_ticks"], pct(h["cpu_pct"]), pct(h["standin_cpu_pct"]),
+                            h["proxy_events"],
+                            (", reached RV %s in %.2fs" % (h["proxy_rv"], h["proxy_rv_wait_s"]))
+                            if k == "k8s-churn" else "",
+                            ("  !! " + "; ".join(bad)) if bad else ""))
+                runs[sk][k].append(r)
+        info["rss_kib"], info["hwm_kib"] = mem_of(pids_t)
+        PROCS.stop(p)
+        PROCS.stop(standin)
+
+    def run_memory(sk):
+        """memory: fresh processes. sandbox-proxy with 1,000 routes (idle RSS, then 10,000 idle
+        keep-alive connections), sandbox-proxy with 100,000 routes, and nginx / HAProxy with the
+        same 10,000 idle connections for comparison."""
+        info = extras[sk] = {"count": a.idle_conns}
+        idle = IdleClient(wcpu, logdir)
+        paths = route_paths(True, "/small")
+        cfile = os.path.join(tmp, "sandbox-proxy-config.lua")
+        if a.proxy_config:
+            cfile = os.path.abspath(a.proxy_config)
+        elif not os.path.exists(cfile):
+            with open(cfile, "w") as f:
+                f.write(sandbox_proxy_config(a.access_log))
+        sfile = os.path.join(tmp, "sandboxes.json")
+        if not os.path.exists(sfile):
+            with open(sfile, "w") as f:
+                json.dump(sandboxes_json(routes, backend_port), f)
+
+        def with_idle(name, p, port):
+            """RSS at rest, with the idle set, and after closing it."""
+            pids = proc_tree(p.pid)
+            m = {"rss_start_kib": None}
+            m["rss_start_kib"], m["hwm_start_kib"] = mem_of(pids)
+            o = idle.call({"cmd": "open", "port": port, "count": a.idle_conns, "paths": paths,
+                           "timeout": 120}, 120)
+            m["open"] = o
+            m["rss_idle_kib"], m["hwm_idle_kib"] = mem_of(pids)
+            if o["opened"]:
+                m["kib_per_conn"] = round((m["rss_idle_kib"] - m["rss_start_kib"]) / o["opened"], 2)
+            c = idle.call({"cmd": "check", "sample": 0, "timeout": 30}, 30)
+            m["still_open"] = c["open"]
+            idle.call({"cmd": "close"}, 30)
+            # wait (bounded) for the target to let the connections go before reading its RSS
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and conn_count(pids) > 200:
+                time.sleep(0.05)
+            m["rss_closed_kib"], m["hwm_closed_kib"] = mem_of(pids)
+            # a second open + close cycle: memory reused, or growing again (a leak)?
+            o2 = idle.call({"cmd": "open", "port": port, "count": a.idle_conns, "paths": paths,
+                            "timeout": 120}, 120)
+            m["rss_idle2_kib"] = mem_of(pids)[0]
+            idle.call({"cmd": "close"}, 30)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and conn_count(pids) > 200:
+                time.sleep(0.05)
+            m["rss_closed2_kib"], m["hwm_closed2_kib"] = mem_of(pids)
+            m["open2"] = o2["opened"]
+            log("  %-26s RSS at start %s; with %d idle connections %s (%s KiB each); after closing "
+                "them %s (peak %s); 2nd cycle: %s open, %s closed (peak %s)" % (
+                    name, mib(m["rss_start_kib"]), o["opened"], mib(m["rss_idle_kib"]),
+                    m.get("kib_per_conn", "-"), mib(m["rss_closed_kib"]), mib(m["hwm_closed_kib"]),
+                    mib(m["rss_idle2_kib"]), mib(m["rss_closed2_kib"]), mib(m["hwm_closed2_kib"])))
+            return m
+
+        try:
+            # sandbox-proxy, 1,000 routes
+            port = free_port()
+            cmd = proxy_cmd(a, port, cfile, ["--sandboxes-file", sfile])
+            p = PROCS.start("mem-sandbox-proxy", cmd, tcpu, logdir, env=proxy_env(),
+                            stdout=access_log_of("mem-sandbox-proxy"))
+            t0 = time.monotonic()
+            wait_ready(p, port, "/health", check=lambda b: json.loads(b).get("ready") == len(routes))
+            info["sp_1k_ready_s"] = round(time.monotonic() - t0, 2)
+            info["sp_1k"] = with_idle("sandbox-proxy, 1,000 routes", p, port)
+            PROCS.stop(p)
+            # sandbox-proxy, 100,000 routes, from the Kubernetes stand-in seeded with 100,000
+            # Sandboxes (the production source; a 100,000-entry --sandboxes-file does not load
+            # with the default script_time_budget: see bench/README.md)
+            big = ["u%d/sb%d" % (u, s) for u in range(100) for s in range(a.memory_routes // 100)]
+            bfile = os.path.join(tmp, "sandboxes-%d.json" % len(big))
+            with open(bfile, "w") as f:
+                json.dump(sandboxes_json(big, backend_port), f)
+            info["big_routes"] = len(big)
+            standin, api_port, _ = start_kube_standin(tmp, logdir, wcpu, bfile)
+            os.unlink(bfile)
+            port = free_port()
+            cmd = proxy_cmd(a, port, cfile, ["--kube-api", "http://127.0.0.1:%d" % api_port])
+            p = PROCS.start("mem-sandbox-proxy-big", cmd, tcpu, logdir, env=proxy_env(),
+                            stdout=access_log_of("mem-sandbox-proxy-big"))
+            t0 = time.monotonic()
+            wait_ready(p, port, "/health", timeout=120,
+                       check=lambda b: json.loads(b).get("ready") == len(big))
+            info["sp_big_ready_s"] = round(time.monotonic() - t0, 2)
+            pids = proc_tree(p.pid)
+            info["sp_big_rss_kib"], info["sp_big_hwm_kib"] = mem_of(pids)
+            st, body = http_get(port, "/u42/sb%d/small" % (len(big) // 100 - 1))
+            info["sp_big_request"] = st
+            log("  %-26s synced from the stand-in in %.2fs; RSS %s, peak %s; a routed request: %s" % (
+                "sandbox-proxy, %s routes" % "{:,}".format(len(big)), info["sp_big_ready_s"],
+                mib(info["sp_big_rss_kib"]), mib(info["sp_big_hwm_kib"]), st))
+            PROCS.stop(p)
+            PROCS.stop(standin)
+            # nginx (map) and HAProxy (map), fresh, same idle set
+            if "nginx" in a.memory_compare:
+                prefix = os.path.join(tmp, "mem-nginx")
+                os.makedirs(prefix, exist_ok=True)
+                port = free_port()
+                conf = os.path.join(prefix, "nginx.conf")
+                with open(conf, "w") as f:
+                    f.write(nginx_map_conf(prefix, port, backend_port, routes))
+                p = PROCS.start("mem-nginx", ["nginx", "-p", prefix, "-e", os.path.join(prefix, "logs", "error.log"),
+                                              "-c", conf, "-g", "daemon off;"], tcpu, logdir)
+                wait_ready(p, port)
+                info["nginx"] = with_idle("nginx (map)", p, port)
+                PROCS.stop(p)
+            if "haproxy" in a.memory_compare:
+                port = free_port()
+                conf = os.path.join(tmp, "mem-haproxy.cfg")
+                with open(conf, "w") as f:
+                    f.write(haproxy_conf(tmp, port, backend_port, routes))
+                p = PROCS.start("mem-haproxy", ["haproxy", "-db", "-f", conf], tcpu, logdir,
+                                stdout=access_log_of("mem-haproxy") if a.access_log == "on" else None)
+                wait_ready(p, port)
+                info["haproxy"] = with_idle("HAProxy (map)", p, port)
+                PROCS.stop(p)
+        except Exception as e:
+            lines = str(e).splitlines()
+            info["error"] = lines[0] if lines else repr(e)
+            log("  ERROR in the memory scenario: %s" % e)
+        finally:
+            idle.stop()
+            for f in os.listdir(logdir):  # the idle sets' access-log lines: not needed
+                if f.startswith("mem-") and f.endswith(".access.log"):
+                    os.truncate(os.path.join(logdir, f), 0)
+
+    for sk in a.scenarios:
+        scen = scen_by_key[sk]
+        conns = scen[5] or a.connections
+        if sk == "memory":
+            log("\n== %s (fresh processes, pinned to CPU %s; idle connections from CPU %s) ==" % (
+                scen[1], tcpu, wcpu))
+            run_memory(sk)
+            continue
+        if sk == "churn":
+            keys = ["k8s", "k8s-decoy", "k8s-churn"]
+        else:
+            keys = active
+        log("\n== %s (%s %s%s, %d connection%s, %gs x %d) ==" % (
+            scen[1], scen[3], "/{user}/{sandbox}" + scen[2], " + %d-byte body" % scen[4] if scen[4] else "",
+            conns, "s" if conns != 1 else "", a.duration, a.repeat))
+        runs[sk] = {t: [] for t in keys}
+        if sk == "idle-10k":
+            run_idle(sk, scen, conns)
+        elif sk == "churn":
+            run_churn(sk, scen, conns)
+        else:
+            for rep in range(a.repeat):
+                for t in active:
+                    pids_t = proc_tree(target_procs[t].pid)
+                    pids_l = backend_pids if t != "direct" else []
+                    runs[sk][t].append(measure(t, ports[t], t != "direct", scen, conns, rep, pids_t,
+                                               pids_l, rep == 0))
+        summarize(sk, keys, bases=("k8s", "k8s-decoy") if sk == "churn" else ("nginx", "direct"))
+
     # --- stderr / error logs of the targets ---------------------------------------------------
     # warnings/errors the targets logged while under load (startup lines excluded)
     log_findings = {}
     for t in target_procs:
+        if t in ("k8s-churn", "k8s-decoy"):  # the same process as "k8s"
+            continue
         found = scan_logs(target_log_files(t), log_offsets.get(t, {}), t)
         if found:
             log_findings[t] = {"count": len(found), "first": found[:5]}
@@ -1320,32 +2163,95 @@ def main():
     header.append("routes: 1,000 (/u0..u9/sb0..sb99), requests cycle through all of them; prefix stripped; "
                   "access logs %s for every proxy; sandbox-proxy: %s" % (
                       a.access_log, target_notes.get("sandbox-proxy", "-")))
+    header.append("what each target logs and where (files in the temp dir; counted and truncated after every "
+                  "run, see 'log B/req'): " + "; ".join(
+                      "%s: %s" % (TARGET_LABEL.get(t, t), log_notes[t])
+                      for t in list(started_targets) + (["k8s"] if "churn" in a.scenarios else [])))
+    header.append("limits: RLIMIT_NOFILE %d for every process (the hard limit here); sandbox-proxy --set "
+                  "max_connections=20000 keepalive_timeout=%d; nginx worker_connections %d, worker_rlimit_nofile %d, "
+                  "keepalive_timeout %ds; HAProxy maxconn %d%s, timeout http-keep-alive/client %ds"
+                  % (nofile, KEEPALIVE_TIMEOUT, nginx_worker_connections(), nofile, KEEPALIVE_TIMEOUT,
+                     haproxy_maxconn()[0], " + no strict-limits" if haproxy_maxconn()[1] else "",
+                     KEEPALIVE_TIMEOUT))
     header.append("runs: %gs each, %d repeat(s), median shown (req/s, p50, p99 each the median); warm-up %gs; "
                   "wrk -t1 --latency; targets interleaved within each repeat; each run waits up to %gs for a quiet "
                   "machine and is run again (up to %d times) if other processes used >= %g%% of a core during it"
                   % (a.duration, a.repeat, a.warmup, a.quiet_wait, a.retry_disturbed, DISTURBED_PCT))
+    header.append("whole run: %.1f min (from bench.py's start to the report)" % (
+        (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60.0))
     legend = ("columns: req/s, p50, p99 = medians over the repeats; vs nginx / vs direct = req/s ratio "
               "(median of the per-repeat ratios: targets run back to back within a repeat); "
               "proc CPU = CPU time of the target's processes / wall time (100%% = one core; for 'direct' "
               "the backend); us/req = that CPU time per request in microseconds; T busy = CPU %s (the targets' core) busy, L busy = CPU %s (backend + wrk) "
               "busy, from /proc/stat, softirq included; spread = (max-min)/median of req/s over the "
               "repeats; bound = the core at >= %d%% busy (T, L, T+L, or neither: latency-bound or time lost "
-              "outside the VM); '!' = errors, see notes" % (tcpu, ",".join(map(str, lcpus)), BUSY_LIMIT))
+              "outside the VM); log B/req = access-log bytes written per request (- = no log); "
+              "'!' = errors, see notes" % (tcpu, ",".join(map(str, lcpus)), BUSY_LIMIT))
 
     text_out = ["", "=" * 100] + header + [legend]
     md_out = ["# sandbox-proxy benchmark results", ""] + ["- " + h for h in header] + ["", "_" + legend + "_", ""]
+    notes = []
+    churn_drop = None
     for sk in a.scenarios:
         scen = scen_by_key[sk]
         conns = scen[5] or a.connections
+        if sk == "memory":
+            title = "%s -- fresh processes pinned to CPU %s, idle connections from CPU %s" % (scen[1], tcpu, wcpu)
+            info = extras.get(sk, {})
+            churn_info = extras.get("churn") or {}
+            if churn_info.get("rss_kib") is not None:
+                info["k8s_1k_rss_kib"], info["k8s_1k_hwm_kib"] = churn_info["rss_kib"], churn_info["hwm_kib"]
+            rows = memory_rows(info, extras.get("idle-10k"))
+            mh = ["measure", "VmRSS", "VmHWM (peak)"]
+            text_out += ["", title, simple_table(mh, rows)]
+            md_out += ["## " + title, "", simple_table(mh, rows, md=True), ""]
+            line = idle_per_conn_line(extras.get("idle-10k"))
+            if line:
+                text_out.append(line)
+                md_out += [line, ""]
+            if info.get("error"):
+                notes.append("memory: %s" % info["error"])
+            for k in ("sp_1k", "nginx", "haproxy"):
+                m = info.get(k) or {}
+                if m and (m["open"]["opened"] < info["count"] or m.get("still_open", 0) < m["open"]["opened"]):
+                    notes.append("memory / %s: %d of %d idle connections opened, %d still open at the check (%s)" % (
+                        k, m["open"]["opened"], info["count"], m.get("still_open", 0), m["open"]["errors"]))
+            if info.get("sp_big_request") not in (None, 200):
+                notes.append("memory: a routed request to the %d-route proxy answered %s" % (
+                    info.get("big_routes", 0), info["sp_big_request"]))
+            continue
+        keys = ["k8s", "k8s-decoy", "k8s-churn"] if sk == "churn" else started_targets
         title = "%s -- %s /{user}/{sandbox}%s, %d conn" % (scen[1], scen[3], scen[2], conns)
-        rows = table_rows(summary, sk, a.targets)
+        if sk == "churn":
+            title = "%s (%s updates/s) -- %s /{user}/{sandbox}%s, %d conn" % (
+                scen[1], fmt_rps(a.churn_rate), scen[3], scen[2], conns)
+        rows = table_rows(summary, sk, keys)
         text_out += ["", title, text_table(rows)]
         md_out += ["## " + title, "", md_table(rows), ""]
-    notes = []
+        if sk == "idle-10k" and extras.get(sk):
+            rows = idle_rows(extras[sk], keys)
+            sub = ("%s idle keep-alive connections per target (each made one GET first), held by a process on "
+                   "CPU %s; RSS of the target's processes (VmRSS) before opening them, with them open, and "
+                   "after the load; KiB/conn = (RSS idle - RSS before) / opened; 'open after' = still open "
+                   "after the load; '2nd req ok' = sampled ones that answered another GET" % (
+                       "{:,}".format(a.idle_conns), wcpu))
+            text_out += [sub, simple_table(IDLE_HEADERS, rows)]
+            md_out += [sub, "", simple_table(IDLE_HEADERS, rows, md=True), ""]
+            for t, ti in extras[sk]["targets"].items():
+                for pr in ti.get("problems", []) + ([ti["error"]] if ti.get("error") else []):
+                    notes.append("idle-10k / %s: %s" % (t, pr))
+        if sk == "churn":
+            churn_drop, lines = churn_verdict(summary[sk], runs[sk], a.churn_rate, wcpu)
+            rows = churn_rows(runs[sk])
+            text_out += [simple_table(CHURN_HEADERS, rows)] + lines
+            md_out += [simple_table(CHURN_HEADERS, rows, md=True), ""] + ["- " + x for x in lines] + [""]
+            if churn_drop is not None and churn_drop > 5:
+                notes.append("churn: throughput drop %.1f%% with %s route updates/s (goal <= 5%%)" % (
+                    churn_drop, fmt_rps(a.churn_rate)))
     for t, probs in failed.items():
         notes.append("%s FAILED its checks: %s" % (t, "; ".join(probs)))
     for sk in a.scenarios:
-        for t, m in summary[sk].items():
+        for t, m in summary.get(sk, {}).items():
             if m.get("error"):
                 notes.append("%s / %s: %s" % (sk, t, m["error"].splitlines()[0]))
             elif m.get("problems"):
@@ -1357,13 +2263,16 @@ def main():
                     and m["p99_max_ms"] > 1):
                 notes.append("%s / %s: p99 outlier run: %s (median %s)" % (
                     sk, t, fmt_ms(m["p99_max_ms"]), fmt_ms(m["p99_ms"])))
-    busy_runs = [(sk, t, i + 1, r["other_cpu_pct"]) for sk in a.scenarios for t, rs in runs[sk].items()
+    busy_runs = [(sk, t, i + 1, r["other_cpu_pct"]) for sk in runs for t, rs in runs[sk].items()
                  for i, r in enumerate(rs) if (r.get("other_cpu_pct") or 0) >= DISTURBED_PCT]
     if busy_runs:
         notes.append("other processes on the machine used CPU during %d of %d kept runs (>= %g%% of a core "
                      "even after retries; worst %.0f%% in %s / %s run %d): those figures are disturbed" % (
                          len(busy_runs), sum(len(rs) for s in runs.values() for rs in s.values()), DISTURBED_PCT,
                          max(b[3] for b in busy_runs), *max(busy_runs, key=lambda b: b[3])[:3]))
+    if budget["skipped"]:
+        notes.append("--time-budget %g min: %d disturbed run(s) kept without a re-run" % (
+            a.time_budget, budget["skipped"]))
     for t, f in log_findings.items():
         notes.append("%s logged %d warning/error line(s), first: %s" % (t, f["count"], f["first"][0]))
     text_out += ["", "notes:"] + (["  - " + n for n in notes] or ["  - none: every target passed its checks, no non-2xx, no socket errors"])
@@ -1379,17 +2288,25 @@ def main():
                      "connections": a.connections, "routes": len(routes),
                      "proxy_workers": a.proxy_workers, "proxy_set": a.proxy_set,
                      "proxy_config": a.proxy_config, "access_log": a.access_log,
-                     "quiet_wait_s": a.quiet_wait, "retry_disturbed": a.retry_disturbed},
+                     "quiet_wait_s": a.quiet_wait, "retry_disturbed": a.retry_disturbed,
+                     "idle_conns": a.idle_conns, "idle_sample": a.idle_sample, "churn_rate": a.churn_rate,
+                     "memory_routes": a.memory_routes, "nofile": nofile,
+                     "keepalive_timeout_s": KEEPALIVE_TIMEOUT, "time_budget_min": a.time_budget,
+                     "reruns_skipped_for_time": budget["skipped"],
+                     "elapsed_s": round(time.monotonic() - t_start, 1)},
         "targets": {t: {"label": TARGET_LABEL[t], "note": target_notes.get(t), "port": ports.get(t),
-                        "check_problems": failed.get(t, [])} for t in a.targets},
+                        "access_log": log_notes.get(t),
+                        "check_problems": failed.get(t, [])} for t in started_targets},
         "scenarios": {sk: {"title": scen_by_key[sk][1], "method": scen_by_key[sk][3],
-                           "path": "/{user}/{sandbox}" + scen_by_key[sk][2],
+                           "path": "/{user}/{sandbox}" + scen_by_key[sk][2] if scen_by_key[sk][2] else None,
                            "body_bytes": scen_by_key[sk][4],
                            "connections": scen_by_key[sk][5] or a.connections,
-                           "median": summary[sk],
+                           "median": summary.get(sk),
+                           "extra": extras.get(sk),
                            "runs": {t: [{k: v for k, v in r.items() if k != "raw"} for r in rs]
-                                    for t, rs in runs[sk].items()}}
+                                    for t, rs in runs.get(sk, {}).items()}}
                       for sk in a.scenarios},
+        "churn_drop_pct": churn_drop,
         "log_findings": log_findings,
         "startup_log_warnings": startup_warnings,
         "notes": notes,
@@ -1408,7 +2325,10 @@ def main():
         log("temp dir kept: %s" % tmp)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
-    bad = bool(failed) or any(m.get("error") or m.get("problems") for s in summary.values() for m in s.values())
+    bad = (bool(failed) or any(m.get("error") or m.get("problems") for s in summary.values() for m in s.values())
+           or any(ti.get("problems") or ti.get("error")
+                  for ti in (extras.get("idle-10k") or {}).get("targets", {}).values())
+           or bool((extras.get("memory") or {}).get("error")))
     return 1 if bad else 0
 
 
