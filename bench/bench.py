@@ -928,22 +928,30 @@ def kib(x):
 
 
 IDLE_HEADERS = ["target", "opened", "open after", "2nd req ok", "RSS before", "RSS idle", "KiB/conn",
-                "RSS after load"]
+                "req/s no idle", "req/s idle", "vs no idle", "p99 no idle", "p99 idle", "us/req no idle"]
 
 
-def idle_rows(info, targets):
+def idle_rows(info, summary_sk, targets):
     rows = []
     for t in targets:
         ti = info["targets"].get(t)
         if not ti:
             continue
-        o, c = ti.get("open") or {}, ti.get("check") or {}
-        rows.append([TARGET_LABEL[t] + (" !" if ti.get("problems") or ti.get("error") else ""),
-                     "{:,}".format(o["opened"]) if o else "-",
-                     "{:,}".format(c["open"]) if c else "-",
-                     "%d/%d" % (c["sample_ok"], c["sample"]) if c else "-",
+        reps = ti.get("reps", [])
+        opened = [x["open"]["opened"] for x in reps if x.get("open")]
+        still = [x["check"]["open"] for x in reps if x.get("check")]
+        s_ok = sum(x["check"]["sample_ok"] for x in reps if x.get("check"))
+        s_all = sum(x["check"]["sample"] for x in reps if x.get("check"))
+        m = summary_sk.get(t, {})
+        rows.append([TARGET_LABEL[t] + (" !" if ti.get("problems") else ""),
+                     "{:,}".format(min(opened)) if opened else "-",
+                     "{:,}".format(min(still)) if still else "-",
+                     "%d/%d" % (s_ok, s_all) if s_all else "-",
                      mib(ti.get("rss_before_kib")), mib(ti.get("rss_idle_kib")), kib(ti.get("kib_per_conn")),
-                     mib(ti.get("rss_after_load_kib"))])
+                     fmt_rps(ti.get("base_rps")), fmt_rps(m.get("rps")),
+                     "-" if ti.get("vs_no_idle") is None else "%.2f" % ti["vs_no_idle"],
+                     fmt_ms(ti.get("base_p99_ms")), fmt_ms(m.get("p99_ms")),
+                     "-" if ti.get("base_target_cpu_us_per_req") is None else "%.0f" % ti["base_target_cpu_us_per_req"]])
     return rows
 
 
@@ -1687,10 +1695,10 @@ def main():
     budget = {"left_runs": 0, "skipped": 0}
     for sk in a.scenarios:
         if sk in LOAD_SCENARIOS:
-            budget["left_runs"] += len(active) * a.repeat
+            budget["left_runs"] += len(active) * a.repeat * (2 if sk == "idle-10k" else 1)
         elif sk == "churn":
             budget["left_runs"] += 3 * a.repeat
-    fixed_cost = 12 * len(active) * ("idle-10k" in a.scenarios) + 15 * ("churn" in a.scenarios) \
+    fixed_cost = 4 * a.repeat * len(active) * ("idle-10k" in a.scenarios) + 15 * ("churn" in a.scenarios) \
         + 30 * ("memory" in a.scenarios)
     t_start = time.monotonic()
 
@@ -1698,7 +1706,7 @@ def main():
         left = budget["left_runs"] * run_cost + fixed_cost
         return time.monotonic() - t_start + left < a.time_budget * 60
 
-    def measure(t, port, routed, scen, conns, rep, pids_t, pids_l, warm, hook=None):
+    def measure(t, port, routed, scen, conns, rep, pids_t, pids_l, warm, hook=None, tag=None):
         """One measured run of target t (warm-up first if warm), retried when disturbed; the
         access-log files are drained before it and counted after it."""
         logs = access_logs.get(t, [])
@@ -1754,7 +1762,7 @@ def main():
             probs.append("could not parse wrk output")
         r["problems"] = probs
         log("  [%d/%d] %-15s %10s req/s  p50 %-8s p99 %-8s proc CPU %4s  T busy %4s  L busy %4s  log %s%s" % (
-            rep + 1, a.repeat, t, fmt_rps(r["rps"]), fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p99_ms")),
+            rep + 1, a.repeat, t + (" (%s)" % tag if tag else ""), fmt_rps(r["rps"]), fmt_ms(r.get("p50_ms")), fmt_ms(r.get("p99_ms")),
             pct(r["target_cpu_pct"]), pct(r.get("target_core_busy_pct")),
             pct(r.get("load_core_busy_pct")),
             ("%s B/req, %.3f lines/req" % (r["log_bytes_per_req"], r["log_lines_per_req"]))
@@ -1815,67 +1823,90 @@ def main():
         return (["/%s%s" % (k, rest) for k in routes] if routed else [rest])
 
     def run_idle(sk, scen, conns):
-        """idle-10k: per target, open the idle set, note the RSS, run the load, check the set."""
+        """idle-10k, target by target and repeat by repeat: a run without idle connections, then
+        the idle set is opened (RSS before / after), the same run with it, the check, the close.
+        The paired ratio (with / without, adjacent in time) is what the idle set costs."""
         idle = IdleClient(wcpu, logdir)
         info = extras[sk] = {"count": a.idle_conns, "client_nofile": idle.nofile, "targets": {}}
-        log("  idle connections held by bench/idle_conns.py pinned to CPU %s (RLIMIT_NOFILE %s)"
-            % (wcpu, idle.nofile))
+        log("  idle connections held by bench/idle_conns.py pinned to CPU %s (RLIMIT_NOFILE %s); each repeat: "
+            "a run without them, then one with them" % (wcpu, idle.nofile))
         try:
             for t in active:
                 port, routed = ports[t], t != "direct"
                 pids_t = proc_tree(target_procs[t].pid)
                 pids_l = backend_pids if t != "direct" else []
-                ti = info["targets"][t] = {}
-                try:
-                    if access_logs.get(t):
-                        drain_logs(access_logs[t], count=False)
-                    ti["rss_before_kib"] = mem_of(pids_t)[0]
-                    o = idle.call({"cmd": "open", "port": port, "count": a.idle_conns,
-                                   "paths": route_paths(routed, "/small"), "timeout": 120}, 120)
-                    ti["open"] = o
-                    if access_logs.get(t):
-                        settle_files(access_logs[t])
-                    ti["rss_idle_kib"] = mem_of(pids_t)[0]
-                    if o["opened"]:
-                        ti["kib_per_conn"] = round((ti["rss_idle_kib"] - ti["rss_before_kib"]) / o["opened"], 2)
-                    log("  %-15s %d idle connections opened in %.1fs (%d failed%s); RSS %s -> %s = %s KiB per connection"
-                        % (t, o["opened"], o["seconds"], o["failed"],
-                           (": %s" % o["errors"]) if o["errors"] else "", mib(ti["rss_before_kib"]),
-                           mib(ti["rss_idle_kib"]), ti.get("kib_per_conn", "-")))
-                except Exception as e:
-                    ti["error"] = str(e)
-                    log("  %-15s ERROR opening the idle connections: %s" % (t, e))
+                ti = info["targets"][t] = {"reps": [], "base_runs": [], "problems": []}
                 for rep in range(a.repeat):
-                    runs[sk][t].append(measure(t, port, routed, scen, conns, rep, pids_t, pids_l, rep == 0))
-                try:
-                    ti["rss_after_load_kib"] = mem_of(pids_t)[0]
-                    c = idle.call({"cmd": "check", "sample": a.idle_sample, "timeout": 30}, 30)
-                    ti["check"] = c
-                    bad = []
-                    if ti.get("open") and c["open"] < ti["open"]["opened"]:
-                        bad.append("%d of %d idle connections no longer open (closed %d, reset %d, unexpected data %d)"
-                                   % (ti["open"]["opened"] - c["open"], ti["open"]["opened"], c["closed"],
-                                      c["reset"], c["unexpected"]))
-                    if c["sample_ok"] < c["sample"]:
-                        bad.append("%d of %d sampled idle connections failed a second request: %s"
-                                   % (c["sample"] - c["sample_ok"], c["sample"], c["sample_errors"]))
-                    if ti.get("open") and ti["open"]["failed"]:
-                        bad.append("%d of %d idle connections could not be opened: %s"
-                                   % (ti["open"]["failed"], a.idle_conns, ti["open"]["errors"]))
-                    ti["problems"] = bad
-                    log("  %-15s after the load: %d of %d idle connections still open, %d/%d sampled answered a "
-                        "second request; RSS %s%s" % (t, c["open"], c["held"], c["sample_ok"], c["sample"],
-                                                      mib(ti["rss_after_load_kib"]),
-                                                      ("  !! " + "; ".join(bad)) if bad else ""))
-                except Exception as e:
-                    ti["error"] = str(e)
-                    log("  %-15s ERROR checking the idle connections: %s" % (t, e))
-                try:
-                    idle.call({"cmd": "close"}, 30)
-                except Exception as e:
-                    log("  %-15s ERROR closing the idle connections: %s" % (t, e))
-                    idle.stop()
-                    idle = IdleClient(wcpu, logdir)
+                    base = measure(t, port, routed, scen, conns, rep, pids_t, pids_l, rep == 0, tag="no idle")
+                    ti["base_runs"].append(base)
+                    ri = {}
+                    try:
+                        if access_logs.get(t):
+                            drain_logs(access_logs[t], count=False)
+                        ri["rss_before_kib"] = mem_of(pids_t)[0]
+                        o = idle.call({"cmd": "open", "port": port, "count": a.idle_conns,
+                                       "paths": route_paths(routed, "/small"), "timeout": 120}, 120)
+                        ri["open"] = o
+                        if access_logs.get(t):
+                            settle_files(access_logs[t])
+                        ri["rss_idle_kib"] = mem_of(pids_t)[0]
+                        if o["opened"]:
+                            ri["kib_per_conn"] = round((ri["rss_idle_kib"] - ri["rss_before_kib"]) / o["opened"], 2)
+                        log("  [%d/%d] %-15s %d idle connections opened in %.1fs (%d failed%s); RSS %s -> %s = %s KiB "
+                            "per connection" % (rep + 1, a.repeat, t, o["opened"], o["seconds"], o["failed"],
+                                                (": %s" % o["errors"]) if o["errors"] else "",
+                                                mib(ri["rss_before_kib"]), mib(ri["rss_idle_kib"]),
+                                                ri.get("kib_per_conn", "-")))
+                        if o["failed"]:
+                            ti["problems"].append("%d of %d idle connections could not be opened: %s"
+                                                  % (o["failed"], a.idle_conns, o["errors"]))
+                    except Exception as e:
+                        ti["problems"].append("opening the idle connections: %s" % e)
+                    r = measure(t, port, routed, scen, conns, rep, pids_t, pids_l, False, tag="idle")
+                    runs[sk][t].append(r)
+                    try:
+                        ri["rss_after_load_kib"] = mem_of(pids_t)[0]
+                        c = idle.call({"cmd": "check", "sample": a.idle_sample, "timeout": 30}, 30)
+                        ri["check"] = c
+                        bad = []
+                        if ri.get("open") and c["open"] < ri["open"]["opened"]:
+                            bad.append("%d of %d idle connections no longer open (closed %d, reset %d, unexpected "
+                                       "data %d)" % (ri["open"]["opened"] - c["open"], ri["open"]["opened"],
+                                                     c["closed"], c["reset"], c["unexpected"]))
+                        if c["sample_ok"] < c["sample"]:
+                            bad.append("%d of %d sampled idle connections failed a second request: %s"
+                                       % (c["sample"] - c["sample_ok"], c["sample"], c["sample_errors"]))
+                        ti["problems"] += ["run %d: %s" % (rep + 1, b) for b in bad]
+                        log("  [%d/%d] %-15s after the load: %d of %d idle connections still open, %d/%d sampled "
+                            "answered a second request; RSS %s%s" % (
+                                rep + 1, a.repeat, t, c["open"], c["held"], c["sample_ok"], c["sample"],
+                                mib(ri["rss_after_load_kib"]), ("  !! " + "; ".join(bad)) if bad else ""))
+                    except Exception as e:
+                        ti["problems"].append("checking the idle connections: %s" % e)
+                    ti["reps"].append(ri)
+                    try:
+                        idle.call({"cmd": "close"}, 30)
+                    except Exception as e:
+                        ti["problems"].append("closing the idle connections: %s" % e)
+                        idle.stop()
+                        idle = IdleClient(wcpu, logdir)
+                    # the next run without idle connections starts once the target let them go
+                    deadline = time.monotonic() + 15
+                    while time.monotonic() < deadline and conn_count(pids_t) > 500:
+                        time.sleep(0.05)
+                for n, b in enumerate(ti["base_runs"]):
+                    for pr in ([b["error"]] if b.get("error") else []) + b.get("problems", []):
+                        ti["problems"].append("run %d without idle connections: %s" % (n + 1, pr))
+                pairs = [(r["rps"], b["rps"]) for r, b in zip(runs[sk][t], ti["base_runs"])
+                         if not r.get("error") and not b.get("error") and r.get("rps") and b.get("rps")]
+                ti["vs_no_idle_runs"] = [round(x / y, 3) for x, y in pairs]
+                ti["vs_no_idle"] = round(statistics.median(x / y for x, y in pairs), 3) if pairs else None
+                for k in ("rps", "p99_ms", "target_cpu_us_per_req"):
+                    vals = [b[k] for b in ti["base_runs"] if not b.get("error") and b.get(k) is not None]
+                    ti["base_" + k] = statistics.median(vals) if vals else None
+                for k in ("rss_before_kib", "rss_idle_kib", "kib_per_conn", "rss_after_load_kib"):
+                    vals = [x[k] for x in ti["reps"] if x.get(k) is not None]
+                    ti[k] = statistics.median(vals) if vals else None
         finally:
             idle.stop()
 
@@ -2229,16 +2260,17 @@ def main():
         text_out += ["", title, text_table(rows)]
         md_out += ["## " + title, "", md_table(rows), ""]
         if sk == "idle-10k" and extras.get(sk):
-            rows = idle_rows(extras[sk], keys)
+            rows = idle_rows(extras[sk], summary.get(sk, {}), keys)
             sub = ("%s idle keep-alive connections per target (each made one GET first), held by a process on "
-                   "CPU %s; RSS of the target's processes (VmRSS) before opening them, with them open, and "
-                   "after the load; KiB/conn = (RSS idle - RSS before) / opened; 'open after' = still open "
-                   "after the load; '2nd req ok' = sampled ones that answered another GET" % (
-                       "{:,}".format(a.idle_conns), wcpu))
+                   "CPU %s, opened and closed again in each repeat; medians over the repeats: RSS of the target's "
+                   "processes (VmRSS) before opening them and with them open, KiB/conn = (RSS idle - RSS before) "
+                   "/ opened; 'opened', 'open after' (still open after the load) = the least of the repeats; "
+                   "'2nd req ok' = sampled ones that answered another GET; 'no idle' = the run just before, "
+                   "without them; vs no idle = median of the paired ratios" % ("{:,}".format(a.idle_conns), wcpu))
             text_out += [sub, simple_table(IDLE_HEADERS, rows)]
             md_out += [sub, "", simple_table(IDLE_HEADERS, rows, md=True), ""]
             for t, ti in extras[sk]["targets"].items():
-                for pr in ti.get("problems", []) + ([ti["error"]] if ti.get("error") else []):
+                for pr in ti.get("problems", []):
                     notes.append("idle-10k / %s: %s" % (t, pr))
         if sk == "churn":
             churn_drop, lines = churn_verdict(summary[sk], runs[sk], a.churn_rate, wcpu)
@@ -2326,8 +2358,7 @@ def main():
     else:
         shutil.rmtree(tmp, ignore_errors=True)
     bad = (bool(failed) or any(m.get("error") or m.get("problems") for s in summary.values() for m in s.values())
-           or any(ti.get("problems") or ti.get("error")
-                  for ti in (extras.get("idle-10k") or {}).get("targets", {}).values())
+           or any(ti.get("problems") for ti in (extras.get("idle-10k") or {}).get("targets", {}).values())
            or bool((extras.get("memory") or {}).get("error")))
     return 1 if bad else 0
 
