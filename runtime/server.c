@@ -443,9 +443,12 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
     SP_UNUSED(suggested);
     sp_conn_t *c = h->data;
     if (!c->rbuf) {
-        c->rbuf = sp_pool_get(&c->w->client_bufs);
-        c->rcap = (uint32_t)c->w->client_bufs.block_size;
-        c->rlen = c->rpos = 0;
+        /* An idle connection owns no buffer: read into the worker's scratch and take a buffer
+         * only if bytes came (on_read). A close of 10,000 idle connections then allocates
+         * nothing. */
+        buf->base = c->w->read_scratch;
+        buf->len = c->w->client_bufs.block_size;
+        return;
     }
     if (c->rpos == c->rlen) {
         c->rpos = c->rlen = 0;
@@ -514,7 +517,6 @@ static void on_client_eof(sp_conn_t *c)
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
-    SP_UNUSED(buf);
     sp_conn_t *c = s->data;
     if (nread < 0) {
         on_client_eof(c);
@@ -526,6 +528,13 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (c->state == CS_LINGER) {
         c->rpos = c->rlen = 0; /* discard */
         return;
+    }
+    if (buf->base == c->w->read_scratch) {
+        /* the bytes are in the worker's scratch (on_alloc): move them to a buffer of our own */
+        c->rbuf = sp_pool_get(&c->w->client_bufs);
+        c->rcap = (uint32_t)c->w->client_bufs.block_size;
+        memcpy(c->rbuf, buf->base, (size_t)nread);
+        c->rpos = c->rlen = 0;
     }
     c->rlen += (uint32_t)nread;
     if (c->req)

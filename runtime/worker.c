@@ -232,6 +232,7 @@ static void worker_main(void *arg)
     uv_loop_init(&w->loop);
     w->loop.data = w;
     sp_pool_init(&w->client_bufs, (size_t)sp_cfg.client_buffer_size, 256);
+    w->read_scratch = sp_malloc((size_t)sp_cfg.client_buffer_size);
     sp_pool_init(&w->upstream_bufs, (size_t)sp_cfg.upstream_buffer_size, 128);
     unsigned seed = (unsigned)(uv_hrtime() ^ ((uint64_t)w->id << 32) ^ (uint64_t)getpid());
     snprintf(w->id_prefix, sizeof w->id_prefix, "%06x", (rand_r(&seed) ^ (w->id << 20)) & 0xffffff);
@@ -291,6 +292,8 @@ static void worker_main(void *arg)
     free(w->slots);
     free(w->free_slots);
     sp_pool_destroy(&w->client_bufs);
+    free(w->read_scratch);
+    w->read_scratch = NULL;
     sp_pool_destroy(&w->upstream_bufs);
     atomic_store(&w->exited, true);
     if (exit_notify)

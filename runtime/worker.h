@@ -49,6 +49,7 @@ struct sp_worker {
     int nlisteners;
     sp_pool_t client_bufs;
     sp_pool_t upstream_bufs;
+    char *read_scratch;        /* client reads land here while a connection has no buffer */
     sp_request_t **slots;      /* every slot ever made, by index */
     uint32_t nslots, slots_cap;
     sp_request_t **free_slots;
