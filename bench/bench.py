@@ -1904,9 +1904,11 @@ def main():
                 for k in ("rps", "p99_ms", "target_cpu_us_per_req"):
                     vals = [b[k] for b in ti["base_runs"] if not b.get("error") and b.get(k) is not None]
                     ti["base_" + k] = statistics.median(vals) if vals else None
+                # memory: the first opening only; later ones reuse the memory the first left in the
+                # allocator (glibc keeps it), which makes their difference ~0 (all are in the JSON)
+                first = ti["reps"][0] if ti["reps"] else {}
                 for k in ("rss_before_kib", "rss_idle_kib", "kib_per_conn", "rss_after_load_kib"):
-                    vals = [x[k] for x in ti["reps"] if x.get(k) is not None]
-                    ti[k] = statistics.median(vals) if vals else None
+                    ti[k] = first.get(k)
         finally:
             idle.stop()
 
@@ -2262,9 +2264,9 @@ def main():
         if sk == "idle-10k" and extras.get(sk):
             rows = idle_rows(extras[sk], summary.get(sk, {}), keys)
             sub = ("%s idle keep-alive connections per target (each made one GET first), held by a process on "
-                   "CPU %s, opened and closed again in each repeat; medians over the repeats: RSS of the target's "
-                   "processes (VmRSS) before opening them and with them open, KiB/conn = (RSS idle - RSS before) "
-                   "/ opened; 'opened', 'open after' (still open after the load) = the least of the repeats; "
+                   "CPU %s, opened and closed again in each repeat; RSS of the target's processes (VmRSS) before the "
+                   "first opening and with them open, KiB/conn = (RSS idle - RSS before) / opened (the first "
+                   "repeat: later ones reuse what the allocator kept); 'opened', 'open after' (still open after the load) = the least of the repeats; "
                    "'2nd req ok' = sampled ones that answered another GET; 'no idle' = the run just before, "
                    "without them; vs no idle = median of the paired ratios" % ("{:,}".format(a.idle_conns), wcpu))
             text_out += [sub, simple_table(IDLE_HEADERS, rows)]
