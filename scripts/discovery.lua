@@ -340,11 +340,19 @@ end
 
 -- Replaces the whole set (a full list): what is absent is deleted. Returns the number of
 -- objects applied and a list of per-item problems.
+-- In a task it yields to the loop every YIELD_EVERY objects, so a list of 100,000 sandboxes
+-- neither stalls the worker's requests nor runs into script_time_budget.
+local YIELD_EVERY = 1000
+
 function M.replace_all(items)
     local seen = {}
     local problems = {}
     local applied = 0
+    local can_yield = core.in_task()
     for i, obj in ipairs(items) do
+        if can_yield and i % YIELD_EVERY == 0 then
+            timer.sleep(0)
+        end
         local ok, err = M.upsert(obj)
         if ok then
             applied = applied + 1
@@ -360,7 +368,10 @@ function M.replace_all(items)
             gone[#gone + 1] = { metadata = { namespace = ns, name = name } }
         end
     end
-    for _, obj in ipairs(gone) do
+    for i, obj in ipairs(gone) do
+        if can_yield and i % YIELD_EVERY == 0 then
+            timer.sleep(0)
+        end
         M.remove(obj)
     end
     return applied, problems, #gone
@@ -424,15 +435,46 @@ function M.parse_list(text)
     return items
 end
 
--- Loads the file and replaces the routes. On any error the previous routes stay.
+-- Loads the file and replaces the routes. On any error the previous routes stay. A change
+-- noticed while a (yielding) load runs is loaded right after it, never interleaved with it.
+local loading, load_again = false, false
+
 function M.load_file(path)
+    if loading then
+        load_again = true
+        return nil, "a load is running; this change is loaded after it"
+    end
+    loading = true
+    local ok, applied, err
+    repeat
+        load_again = false
+        ok, applied, err = pcall(M.load_file_once, path)
+    until not load_again or not ok
+    loading = false
+    if not ok then
+        error(applied, 0)
+    end
+    return applied, err
+end
+
+function M.load_file_once(path)
     local text, err = fs.read(path)
     if not text then
         log.error("cannot read sandboxes file", { path = path, error = err })
         publish_state({ error = err, error_at = core.iso8601() })
         return nil, err
     end
+    -- Reading and decoding a big file are single calls that cannot yield: give the loop a
+    -- turn after each, so the time budget counts the Lua work that follows from zero.
+    local can_yield = core.in_task()
+    if can_yield then
+        timer.sleep(0)
+    end
     local items, perr = M.parse_list(text)
+    text = nil
+    if can_yield then
+        timer.sleep(0)
+    end
     if not items then
         log.error("bad sandboxes file: keeping the previous routes", { path = path, error = perr })
         publish_state({ error = perr, error_at = core.iso8601() })
@@ -458,10 +500,15 @@ end
 
 function M.start_file(path)
     publish_state({ type = "file", path = path, synced = false })
-    M.load_file(path)
+    -- The watch is set up whatever happens to the first load: a later change can fix it.
     M.file_watch = fs.watch(path, function()
         M.load_file(path)
     end, cfg.poll_interval or 2)
+    local ok, err = pcall(M.load_file, path)
+    if not ok then
+        log.error("loading the sandboxes file failed", { path = path, error = tostring(err) })
+        publish_state({ error = tostring(err), error_at = core.iso8601() })
+    end
 end
 
 -- ------------------------------------------------------------------ the Kubernetes source

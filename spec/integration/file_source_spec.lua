@@ -113,3 +113,37 @@ describe("a ConfigMap-style sandboxes file", function()
         assert.are.equal(200, status_of(px, "/ready"))
     end)
 end)
+
+describe("a sandboxes file of 100,000 sandboxes", function()
+    teardown(function()
+        H.stop_all()
+    end)
+
+    -- The load yields to the loop every 1,000 objects: it must complete with the default
+    -- script_time_budget (a load that ran without yielding would be stopped by the budget
+    -- part-way, leaving a partial table), and the worker keeps answering meanwhile.
+    it("loads completely with the default settings", function()
+        local up = H.upstream{ name = "big" }
+        local items = {}
+        for i = 1, 100000 do
+            items[i] = H.sandbox("u" .. (i % 100), "sb" .. i, up.port)
+        end
+        local px = H.start{ sandboxes = items, wait = false }
+        local answered = 0
+        local h = H.net.wait_until(function()
+            local r = H.http.request{ port = px.port, path = "/health", timeout = 2 }
+            if r and r.status == 200 then
+                answered = answered + 1
+                local doc = cjson.decode(r.body)
+                return doc.source and doc.source.synced and doc.sandboxes == 100000 and doc
+            end
+            return false
+        end, 120, 0.05, "100,000 sandboxes loaded")
+        assert.are.equal(100000, h.source.items)
+        assert.is_true(answered >= 1)
+        assert.are.equal(200, status_of(px, "/ready"))
+        assert.are.equal(200, status_of(px, "/u0/sb100000/echo"))
+        assert.are.equal(200, status_of(px, "/u1/sb1/echo"))
+        assert.is_nil(px:stderr():find("budget exceeded", 1, true))
+    end)
+end)
