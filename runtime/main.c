@@ -461,6 +461,14 @@ static int cpu_count(void)
     return n > 0 ? n : 1;
 }
 
+/* The (name, value) pairs collected from the command line: names are heap copies. */
+static void free_sets(const char **sets, int nsets)
+{
+    for (int i = 0; i < nsets; i += 2)
+        free((char *)sets[i]);
+    free(sets);
+}
+
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -574,6 +582,7 @@ int main(int argc, char **argv)
         char err[256];
         if (sp_config_load_file(&sp_cfg, sp_cfg.config_file, err)) {
             fprintf(stderr, "sandbox-proxy: %s\n", err);
+            free_sets(sets, nsets);
             return sp_cfg.check_only ? 1 : 2;
         }
     }
@@ -584,14 +593,13 @@ int main(int argc, char **argv)
         char err[256];
         if (sp_config_set(&sp_cfg, "listen", buf, err)) {
             fprintf(stderr, "sandbox-proxy: PORT=%s: %s\n", port_env, err);
+            free_sets(sets, nsets);
             return 2;
         }
     }
-    for (int i = 0; i < nsets; i += 2) {
+    for (int i = 0; i < nsets; i += 2)
         set_or_die(sets[i], sets[i + 1]);
-        free((char *)sets[i]);
-    }
-    free(sets);
+    free_sets(sets, nsets);
     sp_log_min_level = sp_log_level_parse(sp_cfg.log_level);
     if (sp_cfg.kube_api_version && strcmp(sp_cfg.kube_api_version, "v1beta1") != 0 &&
         strcmp(sp_cfg.kube_api_version, "v1alpha1") != 0)
