@@ -225,15 +225,28 @@ static int open_listeners(sp_worker_t *w, char *err, size_t errlen)
     return 0;
 }
 
+void sp_worker_buffers_init(sp_worker_t *w, size_t client_keep, size_t upstream_keep)
+{
+    sp_pool_init(&w->client_bufs, (size_t)sp_cfg.client_buffer_size, client_keep);
+    w->read_scratch = sp_malloc((size_t)sp_cfg.client_buffer_size);
+    sp_pool_init(&w->upstream_bufs, (size_t)sp_cfg.upstream_buffer_size, upstream_keep);
+}
+
+void sp_worker_buffers_free(sp_worker_t *w)
+{
+    sp_pool_destroy(&w->client_bufs);
+    free(w->read_scratch);
+    w->read_scratch = NULL;
+    sp_pool_destroy(&w->upstream_bufs);
+}
+
 static void worker_main(void *arg)
 {
     sp_worker_t *w = arg;
     char err[1024] = "";
     uv_loop_init(&w->loop);
     w->loop.data = w;
-    sp_pool_init(&w->client_bufs, (size_t)sp_cfg.client_buffer_size, 256);
-    w->read_scratch = sp_malloc((size_t)sp_cfg.client_buffer_size);
-    sp_pool_init(&w->upstream_bufs, (size_t)sp_cfg.upstream_buffer_size, 128);
+    sp_worker_buffers_init(w, 256, 128);
     unsigned seed = (unsigned)(uv_hrtime() ^ ((uint64_t)w->id << 32) ^ (uint64_t)getpid());
     snprintf(w->id_prefix, sizeof w->id_prefix, "%06x", (rand_r(&seed) ^ (w->id << 20)) & 0xffffff);
     uv_async_init(&w->loop, &w->async, on_command);
@@ -291,10 +304,7 @@ static void worker_main(void *arg)
     }
     free(w->slots);
     free(w->free_slots);
-    sp_pool_destroy(&w->client_bufs);
-    free(w->read_scratch);
-    w->read_scratch = NULL;
-    sp_pool_destroy(&w->upstream_bufs);
+    sp_worker_buffers_free(w);
     atomic_store(&w->exited, true);
     if (exit_notify)
         uv_async_send(exit_notify);

@@ -94,6 +94,11 @@ int sp_workers_count(void);
 /* Threads created by sp_workers_start (some may have failed and exited). */
 int sp_workers_started(void);
 sp_worker_t *sp_worker_get(int i);
+/* A worker's buffers: the client and upstream pools (keeping up to *_keep free blocks) and
+ * the scratch that idle client connections read into. Every loop that runs the server needs
+ * them (the workers, the fuzz harness). */
+void sp_worker_buffers_init(sp_worker_t *w, size_t client_keep, size_t upstream_keep);
+void sp_worker_buffers_free(sp_worker_t *w);
 
 /* The access-log writer (accesslog.c). */
 void sp_alog_start(sp_worker_t *w);
