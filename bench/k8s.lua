@@ -89,7 +89,10 @@ local ok, err = pcall(function()
         args.sandboxes, took, h.sandboxes))
     print(("  peak RSS %.1f MiB, RSS after sync %.1f MiB"):format(hwm / 1024, rss / 1024))
     local r = http.request{ port = px2.port, path = "/u00042/sb-00042/echo" }
-    print(("  a routed request after the sync: %s"):format(r and r.status or "failed"))
+    -- The bulk sandboxes point at 127.0.0.1:8888, where nothing listens: 502 means the route was
+    -- found and the connect tried; 404 or 503 would mean the sync missed or mis-mapped it.
+    print(("  a routed request after the sync: %s%s"):format(r and r.status or "failed",
+        r and r.status == 502 and " (route found; nothing listens at 127.0.0.1:8888)" or " (UNEXPECTED)"))
     px2:stop()
     api2:stop()
 
