@@ -154,6 +154,8 @@ class Setup:
         if key == "sandbox-proxy":
             cmd = [self.a.proxy_bin, "--listen", "127.0.0.1:%d" % port, "--workers", "1",
                    "--sandboxes-file", self.sfile, "--config", self.cfile]
+            for kv in self.a.proxy_set:
+                cmd += ["--set", kv]
             # stdout carries the access log (log.lua, on in the config): to a file
             p = B.PROCS.start(name, vg + cmd, str(self.tcpu), self.logdir, env=B.proxy_env(),
                               stdout=self.access_log_of(key, tag))
@@ -644,6 +646,8 @@ def main():
     ap.add_argument("--targets", default="sandbox-proxy,nginx", help="default: sandbox-proxy,nginx")
     ap.add_argument("--proxy-bin", default=os.path.join(ROOT, "build", "sandbox-proxy"),
                     help="default: build/sandbox-proxy")
+    ap.add_argument("--proxy-set", action="append", default=[], metavar="KNOB=VALUE",
+                    help="passed to sandbox-proxy as --set KNOB=VALUE (repeatable)")
     ap.add_argument("--target-cpu", type=int, help="default: the first CPU this process may use")
     ap.add_argument("--load-cpu", type=int, help="backend + load; default: the second CPU")
     ap.add_argument("--out-dir", default=os.path.join(BENCH_DIR, "results"))
@@ -809,7 +813,8 @@ def main():
           "written to files; backend: nginx (bench.py's), 1 worker",
           "- sandbox-proxy: `%s` (default scripts, bench.py's config: client rate limit out of reach, access log on), "
           "stdout (the access log) to a file" % " ".join(
-              ["sandbox-proxy", "--listen", "127.0.0.1:PORT", "--workers", "1", "--sandboxes-file", "F", "--config", "C"]),
+              ["sandbox-proxy", "--listen", "127.0.0.1:PORT", "--workers", "1", "--sandboxes-file", "F", "--config", "C"]
+              + [x for kv in a.proxy_set for x in ("--set", kv)]),
           "- nginx: bench.py's `map` reverse proxy (1,000-line map, upstream keepalive 64, JSON access_log "
           "buffer=64k flush=200ms), 1 worker; under callgrind `master_process off; daemon off;`",
           "- CPU %d: the target (taskset), and strace while it traces it; CPU %d: backend, load (client / wrk), "

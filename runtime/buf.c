@@ -38,6 +38,18 @@ void sp_buf_addf(sp_buf_t *b, const char *fmt, ...)
     b->len += (size_t)n;
 }
 
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+/* Non-zero if a byte of w is below n (n <= 128) / is zero: exact answers for the whole word. */
+#define HAS_LESS(w, n) (((w) - ONES * (n)) & ~(w) & HIGHS)
+#define HAS_ZERO(w) HAS_LESS(w, 1)
+
+static inline uint64_t json_word_special(uint64_t w)
+{
+    return HAS_LESS(w, 0x20) | HAS_ZERO(w ^ (ONES * '"')) | HAS_ZERO(w ^ (ONES * '\\')) |
+           HAS_ZERO(w ^ (ONES * 0x7f));
+}
+
 void sp_buf_json_str(sp_buf_t *b, const char *s, size_t n)
 {
     static const char hex[] = "0123456789abcdef";
@@ -45,8 +57,16 @@ void sp_buf_json_str(sp_buf_t *b, const char *s, size_t n)
     b->p[b->len++] = '"';
     size_t i = 0;
     while (i < n) {
-        /* copy the run of bytes that need no escape in one go */
+        /* copy the run of bytes that need no escape in one go; find its end 8 bytes at a time
+         * (a word has a byte to escape if a byte is < 0x20 or equals '"', '\\' or 0x7f) */
         size_t j = i;
+        while (j + 8 <= n) {
+            uint64_t w;
+            memcpy(&w, s + j, 8);
+            if (json_word_special(w))
+                break;
+            j += 8;
+        }
         while (j < n) {
             unsigned char c = (unsigned char)s[j];
             if (c < 0x20 || c == '"' || c == '\\' || c == 0x7f)

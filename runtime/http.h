@@ -99,6 +99,7 @@ struct sp_request {
     sp_buf_t body;        /* respond: the response body */
     sp_buf_t extra;       /* header edits "<op>name\0value\0": '>' response header; '=' set, '+' add,
                            * '-' remove on the upstream request */
+    bool header_edits;    /* extra holds a '=' or '-' edit (only then is each header checked) */
     char up_host[256];
     int up_port;
     sp_buf_t up_path;

@@ -82,6 +82,18 @@ SP_EXPORT int sp_req_add_header(sp_request_t *r, const char *n, size_t nl, const
     return sp_request_add_header(r, n, nl, v, vl);
 }
 
+/* A response header whose value is a whole number 0 <= v < 1e14, written in digits as Lua's
+ * tostring would write it, without formatting a double in Lua (RateLimit-* on every request). */
+SP_EXPORT int sp_req_add_header_u(sp_request_t *r, const char *n, size_t nl, double v)
+{
+    if (r->resp_head_sent || !(v >= 0 && v < 1e14))
+        return -EINVAL;
+    char d[24];
+    sp_buf_t b = SP_BUF_ON(d);
+    sp_buf_addu(&b, (uint64_t)v);
+    return sp_request_add_header(r, n, nl, b.p, b.len);
+}
+
 SP_EXPORT int sp_req_edit_header(sp_request_t *r, int op, const char *n, size_t nl, const char *v,
                                  size_t vl)
 {

@@ -10,11 +10,20 @@
 
 #define DICT_MT "sp.shared.dict"
 
+/* Every method is a closure over the dict metatable (upvalue 1): comparing it with the
+ * argument's metatable is the check, with no registry lookup by name per call. */
 static sp_shdict_t *check_dict(lua_State *L)
 {
     sp_vm_check_budget(L);
-    sp_shdict_t **d = luaL_checkudata(L, 1, DICT_MT);
-    return *d;
+    sp_shdict_t **d = lua_touserdata(L, 1);
+    if (d && lua_getmetatable(L, 1)) {
+        int same = lua_rawequal(L, -1, lua_upvalueindex(1));
+        lua_pop(L, 1);
+        if (same)
+            return *d;
+    }
+    luaL_typerror(L, 1, DICT_MT);
+    return NULL;
 }
 
 static int push_err(lua_State *L, int rc)
@@ -223,7 +232,11 @@ int luaopen_sp_shared(lua_State *L)
         {"name", d_name},       {"rate", d_rate},     {NULL, NULL}};
     if (luaL_newmetatable(L, DICT_MT)) {
         lua_newtable(L);
-        luaL_register(L, NULL, methods);
+        for (const luaL_Reg *m = methods; m->name; m++) {
+            lua_pushvalue(L, -2); /* the metatable, upvalue 1 of the method (check_dict) */
+            lua_pushcclosure(L, m->func, 1);
+            lua_setfield(L, -2, m->name);
+        }
         lua_setfield(L, -2, "__index");
     }
     lua_pop(L, 1);

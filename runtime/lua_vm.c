@@ -272,10 +272,13 @@ static int hook_request(sp_request_t *r)
     sp_vm_t *vm = r->w->vm;
     lua_State *L = vm->L;
     push_request_object(vm, L, r);
+    /* req._g = gen; req.ctx = nil (raw stores: the object's metatable has no __newindex) */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, vm->key_g_ref);
     lua_pushinteger(L, (lua_Integer)r->gen);
-    lua_setfield(L, -2, "_g");
+    lua_rawset(L, -3);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, vm->key_ctx_ref);
     lua_pushnil(L);
-    lua_setfield(L, -2, "ctx");
+    lua_rawset(L, -3);
     sp_task_t *t = task_get(vm, SP_TASK_REQUEST);
     t->req = r;
     t->req_gen = r->gen;
@@ -299,8 +302,9 @@ static void hook_log(sp_request_t *r)
     lua_rawgeti(L, LUA_REGISTRYINDEX, vm->on_log_ref);
     push_request_object(vm, L, r);
     /* The object may be stale if the slot was never handed to the request hook. */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, vm->key_g_ref);
     lua_pushinteger(L, (lua_Integer)r->gen);
-    lua_setfield(L, -2, "_g");
+    lua_rawset(L, -3);
     sp_vm_pcall(L, 1, 0, "log hook");
 }
 
@@ -502,6 +506,10 @@ sp_vm_t *sp_vm_create(sp_worker_t *w, const char *entry, char *err, size_t errle
     lua_rawset(L, LUA_REGISTRYINDEX);
     lua_newtable(L);
     vm->reqobj_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushliteral(L, "_g");
+    vm->key_g_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pushliteral(L, "ctx");
+    vm->key_ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_newtable(L); /* the route cache of sp.routes.get */
     vm->route_cache_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 

@@ -42,6 +42,8 @@ struct sp_vm {
     int init_ref;          /* the init module table */
     int reqobj_ref;        /* table: slot -> request object */
     int reqnew_ref;        /* sp.request.new */
+    int key_g_ref;         /* the strings "_g" and "ctx", interned once: the per-request field */
+    int key_ctx_ref;       /* stores of the hooks then hash no string */
     sp_task_t **free_tasks;
     int nfree, free_cap;
     sp_task_t *current;

@@ -87,6 +87,7 @@ sp_request_t *sp_request_acquire(sp_worker_t *w)
     r->out.len = 0;
     r->body.len = 0;
     r->extra.len = 0;
+    r->header_edits = false;
     r->up_host[0] = '\0';
     r->up_port = 0;
     r->up_path.len = 0;
@@ -267,6 +268,8 @@ int sp_request_edit_header(sp_request_t *r, char op, const char *name, size_t nl
     if (!header_bytes_ok(name, nlen, true) || (op != '-' && !header_bytes_ok(val, vlen, false)))
         return -EINVAL;
     add_hdr_entry(&r->extra, op, name, nlen, op == '-' ? "" : val, op == '-' ? 0 : vlen);
+    if (op == '-' || op == '=')
+        r->header_edits = true;
     return 0;
 }
 

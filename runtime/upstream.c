@@ -445,6 +445,25 @@ static bool listed_in_connection(const char *conn, size_t clen, const char *n, s
     return false;
 }
 
+/* NULL when a Connection header lists nothing but "keep-alive" and "close" (the usual case):
+ * those name no header that is not already hop-by-hop ("Keep-Alive" is), so no header needs
+ * to be looked up in it. */
+static const char *connection_names(const char *conn, size_t clen)
+{
+    size_t i = 0;
+    while (conn && i < clen) {
+        while (i < clen && (conn[i] == ' ' || conn[i] == ',' || conn[i] == '\t'))
+            i++;
+        size_t s = i;
+        while (i < clen && conn[i] != ',' && conn[i] != ' ' && conn[i] != '\t')
+            i++;
+        size_t l = i - s;
+        if (l && !(l == 10 && sp_ieq(conn + s, l, "keep-alive")) && !(l == 5 && sp_ieq(conn + s, l, "close")))
+            return conn;
+    }
+    return NULL;
+}
+
 static bool edited(const sp_request_t *r, const char *n, size_t l)
 {
     size_t i = 0;
@@ -471,6 +490,7 @@ static void build_request_head(sp_request_t *r)
     sp_buf_lit(o, " HTTP/1.1\r\n");
     size_t clen = 0, xfflen = 0, hostlen = 0, uplen = 0;
     const char *conn = sp_request_header(r, "connection", 10, &clen);
+    conn = connection_names(conn, clen);
     const char *xff = sp_request_header(r, "x-forwarded-for", 15, &xfflen);
     const char *host = sp_request_header(r, "host", 4, &hostlen);
     const char *upg = r->upgrade ? sp_request_header(r, "upgrade", 7, &uplen) : NULL;
@@ -487,7 +507,7 @@ static void build_request_head(sp_request_t *r)
             continue;
         if ((r->chunked || r->body_buffered) && l == 14 && sp_ieq(n, l, "content-length"))
             continue;
-        if (r->extra.len && edited(r, n, l))
+        if (r->header_edits && edited(r, n, l))
             continue;
         sp_buf_add(o, n, l);
         sp_buf_lit(o, ": ");
@@ -900,7 +920,7 @@ static void build_response_head(sp_upconn_t *u)
         const sp_hdr_t *h = &r->rhdrs[i];
         const char *n = r->resp_head.p + h->name_off;
         if (sp_ieq(n, h->name_len, "connection")) {
-            conn = r->resp_head.p + h->value_off;
+            conn = connection_names(r->resp_head.p + h->value_off, h->value_len);
             clen = h->value_len;
         } else if (sp_ieq(n, h->name_len, "upgrade")) {
             upg = r->resp_head.p + h->value_off;

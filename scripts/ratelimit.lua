@@ -49,13 +49,14 @@ for i, l in ipairs(LIMITS) do
     l.burst_text = tostring(l.burst)
 end
 
--- Seconds as a whole number for a header: rounded up, never "-0" or negative.
+-- Seconds as a whole number for a header: rounded up, never "-0" or negative. A number:
+-- req:add_response_header writes whole numbers itself (no double formatting in Lua).
 local function whole_seconds(s)
     local n = ceil(s - 1e-6)
     if n <= 0 then
-        return "0"
+        return 0
     end
-    return tostring(n)
+    return n
 end
 
 -- The client address, believing X-Forwarded-For only from trusted proxies.
@@ -137,7 +138,7 @@ function M.check(req)
     end
     if best_remaining then
         req:add_response_header("RateLimit-Limit", best_limit)
-        req:add_response_header("RateLimit-Remaining", tostring(floor(best_remaining)))
+        req:add_response_header("RateLimit-Remaining", floor(best_remaining))
         req:add_response_header("RateLimit-Reset", whole_seconds(best_reset))
     end
     if PER_SANDBOX and PER_SANDBOX > 0 then

@@ -329,6 +329,61 @@ static void test_buf_on_stack(void)
     sp_buf_free(&d);
 }
 
+/* The escaper byte by byte, as JSON (RFC 8259) wants it: the reference for the word-wise one. */
+static size_t json_str_ref(char *out, const unsigned char *s, size_t n)
+{
+    size_t o = 0;
+    out[o++] = '"';
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = s[i];
+        if (c == '"' || c == '\\')
+            o += (size_t)sprintf(out + o, "\\%c", c);
+        else if (c == '\n')
+            o += (size_t)sprintf(out + o, "\\n");
+        else if (c == '\r')
+            o += (size_t)sprintf(out + o, "\\r");
+        else if (c == '\t')
+            o += (size_t)sprintf(out + o, "\\t");
+        else if (c < 0x20 || c == 0x7f)
+            o += (size_t)sprintf(out + o, "\\u%04x", c);
+        else
+            out[o++] = (char)c;
+    }
+    out[o++] = '"';
+    return o;
+}
+
+/* Every byte value at every position of strings around the 8-byte word size, on plain, high
+ * (0x80-0xff) and mixed backgrounds, alone and next to a second special byte. */
+static void test_buf_json_str_words(void)
+{
+    static const unsigned char bg[] = {'a', 0xff, 0x80, 0x21, 0x7e, 0x5b};
+    sp_buf_t b = {0};
+    unsigned char s[24];
+    char want[24 * 6 + 2];
+    int bad = 0;
+    for (size_t n = 1; n <= sizeof s && !bad; n++)
+        for (size_t g = 0; g < sizeof bg && !bad; g++)
+            for (int c = 0; c < 256 && !bad; c++)
+                for (size_t p = 0; p < n && !bad; p++)
+                    for (int second = 0; second < 2 && !bad; second++) {
+                        memset(s, bg[g], n);
+                        s[p] = (unsigned char)c;
+                        if (second)
+                            s[(p + 9) % n] = '\\';
+                        sp_buf_reset(&b);
+                        sp_buf_json_str(&b, (const char *)s, n);
+                        size_t wl = json_str_ref(want, s, n);
+                        if (b.len != wl || memcmp(b.p, want, wl) != 0) {
+                            fprintf(stderr, "json_str: n=%zu bg=0x%02x byte 0x%02x at %zu: got %.*s want %.*s\n",
+                                    n, bg[g], c, p, (int)b.len, b.p, (int)wl, want);
+                            bad = 1;
+                        }
+                    }
+    CHECK(!bad);
+    sp_buf_free(&b);
+}
+
 static void test_buf_json_str(void)
 {
     sp_buf_t b = {0};
@@ -1807,6 +1862,7 @@ int main(void)
     RUN(test_buf_growth);
     RUN(test_buf_on_stack);
     RUN(test_buf_json_str);
+    RUN(test_buf_json_str_words);
     RUN(test_buf_pool);
 
     RUN(test_routes_set_get);

@@ -47,6 +47,15 @@ function M.handle(req)
         local body = assert(req:read_body(1000))
         req:set_header("X-Body-Seen", #body)
         return req:forward("127.0.0.1", ]] .. up.port .. [[, "/echo")
+    elseif p == "/hdr/num/x" then
+        req:add_response_header("X-Zero", 0)
+        req:add_response_header("X-Int", 42)
+        req:add_response_header("X-Big", 1e13)
+        req:add_response_header("X-Frac", 2.5)
+        req:add_response_header("X-Neg", -3)
+        req:add_response_header("X-Huge", 1e15)
+        req:add_response_header("X-Text", "7")
+        return req:forward("127.0.0.1", ]] .. up.port .. [[, "/echo")
     elseif p == "/hdr/edit/x" then
         req:set_header("X-Replaced", "new")
         req:add_header("X-Added", "a")
@@ -140,6 +149,19 @@ return M
             end
         end
         assert.are.equal("8", seen)
+    end)
+
+    it("writes number values of response headers as tostring would", function()
+        local r = assert(px:request{ path = "/hdr/num/x" })
+        assert.are.equal(200, r.status)
+        assert.are.equal("0", r.headers["x-zero"])
+        assert.are.equal("42", r.headers["x-int"])
+        assert.are.equal(tostring(1e13), r.headers["x-big"])
+        assert.are.equal("10000000000000", r.headers["x-big"])
+        assert.are.equal("2.5", r.headers["x-frac"])
+        assert.are.equal("-3", r.headers["x-neg"])
+        assert.are.equal(tostring(1e15), r.headers["x-huge"])
+        assert.are.equal("7", r.headers["x-text"])
     end)
 
     it("applies header edits to the upstream request", function()

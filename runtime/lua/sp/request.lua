@@ -17,6 +17,7 @@ local tostring = tostring
 local tonumber = tonumber
 local rawset = rawset
 local lower = string.lower
+local floor = math.floor
 local gsub = string.gsub
 local cjson_encode = cjson.encode
 
@@ -41,6 +42,7 @@ int sp_req_connected(const sp_request_t *r);
 int sp_req_respond(sp_request_t *r, int status, const char *ct, size_t ctlen, const char *body,
                    size_t blen);
 int sp_req_add_header(sp_request_t *r, const char *n, size_t nl, const char *v, size_t vl);
+int sp_req_add_header_u(sp_request_t *r, const char *n, size_t nl, double v);
 int sp_req_edit_header(sp_request_t *r, int op, const char *n, size_t nl, const char *v, size_t vl);
 int sp_req_forward(sp_request_t *r, const char *host, size_t hl, int port, const char *path,
                    size_t pl);
@@ -302,10 +304,18 @@ function Req:add_header(name, value)
         "add_header: invalid header name or value")
 end
 
--- Adds a header to the response the client gets (local or proxied), e.g. RateLimit-*.
+-- Adds a header to the response the client gets (local or proxied), e.g. RateLimit-*. A value
+-- that is a whole number (0 <= n < 1e14) is written in digits by the runtime (as tostring
+-- would), without formatting a double here.
 function Req:add_response_header(name, value)
+    local r = live(self)
+    if type(value) == "number" and value >= 0 and value < 1e14 and value == floor(value) then
+        check_rc(C.sp_req_add_header_u(r, name, #name, value),
+            "add_response_header: invalid header, or the response head has gone out")
+        return
+    end
     value = tostring(value)
-    check_rc(C.sp_req_add_header(live(self), name, #name, value, #value),
+    check_rc(C.sp_req_add_header(r, name, #name, value, #value),
         "add_response_header: invalid header, or the response head has gone out")
 end
 
