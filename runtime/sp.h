@@ -52,6 +52,9 @@ static inline bool sp_ieq(const char *a, size_t alen, const char *lower_lit)
     }
     return true;
 }
+/* The next token of a comma-separated header list from *pos (spaces and tabs around it trimmed):
+ * sets *tok and returns its length; 0 when the list has no more tokens. */
+size_t sp_next_token(const char *list, size_t len, size_t *pos, const char **tok);
 /* Returns true if `hay` (len) contains the token `tok` (lowercase) in a comma list, case-insensitive. */
 bool sp_has_token(const char *hay, size_t len, const char *tok);
 

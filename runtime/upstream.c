@@ -432,16 +432,11 @@ static bool is_hop_by_hop(const char *n, size_t l)
 /* True if `name` is listed in the message's Connection header (so it is hop-by-hop too). */
 static bool listed_in_connection(const char *conn, size_t clen, const char *n, size_t l)
 {
-    size_t i = 0;
-    while (conn && i < clen) {
-        while (i < clen && (conn[i] == ' ' || conn[i] == ',' || conn[i] == '\t'))
-            i++;
-        size_t s = i;
-        while (i < clen && conn[i] != ',' && conn[i] != ' ' && conn[i] != '\t')
-            i++;
-        if (i - s == l && strncasecmp(conn + s, n, l) == 0)
+    size_t i = 0, tl;
+    const char *t;
+    while (conn && (tl = sp_next_token(conn, clen, &i, &t)) > 0)
+        if (tl == l && strncasecmp(t, n, l) == 0)
             return true;
-    }
     return false;
 }
 
@@ -450,17 +445,11 @@ static bool listed_in_connection(const char *conn, size_t clen, const char *n, s
  * to be looked up in it. */
 static const char *connection_names(const char *conn, size_t clen)
 {
-    size_t i = 0;
-    while (conn && i < clen) {
-        while (i < clen && (conn[i] == ' ' || conn[i] == ',' || conn[i] == '\t'))
-            i++;
-        size_t s = i;
-        while (i < clen && conn[i] != ',' && conn[i] != ' ' && conn[i] != '\t')
-            i++;
-        size_t l = i - s;
-        if (l && !(l == 10 && sp_ieq(conn + s, l, "keep-alive")) && !(l == 5 && sp_ieq(conn + s, l, "close")))
+    size_t i = 0, tl;
+    const char *t;
+    while (conn && (tl = sp_next_token(conn, clen, &i, &t)) > 0)
+        if (!sp_ieq(t, tl, "keep-alive") && !sp_ieq(t, tl, "close"))
             return conn;
-    }
     return NULL;
 }
 

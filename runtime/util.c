@@ -89,20 +89,28 @@ void sp_iso8601(double t, char out[32])
     out[24] = '\0';
 }
 
+size_t sp_next_token(const char *list, size_t len, size_t *pos, const char **tok)
+{
+    size_t i = *pos;
+    while (i < len && (list[i] == ' ' || list[i] == '\t' || list[i] == ','))
+        i++;
+    size_t start = i;
+    while (i < len && list[i] != ',')
+        i++;
+    size_t end = i;
+    while (end > start && (list[end - 1] == ' ' || list[end - 1] == '\t'))
+        end--;
+    *pos = i;
+    *tok = list + start;
+    return end - start;
+}
+
 bool sp_has_token(const char *hay, size_t len, const char *tok)
 {
-    size_t i = 0;
-    while (i < len) {
-        while (i < len && (hay[i] == ' ' || hay[i] == '\t' || hay[i] == ','))
-            i++;
-        size_t start = i;
-        while (i < len && hay[i] != ',')
-            i++;
-        size_t end = i;
-        while (end > start && (hay[end - 1] == ' ' || hay[end - 1] == '\t'))
-            end--;
-        if (end > start && sp_ieq(hay + start, end - start, tok))
+    size_t i = 0, n;
+    const char *t;
+    while ((n = sp_next_token(hay, len, &i, &t)) > 0)
+        if (sp_ieq(t, n, tok))
             return true;
-    }
     return false;
 }

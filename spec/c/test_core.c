@@ -163,6 +163,16 @@ static void test_util_has_token(void)
     CHECK(sp_has_token(h, strlen(h), "keep alive"));
     h = " , ,\t, ";
     CHECK(!sp_has_token(h, strlen(h), "x"));
+    /* the iterator underneath: every token once, trimmed, then 0 */
+    h = " a ,, Bc\t,";
+    size_t pos = 0, n;
+    const char *t;
+    n = sp_next_token(h, strlen(h), &pos, &t);
+    CHECK_MEM(t, n, "a");
+    n = sp_next_token(h, strlen(h), &pos, &t);
+    CHECK_MEM(t, n, "Bc");
+    CHECK_INT(sp_next_token(h, strlen(h), &pos, &t), 0);
+    CHECK_INT(sp_next_token(h, strlen(h), &pos, &t), 0);
     CHECK(!sp_has_token("", 0, "close"));
     /* len bounds the list: "close, upgrade" cut to "close" */
     h = "close, upgrade";
