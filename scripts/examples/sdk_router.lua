@@ -272,18 +272,16 @@ end
 function M.lookup(namespace, name)
     local id = namespace .. "/" .. name
     local key = index[id]
-    if key then
-        local r = route_if(key, namespace, name)
-        if r then
-            return r
-        end
+    local r = key and route_if(key, namespace, name)
+    if r then
+        return r
     end
     for i = 1, #GUESS_USERS do
-        local r = route_if(GUESS_USERS[i] .. "/" .. name, namespace, name)
-        if r then
+        local g = route_if(GUESS_USERS[i] .. "/" .. name, namespace, name)
+        if g then
             stats.guesses = stats.guesses + 1
-            index[id] = r.key
-            return r
+            index[id] = g.key
+            return g
         end
     end
     if routes.generation() == index_gen then
@@ -294,11 +292,9 @@ function M.lookup(namespace, name)
     end
     rebuild()
     key = index[id]
-    if key then
-        local r = route_if(key, namespace, name)
-        if r then
-            return r
-        end
+    r = key and route_if(key, namespace, name)
+    if r then
+        return r
     end
     return nil, "not found"
 end

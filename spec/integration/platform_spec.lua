@@ -1075,7 +1075,9 @@ return M
         end, 6, 0.05, "cm-v2 after the ..data swap")
     end)
 
-    it("(e) lets a request in flight finish on the scripts it started with", function()
+    -- A slow request started on the "old" scripts, a reload to "new" while it sleeps there,
+    -- then its response. Returns the proxy and that response.
+    local function straddle_reload()
         local dir = H.tmpdir()
         write(dir .. "/router.lua", router('"old"'))
         local px = start(dir, { workers = 1, set = { access_log_flush = 0.05 } })
@@ -1093,6 +1095,11 @@ return M
         end, 5, 0.02, "the new scripts answer")
         local r = assert(c:read_response{ timeout = 10 })
         c:close()
+        return px, r
+    end
+
+    it("(e) lets a request in flight finish on the scripts it started with", function()
+        local px, r = straddle_reload()
         assert.are.equal(200, r.status)
         assert.are.equal("old", r.headers["x-script-version"])
         assert.are.equal("/echo?slow=1", cjson.decode(r.body).target)
@@ -1108,21 +1115,7 @@ return M
     -- carries user "alice" and sandbox "sb" like any other proxied request
     -- (on_log in the state that ran on_request, or ctx carried over).
     it("(e) logs a request that straddled a reload with what its scripts decided", function()
-        local dir = H.tmpdir()
-        write(dir .. "/router.lua", router('"old"'))
-        local px = start(dir, { workers = 1, set = { access_log_flush = 0.05 } })
-        local c = assert(px:connect{ timeout = 10 })
-        assert(c:send_raw(raw_get("/alice/sb/echo?slow=1")))
-        net.wait_until(function()
-            return assert(px:get("/alice/sb/echo?peek=1")).body == "old"
-        end, 5, 0.01, "the slow request started")
-        replace(dir .. "/router.lua", router('"new"'))
-        assert(px.proc:signal("HUP"))
-        net.wait_until(function()
-            return version_of(px) == "new"
-        end, 5, 0.02, "the new scripts answer")
-        local r = assert(c:read_response{ timeout = 10 })
-        c:close()
+        local px, r = straddle_reload()
         assert.are.equal(200, r.status)
         local id = r.headers["x-request-id"]
         local line = px:wait_log(function(l)

@@ -5,7 +5,6 @@
 -- writer of that line is checked against the real binary in spec/integration/platform_spec.lua.
 local testkit = require "sp.testkit"
 local core = require "sp.core"
-local config = require "sp.config"
 local cjson = require "cjson"
 
 local ALL = { "time", "request_id", "client", "method", "path", "query", "status", "bytes_in",
@@ -17,13 +16,11 @@ local real_access_log = core.access_log
 
 -- Loads a fresh log.lua with the given `access_log` config section; lines go to `lines`.
 local function load_log(section)
-    config.access_log = section
-    package.loaded["log"] = nil
     core.access_log = function(line)
         assert.is_string(line)
         lines[#lines + 1] = line
     end
-    return require "log"
+    return testkit.load("log", "access_log", section)
 end
 
 local function keys(t)
@@ -61,8 +58,6 @@ describe("log.lua", function()
 
     after_each(function()
         core.access_log = real_access_log
-        config.access_log = nil
-        package.loaded["log"] = nil
     end)
 
     describe("record", function()

@@ -4,7 +4,6 @@
 -- tiny (one token per 1000 s) so that the clock never refills a bucket during a test.
 local testkit = require "sp.testkit"
 local shared = require "sp.shared"
-local config = require "sp.config"
 
 local dict = assert(shared.dict("ratelimit"))
 local sp_dict = assert(shared.dict("sp"))
@@ -13,9 +12,7 @@ local SLOW = 0.001 -- tokens per second
 
 -- A fresh ratelimit.lua with the given config section.
 local function load(section)
-    config.ratelimit = section
-    package.loaded["ratelimit"] = nil
-    return require "ratelimit"
+    return testkit.load("ratelimit", "ratelimit", section)
 end
 
 local function request(target, opts)
@@ -43,8 +40,6 @@ describe("ratelimit.lua", function()
     end)
 
     after_each(function()
-        config.ratelimit = nil
-        package.loaded["ratelimit"] = nil
         dict:flush_all()
     end)
 

@@ -8,6 +8,22 @@ describe("testkit", function()
         assert.are.same({}, testkit.missing_methods())
     end)
 
+    it("loads a fresh script instance with a config section, and restores the config", function()
+        local config = require "sp.config"
+        local before = config.access_log
+        local off = testkit.load("log", "access_log", { enabled = false })
+        local on = testkit.load("log", "access_log", nil)
+        assert.is_false(off.enabled)
+        assert.is_true(on.enabled)
+        assert.are_not.equal(off, on)
+        assert.are.equal(before, config.access_log)
+        assert.is_nil(package.loaded["log"])
+        assert.has_error(function()
+            testkit.load("ratelimit", "ratelimit", { limits = { { rate = 0 } } })
+        end)
+        assert.is_nil(config.ratelimit)
+    end)
+
     describe("fake request", function()
         it("has sensible defaults", function()
             local req = testkit.request()

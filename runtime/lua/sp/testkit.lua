@@ -344,6 +344,25 @@ function M.missing_methods()
     return missing
 end
 
+-- Scripts -----------------------------------------------------------------------------
+
+-- A fresh instance of script module `name` loaded with config section `key` set to `section`
+-- (nil: the script's defaults). Scripts read their config section when loaded; the config is
+-- restored and the module dropped from package.loaded afterwards, so every call loads anew.
+function M.load(name, key, section)
+    local config = require "sp.config"
+    local saved = config[key]
+    config[key] = section
+    package.loaded[name] = nil
+    local ok, m = pcall(require, name)
+    config[key] = saved
+    package.loaded[name] = nil
+    if not ok then
+        error(m, 0)
+    end
+    return m
+end
+
 -- Routes ------------------------------------------------------------------------------
 
 function M.clear_routes()

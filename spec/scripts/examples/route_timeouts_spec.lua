@@ -1,7 +1,6 @@
 -- examples/route_timeouts.lua: per-sandbox timeouts from config (exact key > user wildcard >
 -- default, field by field), set on the request before the built-in router decides.
 local testkit = require "sp.testkit"
-local config = require "sp.config"
 
 local MODULE = "examples.route_timeouts"
 
@@ -15,16 +14,7 @@ local CONFIG = {
 
 -- A fresh instance of the module with config section `section`.
 local function load(section)
-    local saved = config.route_timeouts
-    config.route_timeouts = section
-    package.loaded[MODULE] = nil
-    local ok, m = pcall(require, MODULE)
-    config.route_timeouts = saved
-    package.loaded[MODULE] = nil
-    if not ok then
-        error(m, 0)
-    end
-    return m
+    return testkit.load(MODULE, "route_timeouts", section)
 end
 
 local function send(rt, target)

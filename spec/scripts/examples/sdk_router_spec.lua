@@ -3,22 +3,12 @@
 -- over the real shared route table (sp.routes) and the fallback to the built-in path router.
 local testkit = require "sp.testkit"
 local routes = require "sp.routes"
-local config = require "sp.config"
 
 local MODULE = "examples.sdk_router"
 
 -- A fresh instance of the router with config section `section` (nil: defaults).
 local function load(section)
-    local saved = config.sdk_router
-    config.sdk_router = section
-    package.loaded[MODULE] = nil
-    local ok, m = pcall(require, MODULE)
-    config.sdk_router = saved
-    package.loaded[MODULE] = nil
-    if not ok then
-        error(m, 0)
-    end
-    return m
+    return testkit.load(MODULE, "sdk_router", section)
 end
 
 -- Runs one request through router.handle. headers: a map; opts: method, target.
