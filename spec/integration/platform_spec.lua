@@ -307,7 +307,9 @@ describe("concurrency limit per sandbox", function()
             sandboxes[#sandboxes + 1] = H.sandbox("alice", "s" .. i, up.port)
         end
         px = H.start{ workers = 2, sandboxes = sandboxes,
-            set = { first_byte_timeout = 0.5, connect_retries = 0, drain_timeout = 3 },
+            -- first_byte_timeout: how long the 504 test's delayed request holds its slot, the
+            -- window in which that test must see a 503 (0.5 s was missed on a loaded machine)
+            set = { first_byte_timeout = 2, connect_retries = 0, drain_timeout = 3 },
             config = [[return { ratelimit = {
                 limits = { { key = "client", rate = 100000, burst = 100000 } },
                 concurrency = { per_sandbox = 2 } } }]] }
