@@ -308,7 +308,7 @@ describe("concurrency limit per sandbox", function()
         end
         px = H.start{ workers = 2, sandboxes = sandboxes,
             -- first_byte_timeout: how long the 504 test's delayed request holds its slot, the
-            -- window in which that test must see a 503 (0.5 s was missed on a loaded machine)
+            -- window in which that test probes for a 503
             set = { first_byte_timeout = 2, connect_retries = 0, drain_timeout = 3 },
             config = [[return { ratelimit = {
                 limits = { { key = "client", rate = 100000, burst = 100000 } },
@@ -458,12 +458,19 @@ describe("concurrency limit per sandbox", function()
 
     it("gives the slot back on a 504 first-byte timeout", function()
         local a = hold("alice/s5")
+        -- Probing with requests while the delayed one arrives could let a probe take the
+        -- second slot first and the delayed request be refused: wait until the sandbox has
+        -- it instead (the sandbox counts every request line, its /__stats calls included).
+        local base = up.stats().requests
         local c = assert(px:connect{ timeout = 10 })
         assert(c:send_raw(raw_get("/alice/s5/delay?ms=3000")))
-        -- the delayed request takes the second slot while it waits
+        local calls = 0
         net.wait_until(function()
-            return quick("alice/s5").status == 503
-        end, 5, 0.02, "the delayed request holds a slot")
+            calls = calls + 1
+            return up.stats().requests >= base + calls + 1
+        end, 5, 0.02, "the delayed request reached the sandbox")
+        -- it holds the second slot while it waits for its first byte
+        assert_full("alice/s5")
         local r = assert(c:read_response{ timeout = 10 })
         assert.are.equal(504, r.status)
         c:close()
