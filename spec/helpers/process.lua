@@ -285,6 +285,8 @@ end
 function Process:signal(sig, group)
     local n = signum(sig)
     if self.how then return nil, "process already exited" end
+    self.signalled = self.signalled or {}
+    self.signalled[#self.signalled + 1] = n
     local target = (group and self.group) and -self._pid or self._pid
     local ok, err = psignal.kill(target, n)
     if not ok then return nil, tostring(err) end

@@ -13,8 +13,9 @@ describe("valgrind", function()
     end)
 
     it("finds no leak in a start/serve/stop cycle", function()
-        if os.execute("command -v valgrind >/dev/null 2>&1") ~= 0 then
-            pending("valgrind is not installed")
+        local have, why = H.need_tool("valgrind", "the leak check of a start/serve/stop cycle")
+        if not have then
+            pending(why)
             return
         end
         local up = H.upstream{ name = "vg" }
