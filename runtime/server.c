@@ -1516,6 +1516,10 @@ void sp_conn_close(sp_conn_t *c)
 {
     if (c->closing)
         return;
+    /* Closing from here on: the abort hook below resumes a waiting script, which may decide
+     * (or fail to) at once; that decision must find the connection closing rather than answer
+     * on it and close it a second time. */
+    c->closing = true;
     sp_request_t *r = c->req;
     if (r) {
         if ((c->state == CS_SCRIPT || c->state == CS_READ_BODY) && r->script_busy) {
@@ -1527,7 +1531,6 @@ void sp_conn_close(sp_conn_t *c)
         if (r->tunnel)
             atomic_fetch_sub(&sp_open_tunnels, 1), r->tunnel = false;
     }
-    c->closing = true;
     request_done(c);
     sp_conn_read_stop(c);
     uv_timer_stop(&c->timer);

@@ -252,7 +252,7 @@ function M.upstream(opts)
         stderr = dir .. "/stderr.log" })
     local up = { port = port, proc = p, name = opts.name or "up" }
     if opts.wait ~= false and not opts.listen_after_ms then
-        assert(net.wait_port("127.0.0.1", port, 10, p))
+        assert(net.wait_port("127.0.0.1", port, 30, p))
     end
     function up.stats()
         local r = assert(http.request{ port = port, path = "/__stats" })

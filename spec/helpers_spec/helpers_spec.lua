@@ -24,7 +24,7 @@ local function start_fixture(dir)
         stdout = dir .. "/fixture.out",
         stderr = dir .. "/fixture.err",
     })
-    local ok, err = net.wait_port("127.0.0.1", port, 10, p)
+    local ok, err = net.wait_port("127.0.0.1", port, 30, p)
     assert(ok, tostring(err) .. "\n" .. tostring(p:read_stderr()))
     return p, port
 end
@@ -225,7 +225,7 @@ s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("127.0.0.1", %d)); s.listen(5); time.sleep(30)
 ]]):format(port) },
         })
-        assert.is_true(net.wait_port("127.0.0.1", port, 10, p))
+        assert.is_true(net.wait_port("127.0.0.1", port, 30, p))
         p:stop()
     end)
 
