@@ -179,14 +179,24 @@ local function read_secret(path)
     return M.check_secret((text:gsub("%s+$", "")))
 end
 
--- Checks an RS256 public key (PEM). Returns it or nil, err.
+-- The DER of rsaEncryption's OID (1.2.840.113549.1.1.1), in the key's AlgorithmIdentifier.
+local RSA_OID = "\6\9\42\134\72\134\247\13\1\1\1"
+
+-- Checks an RS256 public key: a PEM "PUBLIC KEY" (SubjectPublicKeyInfo) that libcrypto reads
+-- and that is an RSA key (another kind would never verify a token). Returns it or nil, err.
 function M.check_public_key(pem)
-    if type(pem) ~= "string" or not find(pem, "-----BEGIN PUBLIC KEY-----", 1, true) then
+    local b64 = type(pem) == "string"
+        and pem:match("%-%-%-%-%-BEGIN PUBLIC KEY%-%-%-%-%-(.-)%-%-%-%-%-END PUBLIC KEY%-%-%-%-%-")
+    if not b64 then
         return nil, "not a PEM public key (-----BEGIN PUBLIC KEY-----)"
     end
     local _, err = crypto.rsa_sha256_verify(pem, "", "")
     if err and sub(err, 1, 6) == "EINVAL" then
         return nil, "not a usable PEM public key"
+    end
+    local der = crypto.b64_decode((b64:gsub("%s", "")))
+    if not der or not find(sub(der, 1, 32), RSA_OID, 1, true) then
+        return nil, "not an RSA public key"
     end
     return pem
 end
