@@ -215,7 +215,8 @@ if jwt_cfg and M.enabled then
     if jwt_cfg.hs256_secret_file then
         hs_secret, err = read_secret(jwt_cfg.hs256_secret_file)
         if not hs_secret then
-            refuse("bad auth.jwt.hs256_secret_file", { path = jwt_cfg.hs256_secret_file, error = err })
+            refuse("bad auth.jwt.hs256_secret_file",
+                { path = jwt_cfg.hs256_secret_file, error = err })
         end
     elseif jwt_cfg.hs256_secret ~= nil then
         hs_secret, err = M.check_secret(jwt_cfg.hs256_secret)
