@@ -5,12 +5,24 @@
 -- header passes through untouched). The credential is an API key (looked up by its SHA-256 in
 -- a keys file, compared in constant time) or a JWT (HS256 or RS256, verified with libcrypto;
 -- issuer, audience, expiry and not-before checked with a small clock skew). It maps to a user;
---   * /{user}/{sandbox}/... is allowed only when the path's user is the authenticated user,
---     or the identity is an admin (403 otherwise);
---   * /sandboxes lists only what the caller may see; /metrics needs an admin;
+--   * /{user}/{sandbox}/... is allowed only when the sandbox's owner is the authenticated
+--     user, or the identity is an admin (403 otherwise). The owner is the route's `user`
+--     (discovery: the sandbox's user label). A sandbox without an owner (no user label; its
+--     path is /{discovery.default_user}/{name}) is reachable by admins only, or also by the
+--     user named in `unowned_owner`. User names compare exactly (bytes, after the path's
+--     percent-decoding): no case folding, no prefix, no trimming;
+--   * /sandboxes lists only what the caller may reach; /metrics needs an admin;
 --   * /health, /ready, /live stay open (probes).
 -- Missing or wrong credentials: 401 {"error":...} with WWW-Authenticate. The proxy's own
 -- credential header is always removed before forwarding. Credentials are never logged.
+--
+-- Credentials that cannot be trusted refuse the start (an error at load: the proxy exits 1,
+-- `--check` fails): an HS256 secret shorter than MIN_SECRET (32) bytes (RFC 7518 3.2: at
+-- least the hash size; an empty secret would let anyone sign tokens), an RS256 public key file
+-- that is unreadable or not a PEM public key, a keys file that is unreadable, malformed, or
+-- lists one key for two users (or once admin, once not). The keys file and the secret/key
+-- files are re-read when they change, with the same rules: a bad version is refused, the last
+-- good credentials stay in force, and one error line says why.
 --
 -- Config (section `auth`):
 --   header = "Authorization",            -- the credential header ("Bearer " is expected there)
@@ -20,6 +32,8 @@
 --   jwt = { hs256_secret_file = path | hs256_secret = "...", rs256_public_key_file = path,
 --           issuer = "...", audience = "...", user_claim = "sub", admin_claim = "sandbox_admin",
 --           admin_users = { ... }, leeway = 30 },
+--       -- the secret file's trailing whitespace (newline) is not part of the secret
+--   unowned_owner = nil,                 -- a user who may also reach unowned sandboxes
 --   enabled = true|false                 -- default: on when keys_file or jwt is set
 -- The runtime knob auth_required=true makes the proxy refuse to start without keys_file or jwt
 -- (the manifests in k8s/ set it). Without auth the proxy says so loudly at start-up.
@@ -28,6 +42,7 @@ local config = require "sp.config"
 local fs = require "sp.fs"
 local log = require "sp.log"
 local crypto = require "sp.crypto"
+local routes = require "sp.routes"
 local cjson = require "cjson.safe"
 local sandbox_path = require "sandbox_path"
 
@@ -41,6 +56,9 @@ local cfg = config.auth or {}
 local settings = core.settings()
 local M = {}
 
+-- The shortest HS256 secret accepted, in bytes (RFC 7518 3.2: a key of at least the hash size).
+M.MIN_SECRET = 32
+
 local HEADER = cfg.header or "Authorization"
 local BEARER = lower(HEADER) == "authorization"
 local jwt_cfg = cfg.jwt
@@ -53,11 +71,25 @@ if settings.auth_required and not M.enabled then
         .. "is configured (or auth.enabled is false)", 0)
 end
 
+local UNOWNED_OWNER = cfg.unowned_owner
+if UNOWNED_OWNER ~= nil and (type(UNOWNED_OWNER) ~= "string" or UNOWNED_OWNER == "") then
+    error("auth.unowned_owner must be a user name (a non-empty string)", 0)
+end
+M.unowned_owner = UNOWNED_OWNER
+
+-- Refuses the start: one JSON error line, then the load error (exit 1, `--check` fails).
+local function refuse(msg, fields)
+    log.error("refusing to start: " .. msg, fields)
+    error("auth: " .. msg .. (fields and fields.path and (" (" .. fields.path .. ")") or "")
+        .. (fields and fields.error and (": " .. fields.error) or ""), 0)
+end
+
 -- ------------------------------------------------------------------ API keys
 
 local keys = {} -- sha256 hex -> { user =, admin =, digest = raw }
 
--- Parses a keys file's text. Returns the table or nil, err.
+-- Parses a keys file's text. Returns the table or nil, err. One key listed for two users (or
+-- once as admin, once not) is an error: which one should win is unknowable.
 function M.parse_keys(text)
     local doc = cjson.decode(text)
     if type(doc) ~= "table" or type(doc.keys) ~= "table" then
@@ -70,44 +102,49 @@ function M.parse_keys(text)
             return nil, "keys[" .. i .. "]: needs user and a 64-digit hex sha256"
         end
         local hex = lower(k.sha256)
+        local admin = k.admin == true
+        local seen = out[hex]
+        if seen and (seen.user ~= k.user or seen.admin ~= admin) then
+            return nil, "keys[" .. i .. "]: the same key is also listed for user " .. seen.user
+                .. (seen.user == k.user and " with another admin flag" or "")
+                .. " (keys[" .. seen.index .. "])"
+        end
         local raw = hex:gsub("%x%x", function(h) return string.char(tonumber(h, 16)) end)
-        out[hex] = { user = k.user, admin = k.admin == true, digest = raw }
+        out[hex] = seen or { user = k.user, admin = admin, digest = raw, index = i }
     end
     return out
 end
 
-local function load_keys(path)
+-- Reads and parses a keys file. Returns the keys and their count, or nil, err.
+local function read_keys(path)
     local text, err = fs.read(path)
-    local parsed
-    if text then
-        parsed, err = M.parse_keys(text)
-    end
-    if not parsed then
-        log.error("cannot load the API keys file: keeping the previous keys",
-            { path = path, error = err })
+    if not text then
         return nil, err
     end
-    keys = parsed
+    local parsed
+    parsed, err = M.parse_keys(text)
+    if not parsed then
+        return nil, err
+    end
     local n = 0
-    for _ in pairs(keys) do
+    for _ in pairs(parsed) do
         n = n + 1
     end
+    return parsed, n
+end
+
+-- Re-reads the keys file; a bad version keeps the previous keys. Returns true or nil, err.
+function M.reload_keys()
+    local path = cfg.keys_file
+    local parsed, n = read_keys(path)
+    if not parsed then
+        log.error("cannot load the API keys file: keeping the previous keys",
+            { path = path, error = n })
+        return nil, n
+    end
+    keys = parsed
     log.info("API keys loaded", { path = path, keys = n, worker = core.worker_id() })
     return true
-end
-
-if cfg.keys_file then
-    local ok, err = load_keys(cfg.keys_file)
-    if not ok and settings.auth_required then
-        error("auth.keys_file " .. cfg.keys_file .. ": " .. tostring(err), 0)
-    end
-end
-
--- Starts watching the keys file (each worker keeps its own copy). Called from init.on_start.
-function M.start()
-    if cfg.keys_file and M.enabled and not M.watch then
-        M.watch = fs.watch(cfg.keys_file, function() load_keys(cfg.keys_file) end)
-    end
 end
 
 local function by_key(credential)
@@ -119,21 +156,143 @@ local function by_key(credential)
     return nil
 end
 
--- ------------------------------------------------------------------ JWT
+-- ------------------------------------------------------------------ JWT keys
+
+-- Checks an HS256 secret. Returns the secret or nil, err.
+function M.check_secret(secret)
+    if type(secret) ~= "string" then
+        return nil, "the HS256 secret must be a string"
+    end
+    if #secret < M.MIN_SECRET then
+        return nil, "the HS256 secret is " .. #secret .. " bytes, at least " .. M.MIN_SECRET
+            .. " are required (RFC 7518 3.2)"
+    end
+    return secret
+end
+
+-- Reads an HS256 secret file (trailing whitespace is not part of the secret) and checks it.
+local function read_secret(path)
+    local text, err = fs.read(path)
+    if not text then
+        return nil, err
+    end
+    return M.check_secret((text:gsub("%s+$", "")))
+end
+
+-- The DER of rsaEncryption's OID (1.2.840.113549.1.1.1), in the key's AlgorithmIdentifier.
+local RSA_OID = "\6\9\42\134\72\134\247\13\1\1\1"
+
+-- Checks an RS256 public key: a PEM "PUBLIC KEY" (SubjectPublicKeyInfo) that libcrypto reads
+-- and that is an RSA key (another kind would never verify a token). Returns it or nil, err.
+function M.check_public_key(pem)
+    local b64 = type(pem) == "string"
+        and pem:match("%-%-%-%-%-BEGIN PUBLIC KEY%-%-%-%-%-(.-)%-%-%-%-%-END PUBLIC KEY%-%-%-%-%-")
+    if not b64 then
+        return nil, "not a PEM public key (-----BEGIN PUBLIC KEY-----)"
+    end
+    local _, err = crypto.rsa_sha256_verify(pem, "", "")
+    if err and sub(err, 1, 6) == "EINVAL" then
+        return nil, "not a usable PEM public key"
+    end
+    local der = crypto.b64_decode((b64:gsub("%s", "")))
+    if not der or not find(sub(der, 1, 32), RSA_OID, 1, true) then
+        return nil, "not an RSA public key"
+    end
+    return pem
+end
+
+local function read_public_key(path)
+    local text, err = fs.read(path)
+    if not text then
+        return nil, err
+    end
+    return M.check_public_key(text)
+end
 
 local hs_secret, rs_key
-if jwt_cfg then
-    hs_secret = jwt_cfg.hs256_secret
+if jwt_cfg and M.enabled then
+    local err
     if jwt_cfg.hs256_secret_file then
-        hs_secret = assert(fs.read(jwt_cfg.hs256_secret_file)):gsub("%s+$", "")
+        hs_secret, err = read_secret(jwt_cfg.hs256_secret_file)
+        if not hs_secret then
+            refuse("bad auth.jwt.hs256_secret_file",
+                { path = jwt_cfg.hs256_secret_file, error = err })
+        end
+    elseif jwt_cfg.hs256_secret ~= nil then
+        hs_secret, err = M.check_secret(jwt_cfg.hs256_secret)
+        if not hs_secret then
+            refuse("bad auth.jwt.hs256_secret", { error = err })
+        end
     end
     if jwt_cfg.rs256_public_key_file then
-        rs_key = assert(fs.read(jwt_cfg.rs256_public_key_file))
+        rs_key, err = read_public_key(jwt_cfg.rs256_public_key_file)
+        if not rs_key then
+            refuse("bad auth.jwt.rs256_public_key_file",
+                { path = jwt_cfg.rs256_public_key_file, error = err })
+        end
     end
     if not hs_secret and not rs_key then
-        error("auth.jwt needs hs256_secret(_file) or rs256_public_key_file", 0)
+        refuse("auth.jwt needs hs256_secret(_file) or rs256_public_key_file")
     end
 end
+
+if cfg.keys_file and M.enabled then
+    local parsed, n = read_keys(cfg.keys_file)
+    if not parsed then
+        refuse("bad auth.keys_file", { path = cfg.keys_file, error = n })
+    end
+    keys = parsed
+    log.info("API keys loaded", { path = cfg.keys_file, keys = n, worker = core.worker_id() })
+end
+
+-- Re-reads the HS256 secret file; a bad version keeps the previous secret. true or nil, err.
+function M.reload_secret()
+    local path = jwt_cfg.hs256_secret_file
+    local secret, err = read_secret(path)
+    if not secret then
+        log.error("cannot load the HS256 secret file: keeping the previous secret",
+            { path = path, error = err })
+        return nil, err
+    end
+    hs_secret = secret
+    log.info("HS256 secret loaded", { path = path, worker = core.worker_id() })
+    return true
+end
+
+-- Re-reads the RS256 public key file; a bad version keeps the previous key. true or nil, err.
+function M.reload_public_key()
+    local path = jwt_cfg.rs256_public_key_file
+    local pem, err = read_public_key(path)
+    if not pem then
+        log.error("cannot load the RS256 public key file: keeping the previous key",
+            { path = path, error = err })
+        return nil, err
+    end
+    rs_key = pem
+    log.info("RS256 public key loaded", { path = path, worker = core.worker_id() })
+    return true
+end
+
+-- Starts watching the keys, secret and public key files (each worker keeps its own copy).
+-- Called from init.on_start.
+function M.start()
+    if not M.enabled or M.watches then
+        return
+    end
+    M.watches = {}
+    if cfg.keys_file then
+        M.watches[#M.watches + 1] = fs.watch(cfg.keys_file, M.reload_keys)
+    end
+    if jwt_cfg and jwt_cfg.hs256_secret_file then
+        M.watches[#M.watches + 1] = fs.watch(jwt_cfg.hs256_secret_file, M.reload_secret)
+    end
+    if jwt_cfg and jwt_cfg.rs256_public_key_file then
+        M.watches[#M.watches + 1] = fs.watch(jwt_cfg.rs256_public_key_file, M.reload_public_key)
+    end
+end
+
+-- ------------------------------------------------------------------ JWT
+
 local LEEWAY = (jwt_cfg and jwt_cfg.leeway) or 30
 local USER_CLAIM = (jwt_cfg and jwt_cfg.user_claim) or "sub"
 local ADMIN_CLAIM = jwt_cfg and jwt_cfg.admin_claim
@@ -258,15 +417,51 @@ function M.authenticate(req)
     return true
 end
 
+-- The user who owns a route: its `user`, or for a sandbox without one (unowned) the
+-- configured unowned_owner (nil: nobody but admins).
+function M.owner_of(route)
+    local user = route.user
+    if user == nil or user == "" then
+        return UNOWNED_OWNER
+    end
+    return user
+end
+local owner_of = M.owner_of
+
+-- May identity id reach `user`'s sandbox (its route, or nil when there is none)? Names compare
+-- exactly. Without a route the path's user decides (the router then answers 404).
+local function allowed(id, user, route)
+    if id == nil then
+        return false
+    end
+    if id.admin then
+        return true
+    end
+    if route then
+        local owner = owner_of(route)
+        return owner ~= nil and owner == id.user
+    end
+    return id.user == user
+end
+
 -- After authenticate: may the caller reach `user`'s sandbox `name`? Answers 403 and returns
--- false when not. Routers call it once they know whose sandbox a request is for.
-function M.may_access(req, user, name)
+-- false when not. Routers call it once they know whose sandbox a request is for; route is the
+-- sandbox's route (false: looked up, there is none; nil: looked up here).
+function M.may_access(req, user, name, route)
     if not M.enabled then
         return true
     end
+    if route == nil then
+        route = routes.get(user .. "/" .. name)
+    end
     local id = rawget(req, "ctx") and req.ctx.identity
-    if id and (id.admin or id.user == user) then
+    if allowed(id, user, route or nil) then
         return true
+    end
+    if route and owner_of(route) == nil then
+        req:respond(403, { error = "forbidden: this sandbox has no owner (admins only)",
+            path = user .. "/" .. name })
+        return false
     end
     req:respond(403, { error = "forbidden: this sandbox belongs to another user",
         path = user .. "/" .. name })
@@ -285,9 +480,9 @@ function M.check(req)
     return M.may_access(req, user, name)
 end
 
--- May this identity see this route (for /sandboxes)?
+-- May this identity see and reach this route (for /sandboxes and header routing)?
 function M.can_see(id, route)
-    return not M.enabled or (id ~= nil and (id.admin or route.user == id.user))
+    return not M.enabled or allowed(id, nil, route)
 end
 
 -- For admin-only endpoints (/metrics).

@@ -6,6 +6,8 @@
 --
 -- Mapping (../shared/KUBERNETES.md):
 --   key      = "{metadata.labels.user or 'default'}/{metadata.name}"
+--   user     = the user label; none for a sandbox without one (unowned: auth.lua lets only
+--              admins, or auth.unowned_owner, reach it; its path keeps the default_user segment)
 --   ready    = the Ready condition's status == "True"; reason = that condition's reason
 --   address  = status.podIPs[1] when ready, else status.serviceFQDN when non-empty, else none
 --              (never an invented <name>.<ns>.svc name: warm-pool sandboxes have no Service)
@@ -114,8 +116,9 @@ function M.to_route(obj)
         or "default"
     local labels = type(meta.labels) == "table" and meta.labels or {}
     local user = labels[USER_LABEL]
+    local owner = user
     if type(user) ~= "string" or user == "" then
-        user = DEFAULT_USER
+        user, owner = DEFAULT_USER, nil
     end
     local status = type(obj.status) == "table" and obj.status or {}
     local cond = ready_condition(status)
@@ -137,7 +140,7 @@ function M.to_route(obj)
         key = user .. "/" .. meta.name,
         namespace = namespace,
         name = meta.name,
-        user = user,
+        user = owner,
         address = address,
         port = port_of(meta),
         ready = ready,

@@ -5,8 +5,9 @@
 --   ready, no address        -> 503 {"error":"sandbox has no address","path":..} + Retry-After
 --   no user/sandbox in path  -> 400 with the expected form
 --   suspended or starting    -> held while wake.lua wakes it / waits for it, then forwarded
---   another user's sandbox   -> 403 when auth.lua is on (the path's user must be the caller's,
---                               unless the caller is an admin)
+--   another user's sandbox   -> 403 when auth.lua is on (the sandbox's owner must be the
+--                               caller, unless the caller is an admin; an unowned sandbox is
+--                               for admins and auth.unowned_owner only)
 -- The path is read by sandbox_path.lua (percent-decoded user and sandbox; unsafe segments are
 -- refused, so encoded tricks cannot reach another prefix).
 -- Config (config file section `router`): retry_after (seconds, default 2).
@@ -45,10 +46,10 @@ function M.handle(req)
     if not user then
         return req:respond(400, BAD_PATH)
     end
-    if not auth.may_access(req, user, name) then
-        return
-    end
     local r = routes.get(key)
+    if not auth.may_access(req, user, name, r or false) then
+        return -- 403 before the sandbox's existence or state is revealed
+    end
     if not r then
         return req:respond(404, { error = "sandbox not found", path = key })
     end

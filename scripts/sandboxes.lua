@@ -1,7 +1,8 @@
 -- sandboxes.lua: GET /sandboxes lists the routes:
 --   {"count":N,"sandboxes":[{"path":"alice/my-sandbox","namespace":..,"name":..,"user":..,
 --     "service":..,"address":..,"port":..,"ready":true,"reason":..,"conflict":..}, ...]}
--- sorted by path. Replace this script to restrict or reshape the listing.
+-- sorted by path; "user" is null for an unowned sandbox (no user label, see auth.lua).
+-- Replace this script to restrict or reshape the listing.
 local routes = require "sp.routes"
 local cjson = require "cjson"
 
@@ -12,7 +13,7 @@ local function entry(r)
         path = r.key,
         namespace = r.namespace,
         name = r.name,
-        user = r.user,
+        user = r.user or cjson.null, -- null: unowned (no user label)
         service = r.service or cjson.null,
         address = r.address or cjson.null,
         port = r.port,

@@ -9,7 +9,8 @@
 --   X-Sandbox-ID         required; a DNS-1123 label (a-z, 0-9, '-'; starts and ends with a
 --                        letter or digit; at most 63 characters)
 --   X-Sandbox-Namespace  default "default"; a DNS-1123 label too
---   X-Sandbox-Port       default `default_port` (8888); an integer 1..65535
+--   X-Sandbox-Port       default `default_port` (8888); an integer 1..65535. Any port is
+--                        accepted unless `allowed_ports` is set (see "Ports" below).
 --   X-Sandbox-Timeout    seconds (decimal, > 0); capped at `max_timeout` (180) and applied as
 --                        req:set_timeouts{ first_byte = t, idle = t }. An unparsable, zero or
 --                        negative value is ignored, as the official router ignores it.
@@ -28,11 +29,13 @@
 --   no such sandbox              -> 404
 --   known, not ready / no address-> 503 + Retry-After
 --   route index refreshing       -> 503 + Retry-After (see "Lookup" below)
---   another user's sandbox       -> 404, when auth.lua is enabled (see "Auth" below)
+--   another user's sandbox       -> 404, when auth.lua is enabled (see "Auth" below); also an
+--                                   unowned sandbox for a caller who is not an admin
 --   Upstream failures are answered by the runtime, not by this script: 502 (connect refused,
 --   sandbox closed the connection, bad response) and 504 (connect/first-byte/idle timeout).
 --   Those bodies are the runtime's own {"error": "...", "request_id": "..."}, NOT {"detail":..}.
---   401/403 for credentials come from auth.lua before this router runs, also as {"error":..}.
+--   401 for missing or wrong credentials comes from auth.authenticate (init.lua) before this
+--   router runs, as {"error":..}.
 --
 -- Lookup: routes are keyed "{user}/{name}" (discovery.lua), but clients name a sandbox by
 -- namespace and name. Scanning routes.list() per request is O(n), so this script keeps a
@@ -59,13 +62,28 @@
 --   (impossible for one Kubernetes object; possible with hand-written routes) resolve to the
 --   first key in sorted order.
 --
--- Auth: auth.lua (when enabled) authorizes a request by the user in its PATH, which names
--- nothing in header routing. So this script repeats the ownership check itself: after the
--- lookup, auth.can_see(req.ctx.identity, route) must hold (the route's user is the caller's,
--- or the caller is an admin), else the answer is the same 404 as for an unknown sandbox (no
--- way to probe other users' sandbox names). With auth enabled and no identity in req.ctx
--- (a custom init.lua that skipped auth.check), every header-routed request gets that 404:
--- it fails closed. Without auth.lua (or with it disabled) there is no check.
+-- Auth: init.lua runs auth.authenticate (credentials only, 401) before calling this handler;
+-- the ownership check of path routing lives in the built-in router (auth.may_access), which
+-- this file replaces. So this script does the ownership check itself: after the lookup,
+-- auth.can_see(req.ctx.identity, route) must hold (the caller owns the route, or is an
+-- admin), else the answer is the same 404 as for an unknown sandbox (no way to probe other
+-- users' sandbox names). The path plays no part in it: a header-routed
+-- `GET /download/tmp%2Fout.txt` is checked against the sandbox named by X-Sandbox-ID, not
+-- against "download". Sandboxes the SDK creates have no user label, so they are UNOWNED
+-- (auth.lua): with auth on only admins reach them, or the user named by
+-- `auth.unowned_owner`; label them (`user: <name>`) to give them to a user. With auth
+-- enabled and no identity in req.ctx (a custom init.lua that skipped auth.authenticate),
+-- every header-routed request gets that 404: it fails closed. Without auth.lua (or with it
+-- disabled) there is no check.
+--
+-- Ports: by default X-Sandbox-Port may name any port 1..65535, as the official router allows
+-- (SDK clients name the port their sandbox serves on). This is not a way out of the
+-- sandbox: the address is always the sandbox's own (from the route table), and with auth
+-- on only its owner or an admin gets that far (the port is checked before the lookup, the
+-- owner after it, and a refused owner check answers 404 whatever the port). A port only
+-- picks a listener inside the caller's own sandbox, which the sandbox's code can reach on
+-- localhost anyway. Set `allowed_ports` when the sandbox pods run listeners their users
+-- must not reach through the proxy (sidecars, debug ports): other ports then get 403.
 --
 -- Without X-Sandbox-ID the request goes to the built-in path router (/{user}/{sandbox}/...)
 -- when `fallback` is true, so both styles work behind one proxy; else 400.
@@ -76,7 +94,8 @@
 --       max_timeout = 180,          -- cap on X-Sandbox-Timeout (seconds)
 --       default_port = 8888,        -- port when X-Sandbox-Port is absent; "route": the
 --                                   -- route's port (annotation sandbox-proxy.dev/port)
---       allowed_ports = nil,        -- list of ports clients may name (nil: any 1..65535)
+--       allowed_ports = nil,        -- list of ports clients may name (nil: any 1..65535,
+--                                   -- only on the caller's own sandbox; see "Ports")
 --       retry_after = 2,            -- Retry-After of the 503 answers (seconds)
 --       index_min_interval = 0.25,  -- seconds between index rebuilds (per worker)
 --       index_cost_factor = 10,     -- ... and at least this many times the last rebuild
@@ -88,18 +107,12 @@
 --   * init.lua answers /health, /ready, /live, /sandboxes and /metrics itself before any
 --     router runs, so a header-routed request for a sandbox's own path of one of those
 --     names gets the proxy's endpoint, not the sandbox's.
---   * With auth enabled, auth.check runs before the router and compares the caller with the
---     first path segment whenever the path has two segments or more: a header-routed
---     `GET /download/tmp%2Fout.txt` from alice is refused 403 ("download" is not alice).
---     Paths of one segment (/execute, /upload, /) pass. Fixing that needs an auth.lua or
---     init.lua that skips the path check when X-Sandbox-ID is present (this router then does
---     the ownership check, above).
 --   * ratelimit.lua keys its "sandbox"/"user" limits and its per-sandbox concurrency limit
 --     on the PATH (/{user}/{sandbox}/...), so header-routed requests are limited per client
 --     only (or, for a path like /list/tmp, per a meaningless "list/tmp" key).
 --   * /healthz is not one of init.lua's open endpoints: it passes the rate limiter and, with
---     auth enabled, auth.check (401 without a credential) before reaching this router. Use
---     /live or /ready for probes, or add /healthz to init.lua's open endpoints.
+--     auth enabled, auth.authenticate (401 without a credential) before reaching this router.
+--     Use /live or /ready for probes, or add /healthz to init.lua's open endpoints.
 local routes = require "sp.routes"
 local config = require "sp.config"
 local core = require "sp.core"

@@ -86,6 +86,17 @@ describe("the command line", function()
         assert.matches("header_timeout", err)
     end)
 
+    it("--check reports untrusted credentials (an empty HS256 secret file)", function()
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/hs.secret", "\n"))
+        assert(process.write_file(dir .. "/c.lua", ("return { auth = { jwt = { "
+            .. "hs256_secret_file = %q } } }"):format(dir .. "/hs.secret")))
+        local code, out, err = run({ "--check", "--config", dir .. "/c.lua", "--sandboxes-file",
+            H.SOURCE_DIR .. "/scripts/demo/sandboxes.json" })
+        assert.are.equal(1, code, out .. err)
+        assert.matches("the HS256 secret is 0 bytes, at least 32 are required", err, 1, true)
+    end)
+
     it("takes knobs from a config file, with the command line winning", function()
         local dir = H.tmpdir()
         assert(process.write_file(dir .. "/c.lua",

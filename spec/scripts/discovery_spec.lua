@@ -86,7 +86,7 @@ describe("discovery.to_route", function()
     it("maps a warm-pool sandbox with no Service to its pod IP, service nil", function()
         local r = assert(discovery.to_route(fixture("v1beta1-warm-pool-no-service")))
         assert.are.equal("default/python-pool-x7k2p", r.key) -- no user label
-        assert.are.equal("default", r.user)
+        assert.is_nil(r.user) -- unowned
         assert.are.equal("python-pool-x7k2p", r.name)
         assert.are.equal("10.8.2.41", r.address)
         assert.is_nil(r.service)
@@ -143,17 +143,24 @@ describe("discovery.to_route", function()
         assert.are.equal("Running", discovery.to_route(obj).mode)
     end)
 
-    it("uses labels.user for the key, else 'default'", function()
+    it("uses labels.user for the key and owner, else 'default' and no owner", function()
         local obj = fixture("v1beta1-ready-with-service")
         obj.metadata.labels.user = "carol"
         assert.are.equal("carol/my-sandbox", discovery.to_route(obj).key)
+        assert.are.equal("carol", discovery.to_route(obj).user)
         obj.metadata.labels.user = ""
         assert.are.equal("default/my-sandbox", discovery.to_route(obj).key)
+        assert.is_nil(discovery.to_route(obj).user)
         obj.metadata.labels.user = cjson.null
         assert.are.equal("default/my-sandbox", discovery.to_route(obj).key)
+        assert.is_nil(discovery.to_route(obj).user)
         obj.metadata.labels = nil
         assert.are.equal("default/my-sandbox", discovery.to_route(obj).key)
-        assert.are.equal("default", discovery.to_route(obj).user)
+        -- unowned: not the user literally named "default" (auth.lua: admins only)
+        assert.is_nil(discovery.to_route(obj).user)
+        obj.metadata.labels = { user = "default" }
+        assert.are.equal("default/my-sandbox", discovery.to_route(obj).key)
+        assert.are.equal("default", discovery.to_route(obj).user) -- owned by "default"
     end)
 
     it("defaults the namespace to 'default'", function()

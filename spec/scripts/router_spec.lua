@@ -286,3 +286,84 @@ describe("router.handle", function()
         end
     end)
 end)
+
+describe("router.handle with auth.lua on", function()
+    local saved_auth, r, auth
+    local keys_path = os.tmpname()
+
+    setup(function()
+        local f = assert(io.open(keys_path, "wb"))
+        f:write('{"keys":[]}')
+        f:close()
+        saved_auth = package.loaded.auth
+        auth = testkit.load("auth", "auth", { keys_file = keys_path })
+        package.loaded.auth = auth
+        r = testkit.load("router", "router", nil)
+    end)
+
+    teardown(function()
+        package.loaded.auth = saved_auth
+        os.remove(keys_path)
+        testkit.clear_routes()
+    end)
+
+    before_each(function()
+        testkit.set_routes{
+            ["alice/sb"] = { address = "10.0.0.1" },
+            ["alice2/sb"] = { address = "10.0.0.2" },
+            ["ALICE/sb"] = { address = "10.0.0.3" },
+            ["alice /sb"] = { address = "10.0.0.4" },
+            ["al/sb"] = { address = "10.0.0.5" },
+            ["default/pool"] = { address = "10.0.0.6", user = false },
+            ["default/mine"] = { address = "10.0.0.7" },
+            ["bob/sleepy"] = { address = "10.0.0.8", ready = false },
+        }
+    end)
+
+    local function as(user, target, admin)
+        local req = testkit.request{ target = target }
+        req.ctx.identity = user and { user = user, admin = admin == true }
+        r.handle(req)
+        return req
+    end
+
+    it("uses the auth module it was given", function()
+        assert.is_true(auth.enabled)
+        assert.are.equal("10.0.0.1", as("alice", "/alice/sb/x").forwarded.host)
+    end)
+
+    it("never lets related user names stand for each other (403, nothing forwarded)", function()
+        local cases = {
+            { "alice", "/alice2/sb/x" }, { "alice", "/ALICE/sb/x" }, { "alice", "/%41LICE/sb/x" },
+            { "alice", "/alice%20/sb/x" }, { "alice", "/al/sb/x" }, { "alice2", "/alice/sb/x" },
+            { "alice2", "/al%69ce/sb/x" }, { "ALICE", "/alice/sb/x" }, { "alice ", "/alice/sb/x" },
+            { "al", "/alice/sb/x" },
+            -- no route: still 403 (not 404), so names cannot be probed
+            { "alice", "/alice2/ghost/x" }, { "alice", "/Alice/ghost/x" }, { "alice2", "/alice/ghost" },
+        }
+        for _, c in ipairs(cases) do
+            local req = as(c[1], c[2])
+            assert.is_nil(req.forwarded, c[1] .. " -> " .. c[2])
+            assert.are.equal(403, req.response.status, c[1] .. " -> " .. c[2])
+        end
+        assert.are.equal("10.0.0.1", as("alice", "/al%69ce/sb/x").forwarded.host)
+        assert.are.equal(404, as("alice", "/alice/ghost/x").response.status)
+    end)
+
+    it("answers 403 before revealing another user's sandbox state", function()
+        local req = as("alice", "/bob/sleepy/x")
+        assert.are.equal(403, req.response.status)
+        assert.are.equal("bob/sleepy", req.response.json.path)
+        assert.are.equal(503, as("bob", "/bob/sleepy/x").response.status)
+    end)
+
+    it("keeps an unowned sandbox for admins, not for a user named default", function()
+        local req = as("default", "/default/pool/x")
+        assert.are.equal(403, req.response.status)
+        assert.are.equal("forbidden: this sandbox has no owner (admins only)", req.response.json.error)
+        assert.is_nil(req.forwarded)
+        assert.are.equal("10.0.0.6", as("ops", "/default/pool/x", true).forwarded.host)
+        assert.are.equal("10.0.0.7", as("default", "/default/mine/x").forwarded.host)
+        assert.are.equal(403, as(nil, "/default/pool/x").response.status)
+    end)
+end)

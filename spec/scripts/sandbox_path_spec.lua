@@ -89,6 +89,19 @@ describe("sandbox_path.split", function()
         assert.are.same({ "a b", "c?d", "/e" }, S("/a%20b/c%3Fd/e"))
     end)
 
+    it("keeps the user's name byte for byte: no case folding, trimming or prefix", function()
+        -- auth.lua compares these names with the caller's exactly; related names stay apart
+        assert.are.same({ "ALICE", "sb", "/" }, S("/ALICE/sb"))
+        assert.are.same({ "ALICE", "sb", "/" }, S("/%41LICE/sb"))
+        assert.are.same({ "alIce", "sb", "/" }, S("/al%49ce/sb"))
+        assert.are.same({ "alice ", "sb", "/" }, S("/alice%20/sb"))
+        assert.are.same({ " alice", "sb", "/" }, S("/%20alice/sb"))
+        assert.are.same({ "alice\t", "sb", "/" }, S("/alice%09/sb"))
+        assert.are.same({ "alice2", "sb", "/" }, S("/alice2/sb"))
+        assert.are.same({ "al", "sb", "/" }, S("/al/sb"))
+        assert.are.same({ "alice", "sb", "/" }, S("/al%69ce/sb")) -- the same name, encoded
+    end)
+
     it("finds the segments in the path only, never in the query", function()
         assert.is_nil(split("/a?b/c"))
         assert.is_nil(split("/a?/b/c"))

@@ -37,6 +37,16 @@ describe("sandboxes listing", function()
         assert.are.equal(0, req.response.json.count)
     end)
 
+    it("shows an unowned sandbox's user as null", function()
+        testkit.set_routes{ ["default/pool"] = { address = "10.0.0.1", user = false },
+            ["default/mine"] = { address = "10.0.0.2" } }
+        local b = get().response.json
+        assert.are.equal("default/mine", b.sandboxes[1].path)
+        assert.are.equal("default", b.sandboxes[1].user)
+        assert.are.equal("default/pool", b.sandboxes[2].path)
+        assert.are.equal(cjson.null, b.sandboxes[2].user)
+    end)
+
     it("lists every route sorted by path with its fields", function()
         testkit.set_routes{
             ["bob/nightly"] = { namespace = "team-b", ready = false, reason = "SandboxSuspended",

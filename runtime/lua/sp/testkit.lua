@@ -371,7 +371,8 @@ function M.clear_routes()
     end
 end
 
--- Replaces the route table with the given map key -> route fields (defaults filled in).
+-- Replaces the route table with the given map key -> route fields (defaults filled in; the
+-- user from the key unless given, `user = false` for an unowned route).
 function M.set_routes(map)
     M.clear_routes()
     for key, r in pairs(map) do
@@ -379,7 +380,7 @@ function M.set_routes(map)
         routes.set(key, {
             namespace = r.namespace or "default",
             name = r.name or name,
-            user = r.user or user,
+            user = r.user == nil and user or r.user or nil,
             address = r.address,
             port = r.port or 8888,
             ready = r.ready ~= false,

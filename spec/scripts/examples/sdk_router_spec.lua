@@ -568,6 +568,42 @@ describe("sdk_router", function()
             assert.are.equal(404, req.response.status)
         end)
 
+        it("accepts any port by default, but only on the owner's own sandbox address", function()
+            -- the documented default (no allowed_ports): the port picks a listener inside the
+            -- caller's own sandbox; the owner check comes first and answers 404 whatever the port
+            local headers = { ["X-Sandbox-ID"] = "py", ["X-Sandbox-Namespace"] = "team-a",
+                ["X-Sandbox-Port"] = "22" }
+            local req = as(router, { user = "alice" }, headers)
+            assert.are.equal("10.0.0.8", req.forwarded.host)
+            assert.are.equal(22, req.forwarded.port)
+            for _, p in ipairs({ "22", "9000", "15000" }) do
+                headers["X-Sandbox-Port"] = p
+                req = as(router, { user = "bob" }, headers)
+                assert.are.equal(404, req.response.status, p)
+                assert.is_nil(req.forwarded, p)
+            end
+            local limited = load{ fallback = false, allowed_ports = { 9000 } }
+            headers["X-Sandbox-Port"] = "22"
+            req = as(limited, { user = "alice" }, headers)
+            assert.are.equal(403, req.response.status)
+            assert.is_nil(req.forwarded)
+        end)
+
+        it("keeps unowned (SDK-created, no user label) sandboxes for admins", function()
+            routes.set("default/pool", { namespace = "default", name = "pool",
+                address = "10.3.0.9", port = 8888, ready = true }) -- no user: unowned
+            local headers = { ["X-Sandbox-ID"] = "pool" }
+            local req = as(router, { user = "default" }, headers)
+            assert.are.equal(404, req.response.status)
+            assert.is_nil(req.forwarded)
+            assert.are.equal(404, as(router, { user = "alice" }, headers).response.status)
+            req = as(router, { user = "ops", admin = true }, headers)
+            assert.are.equal("10.3.0.9", req.forwarded.host)
+            -- a sandbox labelled user=default is that user's
+            assert.are.equal("10.0.0.7", as(router, { user = "default" },
+                { ["X-Sandbox-ID"] = "sb" }).forwarded.host)
+        end)
+
         it("checks nothing when auth is disabled", function()
             auth.enabled = false
             local req = as(router, nil, { ["X-Sandbox-ID"] = "py", ["X-Sandbox-Namespace"] = "team-a" })
