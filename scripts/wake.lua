@@ -247,9 +247,8 @@ end
 -- later change to a running spec is a wake under way, whoever PATCHed.
 local was_suspended = {}
 
--- Discovery calls this (worker 0) when a route changed: keeps the shared wake marks and wakes
--- the requests held for it on every worker.
-function M.route_changed(key)
+-- Keeps the shared marks of key after its route changed (see the top of this file).
+local function update_marks(key)
     local r = routes.get(key)
     if not r or r.ready or TERMINAL[r.reason] then
         was_suspended[key] = nil
@@ -265,6 +264,14 @@ function M.route_changed(key)
             dict:set("waking:" .. key, true, WAKE_TTL)
         end
         was_suspended[key] = nil
+    end
+end
+
+-- Discovery calls this (worker 0) when a route changed: keeps the shared wake marks (only
+-- when waking is on) and wakes the requests held for it on every worker.
+function M.route_changed(key)
+    if M.enabled then
+        update_marks(key)
     end
     if (dict:get("held:" .. key) or 0) > 0 then
         core.post(-1, "route", key)

@@ -209,6 +209,13 @@ describe("wake.lua", function()
             assert.is_nil(dict:get("patching:" .. KEY))
         end)
 
+        it("keeps no marks when waking is off", function()
+            local w = load{ wait_starting = true }
+            set_route("accepted")
+            w.route_changed(KEY)
+            assert.is_nil(dict:get("waking:" .. KEY))
+        end)
+
         it("drops the marks when the sandbox is deleted, and signals held requests", function()
             local w = load{ enabled = true }
             dict:set("waking:" .. KEY, true, 60)
