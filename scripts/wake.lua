@@ -83,7 +83,7 @@ M.TERMINAL = TERMINAL
 -- How long a wake is remembered (waking:<key>) and a PATCH claim (patching:<key>) kept.
 local WAKE_TTL = PATCH_TIMEOUT + MAX_WAIT
 -- How long a failed PATCH is answered from memory before the next request tries again.
-local FAIL_TTL = tonumber(RETRY_AFTER) or 5
+local FAIL_TTL = math.max(1, tonumber(RETRY_AFTER) or 5) -- (a TTL of 0 would never expire)
 
 -- Suspended: what a PATCH to Running wakes (spec.operatingMode Suspended, or replicas 0).
 function M.is_suspended(r)
