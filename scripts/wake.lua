@@ -1,11 +1,24 @@
 -- wake.lua: wake on request and idle suspend.
 --
 -- Wake on request: a request for a sandbox that is suspended (spec.operatingMode Suspended in
--- v1beta1, spec.replicas 0 in v1alpha1, or Ready=False with reason SandboxSuspended) makes the
--- proxy send ONE merge-PATCH setting it running again (shared by every request and worker:
--- the first to claim it in the "wake" shared dict asks worker 0, which owns the Kubernetes
--- client), and holds the request until the watch reports Ready=True, then proxies it. A
--- sandbox that is starting (Ready=False, DependenciesNotReady) can be waited for the same way.
+-- v1beta1, spec.replicas 0 in v1alpha1) makes the proxy send ONE merge-PATCH setting it
+-- running again (shared by every request and worker: the first to claim it in the "wake"
+-- shared dict asks worker 0, which owns the Kubernetes client), and holds the request until the
+-- watch reports Ready=True, then proxies it. The whole start is held, not only its first step:
+-- after the PATCH the controller first leaves the status suspended (spec Running, Ready=False
+-- SandboxSuspended), then writes Ready=False DependenciesNotReady while the pod starts, then
+-- Ready=True. A sandbox is "waking" (held, never PATCHed again) when
+--   * its spec says running but its status still says SandboxSuspended (a PATCH, this
+--     replica's or another's, is taking effect), or
+--   * it is starting (DependenciesNotReady) and the shared mark waking:<key> says a wake is
+--     under way: set when this proxy claims the PATCH, and by worker 0's route_changed when the
+--     watch shows the sandbox leave the suspended state (so another replica's wake counts too);
+--     cleared when it is Ready, terminal or deleted, and expiring after patch_timeout + max_wait.
+-- A sandbox starting for another reason (just created, pod restarted) is held only with
+-- wait_starting. A PATCH that fails (403 without the wake RBAC, 404, 409, 5xx, no answer) is
+-- logged once ("cannot wake the sandbox") and the requests held for it, and those arriving in
+-- the next retry_after seconds, get 503 {"error":"sandbox wake failed","path":..,"status":N}
+-- with Retry-After (status 0: no answer); the next request after that tries again.
 -- Bounded: at most max_held_per_sandbox held requests per sandbox and max_held in total; past
 -- that, or at the deadline, 503 {"error":"sandbox waking","path":..} with Retry-After. A
 -- client that disconnects while held is released at once. Terminal reasons (PodFailed,
@@ -22,10 +35,11 @@
 -- Off by default: waking needs `patch` on sandboxes (apply k8s/rbac-wake.yaml), so it is
 -- enabled in the config together with that role. Config (section `wake`; defaults shown):
 --   enabled = false,            -- wake suspended sandboxes on request (and idle suspend)
---   wait_starting = false,      -- hold requests for sandboxes that are starting
+--   wait_starting = false,      -- also hold sandboxes starting for another reason than a wake
 --   max_wait = 60,              -- seconds a request may be held (capped by its own deadline)
 --   max_held_per_sandbox = 100, max_held = 1000,
---   retry_after = 5,            -- Retry-After of the 503 "sandbox waking"
+--   retry_after = 5,            -- Retry-After of the 503s; how long a failed PATCH is remembered
+--   patch_timeout = 15,         -- seconds for the PATCH to the API server
 --   idle_suspend = true,        -- honour the idle-timeout annotation (when enabled)
 --   check_interval = 5,         -- seconds between idle checks (worker 0)
 --   activity_interval = 30,     -- at most one activity annotation write per sandbox per this
@@ -64,6 +78,12 @@ local sp_dict = assert(shared.dict("sp"))
 local DICT = shared.dict("wake") and "wake" or "sp"
 
 local TERMINAL = { PodFailed = true, SandboxExpired = true, PodSucceeded = true }
+M.TERMINAL = TERMINAL
+
+-- How long a wake is remembered (waking:<key>) and a PATCH claim (patching:<key>) kept.
+local WAKE_TTL = PATCH_TIMEOUT + MAX_WAIT
+-- How long a failed PATCH is answered from memory before the next request tries again.
+local FAIL_TTL = math.max(1, tonumber(RETRY_AFTER) or 5) -- (a TTL of 0 would never expire)
 
 -- Suspended: what a PATCH to Running wakes (spec.operatingMode Suspended, or replicas 0).
 function M.is_suspended(r)
@@ -76,8 +96,31 @@ function M.is_waking(r)
     return not r.ready and r.mode ~= "Suspended" and r.reason == "SandboxSuspended"
 end
 
+-- Starting: spec says Running, the pod is not ready yet.
 function M.is_starting(r)
     return not r.ready and r.mode ~= "Suspended" and r.reason == "DependenciesNotReady"
+end
+
+-- What to do with a request for route r (pure, apart from reading the shared marks):
+--   "wake"  PATCH it running (once, shared) and hold the request
+--   "hold"  hold the request: a wake is under way, or it is starting and wait_starting is on
+--   nil     do not hold: the caller answers (ready, terminal, disabled, starting unasked)
+function M.decide(r)
+    if r.ready or TERMINAL[r.reason] then
+        return nil
+    end
+    if M.enabled then
+        if M.is_suspended(r) then
+            return "wake"
+        end
+        if M.is_waking(r) or (M.is_starting(r) and dict:get("waking:" .. r.key)) then
+            return "hold"
+        end
+    end
+    if M.wait_starting and M.is_starting(r) then
+        return "hold"
+    end
+    return nil
 end
 
 -- The API path of a route's Sandbox.
@@ -92,12 +135,26 @@ local function waking(req, key)
         { ["Retry-After"] = RETRY_AFTER })
 end
 
+local function wake_failed(req, key, status)
+    return req:respond(503, { error = "sandbox wake failed", path = key, status = status },
+        { ["Retry-After"] = RETRY_AFTER })
+end
+
 -- ------------------------------------------------------------------ wake on request
 
--- Worker 0: PATCH the sandbox running (one request at a time per sandbox).
-local function patch_running(key)
+local HINTS = {
+    [403] = "the proxy may not patch sandboxes: apply k8s/rbac-wake.yaml",
+    [404] = "the sandbox is gone",
+    [409] = "the sandbox changed meanwhile",
+}
+
+-- Worker 0: PATCH the sandbox running (one request at a time per sandbox: the caller holds
+-- patching:<key>). On failure: one log line, the failure remembered for retry_after seconds
+-- (wakefail:<key>) and the held requests woken to answer it.
+function M.patch_running(key)
     local r = routes.get(key)
     if not r or not M.is_suspended(r) then
+        dict:delete("patching:" .. key)
         return
     end
     local path, version = sandbox_path(r)
@@ -106,26 +163,39 @@ local function patch_running(key)
     local status, resp = k8s.request{ method = "PATCH", path = path, body = body,
         content_type = "application/merge-patch+json", timeout = PATCH_TIMEOUT }
     if status and status >= 200 and status < 300 then
+        -- patching:<key> stays until the watch shows the new spec (route_changed): a request
+        -- arriving before that must not PATCH again
         sp_dict:incr("m:wakes", 1, 0)
         log.info("woke a suspended sandbox", { key = key, namespace = r.namespace, name = r.name })
-    else
-        dict:delete("patching:" .. key) -- let a later request try again
-        log.error("cannot wake the sandbox", { key = key, status = status,
-            error = status and (cjson.decode(resp or "") or {}).message or resp })
+        return
     end
+    local code = tonumber(status) or 0
+    local message = status and type(resp) == "string" and (cjson.decode(resp) or {}).message
+        or resp
+    dict:set("wakefail:" .. key, code, FAIL_TTL)
+    dict:delete("waking:" .. key)
+    dict:delete("patching:" .. key)
+    log.error("cannot wake the sandbox", { key = key, namespace = r.namespace, name = r.name,
+        status = code, error = message, hint = HINTS[code] or (code >= 500 and
+            "the API server failed" or code == 0 and "no answer from the API server" or nil) })
+    core.post(-1, "route", key)
 end
 
 -- Holds the request until the sandbox is ready (waking it when suspended). Returns true if
--- it answered or forwarded, false to let the caller answer (terminal or disabled).
+-- it answered or forwarded, false to let the caller answer (terminal, disabled, not held).
 -- forward(req, route) is how the caller proxies a ready route.
 function M.handle(req, r, forward)
     local key = r.key
-    if TERMINAL[r.reason] then
+    local action = M.decide(r)
+    if not action then
         return false
     end
-    local suspended = M.is_suspended(r)
-    if not (((suspended or M.is_waking(r)) and M.enabled) or (M.is_starting(r) and M.wait_starting)) then
-        return false
+    if action == "wake" then
+        local failed = dict:get("wakefail:" .. key)
+        if failed then
+            wake_failed(req, key, failed)
+            return true
+        end
     end
     if not core.in_task() then
         return false -- not in a request's own coroutine (e.g. sp.testkit unit tests): no holding
@@ -137,7 +207,8 @@ function M.handle(req, r, forward)
     end
     local deadline = core.monotonic() + min(MAX_WAIT, req.ctx.deadline or MAX_WAIT)
     while true do
-        if suspended and dict:add("patching:" .. key, true, PATCH_TIMEOUT + MAX_WAIT) then
+        if action == "wake" and dict:add("patching:" .. key, true, WAKE_TTL) then
+            dict:set("waking:" .. key, true, WAKE_TTL)
             core.post(0, "wake", key)
         end
         local left = deadline - core.monotonic()
@@ -145,10 +216,15 @@ function M.handle(req, r, forward)
             waking(req, key)
             return true
         end
-        -- wake up at least every 2 s: a PATCH that failed is then tried again
+        -- wake up at least every 2 s (a lost signal costs at most that)
         local ok, err = core.wait("route:" .. key, min(left, 2))
         if not ok and err and err:find("ECONNRESET", 1, true) then
             return true -- the client went away: nothing to answer
+        end
+        local failed = dict:get("wakefail:" .. key)
+        if failed then
+            wake_failed(req, key, failed)
+            return true
         end
         r = routes.get(key)
         if not r then
@@ -161,16 +237,45 @@ function M.handle(req, r, forward)
         if TERMINAL[r.reason] then
             return false
         end
-        suspended = M.is_suspended(r)
+        -- once held, held through the whole start (whatever the status says meanwhile);
+        -- suspended again (spec): woken again, through the shared claim
+        action = M.is_suspended(r) and "wake" or "hold"
     end
 end
 
--- Discovery calls this when a route changed: wake the requests held for it on every worker.
+-- Keys whose last route was suspended (worker 0, where discovery calls route_changed): a
+-- later change to a running spec is a wake under way, whoever PATCHed.
+local was_suspended = {}
+
+-- Keeps the shared marks of key after its route changed (see the top of this file).
+local function update_marks(key)
+    local r = routes.get(key)
+    if not r or r.ready or TERMINAL[r.reason] then
+        was_suspended[key] = nil
+        dict:delete("waking:" .. key)
+        dict:delete("patching:" .. key)
+    elseif M.is_suspended(r) then
+        -- a PATCH in flight keeps its claim until the watch shows the new spec
+        was_suspended[key] = true
+    else
+        -- spec running, not ready: the PATCH (if any) has landed
+        dict:delete("patching:" .. key)
+        if M.is_waking(r) or was_suspended[key] then
+            dict:set("waking:" .. key, true, WAKE_TTL)
+        end
+        was_suspended[key] = nil
+    end
+end
+
+-- Discovery calls this (worker 0) when a route changed: keeps the shared wake marks (only
+-- when waking is on) and wakes the requests held for it on every worker.
 function M.route_changed(key)
+    if M.enabled then
+        update_marks(key)
+    end
     if (dict:get("held:" .. key) or 0) > 0 then
         core.post(-1, "route", key)
     end
-    dict:delete("patching:" .. key)
 end
 
 -- ------------------------------------------------------------------ activity and idle suspend
@@ -282,7 +387,7 @@ function M.start()
     if core.worker_id() ~= 0 or not k8s.configured() then
         return
     end
-    core.on("wake", patch_running)
+    core.on("wake", M.patch_running)
     core.on("activity", write_activity)
     if IDLE then
         timer.every(CHECK_INTERVAL, M.check_idle)
