@@ -401,6 +401,8 @@ static void on_conn_timer(uv_timer_t *t)
         }
         break;
     case T_SEND:
+        sp_log(SP_LOG_INFO, "client send timeout", "s:client", c->peer_ip, "s:request_id",
+               c->req ? c->req->id : NULL, "d:send_timeout", sp_cfg.send_timeout, NULL);
         if (c->req)
             c->req->error = SP_ERR_CLIENT_TIMEOUT;
         sp_conn_close(c);
