@@ -2,8 +2,9 @@
 -- 1 GiB upload whose proxy RSS stays bounded, 1 MiB downloads, SSE events arriving one by one.
 -- Backpressure both ways: a sandbox that reads an upload slowly and a client that reads a
 -- download slowly are not buffered for (proxy RSS bounded, bytes intact). send_timeout: a
--- client that stops reading is cut off and its sandbox connection released; a slow client
--- that keeps reading is not (send_timeout bounds each wait for the client, not the download).
+-- client that stops reading is cut off and its sandbox connection released, even while it
+-- trickles bytes of its own; a slow client that keeps reading is not (send_timeout bounds each
+-- wait for the client, not the download).
 -- Memory bounds are generous thresholds on RSS growth, never on time.
 local H = require "spec.helpers.proxy"
 local socket = require "socket"
@@ -275,5 +276,39 @@ describe("streaming to slow clients", function()
         assert.is_nil(body)
         assert.matches("body bytes still expected", err)
         resp:close()
+    end)
+
+    it("cuts off a client that stops reading even while it keeps sending bytes", function()
+        -- the bytes the client trickles (the start of a pipelined request) are no progress of
+        -- the response: they must not push the send deadline back
+        local total = 256 * MIB + 1
+        local path = "/alice/stall/bytes/" .. total
+        local function cut_offs()
+            local n = 0
+            for _, l in ipairs(px:log_lines()) do
+                if l.msg == "client send timeout" then
+                    n = n + 1
+                end
+            end
+            return n
+        end
+        local before = cut_offs()
+        local c = assert(px:connect{ timeout = 10 })
+        local resp = assert(c:stream{ path = path })
+        assert.are.equal(200, resp.status)
+        local t0 = socket.gettime()
+        local cut
+        for _ = 1, 40 do -- a byte every 0.25 s for up to 10 s, ten times send_timeout
+            socket.sleep(0.25)
+            if cut_offs() > before or not c:send_raw("G") then
+                cut = socket.gettime() - t0
+                break
+            end
+        end
+        c:close()
+        assert.is_truthy(cut, "the client was not cut off in 10 s")
+        H.net.wait_until(function()
+            return stall.stats().open == 1
+        end, 10, 0.05, "the sandbox connection closed")
     end)
 end)
