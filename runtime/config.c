@@ -59,7 +59,8 @@ static const knob_t knobs[] = {
     {"body_timeout", K_DOUBLE, O(body_timeout), "60", 0.01, 86400,
      "longest gap in seconds between two reads of a request body"},
     {"send_timeout", K_DOUBLE, O(send_timeout), "60", 0.01, 86400,
-     "longest time in seconds a client may take to accept more response bytes"},
+     "longest time in seconds a client may take to accept more response bytes (closed and "
+     "logged beyond)"},
     {"lingering_timeout", K_DOUBLE, O(lingering_timeout), "2", 0, 60,
      "seconds to drain a client's unread input after an error response before closing"},
     {"keepalive_requests", K_INT, O(keepalive_requests), "10000", 1, 100000000,

@@ -371,8 +371,11 @@ static void on_conn_timer(uv_timer_t *t)
     int kind = c->timer_kind;
     if (kind == T_NONE)
         return; /* cleared since it was armed */
-    /* Inactivity timeouts count from the last read; the others from when they were set. */
-    bool idle_kind = kind == T_KEEPALIVE || kind == T_BODY || kind == T_SEND;
+    /* Inactivity timeouts count from the last read; the others from when they were set. The
+     * send timeout is set anew for each write the client has to make room for: bytes the client
+     * sends meanwhile are no progress (a client that trickles them while reading nothing would
+     * otherwise hold its connection and its sandbox connection for ever). */
+    bool idle_kind = kind == T_KEEPALIVE || kind == T_BODY;
     uint64_t deadline = (idle_kind ? c->last_active : c->timer_start) + c->timer_ms;
     if (now < deadline) {
         uv_timer_start(&c->timer, on_conn_timer, deadline - now, 0);
@@ -401,6 +404,8 @@ static void on_conn_timer(uv_timer_t *t)
         }
         break;
     case T_SEND:
+        sp_log(SP_LOG_INFO, "client send timeout", "s:client", c->peer_ip, "s:request_id",
+               c->req ? c->req->id : NULL, "d:send_timeout", sp_cfg.send_timeout, NULL);
         if (c->req)
             c->req->error = SP_ERR_CLIENT_TIMEOUT;
         sp_conn_close(c);

@@ -1,9 +1,19 @@
 -- Bodies in both directions: Content-Length and chunked uploads, Expect: 100-continue, a
--- 1 GiB upload whose proxy RSS stays bounded, 1 MiB downloads, SSE events arriving one by one,
--- and a slow client that the proxy must not buffer for.
+-- 1 GiB upload whose proxy RSS stays bounded, 1 MiB downloads, SSE events arriving one by one.
+-- Backpressure both ways: a sandbox that reads an upload slowly and a client that reads a
+-- download slowly are not buffered for (proxy RSS bounded, bytes intact). send_timeout: a
+-- client that stops reading is cut off and its sandbox connection released, even while it
+-- trickles bytes of its own; a slow client that keeps reading is not (send_timeout bounds each
+-- wait for the client, not the download).
+-- Memory bounds are generous thresholds on RSS growth, never on time.
 local H = require "spec.helpers.proxy"
 local socket = require "socket"
 local cjson = require "cjson"
+
+local MIB = 1024 * 1024
+local SLOW_TOTAL = 128 * MIB    -- the slow transfers: far more than socket buffers hold
+local SLOW_RATE = 32 * MIB      -- bytes/s of the slow side: about 4 s for SLOW_TOTAL
+local SLOW_GROWTH_KIB = 32 * 1024 -- allowed proxy RSS growth; without backpressure ~100 MiB
 
 -- The fixture's byte pattern (byte i = i % 251), produced in blocks.
 local function pattern(n)
@@ -14,6 +24,21 @@ local function pattern(n)
     local block = table.concat(t)
     local reps = math.ceil(n / 251)
     return (block:rep(reps)):sub(1, n)
+end
+
+-- checks that data is the pattern from offset off on; returns true or nil, message
+local function is_pattern_at(data, off)
+    local ref = pattern(251 * 300) -- 75 KiB
+    local pos = 1
+    while pos <= #data do
+        local n = math.min(#data - pos + 1, #ref - 251)
+        local phase = (off + pos - 1) % 251
+        if data:sub(pos, pos + n - 1) ~= ref:sub(phase + 1, phase + n) then
+            return nil, "bytes differ from the pattern in " .. (off + pos - 1) .. ".." .. (off + pos + n - 2)
+        end
+        pos = pos + n
+    end
+    return true
 end
 
 describe("streaming", function()
@@ -114,6 +139,37 @@ describe("streaming", function()
         assert(resp:read_all(10))
     end)
 
+    it("stops reading an upload while the sandbox reads slowly: bounded memory, intact", function()
+        -- the client sends as fast as it can, the sandbox reads SLOW_RATE
+        local block = pattern(251 * 1024) -- a whole number of pattern periods
+        local sent = 0
+        local base = assert(px:rss_kib())
+        local peak = base
+        local r = assert(px:request{ method = "POST",
+            path = "/alice/sb/sink?rate_kbps=" .. math.floor(SLOW_RATE / 1024),
+            headers = { { "Content-Length", tostring(SLOW_TOTAL) } },
+            body_source = function()
+                if sent >= SLOW_TOTAL then
+                    peak = math.max(peak, px:rss_kib() or 0) -- all sent: the most a proxy could hold
+                    return nil
+                end
+                local piece = block:sub(1, math.min(#block, SLOW_TOTAL - sent))
+                sent = sent + #piece
+                if sent % (4 * MIB) < #piece then
+                    peak = math.max(peak, px:rss_kib() or 0)
+                end
+                return piece
+            end, timeout = 120 })
+        assert.are.equal(200, r.status)
+        local e = cjson.decode(r.body)
+        assert.are.equal(SLOW_TOTAL, e.bytes)
+        local want = cjson.decode(assert(px:get("/alice/sb/pattern-sha/" .. SLOW_TOTAL)).body)
+        assert.are.equal(want.sha256, e.sha256)
+        print(("\nslow-sandbox upload: proxy RSS %d KiB before, peak %d KiB"):format(base, peak))
+        assert.is_true(peak - base < SLOW_GROWTH_KIB,
+            "proxy RSS grew from " .. base .. " to " .. peak .. " KiB")
+    end)
+
     it("streams a 1 GiB upload with bounded proxy memory", function()
         local block = string.rep("0123456789abcdef", 16384) -- 256 KiB
         local sent, total = 0, 1024 * 1024 * 1024
@@ -138,5 +194,125 @@ describe("streaming", function()
         assert.is_true(peak - base < 32 * 1024,
             "proxy RSS grew from " .. base .. " to " .. peak .. " KiB")
         print(("\n1 GiB upload: proxy RSS %d KiB before, peak %d KiB"):format(base, peak))
+    end)
+end)
+
+describe("streaming to slow clients", function()
+    local up, stall, px
+
+    setup(function()
+        up = H.upstream{ name = "slow" }
+        stall = H.upstream{ name = "stall" } -- only the stalled download uses it
+        px = H.start{ sandboxes = { H.sandbox("alice", "sb", up.port),
+            H.sandbox("alice", "stall", stall.port) }, set = { send_timeout = 1 } }
+    end)
+
+    teardown(function()
+        H.stop_all()
+    end)
+
+    it("stops reading from the sandbox while the client reads slowly, and does not cut off a " ..
+        "client slower than send_timeout in total: bounded memory, intact", function()
+        -- 128 MiB at 32 MiB/s: about 4 s, four times send_timeout, with the proxy waiting for
+        -- the client nearly all the time (the sandbox sends far faster)
+        local base = assert(px:rss_kib())
+        local peak = base
+        local resp = assert(H.http.stream{ port = px.port, path = "/alice/sb/bytes/" .. SLOW_TOTAL,
+            timeout = 10 })
+        assert.are.equal(200, resp.status)
+        assert.are.equal(tostring(SLOW_TOTAL), resp.headers["content-length"])
+        local got, next_sample = 0, 0
+        local t0 = socket.gettime()
+        while true do
+            local data, err = resp:next_chunk(10)
+            if not data then
+                assert.is_nil(err, "after " .. got .. " bytes: " .. tostring(err))
+                break
+            end
+            assert(is_pattern_at(data, got))
+            got = got + #data
+            if got >= next_sample then
+                peak = math.max(peak, px:rss_kib() or 0)
+                next_sample = got + 4 * MIB
+            end
+            local ahead = got / SLOW_RATE - (socket.gettime() - t0)
+            if ahead > 0 then
+                socket.sleep(ahead) -- the slow reader: SLOW_RATE at most
+            end
+        end
+        resp:close()
+        assert.are.equal(SLOW_TOTAL, got)
+        print(("\nslow-client download: proxy RSS %d KiB before, peak %d KiB"):format(base, peak))
+        assert.is_true(peak - base < SLOW_GROWTH_KIB,
+            "proxy RSS grew from " .. base .. " to " .. peak .. " KiB")
+    end)
+
+    it("closes the connection of a client that stops reading after send_timeout, logs it and " ..
+        "releases the sandbox connection", function()
+        local total = 256 * MIB -- far more than the socket buffers between the three hold
+        local path = "/alice/stall/bytes/" .. total
+        -- open counts the stats connection itself (an earlier one may take a moment to go)
+        H.net.wait_until(function()
+            return stall.stats().open == 1
+        end, 10, 0.05, "no connection to the sandbox")
+        local resp = assert(H.http.stream{ port = px.port, path = path, timeout = 10 })
+        assert.are.equal(200, resp.status)
+        H.net.wait_until(function()
+            return stall.stats().open == 2
+        end, 10, 0.05, "the proxy's connection, busy sending")
+        -- the client reads nothing more: the proxy's write waits, then send_timeout ends it
+        local line = px:wait_log(function(l)
+            return l.path == path and l.error
+        end, 20, "stdout")
+        assert.are.equal("client timeout", line.error)
+        assert.are.equal(200, line.status)
+        assert.is_true(line.bytes_out < total)
+        -- and one line on stderr for the event, naming the request
+        local ev = px:wait_log(function(l)
+            return l.msg == "client send timeout" and l.request_id == line.request_id
+        end, 5)
+        assert.are.equal("127.0.0.1", ev.client)
+        H.net.wait_until(function()
+            return stall.stats().open == 1
+        end, 10, 0.05, "the sandbox connection closed")
+        -- the client gets what the sockets still held, then the end of the connection
+        local body, err = resp:read_all(30)
+        assert.is_nil(body)
+        assert.matches("body bytes still expected", err)
+        resp:close()
+    end)
+
+    it("cuts off a client that stops reading even while it keeps sending bytes", function()
+        -- the bytes the client trickles (the start of a pipelined request) are no progress of
+        -- the response: they must not push the send deadline back
+        local total = 256 * MIB + 1
+        local path = "/alice/stall/bytes/" .. total
+        local function cut_offs()
+            local n = 0
+            for _, l in ipairs(px:log_lines()) do
+                if l.msg == "client send timeout" then
+                    n = n + 1
+                end
+            end
+            return n
+        end
+        local before = cut_offs()
+        local c = assert(px:connect{ timeout = 10 })
+        local resp = assert(c:stream{ path = path })
+        assert.are.equal(200, resp.status)
+        local t0 = socket.gettime()
+        local cut
+        for _ = 1, 40 do -- a byte every 0.25 s for up to 10 s, ten times send_timeout
+            socket.sleep(0.25)
+            if cut_offs() > before or not c:send_raw("G") then
+                cut = socket.gettime() - t0
+                break
+            end
+        end
+        c:close()
+        assert.is_truthy(cut, "the client was not cut off in 10 s")
+        H.net.wait_until(function()
+            return stall.stats().open == 1
+        end, 10, 0.05, "the sandbox connection closed")
     end)
 end)
