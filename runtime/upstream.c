@@ -779,6 +779,15 @@ static int rcb_status(llhttp_t *p, const char *at, size_t len)
     sp_request_t *r = u->req;
     if (resp_limit(u, len))
         return HPE_USER;
+    /* RFC 9112 4: HTAB, SP, VCHAR and obs-text only; llhttp lets control bytes (NUL) through,
+     * and the phrase is relayed to the client */
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)at[i];
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) {
+            llhttp_set_error_reason(p, "control byte in the reason phrase");
+            return HPE_USER;
+        }
+    }
     sp_buf_add(&r->resp_head, at, len);
     r->reason_len += (uint32_t)len;
     return 0;
