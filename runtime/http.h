@@ -27,6 +27,38 @@ typedef struct sp_hdr {
     uint32_t value_off, value_len;
 } sp_hdr_t;
 
+/*
+ * Obsolete line folding (RFC 9112 5.2) detector for llhttp's header callbacks. llhttp accepts a
+ * folded value and hands it over without the line break, even when the first line is empty
+ * ("X-A:\r\n folded"); what gives a fold away is the bytes llhttp skipped between header
+ * pieces. The state spans parser runs (a fold may straddle two reads). Call sp_fold_run before
+ * each llhttp_execute, sp_fold_field from the field callback, sp_fold_value from the value
+ * callback, and sp_fold_skip(run end) after a run that ended inside a header block.
+ */
+typedef struct sp_fold {
+    const char *mark;  /* end of the last header piece in this run, or the run's start */
+    uint32_t gap;      /* bytes skipped since the last non-empty piece */
+    bool lf;           /* a LF was among them */
+    bool after_lf;     /* and some byte came after that LF */
+} sp_fold_t;
+
+static inline void sp_fold_run(sp_fold_t *f, const char *start) { f->mark = start; }
+void sp_fold_skip(sp_fold_t *f, const char *to);
+void sp_fold_field(sp_fold_t *f, const char *end);
+/* Returns true if the value piece at..at+len follows a fold; `continuation`: the header's value
+ * already has bytes (a later piece must follow the earlier one with no byte skipped). */
+bool sp_fold_value(sp_fold_t *f, const char *at, size_t len, bool continuation);
+
+/* Headers that frame or route a message: never hop-by-hop, so a Connection header that lists one
+ * is refused (400 for a request, 502 for a response) instead of the header being dropped while
+ * the message is still framed by it (request smuggling, a response planted on a pooled
+ * connection). */
+bool sp_framing_header(const char *name, size_t len);
+/* The first header of hdrs[0..n) (names and values in base) named in a Connection header that
+ * sp_framing_header protects, or NULL; *len gets its length. Every Connection header counts. */
+const char *sp_connection_lists_framing(const char *base, const sp_hdr_t *hdrs, uint32_t n,
+                                        size_t *len);
+
 typedef enum {
     SP_DECIDE_NONE = 0,
     SP_DECIDE_RESPOND,
@@ -182,7 +214,7 @@ struct sp_conn {
     int peer_port;
     uint32_t nrequests;
     int err_status;        /* set by parser callbacks: 414, 431, 413 */
-    const char *value_end; /* end of the last header value piece in this parser run */
+    sp_fold_t fold;        /* obs-fold detection over the request head */
     int handles;           /* open uv handles (tcp, timer) still to close */
     bool reading;
     bool eof;
@@ -213,7 +245,7 @@ struct sp_upconn {
     sp_request_t *req;
     int state;
     int rflags;            /* response parse progress (upstream.c RESP_*) */
-    const char *value_end; /* end of the last response header value piece in this run */
+    sp_fold_t fold;        /* obs-fold detection over the response head */
     int handles;
     uint32_t nrequests;
     bool reused;

@@ -217,6 +217,67 @@ static bool header_bytes_ok(const char *s, size_t n, bool name)
     return !name || n > 0;
 }
 
+/* ---------------------------------------------------------------- framing checks */
+
+void sp_fold_skip(sp_fold_t *f, const char *to)
+{
+    if (!f->mark || to <= f->mark)
+        return;
+    for (const char *q = f->mark; q < to; q++) {
+        if (f->lf)
+            f->after_lf = true;
+        if (*q == '\n')
+            f->lf = true;
+    }
+    f->gap += (uint32_t)(to - f->mark);
+    f->mark = to;
+}
+
+void sp_fold_field(sp_fold_t *f, const char *end)
+{
+    f->mark = end;
+    f->gap = 0;
+    f->lf = f->after_lf = false;
+}
+
+bool sp_fold_value(sp_fold_t *f, const char *at, size_t len, bool continuation)
+{
+    sp_fold_skip(f, at);
+    /* Before a value's first piece llhttp skips ":" and spaces, and for an empty value the line
+     * end (a zero-length piece at the start of the next line); a byte skipped after a LF is a
+     * continuation line. A later piece of the same value follows the earlier one directly. */
+    bool fold = continuation ? f->gap > 0 : f->after_lf;
+    f->mark = at + len;
+    if (len) {
+        f->gap = 0;
+        f->lf = f->after_lf = false;
+    }
+    return fold;
+}
+
+bool sp_framing_header(const char *n, size_t l)
+{
+    return sp_ieq(n, l, "content-length") || sp_ieq(n, l, "transfer-encoding") ||
+           sp_ieq(n, l, "host");
+}
+
+const char *sp_connection_lists_framing(const char *base, const sp_hdr_t *hdrs, uint32_t n,
+                                        size_t *len)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        if (!sp_ieq(base + hdrs[i].name_off, hdrs[i].name_len, "connection"))
+            continue;
+        const char *v = base + hdrs[i].value_off, *t;
+        size_t pos = 0, tl;
+        while ((tl = sp_next_token(v, hdrs[i].value_len, &pos, &t)) > 0)
+            if (sp_framing_header(t, tl)) {
+                *len = tl;
+                return t;
+            }
+    }
+    return NULL;
+}
+
 const char *sp_request_header(const sp_request_t *r, const char *name, size_t nlen, size_t *vlen)
 {
     for (uint32_t i = 0; i < r->nhdrs; i++) {
@@ -623,6 +684,7 @@ static int cb_header_field(llhttp_t *p, const char *at, size_t len)
     sp_hdr_t *h = &r->hdrs[r->nhdrs - 1];
     sp_buf_add(&r->head, at, len);
     h->name_len += (uint32_t)len;
+    sp_fold_field(&c->fold, at + len);
     return 0;
 }
 
@@ -642,14 +704,12 @@ static int cb_header_value(llhttp_t *p, const char *at, size_t len)
     sp_request_t *r = c->req;
     if (head_limit(c, len))
         return HPE_USER;
-    /* llhttp accepts obsolete line folding and hands the continuation over as a second
-     * piece of the value, after a gap (the CRLF). A value split by a read boundary has no gap.
-     * RFC 9112 lets a server reject obs-fold: we do. */
-    if (r->hdrs[r->nhdrs - 1].value_len > 0 && c->value_end && at != c->value_end) {
+    /* llhttp accepts obsolete line folding (also after an empty first line); RFC 9112 lets a
+     * server reject it: we do, in every form (sp_fold_value). */
+    if (sp_fold_value(&c->fold, at, len, r->hdrs[r->nhdrs - 1].value_len > 0)) {
         llhttp_set_error_reason(p, "obsolete line folding in a header");
         return HPE_USER;
     }
-    c->value_end = at + len;
     sp_hdr_t *h = &r->hdrs[r->nhdrs - 1];
     if (h->value_len == 0)
         h->value_off = (uint32_t)r->head.len;
@@ -1100,6 +1160,17 @@ static void start_request(sp_conn_t *c)
         sp_conn_error_response(c, 400, "duplicate Host header");
         return;
     }
+    size_t fl;
+    const char *framing = sp_connection_lists_framing(r->head.p, r->hdrs, r->nhdrs, &fl);
+    if (framing) {
+        /* Dropping it as hop-by-hop while the body is still framed by it would let the body
+         * reach the sandbox as a second request: refuse the request instead. */
+        sp_log(SP_LOG_WARN, "request refused: Connection lists a framing header", "s:client",
+               c->peer_ip, "S:header", framing, SP_MIN(fl, (size_t)64), "s:request_id", r->id,
+               NULL);
+        sp_conn_error_response(c, 400, "Connection header lists a framing header");
+        return;
+    }
     if ((c->parser.flags & F_TRANSFER_ENCODING) && !r->chunked) {
         /* RFC 9112 6.3: a request whose final transfer coding is not chunked is refused */
         sp_conn_error_response(c, 400, "unsupported Transfer-Encoding");
@@ -1184,9 +1255,11 @@ static void bad_request(sp_conn_t *c, llhttp_errno_t e)
 static llhttp_errno_t parse_some(sp_conn_t *c)
 {
     const char *start = c->rbuf + c->rpos;
-    c->value_end = NULL;
+    sp_fold_run(&c->fold, start);
     llhttp_errno_t e = llhttp_execute(&c->parser, start, c->rlen - c->rpos);
     if (e == HPE_OK) {
+        if (c->state == CS_HEAD)
+            sp_fold_skip(&c->fold, c->rbuf + c->rlen); /* a fold may continue in the next read */
         c->rpos = c->rlen;
     } else if (e == HPE_PAUSED) {
         c->rpos = (uint32_t)(llhttp_get_error_pos(&c->parser) - c->rbuf);
@@ -1225,6 +1298,7 @@ static void step_head(sp_conn_t *c)
         if (!c->req->has_body) {
             /* Let the parser complete a bodyless message now, so its end is not seen later
              * while the next request is being parsed. */
+            sp_fold_run(&c->fold, c->rbuf + c->rpos);
             llhttp_errno_t e2 = llhttp_execute(&c->parser, c->rbuf + c->rpos, 0);
             if (e2 == HPE_PAUSED)
                 llhttp_resume(&c->parser);

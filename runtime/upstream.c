@@ -12,8 +12,10 @@
 #include "log.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 
 enum { US_NEW, US_RETRY_WAIT, US_RESOLVING, US_CONNECTING, US_ACTIVE, US_TUNNEL, US_IDLE };
 enum { UT_NONE, UT_CONNECT, UT_FIRST_BYTE, UT_IDLE, UT_RETRY, UT_KEEPALIVE, UT_TUNNEL };
@@ -392,6 +394,22 @@ static void format_upstream_addr(sp_request_t *r)
     r->upstream_addr[hl + 1 + sizeof tmp - i] = '\0';
 }
 
+/* True if nothing arrived on an idle pooled connection. Its reads are on (up_on_read closes it
+ * at the first byte or at EOF), but bytes that came in this loop iteration are not read yet:
+ * whatever the sandbox sent unasked would be taken as the next request's response. */
+static bool idle_quiet(sp_upconn_t *u)
+{
+    uv_os_fd_t fd;
+    if (uv_fileno((uv_handle_t *)&u->tcp, &fd) != 0)
+        return false;
+    char b;
+    ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n > 0)
+        sp_log(SP_LOG_WARN, "upstream sent bytes on an idle connection: closed", "s:upstream",
+               u->key->host, "i:port", (int64_t)u->key->port, NULL);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+}
+
 void sp_upstream_start(sp_request_t *r)
 {
     sp_worker_t *w = r->w;
@@ -400,6 +418,10 @@ void sp_upstream_start(sp_request_t *r)
     while (k->idle) {
         sp_upconn_t *u = k->idle;
         idle_unlink(u);
+        if (!idle_quiet(u)) {
+            up_close(u);
+            continue;
+        }
         u->state = US_ACTIVE;
         up_timer(u, UT_NONE, 0);
         /* It stays readable (as it was in the pool): stopping and restarting reads would cost
@@ -429,28 +451,40 @@ static bool is_hop_by_hop(const char *n, size_t l)
     }
 }
 
-/* True if `name` is listed in the message's Connection header (so it is hop-by-hop too). */
-static bool listed_in_connection(const char *conn, size_t clen, const char *n, size_t l)
+/* True if `name` is listed in any Connection header of hdrs[0..n) (so it is hop-by-hop too).
+ * A framing header is never dropped this way (a message that lists one is refused before). */
+static bool listed_in_connection(bool any, const char *base, const sp_hdr_t *hdrs, uint32_t n,
+                                 const char *name, size_t l)
 {
-    size_t i = 0, tl;
-    const char *t;
-    while (conn && (tl = sp_next_token(conn, clen, &i, &t)) > 0)
-        if (tl == l && strncasecmp(t, n, l) == 0)
-            return true;
+    if (!any || sp_framing_header(name, l))
+        return false;
+    for (uint32_t i = 0; i < n; i++) {
+        if (hdrs[i].name_len != 10 || !sp_ieq(base + hdrs[i].name_off, 10, "connection"))
+            continue;
+        const char *v = base + hdrs[i].value_off, *t;
+        size_t pos = 0, tl;
+        while ((tl = sp_next_token(v, hdrs[i].value_len, &pos, &t)) > 0)
+            if (tl == l && strncasecmp(t, name, l) == 0)
+                return true;
+    }
     return false;
 }
 
-/* NULL when a Connection header lists nothing but "keep-alive" and "close" (the usual case):
- * those name no header that is not already hop-by-hop ("Keep-Alive" is), so no header needs
- * to be looked up in it. */
-static const char *connection_names(const char *conn, size_t clen)
+/* False when every Connection header lists nothing but "keep-alive" and "close" (the usual
+ * case): those name no header that is not already hop-by-hop ("Keep-Alive" is), so no header
+ * needs to be looked up in them. */
+static bool connection_names(const char *base, const sp_hdr_t *hdrs, uint32_t n)
 {
-    size_t i = 0, tl;
-    const char *t;
-    while (conn && (tl = sp_next_token(conn, clen, &i, &t)) > 0)
-        if (!sp_ieq(t, tl, "keep-alive") && !sp_ieq(t, tl, "close"))
-            return conn;
-    return NULL;
+    for (uint32_t i = 0; i < n; i++) {
+        if (hdrs[i].name_len != 10 || !sp_ieq(base + hdrs[i].name_off, 10, "connection"))
+            continue;
+        const char *v = base + hdrs[i].value_off, *t;
+        size_t pos = 0, tl;
+        while ((tl = sp_next_token(v, hdrs[i].value_len, &pos, &t)) > 0)
+            if (!sp_ieq(t, tl, "keep-alive") && !sp_ieq(t, tl, "close"))
+                return true;
+    }
+    return false;
 }
 
 static bool edited(const sp_request_t *r, const char *n, size_t l)
@@ -477,9 +511,8 @@ static void build_request_head(sp_request_t *r)
     sp_buf_addc(o, ' ');
     sp_buf_add(o, r->up_path.p, r->up_path.len);
     sp_buf_lit(o, " HTTP/1.1\r\n");
-    size_t clen = 0, xfflen = 0, hostlen = 0, uplen = 0;
-    const char *conn = sp_request_header(r, "connection", 10, &clen);
-    conn = connection_names(conn, clen);
+    size_t xfflen = 0, hostlen = 0, uplen = 0;
+    bool conn = connection_names(r->head.p, r->hdrs, r->nhdrs);
     const char *xff = sp_request_header(r, "x-forwarded-for", 15, &xfflen);
     const char *host = sp_request_header(r, "host", 4, &hostlen);
     const char *upg = r->upgrade ? sp_request_header(r, "upgrade", 7, &uplen) : NULL;
@@ -487,7 +520,7 @@ static void build_request_head(sp_request_t *r)
         const sp_hdr_t *h = &r->hdrs[i];
         const char *n = r->head.p + h->name_off;
         size_t l = h->name_len;
-        if (is_hop_by_hop(n, l) || listed_in_connection(conn, clen, n, l))
+        if (is_hop_by_hop(n, l) || listed_in_connection(conn, r->head.p, r->hdrs, r->nhdrs, n, l))
             continue;
         if ((l == 15 && (sp_ieq(n, l, "x-forwarded-for"))) ||
             (l == 17 && sp_ieq(n, l, "x-forwarded-proto")) ||
@@ -746,6 +779,15 @@ static int rcb_status(llhttp_t *p, const char *at, size_t len)
     sp_request_t *r = u->req;
     if (resp_limit(u, len))
         return HPE_USER;
+    /* RFC 9112 4: HTAB, SP, VCHAR and obs-text only; llhttp lets control bytes (NUL) through,
+     * and the phrase is relayed to the client */
+    for (size_t i = 0; i < len; i++) {
+        unsigned char ch = (unsigned char)at[i];
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f) {
+            llhttp_set_error_reason(p, "control byte in the reason phrase");
+            return HPE_USER;
+        }
+    }
     sp_buf_add(&r->resp_head, at, len);
     r->reason_len += (uint32_t)len;
     return 0;
@@ -769,6 +811,7 @@ static int rcb_header_field(llhttp_t *p, const char *at, size_t len)
     }
     sp_buf_add(&r->resp_head, at, len);
     r->rhdrs[r->nrhdrs - 1].name_len += (uint32_t)len;
+    sp_fold_field(&u->fold, at + len);
     return 0;
 }
 
@@ -788,13 +831,12 @@ static int rcb_header_value(llhttp_t *p, const char *at, size_t len)
     if (resp_limit(u, len))
         return HPE_USER;
     sp_hdr_t *h = &r->rhdrs[r->nrhdrs - 1];
-    /* obsolete line folding arrives as a second piece after a gap: refuse it (502) rather
-     * than pass a folded header to the client */
-    if (h->value_len > 0 && u->value_end && at != u->value_end) {
+    /* obsolete line folding, in any form (sp_fold_value): refuse it (502) rather than pass a
+     * folded header to the client */
+    if (sp_fold_value(&u->fold, at, len, h->value_len > 0)) {
         llhttp_set_error_reason(p, "obsolete line folding in a response header");
         return HPE_USER;
     }
-    u->value_end = at + len;
     if (h->value_len == 0)
         h->value_off = (uint32_t)r->resp_head.len;
     sp_buf_add(&r->resp_head, at, len);
@@ -812,9 +854,18 @@ static int rcb_headers_complete(llhttp_t *p)
     sp_upconn_t *u = p->data;
     sp_request_t *r = u->req;
     int status = llhttp_get_status_code(p);
+    size_t fl;
+    if (sp_connection_lists_framing(r->resp_head.p, r->rhdrs, r->nrhdrs, &fl)) {
+        /* dropping it while the body is framed by it would desynchronise the client */
+        llhttp_set_error_reason(p, "Connection header lists a framing header");
+        return -1;
+    }
+    /* RFC 9112 6.3: a 1xx, a 204, a 304 and a response to HEAD end at their header block,
+     * whatever Content-Length or Transfer-Encoding they carry (return 1: no body). Bytes after
+     * it are not theirs: the connection is then not reused (up_complete). */
     if (status >= 100 && status < 200 && status != 101) {
         u->rflags |= RESP_INTERIM; /* 100 Continue, 103 Early Hints: not forwarded */
-        return 0;
+        return 1;
     }
     u->rflags |= RESP_HEAD_DONE;
     r->resp_status = status;
@@ -825,7 +876,7 @@ static int rcb_headers_complete(llhttp_t *p)
         }
         return 2; /* no body; llhttp_execute returns HPE_PAUSED_UPGRADE */
     }
-    if (r->method == HTTP_HEAD)
+    if (r->method == HTTP_HEAD || status == 204 || status == 304)
         return 1; /* no body follows; the message completes at once */
     return HPE_PAUSED;
 }
@@ -903,26 +954,27 @@ static void build_response_head(sp_upconn_t *u)
     else
         sp_buf_adds(o, sp_status_reason(r->resp_status));
     sp_buf_lit(o, "\r\n");
-    size_t clen = 0, uplen = 0;
-    const char *conn = NULL, *upg = NULL;
+    size_t uplen = 0;
+    const char *upg = NULL;
+    bool conn = connection_names(r->resp_head.p, r->rhdrs, r->nrhdrs);
     for (uint32_t i = 0; i < r->nrhdrs; i++) {
         const sp_hdr_t *h = &r->rhdrs[i];
-        const char *n = r->resp_head.p + h->name_off;
-        if (sp_ieq(n, h->name_len, "connection")) {
-            conn = connection_names(r->resp_head.p + h->value_off, h->value_len);
-            clen = h->value_len;
-        } else if (sp_ieq(n, h->name_len, "upgrade")) {
+        if (sp_ieq(r->resp_head.p + h->name_off, h->name_len, "upgrade")) {
             upg = r->resp_head.p + h->value_off;
             uplen = h->value_len;
         }
     }
+    /* RFC 9112 6.1, 6.2: no Content-Length (nor Transfer-Encoding) on a 204; a 304 and a
+     * response to HEAD keep their Content-Length (it describes the body a GET would get). */
+    bool no_length = r->resp_decode || r->resp_status == 204;
     for (uint32_t i = 0; i < r->nrhdrs; i++) {
         const sp_hdr_t *h = &r->rhdrs[i];
         const char *n = r->resp_head.p + h->name_off;
         size_t l = h->name_len;
-        if (is_hop_by_hop(n, l) || listed_in_connection(conn, clen, n, l))
+        if (is_hop_by_hop(n, l) ||
+            listed_in_connection(conn, r->resp_head.p, r->rhdrs, r->nrhdrs, n, l))
             continue;
-        if (r->resp_decode && sp_ieq(n, l, "content-length"))
+        if (no_length && sp_ieq(n, l, "content-length"))
             continue;
         if (l == 12 && sp_ieq(n, l, "x-request-id"))
             continue; /* ours is added below: one id per exchange */
@@ -938,7 +990,7 @@ static void build_response_head(sp_upconn_t *u)
             sp_buf_add(o, upg, uplen);
             sp_buf_lit(o, "\r\n");
         }
-    } else if (chunked && !r->resp_decode) {
+    } else if (chunked && !r->resp_decode && r->resp_status != 204) {
         sp_buf_lit(o, "Transfer-Encoding: chunked\r\n");
     }
     sp_buf_lit(o, "X-Request-Id: ");
@@ -1128,9 +1180,10 @@ static void up_step(sp_upconn_t *u)
     bool head_now = false;
     if (!(u->rflags & RESP_HEAD_DONE)) {
         const char *start = u->buf + u->pos;
-        u->value_end = NULL;
+        sp_fold_run(&u->fold, start);
         llhttp_errno_t e = llhttp_execute(&u->parser, start, u->len - u->pos);
         if (e == HPE_OK) {
+            sp_fold_skip(&u->fold, u->buf + u->len); /* a fold may continue in the next read */
             u->pos = u->len;
             up_read_start(u);
             return;
@@ -1174,6 +1227,7 @@ static void up_step(sp_upconn_t *u)
         /* Runs even with no bytes left: a bodyless response completes on an empty run. */
         const char *start = u->buf + u->pos;
         unsigned before = r->niov;
+        sp_fold_run(&u->fold, start);
         llhttp_errno_t e = llhttp_execute(&u->parser, start, u->len - u->pos);
         const char *end = u->buf + u->len;
         if (e == HPE_PAUSED) {
@@ -1228,16 +1282,18 @@ static void up_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     SP_UNUSED(buf);
     sp_upconn_t *u = s->data;
-    if (u->closing)
+    if (u->closing || nread == 0)
         return;
     sp_request_t *r = u->req;
     if (!r) {
-        /* idle pooled connection: the sandbox closed it or sent stray bytes */
+        /* idle pooled connection: the sandbox closed it or sent stray bytes (never a response
+         * to keep for the next request: the connection is not reused) */
+        if (nread > 0)
+            sp_log(SP_LOG_WARN, "upstream sent bytes on an idle connection: closed",
+                   "s:upstream", u->key->host, "i:port", (int64_t)u->key->port, NULL);
         up_close(u);
         return;
     }
-    if (nread == 0)
-        return;
     if (nread < 0) {
         up_read_stop(u);
         if (u->state == US_TUNNEL) {
