@@ -158,3 +158,58 @@ describe("a drain under load", function()
         assert.is_nil(H.http.request{ port = px.port, path = "/health", timeout = 1 })
     end)
 end)
+
+describe("a worker stuck in a JIT-compiled endless loop", function()
+    teardown(function()
+        H.stop_all()
+    end)
+
+    it("fails /live, is named in a log line, and SIGTERM twice still exits 0", function()
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/router.lua", [[
+local M = {}
+local builtin
+local x = 0
+function M.handle(req)
+    if req:path() == "/guard/spin/x" then
+        while true do x = x + 1 end -- compiled by the JIT: no count hook fires in it
+    end
+    builtin = builtin or dofile(require("sp.core").settings().builtin_dir .. "/router.lua")
+    return builtin.handle(req)
+end
+return M
+]]))
+        local up = H.upstream{ name = "spin" }
+        local px = H.start{ scripts = dir, workers = 2, sandboxes = { H.sandbox("a", "b", up.port) },
+            set = { worker_stall_timeout = 1, script_time_budget = 0.3 } }
+        -- the request never gets an answer: its worker is lost in the loop
+        local spinning = assert(px:connect{ timeout = 1 })
+        assert(spinning:send_raw("GET /guard/spin/x HTTP/1.1\r\nHost: x\r\n\r\n"))
+        -- /live fails (answered by the other worker; a connection the kernel hands to the stuck
+        -- worker's listener times out, hence the short timeout and the retries)
+        local body = H.net.wait_until(function()
+            local r = H.http.request{ port = px.port, path = "/live", timeout = 0.5 }
+            return r and r.status == 503 and cjson.decode(r.body)
+        end, 20, 0.05, "/live 503")
+        assert.is_false(body.live)
+        assert.are.equal("worker stuck", body.reason)
+        assert.are.equal(1, #body.stuck_workers)
+        local l = px:wait_log(function(line)
+            return line.msg:find("^worker stuck") and line
+        end)
+        assert.are.equal("error", l.level)
+        assert.are.equal(body.stuck_workers[1], l.worker)
+        assert.matches("^request hook: GET /guard/spin/x %(request_id ", l.running)
+        -- shutdown: a drain, then a second SIGTERM; the stuck worker cannot stop, the process can
+        assert(px.proc:signal("TERM"))
+        px:wait_log(function(line) return line.msg == "draining" end)
+        assert(px.proc:signal("TERM"))
+        local code, how = px.proc:wait(20)
+        assert.are.equal("exited", how)
+        assert.are.equal(0, code)
+        assert.truthy(px:wait_log(function(line)
+            return line.msg:find("^stopped without the stuck workers") and line
+        end))
+        spinning:close()
+    end)
+end)
