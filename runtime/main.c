@@ -1,7 +1,8 @@
 /*
  * main.c: the command line, the configuration precedence (defaults < --config file < command
  * line), binding the listening sockets, starting the workers, and signals: SIGTERM/SIGINT
- * drain then exit 0, a second one stops at once; SIGHUP reloads the scripts. Also the two
+ * drain then exit 0, a second one stops at once; SIGHUP reloads the scripts. The watchdog
+ * timer reports workers stuck in a script and lets a stop finish without them. Also the two
  * non-serving modes: --check and `sandbox-proxy test` (busted inside the runtime).
  */
 #include "config.h"
