@@ -597,6 +597,11 @@ return {
     -- The access log (one JSON line per request on stdout; bench.py sends stdout to a file).
     -- bench/run --access-log on|off switches it for every target alike (default on).
     access_log = { enabled = %s },
+    -- The benchmark's sandbox is on 127.0.0.1, which the proxy refuses by default.
+    allow_loopback_sandboxes = true,
+    -- Every load connection comes from 127.0.0.1: the idle-10k scenario needs more than the
+    -- default per-address cap (1,000).
+    max_connections_per_ip = 0,
 }
 """ % ("true" if access_log == "on" else "false")
 

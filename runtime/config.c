@@ -5,6 +5,7 @@
  */
 #include "config.h"
 #include "buf.h"
+#include "netaddr.h"
 
 #include <errno.h>
 #include <math.h>
@@ -17,7 +18,7 @@
 
 sp_config_t sp_cfg;
 
-typedef enum { K_INT, K_DOUBLE, K_STR, K_BOOL } ktype_t;
+typedef enum { K_INT, K_DOUBLE, K_STR, K_BOOL, K_CIDRS } ktype_t;
 
 typedef struct knob {
     const char *name;
@@ -41,8 +42,12 @@ static const knob_t knobs[] = {
      "optional separate listener for /metrics (named \"metrics\")"},
     {"max_connections", K_INT, O(max_connections), "10000", 1, 1000000,
      "open client connections per process; more are accepted and closed at once"},
-    {"max_connections_per_ip", K_INT, O(max_connections_per_ip), "0", 0, 1000000,
-     "open client connections per client address (0: no limit)"},
+    {"max_connections_per_ip", K_INT, O(max_connections_per_ip), "1000", 0, 1000000,
+     "open client connections per client address, trusted_proxies exempt; more are accepted "
+     "and closed at once (0: no limit)"},
+    {"trusted_proxies", K_CIDRS, O(trusted_proxies), NULL, 0, 0,
+     "CIDRs of load balancers / proxies in front (comma-separated, or a list in the config "
+     "file): exempt from max_connections_per_ip; ratelimit.lua believes their X-Forwarded-For"},
     {"max_tunnels", K_INT, O(max_tunnels), "10000", 0, 1000000,
      "open upgraded (WebSocket) tunnels per process; more upgrades get 503 (0: no limit)"},
     {"max_chunk_extension_size", K_INT, O(max_chunk_extension_size), "1024", 0, 65536,
@@ -89,8 +94,14 @@ static const knob_t knobs[] = {
      "retries of a refused connect (a sandbox binds its port just after Ready)"},
     {"connect_retry_delay", K_DOUBLE, O(connect_retry_delay), "0.2", 0.001, 60,
      "first retry delay in seconds; doubles each retry (0.2, 0.4, 0.8)"},
+    {"allow_loopback_sandboxes", K_BOOL, O(allow_loopback_sandboxes), "false", 0, 0,
+     "dial sandboxes at loopback addresses (on in the local demo); unspecified, link-local, "
+     "multicast and broadcast addresses are always refused (503)"},
     {"drain_timeout", K_DOUBLE, O(drain_timeout), "25", 0, 3600,
      "seconds SIGTERM waits for in-flight requests and tunnels before closing them"},
+    {"worker_stall_timeout", K_DOUBLE, O(worker_stall_timeout), "10", 0.1, 3600,
+     "seconds a worker's loop may make no progress before it is reported stuck (error log, "
+     "/live 503) and a stop stops waiting for it"},
     {"max_timers", K_INT, O(max_timers), "10000", 1, 10000000,
      "pending script timers per worker"},
     {"lua_memory_limit_mb", K_INT, O(lua_memory_limit_mb), "512", 0, 1048576,
@@ -138,6 +149,23 @@ static int set_knob(sp_config_t *c, const knob_t *k, const char *value, char err
         *s = value ? sp_strdup(value) : NULL;
         return 0;
     }
+    case K_CIDRS: {
+        /* the text is kept for --help and the start-up log; the parsed set is what C uses */
+        sp_cidr_t *set;
+        char perr[256];
+        int n = sp_cidrs_parse(value, &set, perr);
+        if (n < 0) {
+            snprintf(err, 256, "%s: %.200s", k->name, perr);
+            return -1;
+        }
+        char **s = (char **)p;
+        free(*s);
+        *s = value && *value ? sp_strdup(value) : NULL;
+        free(c->trusted_nets);
+        c->trusted_nets = set;
+        c->ntrusted = n;
+        return 0;
+    }
     case K_BOOL: {
         bool *b = (bool *)p;
         if (!strcmp(value, "true") || !strcmp(value, "1") || !strcmp(value, "yes"))
@@ -183,7 +211,7 @@ void sp_config_defaults(sp_config_t *c)
     char err[256];
     for (size_t i = 0; i < SP_ARRAY_LEN(knobs); i++) {
         const knob_t *k = &knobs[i];
-        if (k->type == K_STR) {
+        if (k->type == K_STR || k->type == K_CIDRS) {
             char **s = (char **)((char *)c + k->off);
             *s = k->def ? sp_strdup(k->def) : NULL;
         } else {
@@ -278,6 +306,34 @@ int sp_config_load_file(sp_config_t *c, const char *path, char err[256])
             goto out;
         }
         const char *name = lua_tostring(L, -2);
+        if (lua_istable(L, -1) && !strcmp(name, "trusted_proxies")) {
+            /* a list of CIDR strings: joined into the knob's comma-separated text */
+            sp_buf_t b = {0};
+            for (int i = 1;; i++) {
+                lua_rawgeti(L, -1, i);
+                if (lua_isnil(L, -1)) {
+                    lua_pop(L, 1);
+                    break;
+                }
+                if (lua_type(L, -1) != LUA_TSTRING) {
+                    snprintf(err, 256, "config %s: trusted_proxies must be a list of CIDR "
+                             "strings", path);
+                    sp_buf_free(&b);
+                    goto out;
+                }
+                if (b.len)
+                    sp_buf_addc(&b, ',');
+                sp_buf_adds(&b, lua_tostring(L, -1));
+                lua_pop(L, 1);
+            }
+            sp_buf_addc(&b, '\0');
+            int bad = set_knob(c, find_knob(name), b.p, err);
+            sp_buf_free(&b);
+            if (bad)
+                goto out;
+            lua_pop(L, 1);
+            continue;
+        }
         if (lua_istable(L, -1)) { /* a script's section, or the shared dicts */
             if (!strcmp(name, "shared_dicts") && load_dicts(c, L, path, err))
                 goto out;
@@ -334,7 +390,8 @@ void sp_config_dump_json(const sp_config_t *c, void *out)
         sp_buf_json_str(b, k->name, strlen(k->name));
         sp_buf_addc(b, ':');
         switch (k->type) {
-        case K_STR: {
+        case K_STR:
+        case K_CIDRS: {
             const char *s = *(char *const *)p;
             if (s)
                 sp_buf_json_str(b, s, strlen(s));

@@ -27,6 +27,9 @@ typedef struct sp_config {
     /* client side limits */
     int max_connections;
     int max_connections_per_ip;
+    char *trusted_proxies;       /* the knob's text; parsed into trusted_nets */
+    struct sp_cidr *trusted_nets;
+    int ntrusted;
     int max_tunnels;
     int max_chunk_extension_size;
     int max_url_size;
@@ -52,9 +55,11 @@ typedef struct sp_config {
     double upstream_keepalive_timeout;
     int connect_retries;
     double connect_retry_delay;
+    bool allow_loopback_sandboxes;
 
     /* process */
     double drain_timeout;
+    double worker_stall_timeout;
     int max_timers;
     int lua_memory_limit_mb;
     double script_time_budget;

@@ -79,6 +79,7 @@ typedef enum {
     SP_ERR_SCRIPT,
     SP_ERR_BODY_TOO_LARGE,
     SP_ERR_DRAIN,
+    SP_ERR_ADDRESS_REFUSED,/* an address no sandbox may have (loopback, link-local...): 503 */
 } sp_error_t;
 
 extern const char *const sp_error_names[];

@@ -128,6 +128,7 @@ static int c_settings(lua_State *L)
     set_str(L, "kube_namespace", sp_cfg.kube_namespace);
     set_str(L, "kube_label_selector", sp_cfg.kube_label_selector);
     set_str(L, "kube_serviceaccount_dir", sp_cfg.kube_serviceaccount_dir);
+    set_str(L, "trusted_proxies", sp_cfg.trusted_proxies);
     lua_pushboolean(L, sp_cfg.auth_required);
     lua_setfield(L, -2, "auth_required");
     lua_pushboolean(L, sp_cfg.kube_insecure_skip_verify);
@@ -274,6 +275,19 @@ static int c_hold(lua_State *L)
     return 1;
 }
 
+/* core.stuck_workers() -> { ids of workers the watchdog reports stuck } (empty: none). */
+static int c_stuck_workers(lua_State *L)
+{
+    int ids[256];
+    int n = sp_workers_stuck(ids, (int)SP_ARRAY_LEN(ids));
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_pushinteger(L, ids[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
 int luaopen_sp_core(lua_State *L)
 {
     static const luaL_Reg fns[] = {
@@ -281,7 +295,7 @@ int luaopen_sp_core(lua_State *L)
         {"monotonic", c_monotonic}, {"iso8601", c_iso8601},     {"draining", c_draining},
         {"log_write", c_log_write}, {"log_enabled", c_log_enabled}, {"settings", c_settings},
         {"stats", c_stats},         {"read_body", c_read_body}, {"hold", c_hold},
-        {"access_log", c_access_log},
+        {"access_log", c_access_log}, {"stuck_workers", c_stuck_workers},
         {NULL, NULL}};
     lua_newtable(L);
     luaL_register(L, NULL, fns);

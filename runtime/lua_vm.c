@@ -201,6 +201,45 @@ static void request_task_done(sp_task_t *t, bool failed, bool sync)
     }
 }
 
+/* Appends s[0..n) to out at *at, leaving room for the NUL. */
+static void put(char *out, size_t cap, size_t *at, const char *s, size_t n)
+{
+    n = SP_MIN(n, cap - 1 - *at);
+    memcpy(out + *at, s, n);
+    *at += n;
+}
+
+/* "<what>: METHOD /target (request_id ID)" for the watchdog's stuck report (no printf: this
+ * runs for every request). Returns the length written into out (not NUL-terminated). */
+static size_t describe_request(char *out, size_t cap, const char *what, const sp_request_t *r)
+{
+    size_t at = 0;
+    const char *m = llhttp_method_name((llhttp_method_t)r->method);
+    put(out, cap, &at, what, strlen(what));
+    put(out, cap, &at, ": ", 2);
+    put(out, cap, &at, m, strlen(m));
+    put(out, cap, &at, " ", 1);
+    put(out, cap, &at, r->head.p ? r->head.p : "", r->head.p ? SP_MIN(r->url_len, 96) : 0);
+    put(out, cap, &at, " (request_id ", 13);
+    put(out, cap, &at, r->id, r->id_len);
+    put(out, cap, &at, ")", 1);
+    return at;
+}
+
+/* Tells the worker's watchdog record which script call begins. */
+static void watch_begin(sp_vm_t *vm, sp_task_t *t)
+{
+    char what[160];
+    size_t n;
+    if (t->kind == SP_TASK_REQUEST && t->req && t->req->gen == t->req_gen)
+        n = describe_request(what, sizeof what, "request hook", t->req);
+    else if (t->kind == SP_TASK_REQUEST)
+        n = (size_t)snprintf(what, sizeof what, "request hook (request gone)");
+    else
+        n = (size_t)snprintf(what, sizeof what, "timer: %s", t->where[0] ? t->where : "?");
+    sp_worker_script_begin(vm->w, what, SP_MIN(n, sizeof what - 1));
+}
+
 /* Resumes t and handles the outcome. Returns 1 if the task ended, 0 if it yielded. */
 static int task_run(sp_task_t *t, int nargs, bool sync)
 {
@@ -208,7 +247,11 @@ static int task_run(sp_task_t *t, int nargs, bool sync)
     sp_task_t *prev = vm->current;
     vm->current = t;
     t->started_ns = uv_hrtime();
+    if (vm->w)
+        watch_begin(vm, t);
     int st = lua_resume(t->co, nargs);
+    if (vm->w)
+        sp_worker_script_end(vm->w);
     vm->current = prev; /* from here on (error reports included) allocations are not capped */
     if (st == LUA_YIELD)
         return 0;
@@ -243,6 +286,13 @@ void sp_vm_resume(sp_task_t *t, int nargs) { task_run(t, nargs, false); }
 void sp_vm_spawn(sp_vm_t *vm, int nargs)
 {
     sp_task_t *t = task_get(vm, SP_TASK_TIMER);
+    t->where[0] = '\0';
+    if (vm->w) {
+        lua_Debug ar;
+        lua_pushvalue(vm->L, -(nargs + 1)); /* getinfo ">" pops the function it describes */
+        if (lua_getinfo(vm->L, ">S", &ar))
+            snprintf(t->where, sizeof t->where, "%s:%d", ar.short_src, ar.linedefined);
+    }
     /* move function + args from vm->L to the coroutine */
     lua_xmove(vm->L, t->co, nargs + 1);
     task_run(t, nargs, false);
@@ -305,7 +355,14 @@ static void hook_log(sp_request_t *r)
     lua_rawgeti(L, LUA_REGISTRYINDEX, vm->key_g_ref);
     lua_pushinteger(L, (lua_Integer)r->gen);
     lua_rawset(L, -3);
+    if (vm->w) {
+        char what[160];
+        size_t n = describe_request(what, sizeof what, "log hook", r);
+        sp_worker_script_begin(vm->w, what, n);
+    }
     sp_vm_pcall(L, 1, 0, "log hook");
+    if (vm->w)
+        sp_worker_script_end(vm->w);
 }
 
 char sp_vm_body_wait; /* task->wait marker: suspended in req:read_body */

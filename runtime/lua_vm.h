@@ -31,6 +31,7 @@ struct sp_task {
     uint64_t started_ns;   /* when the current resume began (time budget) */
     void *wait;            /* what the task is suspended on (timer, wake wait); owner-defined */
     void *wait_handle;     /* core.wait's waiter */
+    char where[96];        /* a timer task's function ("file:line"), for the stuck report */
     struct sp_task *out_next, *out_prev; /* the vm's list of tasks out of the pool */
 };
 

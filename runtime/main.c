@@ -1,7 +1,8 @@
 /*
  * main.c: the command line, the configuration precedence (defaults < --config file < command
  * line), binding the listening sockets, starting the workers, and signals: SIGTERM/SIGINT
- * drain then exit 0, a second one stops at once; SIGHUP reloads the scripts. Also the two
+ * drain then exit 0, a second one stops at once; SIGHUP reloads the scripts. The watchdog
+ * timer reports workers stuck in a script and lets a stop finish without them. Also the two
  * non-serving modes: --check and `sandbox-proxy test` (busted inside the runtime).
  */
 #include "config.h"
@@ -206,6 +207,37 @@ static uv_async_t worker_exited;
 static int exited_workers, total_workers, started_workers;
 static bool draining;
 
+static uv_timer_t watchdog_timer;
+
+/* The watchdog (every quarter of worker_stall_timeout, at most 250 ms): reports stuck workers
+ * (sp_workers_watch). While stopping, once every worker still running is stuck there is
+ * nothing left to wait for: the process exits 0 without joining them (their threads cannot be
+ * stopped, and tearing down state they may still touch is not safe, hence _exit). */
+static void on_watchdog(uv_timer_t *t)
+{
+    SP_UNUSED(t);
+    int running = 0;
+    int stuck = sp_workers_watch(&running);
+    if (draining && stuck > 0 && running == 0) {
+        int ids[256];
+        int n = sp_workers_stuck(ids, (int)SP_ARRAY_LEN(ids));
+        char list[256] = "";
+        size_t at = 0;
+        for (int i = 0; i < n && at < sizeof list - 8; i++)
+            at += (size_t)snprintf(list + at, sizeof list - at, i ? ",%d" : "%d", ids[i]);
+        sp_log(SP_LOG_ERROR, "stopped without the stuck workers (their script calls never "
+               "returned; their connections are dropped)", "i:stuck", (int64_t)stuck,
+               "s:workers", list, NULL);
+        _exit(0);
+    }
+}
+
+static uint64_t watchdog_ms(void)
+{
+    double ms = sp_cfg.worker_stall_timeout * 1000 / 4;
+    return (uint64_t)(ms < 20 ? 20 : ms > 250 ? 250 : ms);
+}
+
 static void on_drain_timeout(uv_timer_t *t)
 {
     SP_UNUSED(t);
@@ -370,6 +402,7 @@ static void on_worker_exited(uv_async_t *a)
         uv_close((uv_handle_t *)&sig_int, NULL);
         uv_close((uv_handle_t *)&sig_hup, NULL);
         uv_close((uv_handle_t *)&drain_timer, NULL);
+        uv_close((uv_handle_t *)&watchdog_timer, NULL);
         uv_close((uv_handle_t *)&worker_exited, NULL);
         stop_script_watch();
     }
@@ -631,6 +664,8 @@ int main(int argc, char **argv)
     if (!sp_cfg.sandboxes_file && !sp_cfg.kube_api && !getenv("KUBERNETES_SERVICE_HOST") &&
         !sp_cfg.kubeconfig && !getenv("KUBECONFIG"))
         sp_cfg.demo = true;
+    if (sp_cfg.demo)
+        sp_cfg.allow_loopback_sandboxes = true; /* the demo sandbox listens on 127.0.0.1 */
     if (sp_cfg.demo && !sp_cfg.sandboxes_file) {
         char p[PATH_MAX + 64];
         snprintf(p, sizeof p, "%s/demo/sandboxes.json", sp_cfg.builtin_dir);
@@ -725,6 +760,8 @@ int main(int argc, char **argv)
     total_workers = n;
     int rc = sp_workers_start(n);
     started_workers = sp_workers_started();
+    uv_timer_init(loop, &watchdog_timer);
+    uv_timer_start(&watchdog_timer, on_watchdog, watchdog_ms(), watchdog_ms());
     if (rc == 0) {
         for (int i = 0; i < nl; i++)
             sp_log(SP_LOG_INFO, "listening", "s:listener", names[i], "i:port",

@@ -9,6 +9,7 @@
 #include "worker.h"
 #include "config.h"
 #include "log.h"
+#include "netaddr.h"
 #include "shdict.h"
 
 #include <arpa/inet.h>
@@ -41,6 +42,7 @@ const char *const sp_error_names[] = {
     "", "upstream connect failed", "upstream connect timeout", "upstream first byte timeout",
     "upstream idle timeout", "upstream closed connection", "upstream protocol error",
     "client aborted", "client timeout", "script error", "request body too large", "draining",
+    "sandbox address refused",
 };
 
 static void conn_process(sp_conn_t *c);
@@ -1784,6 +1786,7 @@ static void conn_start(sp_conn_t *c)
     }
     uv_tcp_nodelay(&c->tcp, 1);
     struct sockaddr_storage ss;
+    ss.ss_family = AF_UNSPEC;
     int len = sizeof ss;
     if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &len) == 0) {
         if (ss.ss_family == AF_INET) {
@@ -1796,7 +1799,9 @@ static void conn_start(sp_conn_t *c)
             c->peer_port = ntohs(a->sin6_port);
         }
     }
-    if (sp_cfg.max_connections_per_ip > 0) {
+    /* A trusted proxy (a load balancer) carries many clients: only max_connections bounds it. */
+    if (sp_cfg.max_connections_per_ip > 0 &&
+        !sp_cidrs_contain(sp_cfg.trusted_nets, sp_cfg.ntrusted, (struct sockaddr *)&ss)) {
         if (!ip_acquire(c->peer_ip, sp_cfg.max_connections_per_ip)) {
             static _Atomic uint64_t last_ip_warn;
             uint64_t now = uv_now(&w->loop);

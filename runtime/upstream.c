@@ -10,6 +10,7 @@
 #include "worker.h"
 #include "config.h"
 #include "log.h"
+#include "netaddr.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -185,8 +186,16 @@ static void up_attach(sp_upconn_t *u, sp_request_t *r)
     u->parser.data = u;
 }
 
+static void up_fail_msg(sp_upconn_t *u, sp_error_t err, int status, const char *msg);
+
 /* Ends the exchange with an error response (or a closed client if the head went out). */
 static void up_fail(sp_upconn_t *u, sp_error_t err, int status)
+{
+    up_fail_msg(u, err, status, sp_error_names[err]);
+}
+
+/* up_fail with msg as the response's "error" text. */
+static void up_fail_msg(sp_upconn_t *u, sp_error_t err, int status, const char *msg)
 {
     sp_request_t *r = u->req;
     up_close(u);
@@ -207,7 +216,24 @@ static void up_fail(sp_upconn_t *u, sp_error_t err, int status)
     if (r->resp_head_sent)
         sp_conn_close(c);
     else
-        sp_conn_error_response(c, status, sp_error_names[err]);
+        sp_conn_error_response(c, status, msg);
+}
+
+/* Refuses (503, one log line, nothing dialled) an address no sandbox may have: unspecified,
+ * link-local, multicast, broadcast, and loopback unless allow_loopback_sandboxes. Checked for
+ * literal addresses and for what a name (serviceFQDN) resolved to. Returns true if refused. */
+static bool up_refuse_address(sp_upconn_t *u, const struct sockaddr *sa)
+{
+    const char *why = sp_addr_refusal(sa, sp_cfg.allow_loopback_sandboxes);
+    if (!why)
+        return false;
+    sp_request_t *r = u->req;
+    sp_log(SP_LOG_WARN, "sandbox address refused", "s:request_id", r ? r->id : "",
+           "s:upstream", r ? r->upstream_addr : u->key->host, "s:reason", why, NULL);
+    char msg[96];
+    snprintf(msg, sizeof msg, "sandbox address refused: %s", why);
+    up_fail_msg(u, SP_ERR_ADDRESS_REFUSED, 503, msg);
+    return true;
 }
 
 /* ---------------------------------------------------------------- timers */
@@ -339,6 +365,8 @@ static void on_resolved(uv_getaddrinfo_t *gr, int status, struct addrinfo *res)
         ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)u->key->port);
     else
         ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)u->key->port);
+    if (up_refuse_address(u, (struct sockaddr *)&ss))
+        return;
     do_connect(u, (struct sockaddr *)&ss);
 }
 
@@ -355,11 +383,13 @@ static void up_connect_start(sp_upconn_t *u)
         host = unbr;
     }
     if (uv_ip4_addr(host, k->port, &a4) == 0) {
-        do_connect(u, (struct sockaddr *)&a4);
+        if (!up_refuse_address(u, (struct sockaddr *)&a4))
+            do_connect(u, (struct sockaddr *)&a4);
         return;
     }
     if (uv_ip6_addr(host, k->port, &a6) == 0) {
-        do_connect(u, (struct sockaddr *)&a6);
+        if (!up_refuse_address(u, (struct sockaddr *)&a6))
+            do_connect(u, (struct sockaddr *)&a6);
         return;
     }
     struct addrinfo hints;

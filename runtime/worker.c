@@ -19,6 +19,7 @@ static sp_worker_t *workers;
 static int nworkers;
 static int nstarted; /* threads created (joinable) */
 static uv_sem_t started;
+static uv_mutex_t cmd_mu; /* sp_workers_command vs. a worker closing its async handle */
 static uv_async_t *exit_notify;
 
 typedef struct listen_set {
@@ -240,6 +241,85 @@ void sp_worker_buffers_free(sp_worker_t *w)
     sp_pool_destroy(&w->upstream_bufs);
 }
 
+/* ---------------------------------------------------------------- the watchdog */
+
+static void on_heartbeat(uv_timer_t *t)
+{
+    sp_worker_t *w = t->data;
+    atomic_store_explicit(&w->heartbeat_ns, uv_hrtime(), memory_order_relaxed);
+}
+
+/* How often a worker's loop proves it turns: a quarter of the stall timeout, 20 ms to 1 s. */
+static uint64_t heartbeat_ms(void)
+{
+    double ms = sp_cfg.worker_stall_timeout * 1000 / 4;
+    return (uint64_t)(ms < 20 ? 20 : ms > 1000 ? 1000 : ms);
+}
+
+void sp_worker_script_begin(sp_worker_t *w, const char *what, size_t len)
+{
+    if (w->script_depth++ > 0)
+        return; /* a nested resume is part of the outer call */
+    if (len >= sizeof w->script_what)
+        len = sizeof w->script_what - 1;
+    memcpy(w->script_what, what, len);
+    w->script_what[len] = '\0';
+    atomic_store_explicit(&w->script_since_ns, uv_hrtime(), memory_order_release);
+}
+
+void sp_worker_script_end(sp_worker_t *w)
+{
+    if (--w->script_depth == 0)
+        atomic_store_explicit(&w->script_since_ns, 0, memory_order_relaxed);
+}
+
+int sp_workers_watch(int *running)
+{
+    uint64_t now = uv_hrtime();
+    uint64_t limit = (uint64_t)(sp_cfg.worker_stall_timeout * 1e9);
+    int nstuck = 0, nrunning = 0;
+    for (int i = 0; i < nstarted; i++) {
+        sp_worker_t *w = &workers[i];
+        if (w->startup_error || atomic_load(&w->exited))
+            continue;
+        uint64_t hb = atomic_load_explicit(&w->heartbeat_ns, memory_order_relaxed);
+        bool stalled = hb && now > hb && now - hb > limit;
+        bool was = atomic_load(&w->stuck);
+        if (stalled && !was) {
+            atomic_store(&w->stuck, true);
+            uint64_t since = atomic_load_explicit(&w->script_since_ns, memory_order_acquire);
+            char what[sizeof w->script_what];
+            snprintf(what, sizeof what, "%s", since ? w->script_what : "");
+            sp_log(SP_LOG_ERROR, "worker stuck: its loop has made no progress; /live fails "
+                   "until it recovers (a JIT-compiled endless loop cannot be interrupted: fix "
+                   "the script and restart)",
+                   "i:worker", (int64_t)w->id, "d:stalled_s", (double)(now - hb) / 1e9,
+                   "s:running", since ? what : "no script task (C code or a script callback)",
+                   "d:script_running_s", since ? (double)(now - since) / 1e9 : 0.0, NULL);
+        } else if (!stalled && was) {
+            atomic_store(&w->stuck, false);
+            sp_log(SP_LOG_WARN, "worker recovered: its loop turns again", "i:worker",
+                   (int64_t)w->id, NULL);
+        }
+        if (stalled)
+            nstuck++;
+        else
+            nrunning++;
+    }
+    if (running)
+        *running = nrunning;
+    return nstuck;
+}
+
+int sp_workers_stuck(int *ids, int max)
+{
+    int n = 0;
+    for (int i = 0; i < nstarted && n < max; i++)
+        if (!atomic_load(&workers[i].exited) && atomic_load(&workers[i].stuck))
+            ids[n++] = workers[i].id;
+    return n;
+}
+
 static void worker_main(void *arg)
 {
     sp_worker_t *w = arg;
@@ -255,6 +335,11 @@ static void worker_main(void *arg)
     drain_timer_of(w)->data = w;
     uv_timer_init(&w->loop, &w->retire_timer);
     w->retire_timer.data = w;
+    atomic_store(&w->heartbeat_ns, uv_hrtime());
+    uv_timer_init(&w->loop, &w->heartbeat_timer);
+    w->heartbeat_timer.data = w;
+    uv_timer_start(&w->heartbeat_timer, on_heartbeat, heartbeat_ms(), heartbeat_ms());
+    uv_unref((uv_handle_t *)&w->heartbeat_timer);
     w->hooks = &sp_vm_hooks;
     sp_alog_start(w);
     if (open_listeners(w, err, sizeof err) == 0) {
@@ -268,8 +353,14 @@ static void worker_main(void *arg)
     } else {
         uv_sem_post(&started);
         sp_vm_start(w->vm);
+        atomic_store(&w->heartbeat_ns, uv_hrtime());
         uv_run(&w->loop, UV_RUN_DEFAULT);
     }
+    /* No command may be sent to the async handle once it is being closed. */
+    uv_mutex_lock(&cmd_mu);
+    w->cmd_closed = true;
+    uv_mutex_unlock(&cmd_mu);
+    uv_timer_stop(&w->heartbeat_timer);
     /* Shutdown: scripts first (their timers and watches), then every remaining handle. */
     while (w->retired) {
         struct sp_vm *vm = w->retired;
@@ -315,6 +406,7 @@ int sp_workers_start(int n)
     nworkers = n;
     workers = sp_calloc((size_t)n, sizeof *workers);
     uv_sem_init(&started, 0);
+    uv_mutex_init(&cmd_mu);
     for (int i = 0; i < n; i++)
         workers[i].id = i;
     int failed = 0;
@@ -335,12 +427,16 @@ int sp_workers_start(int n)
 
 void sp_workers_command(int cmd)
 {
+    /* A worker that has left its loop (stopped, or failed to start) has closed, or is closing,
+     * its async handle: sending to it would abort the process. */
+    uv_mutex_lock(&cmd_mu);
     for (int i = 0; i < nstarted; i++) {
-        if (workers[i].startup_error)
+        if (workers[i].startup_error || workers[i].cmd_closed)
             continue;
         atomic_fetch_or(&workers[i].command, 1 << cmd);
         uv_async_send(&workers[i].async);
     }
+    uv_mutex_unlock(&cmd_mu);
 }
 
 void sp_workers_join(void)
@@ -352,4 +448,5 @@ void sp_workers_join(void)
     workers = NULL;
     nworkers = 0;
     uv_sem_destroy(&started);
+    uv_mutex_destroy(&cmd_mu);
 }

@@ -69,6 +69,17 @@ struct sp_worker {
     bool draining;
     bool stopping;
     atomic_bool exited;        /* the thread has finished (read by the main thread) */
+    bool cmd_closed;           /* left its loop: takes no more commands (under the command lock) */
+    /* The watchdog (sp_workers_watch, main thread): the loop stores the time on every tick of
+     * heartbeat_timer; a worker whose heartbeat is older than worker_stall_timeout is stuck. */
+    uv_timer_t heartbeat_timer;
+    _Atomic uint64_t heartbeat_ns;
+    atomic_bool stuck;
+    /* The outermost script call running now (0: none) and what it is, for the stuck report.
+     * script_what is written before script_since_ns is set, and read only once stuck. */
+    _Atomic uint64_t script_since_ns;
+    int script_depth;
+    char script_what[160];
     int startup_error;
     sp_worker_stats_t stats;
     uint64_t tunnels_open;
@@ -89,6 +100,16 @@ void sp_workers_set_exit_notify(uv_async_t *a);
 /* Starts n workers one by one; returns -1 if any failed (those started keep running). */
 int sp_workers_start(int n);
 void sp_workers_command(int cmd);
+/* The watchdog, called by the main thread every few hundred ms: marks workers whose loop made
+ * no progress for worker_stall_timeout as stuck (one error log line naming the worker and the
+ * script call it is in) and clears the mark when they recover. Returns the number of stuck
+ * workers; *running gets the number of workers neither exited nor stuck. */
+int sp_workers_watch(int *running);
+/* Ids of stuck workers (up to max) into ids; returns the count. Any thread. */
+int sp_workers_stuck(int *ids, int max);
+/* A script call begins / ends on w (lua_vm.c): what describes it (the hook, the request). */
+void sp_worker_script_begin(sp_worker_t *w, const char *what, size_t len);
+void sp_worker_script_end(sp_worker_t *w);
 void sp_workers_join(void);
 int sp_workers_count(void);
 /* Threads created by sp_workers_start (some may have failed and exited). */

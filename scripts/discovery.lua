@@ -10,6 +10,8 @@
 --              admins, or auth.unowned_owner, reach it; its path keeps the default_user segment)
 --   ready    = the Ready condition's status == "True"; reason = that condition's reason
 --   address  = status.podIPs[1] when ready, else status.serviceFQDN when non-empty, else none
+--              (a podIPs entry that is not an IP address is refused: no address, the reason
+--              says why, a warning is logged; loopback, link-local... are refused by the core)
 --              (never an invented <name>.<ns>.svc name: warm-pool sandboxes have no Service)
 --   port     = annotation "sandbox-proxy.dev/port" if set, else config discovery.port (8888)
 --   mode     = spec.operatingMode (v1beta1), or "Suspended"/"Running" from spec.replicas
@@ -29,6 +31,7 @@ local config = require "sp.config"
 local k8s = require "sp.k8s"
 local timer = require "sp.timer"
 local cjson = require "cjson.safe"
+local ip = require "sp.ip"
 
 local type = type
 local pairs = pairs
@@ -124,10 +127,16 @@ function M.to_route(obj)
     local cond = ready_condition(status)
     local ready = cond ~= nil and cond.status == "True"
     local reason = cond and type(cond.reason) == "string" and cond.reason or "Unknown"
-    local address
+    local address, refused
     local ips = status.podIPs
     if ready and type(ips) == "table" and type(ips[1]) == "string" and ips[1] ~= "" then
         address = ips[1]
+        if not ip.parse(address) then
+            -- a pod IP is an IP: a name here would be resolved and dialled wherever it points
+            refused = "status.podIPs[0] is not an IP address: " .. address:sub(1, 64)
+            reason = refused
+            address = nil
+        end
     elseif type(status.serviceFQDN) == "string" and status.serviceFQDN ~= "" then
         address = status.serviceFQDN
     end
@@ -153,6 +162,7 @@ function M.to_route(obj)
         resource_version = type(meta.resourceVersion) == "string" and meta.resourceVersion or nil,
         idle_timeout = idle and tostring(idle) or nil,
         last_activity = activity,
+        refused = refused, -- why the address was refused (logged by upsert; not stored)
     }
 end
 
@@ -312,6 +322,9 @@ function M.upsert(obj)
         return nil, err
     end
     local id = id_of(obj)
+    if r.refused then
+        log.warn("sandbox address refused", { sandbox = id, path = r.key, reason = r.refused })
+    end
     local old_key = objects[id]
     if old_key == nil then
         nobjects = nobjects + 1

@@ -4,7 +4,10 @@
 --   GET /ready  -> 200 {"ready":true} once the sandbox source has synced (the first full list
 --                  applied) and the process is not draining; else 503 {"ready":false,...}.
 --                  Used by the Kubernetes readiness probe.
---   GET /live   -> 200 {"live":true} while the process serves (liveness probe).
+--   GET /live   -> 200 {"live":true} while the process serves (liveness probe); 503
+--                  {"live":false,"reason":"worker stuck","stuck_workers":[ids]} while the
+--                  watchdog reports a worker whose loop has made no progress for
+--                  worker_stall_timeout (e.g. an endless loop the JIT compiled in a script).
 -- The source state is published by discovery.lua in the shared dict "sp" (key "source").
 local core = require "sp.core"
 local routes = require "sp.routes"
@@ -61,11 +64,17 @@ local function ready(req)
     req:respond(200, { ready = true })
 end
 
+local LIVE = { live = true }
+
 local function live(req)
     if not get_only(req) then
         return
     end
-    req:respond(200, { live = true })
+    local stuck = core.stuck_workers()
+    if #stuck > 0 then
+        return req:respond(503, { live = false, reason = "worker stuck", stuck_workers = stuck })
+    end
+    req:respond(200, LIVE)
 end
 
 M.endpoints = {

@@ -14,7 +14,9 @@
 --     { name = "client", key = "client", rate = 1000, burst = 2000 },   -- rate: per second
 --   },
 --   concurrency = { per_sandbox = 256 },  -- in-flight requests per sandbox (0: off)
---   trusted_proxies = {},               -- CIDRs whose X-Forwarded-For is believed
+--   trusted_proxies = {},               -- CIDRs whose X-Forwarded-For is believed; default:
+--                                       -- the runtime knob trusted_proxies (also exempt from
+--                                       -- max_connections_per_ip)
 -- A function key may return nil to skip that limit for the request.
 -- The decision is left in req.ctx.ratelimit ("allowed", "limited", "concurrency") for log.lua.
 local config = require "sp.config"
@@ -39,7 +41,16 @@ local PER_SANDBOX = (cfg.concurrency or {}).per_sandbox
 if PER_SANDBOX == nil then
     PER_SANDBOX = 256
 end
-local trusted = assert(ip.ranges(cfg.trusted_proxies or {}))
+-- The runtime knob's comma-separated text, as a list (the section's own list wins).
+local function knob_list(text)
+    local out = {}
+    for item in (text or ""):gmatch("[^,%s]+") do
+        out[#out + 1] = item
+    end
+    return out
+end
+local trusted = assert(ip.ranges(cfg.trusted_proxies
+    or knob_list(require("sp.core").settings().trusted_proxies)))
 
 for i, l in ipairs(LIMITS) do
     assert(type(l.rate) == "number" and l.rate > 0, "ratelimit.limits[" .. i .. "].rate must be > 0")

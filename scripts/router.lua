@@ -2,7 +2,11 @@
 -- /{rest} with the query string exactly as received.
 --   unknown sandbox          -> 404 {"error":"sandbox not found","path":"user/sandbox"}
 --   known, not ready         -> 503 {"error":"sandbox not ready","path":..,"reason":..} + Retry-After
---   ready, no address        -> 503 {"error":"sandbox has no address","path":..} + Retry-After
+--   ready, no address        -> 503 {"error":"sandbox has no address","path":..,"reason":..}
+--                               + Retry-After (reason: e.g. a podIPs entry that is not an IP)
+--   a refused address        -> 503 {"error":"sandbox address refused: loopback address",..}
+--                               from the core (unspecified, loopback unless
+--                               allow_loopback_sandboxes, link-local, multicast, broadcast)
 --   no user/sandbox in path  -> 400 with the expected form
 --   suspended or starting    -> held while wake.lua wakes it / waits for it, then forwarded
 --   another user's sandbox   -> 403 when auth.lua is on (the sandbox's owner must be the
@@ -63,7 +67,8 @@ function M.handle(req)
     end
     local address = r.address
     if not address or address == "" or r.port == 0 then
-        return req:respond(503, { error = "sandbox has no address", path = key },
+        return req:respond(503,
+            { error = "sandbox has no address", path = key, reason = r.reason },
             { ["Retry-After"] = RETRY_AFTER })
     end
     forward(req, r)

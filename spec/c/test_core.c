@@ -17,6 +17,7 @@
 #include "config.h"
 #include "http.h"
 #include "log.h"
+#include "netaddr.h"
 #include "routes.h"
 #include "shdict.h"
 #include "sp.h"
@@ -29,6 +30,7 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <uv.h>
 
 /* ---------------------------------------------------------------- framework */
 
@@ -1619,11 +1621,95 @@ static void config_free(sp_config_t *c)
                      &c->sandboxes_file, &c->log_level,        &c->kube_api,
                      &c->kube_token_file, &c->kube_ca_file,    &c->kubeconfig,
                      &c->kube_api_version, &c->kube_namespace, &c->kube_label_selector,
-                     &c->kube_serviceaccount_dir};
+                     &c->kube_serviceaccount_dir, &c->trusted_proxies};
     for (size_t i = 0; i < SP_ARRAY_LEN(strs); i++) {
         free(*strs[i]);
         *strs[i] = NULL;
     }
+    free(c->trusted_nets);
+    c->trusted_nets = NULL;
+    c->ntrusted = 0;
+}
+
+static struct sockaddr_storage addr_of(const char *ip)
+{
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    if (uv_ip4_addr(ip, 80, (struct sockaddr_in *)&ss) != 0)
+        CHECK(uv_ip6_addr(ip, 80, (struct sockaddr_in6 *)&ss) == 0);
+    return ss;
+}
+
+static void test_netaddr(void)
+{
+    /* the classes a sandbox is never dialled at */
+    const char *cases[][2] = {
+        {"0.0.0.0", "unspecified address"}, {"0.1.2.3", "unspecified address"},
+        {"::", "unspecified address"},      {"127.0.0.1", "loopback address"},
+        {"127.9.9.9", "loopback address"},  {"::1", "loopback address"},
+        {"::ffff:127.0.0.1", "loopback address"},
+        {"169.254.169.254", "link-local address"}, {"fe80::1", "link-local address"},
+        {"febf::1", "link-local address"},  {"224.0.0.1", "multicast address"},
+        {"239.255.255.255", "multicast address"}, {"ff02::1", "multicast address"},
+        {"255.255.255.255", "broadcast address"},
+    };
+    for (size_t i = 0; i < SP_ARRAY_LEN(cases); i++) {
+        struct sockaddr_storage ss = addr_of(cases[i][0]);
+        const char *why = sp_addr_refusal((struct sockaddr *)&ss, false);
+        CHECK(why != NULL);
+        if (why)
+            CHECK_STR(why, cases[i][1]);
+    }
+    const char *ok[] = {"10.8.1.23", "192.168.1.1", "169.255.0.1", "223.255.255.255",
+                        "240.0.0.1", "fd00::17", "2001:db8::1", "fec0::1", "::2"};
+    for (size_t i = 0; i < SP_ARRAY_LEN(ok); i++) {
+        struct sockaddr_storage ss = addr_of(ok[i]);
+        CHECK(sp_addr_refusal((struct sockaddr *)&ss, false) == NULL);
+    }
+    /* loopback only with the knob; the others never */
+    struct sockaddr_storage lo = addr_of("127.0.0.1"), lo6 = addr_of("::1"),
+                            zero = addr_of("0.0.0.0");
+    CHECK(sp_addr_refusal((struct sockaddr *)&lo, true) == NULL);
+    CHECK(sp_addr_refusal((struct sockaddr *)&lo6, true) == NULL);
+    CHECK(sp_addr_refusal((struct sockaddr *)&zero, true) != NULL);
+
+    /* CIDR sets: IPv4 peers match IPv4 CIDRs also when seen as ::ffff:a.b.c.d */
+    sp_cidr_t *set;
+    char err[256];
+    CHECK_INT(sp_cidrs_parse("10.0.0.0/8, fd00::/8 192.0.2.1", &set, err), 3);
+    struct sockaddr_storage a = addr_of("10.1.2.3"), b = addr_of("::ffff:10.9.9.9"),
+                            c = addr_of("11.0.0.1"), d = addr_of("fd12::1"),
+                            e = addr_of("192.0.2.1"), f = addr_of("192.0.2.2");
+    CHECK(sp_cidrs_contain(set, 3, (struct sockaddr *)&a));
+    CHECK(sp_cidrs_contain(set, 3, (struct sockaddr *)&b));
+    CHECK(!sp_cidrs_contain(set, 3, (struct sockaddr *)&c));
+    CHECK(sp_cidrs_contain(set, 3, (struct sockaddr *)&d));
+    CHECK(sp_cidrs_contain(set, 3, (struct sockaddr *)&e));
+    CHECK(!sp_cidrs_contain(set, 3, (struct sockaddr *)&f));
+    CHECK(!sp_cidrs_contain(set, 0, (struct sockaddr *)&a));
+    free(set);
+    CHECK_INT(sp_cidrs_parse("", &set, err), 0);
+    CHECK(set == NULL);
+    CHECK_INT(sp_cidrs_parse("10.0.0.0/33", &set, err), -1);
+    CHECK_HAS(err, "10.0.0.0/33");
+    CHECK_INT(sp_cidrs_parse("10.0.0.0/8,example.com", &set, err), -1);
+    CHECK_HAS(err, "example.com");
+
+    /* the knob: text, or a list in the config file */
+    sp_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    sp_config_defaults(&cfg);
+    CHECK_INT(cfg.max_connections_per_ip, 1000);
+    CHECK_INT(cfg.ntrusted, 0);
+    CHECK(!cfg.allow_loopback_sandboxes);
+    CHECK_INT(sp_config_set(&cfg, "trusted_proxies", "10.0.0.0/8,fd00::/8", err), 0);
+    CHECK_INT(cfg.ntrusted, 2);
+    CHECK_INT(sp_config_set(&cfg, "trusted_proxies", "10.0.0.0/99", err), -1);
+    CHECK_HAS(err, "trusted_proxies");
+    CHECK_INT(cfg.ntrusted, 2); /* a bad value changes nothing */
+    CHECK_INT(sp_config_set(&cfg, "trusted_proxies", "", err), 0);
+    CHECK_INT(cfg.ntrusted, 0);
+    config_free(&cfg);
 }
 
 static void test_config_defaults(void)
@@ -2007,6 +2093,7 @@ int main(void)
     RUN(test_config_set);
     RUN(test_config_load_file);
     RUN(test_config_dump_help);
+    RUN(test_netaddr);
 
     RUN(test_log_levels);
     RUN(test_log_output);

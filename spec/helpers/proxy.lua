@@ -116,6 +116,9 @@ function M.start(opts)
     if not set.demo_listen then
         set.demo_listen = "127.0.0.1:0"
     end
+    if set.allow_loopback_sandboxes == nil then
+        set.allow_loopback_sandboxes = true -- the fixture sandboxes listen on 127.0.0.1
+    end
     for k, v in pairs(set) do
         cmd[#cmd + 1] = "--set"
         cmd[#cmd + 1] = k .. "=" .. tostring(v)

@@ -158,3 +158,103 @@ describe("a drain under load", function()
         assert.is_nil(H.http.request{ port = px.port, path = "/health", timeout = 1 })
     end)
 end)
+
+local SPIN_ROUTER = [[
+local M = {}
+local builtin
+local x = 0
+function M.handle(req)
+    if req:path() == "/guard/spin/x" then
+        require("sp.log").info("spinning", { worker = require("sp.core").worker_id() })
+        while true do x = x + 1 end -- compiled by the JIT: no count hook fires in it
+    end
+    builtin = builtin or dofile(require("sp.core").settings().builtin_dir .. "/router.lua")
+    return builtin.handle(req)
+end
+return M
+]]
+
+-- Starts 2 workers with SPIN_ROUTER and sends the spinning request (never answered).
+local function start_spinning(set)
+    local dir = H.tmpdir()
+    assert(process.write_file(dir .. "/router.lua", SPIN_ROUTER))
+    local up = H.upstream{ name = "spin" }
+    local px = H.start{ scripts = dir, workers = 2, sandboxes = { H.sandbox("a", "b", up.port) },
+        set = set }
+    local spinning = assert(px:connect{ timeout = 1 })
+    assert(spinning:send_raw("GET /guard/spin/x HTTP/1.1\r\nHost: x\r\n\r\n"))
+    local l = px:wait_log(function(line) return line.msg == "spinning" and line end)
+    return px, spinning, l.worker
+end
+
+-- A keep-alive connection served by a worker that is not stuck (the kernel spreads new
+-- connections over the workers' listeners: one that landed on the stuck worker never answers).
+local function healthy_connection(px)
+    return H.net.wait_until(function()
+        local c = px:connect{ timeout = 1 }
+        if not c then
+            return nil
+        end
+        local r = c:request{ path = "/a/b/echo", timeout = 0.5 }
+        if r and r.status == 200 then
+            return c
+        end
+        c:close()
+    end, 20, 0, "a connection on the healthy worker")
+end
+
+describe("a worker stuck in a JIT-compiled endless loop", function()
+    teardown(function()
+        H.stop_all()
+    end)
+
+    it("fails /live, is named in a log line, and two SIGTERMs still exit 0", function()
+        local px, spinning, worker = start_spinning{ worker_stall_timeout = 1,
+            script_time_budget = 0.3 }
+        -- /live fails (answered by the other worker; a connection the kernel hands to the stuck
+        -- worker's listener times out, hence the short timeout and the retries)
+        local body = H.net.wait_until(function()
+            local r = H.http.request{ port = px.port, path = "/live", timeout = 0.5 }
+            return r and r.status == 503 and cjson.decode(r.body)
+        end, 20, 0.05, "/live 503")
+        assert.is_false(body.live)
+        assert.are.equal("worker stuck", body.reason)
+        assert.are.same({ worker }, body.stuck_workers)
+        local l = px:wait_log(function(line)
+            return line.msg:find("^worker stuck") and line
+        end)
+        assert.are.equal("error", l.level)
+        assert.are.equal(worker, l.worker)
+        assert.matches("^request hook: GET /guard/spin/x %(request_id ", l.running)
+        -- a request in flight on the healthy worker keeps the drain going
+        local busy = healthy_connection(px)
+        assert(busy:send_raw("GET /a/b/delay?ms=30000 HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert(px.proc:signal("TERM"))
+        px:wait_log(function(line) return line.msg == "draining" end)
+        assert.is_true(px.proc:alive())
+        -- the second SIGTERM stops the healthy worker; the stuck one cannot stop, the process can
+        assert(px.proc:signal("TERM"))
+        local code, how = px.proc:wait(20)
+        assert.are.equal("exited", how)
+        assert.are.equal(0, code)
+        assert.truthy(px:wait_log(function(line)
+            return line.msg:find("^stopped without the stuck workers") and line.workers == tostring(worker)
+        end))
+        busy:close()
+        spinning:close()
+    end)
+
+    it("exits 0 at the drain deadline, before the watchdog has even reported it", function()
+        -- the other worker drains at once; at drain_timeout the stop command goes to every worker
+        -- (once it aborted the process: a command sent to a worker that had already exited)
+        local px, spinning = start_spinning{ worker_stall_timeout = 3, drain_timeout = 0.5,
+            script_time_budget = 0.3 }
+        assert(px.proc:signal("TERM"))
+        px:wait_log(function(line) return line.msg == "drain timeout: closing remaining connections" end)
+        local code, how = px.proc:wait(20)
+        assert.are.equal("exited", how)
+        assert.are.equal(0, code)
+        px:wait_log(function(line) return line.msg:find("^stopped without the stuck workers") end)
+        spinning:close()
+    end)
+end)

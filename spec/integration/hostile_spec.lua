@@ -348,6 +348,67 @@ describe("slow clients and floods", function()
         end, 5)
     end)
 
+    -- A client socket from 127.0.0.2 (loopback too): a second client address on this host.
+    local function connect_from(src, port)
+        local s = socket.tcp()
+        assert(s:bind(src, 0))
+        s:settimeout(5)
+        assert(s:connect("127.0.0.1", port))
+        return s
+    end
+
+    local function served(s)
+        assert(s:send("GET /a/b/echo HTTP/1.1\r\nHost: x\r\n\r\n"))
+        local status = s:receive("*l")
+        local len
+        repeat
+            local line = s:receive("*l")
+            len = len or tonumber(line and line:match("^[Cc]ontent%-[Ll]ength:%s*(%d+)"))
+        until not line or line == ""
+        if len and len > 0 then
+            s:receive(len)
+        end
+        return status and status:match("^HTTP/1.1 200") ~= nil
+    end
+
+    it("does not cap a trusted proxy's address, and still caps the others", function()
+        local up = H.upstream{ name = "lb" }
+        local px = H.start{ sandboxes = { H.sandbox("a", "b", up.port) },
+            set = { max_connections_per_ip = 3, trusted_proxies = "127.0.0.2/32,fd00::/8" } }
+        -- the load balancer at 127.0.0.2 carries many clients: 8 connections, all served
+        local lb = {}
+        for i = 1, 8 do
+            lb[i] = connect_from("127.0.0.2", px.port)
+            assert.is_true(served(lb[i]), "trusted connection " .. i)
+        end
+        -- 127.0.0.1 is an ordinary client: 3, then the 4th is closed without an answer
+        local held = {}
+        for i = 1, 3 do
+            held[i] = connect_from("127.0.0.1", px.port)
+            assert.is_true(served(held[i]), "client connection " .. i)
+        end
+        local extra = assert(px:connect{ timeout = 5 })
+        assert.is_true(extra:closed_by_peer(3))
+        extra:close()
+        px:wait_log(function(l)
+            return l.msg == "connection refused: max_connections_per_ip reached"
+                and l.client == "127.0.0.1" and l.limit == 3
+        end)
+        for _, c in ipairs(held) do
+            c:close()
+        end
+        for _, c in ipairs(lb) do
+            c:close()
+        end
+    end)
+
+    it("caps connections per address by default (max_connections_per_ip = 1000)", function()
+        local p = assert(H.process.spawn{ cmd = { H.BIN, "--help" }, stdout = H.tmpdir() .. "/out" })
+        assert.are.equal(0, p:wait(10))
+        local line = p:read_stdout():match("\n%s*max_connections_per_ip [^\n]*")
+        assert.matches("%(default: 1000%)$", line)
+    end)
+
     it("caps open tunnels and keeps serving plain requests", function()
         local up = H.upstream{ name = "ws-flood" }
         local px = H.start{ sandboxes = { H.sandbox("a", "b", up.port) }, set = { max_tunnels = 3 } }

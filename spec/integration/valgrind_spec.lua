@@ -27,7 +27,8 @@ describe("valgrind", function()
         local p = assert(process.spawn{ cmd = { "valgrind", "--leak-check=full",
             "--undef-value-errors=no", "--errors-for-leak-kinds=definite,indirect",
             "--error-exitcode=99", "--log-file=" .. dir .. "/valgrind.log", H.BIN,
-            "--listen", "127.0.0.1:" .. port, "--workers", "1", "--sandboxes-file", sfile },
+            "--listen", "127.0.0.1:" .. port, "--workers", "1", "--sandboxes-file", sfile,
+            "--set", "allow_loopback_sandboxes=true" },
             stdout = dir .. "/out", stderr = dir .. "/err" })
         H.net.wait_until(function()
             local r = H.http.request{ port = port, path = "/health", timeout = 2 }

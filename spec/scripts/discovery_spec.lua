@@ -233,6 +233,34 @@ describe("discovery.to_route", function()
         assert.is_nil(r.service)
     end)
 
+    it("refuses a name in podIPs (a pod IP is an IP); a serviceFQDN name stays legit", function()
+        for _, bad in ipairs({ "evil.example.com", "localhost", "10.0.0.1.nip.io", "10.0.0.256",
+            "[::1]x" }) do
+            local obj = fixture("v1beta1-ready-with-service")
+            obj.status.podIPs = { bad }
+            local r = discovery.to_route(obj)
+            assert.is_true(r.ready, bad)
+            assert.is_nil(r.address, bad)
+            assert.are.equal("status.podIPs[0] is not an IP address: " .. bad, r.reason)
+            assert.are.equal(r.reason, r.refused)
+        end
+        for _, good in ipairs({ "10.8.1.23", "fd00::17", "2001:db8::1" }) do
+            local obj = fixture("v1beta1-ready-with-service")
+            obj.status.podIPs = { good }
+            local r = discovery.to_route(obj)
+            assert.are.equal(good, r.address)
+            assert.is_nil(r.refused)
+            assert.are.equal("DependenciesReady", r.reason)
+        end
+        -- not ready: the Service name is the address, resolved (and checked) by the core
+        local obj = fixture("v1beta1-ready-with-service")
+        obj.status.conditions[3].status = "False"
+        obj.status.podIPs = { "evil.example.com" }
+        local r = discovery.to_route(obj)
+        assert.are.equal("my-sandbox.default.svc.cluster.local", r.address)
+        assert.is_nil(r.refused)
+    end)
+
     it("takes readiness only from the Ready condition", function()
         local obj = fixture("v1beta1-ready-with-service")
         obj.status.conditions = { { type = "PodScheduled", status = "True", reason = "X" } }
@@ -308,6 +336,22 @@ describe("discovery applied set", function()
         assert.are.equal("agents.x-k8s.io/v1beta1", r.api_version)
         assert.are.equal("discovery", r.meta)
         assert.are.equal(1, discovery.object_count())
+    end)
+
+    it("upsert of a name in podIPs stores no address, the refusal as reason, and logs", function()
+        local warn = spy.on(require("sp.log"), "warn")
+        local obj = fixture("v1beta1-ready-with-service")
+        obj.status.podIPs = { "metadata.google.internal" }
+        assert.is_true(discovery.upsert(obj))
+        local r = routes.get("alice/my-sandbox")
+        assert.is_true(r.ready)
+        assert.is_nil(r.address)
+        assert.are.equal("status.podIPs[0] is not an IP address: metadata.google.internal",
+            r.reason)
+        assert.spy(warn).was.called_with("sandbox address refused", { sandbox = "default/my-sandbox",
+            path = "alice/my-sandbox",
+            reason = "status.podIPs[0] is not an IP address: metadata.google.internal" })
+        warn:revert()
     end)
 
     it("upsert of a not-ready object stores it as not ready, without address", function()

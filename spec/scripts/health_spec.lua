@@ -153,6 +153,17 @@ describe("health endpoints", function()
             sp_dict:set("source", cjson.encode({ synced = false }))
             assert.are.equal(200, call("/live").response.status)
         end)
+
+        it("is 503 naming the workers while the watchdog reports some stuck", function()
+            assert.are.same({}, core.stuck_workers()) -- no worker here is stuck
+            local s = stub(core, "stuck_workers", function() return { 1, 3 } end)
+            local req = call("/live")
+            s:revert()
+            assert.are.equal(503, req.response.status)
+            assert.are.same({ live = false, reason = "worker stuck", stuck_workers = { 1, 3 } },
+                req.response.json)
+            assert.are.equal(200, call("/live").response.status)
+        end)
     end)
 
     describe("methods", function()

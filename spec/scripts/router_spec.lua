@@ -188,8 +188,20 @@ describe("router.handle", function()
         testkit.set_routes{ ["alice/sb"] = { ready = true } }
         local req = handle("/alice/sb/")
         assert.are.equal(503, req.response.status)
-        assert.are.same({ error = "sandbox has no address", path = "alice/sb" }, req.response.json)
+        assert.are.same({ error = "sandbox has no address", path = "alice/sb",
+            reason = "DependenciesReady" }, req.response.json)
         assert.are.equal("2", req.response.headers["Retry-After"])
+        assert.is_nil(req.forwarded)
+    end)
+
+    it("says why a ready sandbox has no address (a refused pod IP)", function()
+        testkit.set_routes{ ["alice/sb"] = { ready = true,
+            reason = "status.podIPs[0] is not an IP address: evil.example.com" } }
+        local req = handle("/alice/sb/")
+        assert.are.equal(503, req.response.status)
+        assert.are.same({ error = "sandbox has no address", path = "alice/sb",
+            reason = "status.podIPs[0] is not an IP address: evil.example.com" },
+            req.response.json)
         assert.is_nil(req.forwarded)
     end)
 
@@ -197,7 +209,8 @@ describe("router.handle", function()
         testkit.set_routes{ ["alice/sb"] = { ready = true, address = "10.0.0.7", port = 0 } }
         local req = handle("/alice/sb/")
         assert.are.equal(503, req.response.status)
-        assert.are.same({ error = "sandbox has no address", path = "alice/sb" }, req.response.json)
+        assert.are.same({ error = "sandbox has no address", path = "alice/sb",
+            reason = "DependenciesReady" }, req.response.json)
         assert.are.equal("2", req.response.headers["Retry-After"])
     end)
 
