@@ -16,7 +16,7 @@
 -- page. A route present for the whole walk is listed exactly once; a route added or removed
 -- during the walk is listed at most once (once if it exists when its page is read).
 --
--- Config (section `sandboxes`): default_limit (500), max_limit (1000), chunk (100),
+-- Config (section `sandboxes`): default_limit (500), max_limit (1000), chunk (50),
 -- max_scan (10000: entries examined per page at most when a filter drops entries; the page may
 -- then hold fewer than limit sandboxes, with a continue token).
 -- Replace this script to restrict or reshape the listing.
@@ -36,7 +36,7 @@ local cfg = config.sandboxes or {}
 local M = {}
 M.DEFAULT_LIMIT = tonumber(cfg.default_limit) or 500
 M.MAX_LIMIT = tonumber(cfg.max_limit) or 1000
-M.CHUNK = tonumber(cfg.chunk) or 100
+M.CHUNK = tonumber(cfg.chunk) or 50
 M.MAX_SCAN = tonumber(cfg.max_scan) or 10000
 
 -- Work counters (tests, metrics): index entries examined and pages served.
