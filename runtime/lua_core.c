@@ -613,6 +613,8 @@ static int f_json_list(lua_State *L)
         else if (*v == '[') {
             arr = v;
             jl->items = 'a';
+        } else if (*v == '{' && *sp_json_ws(v + 1, end) == '}') {
+            jl->items = 'a'; /* {}: how cjson encodes an empty Lua table, i.e. no items */
         }
     }
     const char *first = arr ? sp_json_array_first(arr, end) : NULL;

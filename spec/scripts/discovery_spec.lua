@@ -618,6 +618,9 @@ describe("discovery.open_list", function()
         assert.are.same({}, all(temp_file("  []  ")))
         assert.are.same({}, all(temp_file('{"kind":"SandboxList","items":[]}')))
         assert.are.same({}, all(temp_file('{"kind":"SandboxList","metadata":{}}')))
+        -- cjson encodes an empty Lua table as {}: parse_list takes it as no items, so must this
+        assert.are.same({}, discovery.parse_list('{"kind":"SandboxList","items":{}}'))
+        assert.are.same({}, all(temp_file('{"kind":"SandboxList","items":{ }}')))
         assert.are.same({ a }, all(temp_file('{"items":[' .. cjson.encode(a) .. '],"kind":"X"}')))
     end)
 
