@@ -1,6 +1,7 @@
 /*
  * lua_routes.c: the sp.routes module over the shared route table (routes.c):
- * set(key, route), get(key), delete(key), list(), count(), count_ready(), generation().
+ * set(key, route), get(key), delete(key), list(), range(prefix, after, limit), count(),
+ * count_ready(), generation().
  * A route is a table {namespace, name, user, address, port, ready, reason, service, conflict,
  * mode, meta}; get and list return copies (with key, version and updated added).
  */
@@ -161,6 +162,46 @@ static int r_list(lua_State *L)
     return 1;
 }
 
+#define RANGE_MAX 10000
+
+/* range(prefix, after, limit) -> array of route copies sorted by key (at most limit, 1 to
+ * RANGE_MAX), whose keys start with prefix (nil or "": any) and sort after `after` (nil: from
+ * the start); then `more` (another key of the range follows) and the index entries examined.
+ * O(log n + limit): the ordered index is walked from the start of the range, never the table. */
+static int r_range(lua_State *L)
+{
+    sp_vm_check_budget(L);
+    size_t plen = 0, alen = 0;
+    const char *prefix = luaL_optlstring(L, 1, "", &plen);
+    const char *after = luaL_optlstring(L, 2, NULL, &alen);
+    lua_Integer limit = luaL_checkinteger(L, 3);
+    if (limit < 1 || limit > RANGE_MAX)
+        return luaL_argerror(L, 3, "limit must be 1 to 10000");
+    sp_vm_t *vm = sp_vm_of(L);
+    sp_buf_t keys = {0};
+    bool more = false;
+    size_t work = 0;
+    size_t n = sp_routes_range(prefix, plen, after, alen, (size_t)limit, &keys, &more, &work);
+    lua_createtable(L, (int)n, 0);
+    size_t off = 0;
+    int i = 0;
+    for (size_t k = 0; k < n; k++) {
+        uint32_t kl;
+        memcpy(&kl, keys.p + off, sizeof kl);
+        off += sizeof kl;
+        /* a route deleted since the index was read is left out */
+        if (sp_routes_get(keys.p + off, kl, &vm->scratch)) {
+            push_route(L, (const sp_route_t *)vm->scratch.p);
+            lua_rawseti(L, -2, ++i);
+        }
+        off += kl;
+    }
+    sp_buf_free(&keys);
+    lua_pushboolean(L, more);
+    lua_pushnumber(L, (double)work);
+    return 3;
+}
+
 static int r_count(lua_State *L)
 {
     lua_pushinteger(L, (lua_Integer)sp_routes_count());
@@ -183,6 +224,7 @@ int luaopen_sp_routes(lua_State *L)
 {
     static const luaL_Reg fns[] = {{"set", r_set},         {"get", r_get},
                                    {"delete", r_delete},   {"list", r_list},
+                                   {"range", r_range},
                                    {"count", r_count},     {"count_ready", r_count_ready},
                                    {"generation", r_generation}, {"version", r_version},
                                    {NULL, NULL}};

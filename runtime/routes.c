@@ -2,6 +2,12 @@
  * routes.c: the shared route table (see routes.h): 64 shards, each a chained hash table behind
  * its own mutex. Entries are single heap blocks, replaced whole on update, so a reader copies
  * exactly one block and never sees a half-written route.
+ *
+ * Beside the shards, an ordered index of the keys (a skip list behind its own mutex) serves
+ * sorted range reads (sp_routes_range: /sandboxes pages, a user's prefix) in O(log n + page)
+ * instead of a sort of the whole table. It changes only when a key is created or deleted, under
+ * that key's shard lock (lock order: shard, then index), so it always holds exactly the keys
+ * of the table.
  */
 #include "routes.h"
 
@@ -29,6 +35,149 @@ static atomic_size_t total;
 static atomic_size_t ready_total;
 static atomic_uint_fast64_t generation;
 
+/* ------------------------------------------------------------------ the ordered index */
+
+#define SL_MAX 24
+
+typedef struct sl_node {
+    uint32_t klen;
+    uint32_t level;
+    struct sl_node *next[]; /* level pointers, then the key bytes */
+} sl_node_t;
+
+static pthread_mutex_t idx_mu = PTHREAD_MUTEX_INITIALIZER;
+static sl_node_t *idx_head;
+static uint32_t idx_level;
+static uint64_t idx_rng;
+
+static inline const char *sl_key(const sl_node_t *n) { return (const char *)&n->next[n->level]; }
+
+/* Byte order; a key sorts after its own prefixes (the order of strcmp for keys without NUL). */
+static int key_cmp(const char *a, size_t an, const char *b, size_t bn)
+{
+    int c = memcmp(a, b, an < bn ? an : bn);
+    if (c)
+        return c;
+    return an < bn ? -1 : an > bn ? 1 : 0;
+}
+
+static int node_cmp(const sl_node_t *n, const char *k, size_t kn)
+{
+    return key_cmp(sl_key(n), n->klen, k, kn);
+}
+
+static uint32_t sl_random_level(void)
+{
+    idx_rng ^= idx_rng << 13;
+    idx_rng ^= idx_rng >> 7;
+    idx_rng ^= idx_rng << 17;
+    uint64_t r = idx_rng;
+    uint32_t lvl = 1;
+    while (lvl < SL_MAX && (r & 3) == 0) { /* p = 1/4 per level */
+        lvl++;
+        r >>= 2;
+    }
+    return lvl;
+}
+
+/* Fills pred[i] with the last node at level i whose key is < k (or <= k when after). Counts
+ * the comparisons in *work. Returns the first node at level 0 past pred[0]. */
+static sl_node_t *sl_seek(const char *k, size_t kn, bool after, sl_node_t **pred, size_t *work)
+{
+    sl_node_t *x = idx_head;
+    for (int i = (int)idx_level - 1; i >= 0; i--) {
+        for (;;) {
+            sl_node_t *n = x->next[i];
+            if (!n)
+                break;
+            (*work)++;
+            int c = node_cmp(n, k, kn);
+            if (c < 0 || (after && c == 0))
+                x = n;
+            else
+                break;
+        }
+        if (pred)
+            pred[i] = x;
+    }
+    return x->next[0];
+}
+
+static void idx_insert(const char *k, size_t kn)
+{
+    sl_node_t *pred[SL_MAX];
+    size_t work = 0;
+    pthread_mutex_lock(&idx_mu);
+    sl_node_t *n = sl_seek(k, kn, false, pred, &work);
+    if (n && node_cmp(n, k, kn) == 0) {
+        pthread_mutex_unlock(&idx_mu);
+        return;
+    }
+    uint32_t lvl = sl_random_level();
+    for (uint32_t i = idx_level; i < lvl; i++)
+        pred[i] = idx_head;
+    if (lvl > idx_level)
+        idx_level = lvl;
+    n = sp_malloc(sizeof(sl_node_t) + lvl * sizeof(sl_node_t *) + kn + 1);
+    n->klen = (uint32_t)kn;
+    n->level = lvl;
+    memcpy((char *)sl_key(n), k, kn);
+    ((char *)sl_key(n))[kn] = '\0';
+    for (uint32_t i = 0; i < lvl; i++) {
+        n->next[i] = pred[i]->next[i];
+        pred[i]->next[i] = n;
+    }
+    pthread_mutex_unlock(&idx_mu);
+}
+
+static void idx_remove(const char *k, size_t kn)
+{
+    sl_node_t *pred[SL_MAX];
+    size_t work = 0;
+    pthread_mutex_lock(&idx_mu);
+    sl_node_t *n = sl_seek(k, kn, false, pred, &work);
+    if (n && node_cmp(n, k, kn) == 0) {
+        for (uint32_t i = 0; i < n->level; i++)
+            if (pred[i]->next[i] == n)
+                pred[i]->next[i] = n->next[i];
+        while (idx_level > 1 && idx_head->next[idx_level - 1] == NULL)
+            idx_level--;
+        free(n);
+    }
+    pthread_mutex_unlock(&idx_mu);
+}
+
+size_t sp_routes_range(const char *prefix, size_t plen, const char *after, size_t alen,
+                       size_t max, sp_buf_t *keys, bool *more, size_t *work)
+{
+    size_t n = 0;
+    keys->len = 0;
+    *more = false;
+    pthread_mutex_lock(&idx_mu);
+    sl_node_t *x;
+    if (after && key_cmp(after, alen, prefix, plen) >= 0)
+        x = sl_seek(after, alen, true, NULL, work);
+    else
+        x = sl_seek(prefix, plen, false, NULL, work);
+    for (; x; x = x->next[0]) {
+        (*work)++;
+        if (x->klen < plen || memcmp(sl_key(x), prefix, plen) != 0)
+            break; /* past the prefix's range */
+        if (n == max) {
+            *more = true;
+            break;
+        }
+        uint32_t kl = x->klen;
+        sp_buf_add(keys, &kl, sizeof kl);
+        sp_buf_add(keys, sl_key(x), kl);
+        n++;
+    }
+    pthread_mutex_unlock(&idx_mu);
+    return n;
+}
+
+/* ------------------------------------------------------------------ the shards */
+
 static uint64_t hash_key(const char *k, size_t n)
 {
     uint64_t h = 1469598103934665603ull;
@@ -50,6 +199,10 @@ void sp_routes_init(void)
     atomic_store(&total, 0);
     atomic_store(&ready_total, 0);
     atomic_store(&generation, 1);
+    idx_head = sp_calloc(1, sizeof(sl_node_t) + SL_MAX * sizeof(sl_node_t *));
+    idx_head->level = SL_MAX;
+    idx_level = 1;
+    idx_rng = 0x9e3779b97f4a7c15ull; /* fixed: the index's shape is reproducible */
 }
 
 void sp_routes_destroy(void)
@@ -68,6 +221,13 @@ void sp_routes_destroy(void)
         s->buckets = NULL;
         pthread_mutex_destroy(&s->mu);
     }
+    for (sl_node_t *n = idx_head ? idx_head->next[0] : NULL; n;) {
+        sl_node_t *next = n->next[0];
+        free(n);
+        n = next;
+    }
+    free(idx_head);
+    idx_head = NULL;
 }
 
 /* High bits pick the shard; low bits pick the bucket inside it (independent bits). */
@@ -150,6 +310,7 @@ int sp_routes_set(const char *key, size_t klen, const sp_route_in_t *in)
     } else {
         s->count++;
         atomic_fetch_add(&total, 1);
+        idx_insert(key, klen);
     }
     *pp = e;
     if (e->ready)
@@ -202,6 +363,7 @@ bool sp_routes_delete(const char *key, size_t klen)
         if (e->ready)
             atomic_fetch_sub(&ready_total, 1);
         atomic_fetch_add(&generation, 1);
+        idx_remove(key, klen);
     }
     pthread_mutex_unlock(&s->mu);
     free(e);

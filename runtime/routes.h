@@ -72,5 +72,12 @@ uint64_t sp_routes_generation(void);
  * returns how many. The copy is consistent per shard, not across shards. */
 size_t sp_routes_snapshot(sp_buf_t *out);
 size_t sp_routes_count_ready(void);
+/* Sorted range read of the keys: up to max keys that start with prefix (plen 0: all) and sort
+ * after `after` (NULL: from the start of the prefix's range), in byte order. Each key is
+ * appended to keys as a uint32_t length then its bytes. *more is set when another key of the
+ * range follows; *work is increased by the index entries examined (the cost: O(log n + max)).
+ * Returns how many keys. */
+size_t sp_routes_range(const char *prefix, size_t plen, const char *after, size_t alen,
+                       size_t max, sp_buf_t *keys, bool *more, size_t *work);
 
 #endif

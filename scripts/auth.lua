@@ -422,7 +422,7 @@ end
 function M.owner_of(route)
     local user = route.user
     if user == nil or user == "" then
-        return UNOWNED_OWNER
+        return M.unowned_owner
     end
     return user
 end

@@ -356,20 +356,55 @@ end
 
 -- Replaces the whole set (a full list): what is absent is deleted. Returns the number of
 -- objects applied and a list of per-item problems.
--- In a task it yields to the loop every YIELD_EVERY objects, so a list of 100,000 sandboxes
--- neither stalls the worker's requests nor runs into script_time_budget.
+-- In a task it yields to the loop every YIELD_EVERY objects, or sooner once YIELD_AFTER
+-- seconds have passed since the last turn (checked every 100 objects: a starved CPU makes
+-- 1,000 objects take long), so a list of 100,000 sandboxes neither stalls the worker's
+-- requests nor runs into script_time_budget.
 local YIELD_EVERY = 1000
+local YIELD_AFTER = 0.05
+local monotonic = core.monotonic
 
+-- Yields when object i is due for a turn of the loop; returns the time of the last turn.
+local function maybe_yield(i, since)
+    if i % YIELD_EVERY == 0 or (i % 100 == 0 and monotonic() - since > YIELD_AFTER) then
+        timer.sleep(0)
+        return monotonic()
+    end
+    return since
+end
+
+-- items: an array of objects, or a function returning the next object (nil at the end;
+-- false and a reason for an item that could not be read).
 function M.replace_all(items)
     local seen = {}
     local problems = {}
     local applied = 0
     local can_yield = core.in_task()
-    for i, obj in ipairs(items) do
-        if can_yield and i % YIELD_EVERY == 0 then
-            timer.sleep(0)
+    local nextf = items
+    if type(items) == "table" then
+        local k = 0
+        nextf = function()
+            k = k + 1
+            return items[k]
         end
-        local ok, err = M.upsert(obj)
+    end
+    local i = 0
+    local since = can_yield and monotonic() or 0
+    while true do
+        local obj, why = nextf()
+        if obj == nil then
+            break
+        end
+        i = i + 1
+        if can_yield then
+            since = maybe_yield(i, since)
+        end
+        local ok, err
+        if obj == false and why then
+            err = why
+        else
+            ok, err = M.upsert(obj)
+        end
         if ok then
             applied = applied + 1
             seen[id_of(obj)] = true
@@ -385,8 +420,8 @@ function M.replace_all(items)
         end
     end
     for i, obj in ipairs(gone) do
-        if can_yield and i % YIELD_EVERY == 0 then
-            timer.sleep(0)
+        if can_yield then
+            since = maybe_yield(i, since)
         end
         M.remove(obj)
     end
@@ -473,28 +508,58 @@ function M.load_file(path)
     return applied, err
 end
 
+-- Opens a sandboxes file for reading item by item (fs.json_list: the bytes stay in C memory,
+-- the document is validated first, each object is decoded when its turn comes, so a 100,000
+-- sandbox file never becomes one Lua table). Returns a function giving the next object (or
+-- false and why for an item that does not decode), or nil, err, kind ("read" or "parse").
+function M.open_list(path)
+    local rd, err = fs.json_list(path, "items")
+    if not rd then
+        return nil, err, err:match("^invalid JSON") and "parse" or "read"
+    end
+    local shape, items = rd:shape(), rd:items()
+    if shape ~= "array" and shape ~= "object" then
+        rd:close()
+        return nil, "expected a SandboxList object", "parse"
+    end
+    if items ~= "array" then
+        local kind = items == "absent" and rd:string("kind")
+        rd:close()
+        if kind == "SandboxList" then
+            return function() return nil end
+        end
+        return nil, "expected a SandboxList with an items array", "parse"
+    end
+    return function()
+        local text = rd:next()
+        if text == nil then
+            rd:close()
+            return nil
+        end
+        local obj, derr = cjson.decode(text)
+        if obj == nil then
+            return false, "invalid JSON: " .. tostring(derr)
+        end
+        return obj
+    end
+end
+
 function M.load_file_once(path)
-    local text, err = fs.read(path)
-    if not text then
+    local items, err, kind = M.open_list(path)
+    if not items and kind == "read" then
         log.error("cannot read sandboxes file", { path = path, error = err })
         publish_state({ error = err, error_at = core.iso8601() })
         return nil, err
     end
-    -- Reading and decoding a big file are single calls that cannot yield: give the loop a
-    -- turn after each, so the time budget counts the Lua work that follows from zero.
-    local can_yield = core.in_task()
-    if can_yield then
-        timer.sleep(0)
-    end
-    local items, perr = M.parse_list(text)
-    text = nil
-    if can_yield then
+    -- Reading and validating a big file is one call that cannot yield: give the loop a turn
+    -- after it, so the time budget counts the Lua work that follows from zero.
+    if core.in_task() then
         timer.sleep(0)
     end
     if not items then
-        log.error("bad sandboxes file: keeping the previous routes", { path = path, error = perr })
-        publish_state({ error = perr, error_at = core.iso8601() })
-        return nil, perr
+        log.error("bad sandboxes file: keeping the previous routes", { path = path, error = err })
+        publish_state({ error = err, error_at = core.iso8601() })
+        return nil, err
     end
     local applied, problems, removed = M.replace_all(items)
     for _, p in ipairs(problems) do

@@ -42,7 +42,18 @@ local function list_sandboxes(req)
         return
     end
     local id = req.ctx.identity
-    return sandboxes.handle(req, auth.enabled and function(r) return auth.can_see(id, r) end or nil)
+    if not auth.enabled then
+        return sandboxes.handle(req)
+    end
+    -- a non-admin walks only the key range of their own paths ("user/..."): the cost of their
+    -- listing follows what they may see, not the table's size; can_see still filters it. The
+    -- user named in auth.unowned_owner also sees the unowned sandboxes, which live under other
+    -- keys: that one user's listing walks the whole table.
+    local prefix = nil
+    if not (id and id.admin) and not (id and id.user ~= nil and id.user == auth.unowned_owner) then
+        prefix = (id and id.user or "") .. "/"
+    end
+    return sandboxes.handle(req, function(r) return auth.can_see(id, r) end, prefix)
 end
 
 local function serve_metrics(req)

@@ -1020,6 +1020,86 @@ static void *rt_thread(void *arg)
     return NULL;
 }
 
+/* Reads one range; returns the keys joined by spaces. */
+static const char *rrange(const char *prefix, const char *after, size_t max, bool *more,
+                          size_t *work)
+{
+    static char joined[4096];
+    sp_buf_t keys = {0};
+    size_t w = 0;
+    size_t n = sp_routes_range(prefix, strlen(prefix), after, after ? strlen(after) : 0, max,
+                               &keys, more, &w);
+    if (work)
+        *work = w;
+    size_t off = 0, j = 0;
+    joined[0] = '\0';
+    for (size_t k = 0; k < n; k++) {
+        uint32_t kl;
+        memcpy(&kl, keys.p + off, sizeof kl);
+        off += sizeof kl;
+        if (j + kl + 2 < sizeof joined) {
+            if (j)
+                joined[j++] = ' ';
+            memcpy(joined + j, keys.p + off, kl);
+            j += kl;
+            joined[j] = '\0';
+        }
+        off += kl;
+    }
+    sp_buf_free(&keys);
+    return joined;
+}
+
+/* The ordered index: byte order, prefixes, `after`, `more`, deletes, and O(log n) seeks. */
+static void test_routes_range(void)
+{
+    sp_routes_init();
+    bool more = true;
+    CHECK_STR(rrange("", NULL, 10, &more, NULL), "");
+    CHECK(!more);
+    sp_route_in_t in = rin("default", "x", "10.0.0.1", 1, true);
+    const char *keys[] = {"bob/b", "alice/b", "alice-x/a", "alice/a", "alicf/z", "alice/c"};
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++)
+        CHECK_INT(rset(keys[i], &in), 1);
+    CHECK_INT(rset("alice/b", &in), 0); /* a replace does not add a second index entry */
+    CHECK_STR(rrange("", NULL, 10, &more, NULL),
+              "alice-x/a alice/a alice/b alice/c alicf/z bob/b");
+    CHECK(!more);
+    CHECK_STR(rrange("", NULL, 2, &more, NULL), "alice-x/a alice/a");
+    CHECK(more);
+    CHECK_STR(rrange("", "alice/a", 2, &more, NULL), "alice/b alice/c");
+    CHECK(more);
+    CHECK_STR(rrange("", "alice/bb", 10, &more, NULL), "alice/c alicf/z bob/b"); /* absent */
+    CHECK_STR(rrange("alice/", NULL, 10, &more, NULL), "alice/a alice/b alice/c");
+    CHECK(!more);
+    CHECK_STR(rrange("alice/", NULL, 3, &more, NULL), "alice/a alice/b alice/c");
+    CHECK(!more); /* the next key is another user's */
+    CHECK_STR(rrange("alice/", "alice/a", 1, &more, NULL), "alice/b");
+    CHECK(more);
+    CHECK_STR(rrange("alice/", "a", 10, &more, NULL), "alice/a alice/b alice/c"); /* before */
+    CHECK_STR(rrange("alice/", "zzz", 10, &more, NULL), "");                       /* after */
+    CHECK_STR(rrange("nobody/", NULL, 10, &more, NULL), "");
+    CHECK(!more);
+    CHECK(sp_routes_delete("alice/b", 7));
+    CHECK(!sp_routes_delete("alice/b", 7));
+    CHECK_STR(rrange("alice/", NULL, 10, &more, NULL), "alice/a alice/c");
+    CHECK_STR(rrange("", "alice/a", 10, &more, NULL), "alice/c alicf/z bob/b");
+
+    /* 20,000 other keys: one user's range costs a seek, not a walk */
+    for (int i = 0; i < 20000; i++) {
+        char k[32];
+        snprintf(k, sizeof k, "u%d/sb%d", i % 50, i);
+        rset(k, &in);
+    }
+    size_t work = 0;
+    CHECK_STR(rrange("bob/", NULL, 10, &more, &work), "bob/b");
+    CHECK(work < 200);
+    rrange("", NULL, 10, &more, &work);
+    CHECK(work < 200);
+    CHECK(more);
+    sp_routes_destroy();
+}
+
 static void test_routes_concurrent(void)
 {
     sp_routes_init();
@@ -2076,6 +2156,7 @@ int main(void)
     RUN(test_routes_versions);
     RUN(test_routes_counts);
     RUN(test_routes_snapshot);
+    RUN(test_routes_range);
     RUN(test_routes_concurrent);
 
     RUN(test_shdict_create);

@@ -641,6 +641,67 @@ describe("discovery.parse_list", function()
     end)
 end)
 
+-- The file source reads a file item by item (fs.json_list); it must accept and refuse exactly
+-- what parse_list (the whole text decoded at once) does.
+describe("discovery.open_list", function()
+    after_each(cleanup)
+
+    local function all(path)
+        local nextf, err, kind = discovery.open_list(path)
+        if not nextf then
+            return nil, err, kind
+        end
+        local out = {}
+        while true do
+            local obj, why = nextf()
+            if obj == nil then
+                break
+            end
+            out[#out + 1] = obj == false and why or obj
+        end
+        return out
+    end
+
+    it("yields the objects of a SandboxList, of a bare array, and none of an empty list", function()
+        local a, b = fixture("v1beta1-starting"), fixture("v1beta1-suspended")
+        assert.are.same({ a, b }, all(temp_file(list_json({ a, b }))))
+        assert.are.same({ a }, all(temp_file("[" .. cjson.encode(a) .. "]")))
+        assert.are.same({}, all(temp_file("  []  ")))
+        assert.are.same({}, all(temp_file('{"kind":"SandboxList","items":[]}')))
+        assert.are.same({}, all(temp_file('{"kind":"SandboxList","metadata":{}}')))
+        -- cjson encodes an empty Lua table as {}: parse_list takes it as no items, so must this
+        assert.are.same({}, discovery.parse_list('{"kind":"SandboxList","items":{}}'))
+        assert.are.same({}, all(temp_file('{"kind":"SandboxList","items":{ }}')))
+        assert.are.same({ a }, all(temp_file('{"items":[' .. cjson.encode(a) .. '],"kind":"X"}')))
+    end)
+
+    it("refuses what parse_list refuses, with the same messages", function()
+        for _, text in ipairs({ '{"items": [', "", "{ this is not json", '[1,]', '{"items":[]} x',
+            "null", "42", '"items"', "true", "{}", '{"kind":"Sandbox","metadata":{"name":"x"}}',
+            '{"items":null}', '{"items":"x"}', '{"items":5}' }) do
+            local _, perr = discovery.parse_list(text)
+            assert.is_string(perr, text)
+            local items, err, kind = all(temp_file(text))
+            assert.is_nil(items, text)
+            assert.are.equal("parse", kind, text)
+            if perr:match("^invalid JSON") then
+                assert.matches("^invalid JSON", err, text)
+            else
+                assert.are.equal(perr, err, text)
+            end
+        end
+    end)
+
+    it("says a missing file cannot be read", function()
+        local missing = os.tmpname()
+        os.remove(missing)
+        local items, err, kind = all(missing)
+        assert.is_nil(items)
+        assert.are.equal("read", kind)
+        assert.matches("^ENOENT", err)
+    end)
+end)
+
 describe("discovery.load_file", function()
     before_each(reset)
     after_each(function()

@@ -89,10 +89,82 @@ describe("init", function()
         it("answers /sandboxes", function()
             local req = request("/sandboxes")
             assert.are.equal(200, req.response.status)
-            assert.are.equal('{"count":0,"sandboxes":[]}', req.response.body)
+            assert.are.equal('{"count":0,"sandboxes":[],"metadata":{}}', req.response.body)
             testkit.set_routes{ ["alice/sb"] = { address = "10.0.0.7" } }
             req = request("/sandboxes")
             assert.are.equal(1, req.response.json.count)
+        end)
+
+        it("lists a user's own sandboxes only, walking only their key range, when auth is on", function()
+            local auth = require "auth"
+            local routes = require "sp.routes"
+            local saved_enabled, saved_authenticate = auth.enabled, auth.authenticate
+            local who
+            auth.enabled = true
+            auth.authenticate = function(req)
+                req.ctx.identity = who
+                return true
+            end
+            local ok, err = pcall(function()
+                for i = 1, 5000 do
+                    routes.set("u" .. (i % 20) .. "/sb" .. i, { name = "sb" .. i,
+                        user = "u" .. (i % 20), port = 1, ready = true })
+                end
+                routes.set("alice/a", { name = "a", user = "alice", port = 1, ready = true })
+                routes.set("alice/b", { name = "b", user = "alice", port = 1, ready = true })
+                who = { user = "alice", admin = false }
+                local e0 = sandboxes.stats.examined
+                local b = request("/sandboxes").response.json
+                assert.are.same({ "alice/a", "alice/b" }, { b.sandboxes[1].path, b.sandboxes[2].path })
+                assert.are.equal(2, b.count)
+                local work = sandboxes.stats.examined - e0
+                assert.is_true(work < 200, "examined " .. work .. " of 5,002 entries")
+                who = { user = "u3", admin = false }
+                b = request("/sandboxes?limit=1000").response.json
+                assert.are.equal(250, b.count)
+                for _, e in ipairs(b.sandboxes) do
+                    assert.are.equal("u3", e.user)
+                end
+                who = { user = "ops", admin = true }
+                b = request("/sandboxes?limit=10").response.json
+                assert.are.equal(10, b.count)
+                assert.is_string(b.metadata.continue)
+            end)
+            auth.enabled, auth.authenticate = saved_enabled, saved_authenticate
+            assert(ok, err)
+        end)
+
+        it("lists the unowned sandboxes to auth.unowned_owner, not to other users", function()
+            local auth = require "auth"
+            local routes = require "sp.routes"
+            local saved = { auth.enabled, auth.authenticate, auth.unowned_owner }
+            local who
+            auth.enabled = true
+            auth.authenticate = function(req)
+                req.ctx.identity = who
+                return true
+            end
+            local ok, err = pcall(function()
+                routes.set("default/orphan", { name = "orphan", port = 1, ready = true })
+                routes.set("carol/own", { name = "own", user = "carol", port = 1, ready = true })
+                routes.set("dave/x", { name = "x", user = "dave", port = 1, ready = true })
+                local function paths()
+                    local out = {}
+                    for _, e in ipairs(request("/sandboxes").response.json.sandboxes) do
+                        out[#out + 1] = e.path
+                    end
+                    return out
+                end
+                who = { user = "carol", admin = false }
+                auth.unowned_owner = nil
+                assert.are.same({ "carol/own" }, paths())
+                auth.unowned_owner = "carol"
+                assert.are.same({ "carol/own", "default/orphan" }, paths())
+                who = { user = "dave", admin = false }
+                assert.are.same({ "dave/x" }, paths())
+            end)
+            auth.enabled, auth.authenticate, auth.unowned_owner = saved[1], saved[2], saved[3]
+            assert(ok, err)
         end)
 
         it("applies the endpoints' method rules", function()
