@@ -16,7 +16,7 @@
 --   concurrency = { per_sandbox = 256 },  -- in-flight requests per sandbox (0: off)
 --   trusted_proxies = {},               -- CIDRs whose X-Forwarded-For is believed
 -- A function key may return nil to skip that limit for the request.
--- The decision is left in req.ctx.ratelimit ("allowed", "limited", "concurrency") for log.lua.
+-- The decision is left in req.ctx.ratelimit ("allowed", "limited", "concurrency") for access_log.lua.
 local config = require "sp.config"
 local shared = require "sp.shared"
 local ip = require "sp.ip"
@@ -108,7 +108,8 @@ local function apply(l, req)
 end
 
 -- Applies the limits. Returns true if the request may go on; otherwise it has been answered.
-function M.check(req)
+-- (Named check before 0.2; M.check stays as an alias for override scripts that call it.)
+function M.admit(req)
     if not M.enabled then
         return true
     end
@@ -158,6 +159,7 @@ function M.check(req)
     req.ctx.ratelimit = "allowed"
     return true
 end
+M.check = M.admit
 
 -- In-flight requests of a sandbox right now (all workers).
 function M.in_flight(sandbox)

@@ -1,4 +1,4 @@
--- log.lua: the access log. One JSON line per request on stdout, formatted by the runtime
+-- access_log.lua: the access log (named log.lua before 0.2; sp.log is the event log). One JSON line per request on stdout, formatted by the runtime
 -- (req:access_log) and written by its buffered writer (never blocks the loop; flushed every
 -- access_log_flush seconds and at exit, so a SIGTERM drain loses nothing):
 --   {"time":..,"request_id":..,"client":..,"method":..,"path":..,"status":..,"bytes_in":..,
