@@ -1,6 +1,7 @@
--- access_log.lua: the access log (named log.lua before 0.2; sp.log is the event log). One JSON line per request on stdout, formatted by the runtime
--- (req:access_log) and written by its buffered writer (never blocks the loop; flushed every
--- access_log_flush seconds and at exit, so a SIGTERM drain loses nothing):
+-- access_log.lua: the access log (named log.lua before 0.2; sp.log is the event log). One
+-- JSON line per request on stdout, formatted by the runtime (req:access_log) and written by
+-- its buffered writer (never blocks the loop; flushed every access_log_flush seconds and at
+-- exit, so a SIGTERM drain loses nothing); the fields in line order are sp.request.LOG_LINE:
 --   {"time":..,"request_id":..,"client":..,"method":..,"path":..,"status":..,"bytes_in":..,
 --    "bytes_out":..,"duration":..,"upstream_connect":..,"upstream_first_byte":..,
 --    "upstream":..,"error":..,"user":..,"sandbox":..,"ratelimit":..,"worker":..}
@@ -17,9 +18,11 @@ local M = {}
 
 M.enabled = cfg.enabled ~= false
 
-local ALL = { "time", "request_id", "client", "method", "path", "query", "status", "bytes_in",
-    "bytes_out", "duration", "upstream_connect", "upstream_first_byte", "user", "sandbox",
-    "upstream", "ratelimit", "error", "worker" }
+local LOG_LINE = require("sp.request").LOG_LINE
+local ALL = {}
+for i, f in ipairs(LOG_LINE) do
+    ALL[i] = f[1]
+end
 local fields = {}
 for _, f in ipairs(cfg.fields or ALL) do
     if f ~= "query" or cfg.query then
@@ -28,32 +31,33 @@ for _, f in ipairs(cfg.fields or ALL) do
 end
 M.fields = fields
 
+-- The values only the scripts know, from the request's ctx.
+local SCRIPT_FIELD = {
+    user = function(ctx) return ctx.route and ctx.route.user end,
+    sandbox = function(ctx) return ctx.route and ctx.route.name end,
+    ratelimit = function(ctx) return ctx.ratelimit end,
+}
+
 -- The record of one exchange as the table that becomes the line.
 function M.record(req)
     local rec = req:record()
     local ctx = rawget(req, "ctx")
-    local route = ctx and ctx.route
     local out = {}
-    if fields.time then out.time = iso8601() end
-    if fields.request_id then out.request_id = rec.request_id end
-    if fields.client then out.client = rec.client end
-    if fields.method then out.method = rec.method end
-    if fields.path then out.path = rec.path end
-    if fields.query and rec.query ~= "" then out.query = rec.query end
-    if fields.status then out.status = rec.status end
-    if fields.bytes_in then out.bytes_in = rec.bytes_in end
-    if fields.bytes_out then out.bytes_out = rec.bytes_out end
-    if fields.duration then out.duration = rec.duration end
-    if fields.upstream_connect then out.upstream_connect = rec.upstream_connect end
-    if fields.upstream_first_byte then out.upstream_first_byte = rec.upstream_first_byte end
-    if route then
-        if fields.user then out.user = route.user end
-        if fields.sandbox then out.sandbox = route.name end
+    for _, f in ipairs(LOG_LINE) do
+        local name = f[1]
+        if fields[name] then
+            if name == "time" then
+                out.time = iso8601()
+            elseif f[2] then
+                out[name] = rec[name]
+            elseif ctx and SCRIPT_FIELD[name] then
+                out[name] = SCRIPT_FIELD[name](ctx)
+            end
+        end
     end
-    if fields.upstream then out.upstream = rec.upstream end
-    if fields.ratelimit and ctx then out.ratelimit = ctx.ratelimit end
-    if fields.error then out.error = rec.error end
-    if fields.worker then out.worker = rec.worker end
+    if out.query == "" then
+        out.query = nil
+    end
     return out
 end
 
