@@ -2,7 +2,7 @@
  * lua_yaml.c: the sp.yaml module, a YAML reader over libyaml's event parser (kubeconfigs and
  * manifests). It owns the mapping from YAML nodes to Lua values; it writes no YAML.
  *
- *   yaml.decode(text) -> value | nil, "line N: message"
+ *   yaml.decode(text) -> value | nil, "EINVAL: line N: message"
  *
  * One document: an empty stream is null, a second document is an error. Mappings become
  * tables keyed by the key's text (scalar keys only; a duplicate key is an error), sequences
@@ -368,7 +368,7 @@ static bool parse_stream(lua_State *L, ydec_t *d)
     return true;
 }
 
-/* yaml.decode(text) -> value | nil, "line N: message" */
+/* yaml.decode(text) -> value | nil, "EINVAL: line N: message" */
 static int y_decode(lua_State *L)
 {
     size_t n;
@@ -391,7 +391,7 @@ static int y_decode(lua_State *L)
     if (ok)
         return 1;
     lua_pushnil(L);
-    lua_pushfstring(L, "line %d: %s", (int)d->err_line, d->err);
+    lua_pushfstring(L, "EINVAL: line %d: %s", (int)d->err_line, d->err);
     return 2;
 }
 

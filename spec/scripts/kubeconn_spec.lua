@@ -753,6 +753,11 @@ users: [{name: u, user: {token: tok}}]
             v, err = kc.parse_yaml("a: &k x\nx: 1\n*k : 2\n")
             assert.is_nil(v)
             assert.matches("^line 3: duplicate key 'x'", err)
+            -- sp.yaml itself follows the sp.* convention: nil, "EINVAL: ..."
+            v, err = require("sp.yaml").decode("a: 1\n---\nb: 2\n")
+            assert.is_nil(v)
+            assert.matches("^EINVAL: line 2: multiple documents", err)
+            assert.are.equal(cjson.null, require("sp.yaml").decode("~"))
         end)
 
         it("refuses nesting deeper than its limit with an error, not a crash", function()

@@ -68,7 +68,11 @@ function M.parse_yaml(text)
     if type(text) ~= "string" then
         return nil, "line 1: expected a string, got " .. type(text)
     end
-    return yaml.decode(text)
+    local v, err = yaml.decode(text)
+    if v == nil then
+        return nil, (gsub(err, "^EINVAL: ", ""))
+    end
+    return v
 end
 
 ---------------------------------------------------------------------------------------------
