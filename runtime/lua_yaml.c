@@ -4,13 +4,14 @@
  *
  *   yaml.decode(text) -> value | nil, "EINVAL: line N: message"
  *
- * One document: an empty stream is null, a second document is an error. Mappings become
- * tables keyed by the key's text (scalar keys only; a duplicate key is an error), sequences
- * become arrays. Plain scalars resolve by the YAML 1.2 core schema (null, true/false, decimal,
- * 0x and 0o integers, floats, .inf, .nan; "yes" stays a string); quoted and block scalars and
- * `!!str` are strings. YAML null is cjson.null (a NULL light userdata), so YAML and JSON
- * input decode identically. Anchors and aliases are resolved (an alias to a collection shares
- * the anchored table), and `<<` merge keys copy the keys the mapping does not set itself.
+ * One document: an empty stream is null, a second document that is not empty is an error.
+ * Mappings become tables keyed by the key's text (scalar keys only; a duplicate key is an
+ * error), sequences become arrays. Plain scalars resolve by the YAML 1.2 core schema (null,
+ * true/false, decimal, 0x and 0o integers, floats, .inf, .nan; "yes" stays a string); quoted
+ * and block scalars and `!!str` are strings. YAML null is cjson.null (a NULL light userdata),
+ * so YAML and JSON input decode identically. Anchors and aliases are resolved (an alias to a
+ * collection shares the anchored table), and `<<` merge keys copy the keys the mapping does not
+ * set itself.
  */
 #include "lua_vm.h"
 
@@ -363,8 +364,17 @@ static bool parse_stream(lua_State *L, ydec_t *d)
     /* DOCUMENT-START, the root node, DOCUMENT-END, then the end of the stream */
     if (!next_event(d) || !parse_node(L, d) || !next_event(d) || !next_event(d))
         return false;
-    if (d->ev.type != YAML_STREAM_END_EVENT)
-        return fail_at(d, d->ev.start_mark.line, "multiple documents are not supported");
+    /* a further document may only be empty (a trailing '---' written by a tool) */
+    while (d->ev.type == YAML_DOCUMENT_START_EVENT) {
+        size_t line0 = d->ev.start_mark.line;
+        if (!next_event(d))
+            return false;
+        if (d->ev.type != YAML_SCALAR_EVENT || d->ev.data.scalar.length != 0 ||
+            !d->ev.data.scalar.plain_implicit)
+            return fail_at(d, line0, "multiple documents are not supported");
+        if (!next_event(d) || !next_event(d)) /* DOCUMENT-END, then what follows */
+            return false;
+    }
     return true;
 }
 

@@ -1,5 +1,6 @@
 /*
- * test_buf.c: unit tests of buf (growth, SP_BUF_ON stack buffers, JSON string escaping, block pools).
+ * test_buf.c: unit tests of buf (growth, SP_BUF_ON stack buffers, JSON string escaping, block
+ * pools).
  */
 #include "test.h"
 

@@ -1,5 +1,6 @@
 /*
- * test_http.c: unit tests of HTTP framing (the obs-fold detector over llhttp at every read split, Connection-listed framing headers).
+ * test_http.c: unit tests of HTTP framing (the obs-fold detector over llhttp at every read
+ * split, Connection-listed framing headers).
  */
 #include "test.h"
 

@@ -1,5 +1,6 @@
 /*
- * test_routes.c: unit tests of routes (set/get/delete, copies, fields, versions and generation, counts, snapshots, shard growth, concurrent readers and writers).
+ * test_routes.c: unit tests of routes (set/get/delete, copies, fields, versions and generation,
+ * counts, snapshots, shard growth, concurrent readers and writers).
  */
 #include "test.h"
 

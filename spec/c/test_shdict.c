@@ -1,5 +1,6 @@
 /*
- * test_shdict.c: unit tests of shdict (types, SET/ADD/REPLACE, incr, TTLs, LRU eviction, E2BIG, flush, stats, iteration, atomic incr across threads).
+ * test_shdict.c: unit tests of shdict (types, SET/ADD/REPLACE, incr, TTLs, LRU eviction, E2BIG,
+ * flush, stats, iteration, atomic incr across threads).
  */
 #include "test.h"
 

@@ -572,6 +572,8 @@ users:
             assert.are.same({ a = 1 }, yaml("%YAML 1.2\n--- # start\na: 1\n...\n"))
             assert.are.same({ a = "x", b = { "y" } }, yaml("\239\187\191a: x\r\nb:\r\n- y\r\n"))
             assert.are.same({ a = 1 }, yaml("  a: 1\n  # indented root\n"))
+            assert.are.same({ a = 1 }, yaml("a: 1\n---\n"))       -- a trailing empty document
+            assert.are.same({ a = 1 }, yaml("a: 1\n...\n---\n# end\n"))
         end)
 
         it("returns null for an empty document and a scalar for a scalar document", function()
