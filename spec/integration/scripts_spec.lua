@@ -247,4 +247,27 @@ return M
             assert.is_true(l.legacy_log, "a line not from the override: " .. cjson.encode(l))
         end
     end)
+
+    it("still starts an init.lua written for 0.1 that requires \"log\", with a warning", function()
+        local up = H.upstream{ name = "old-init" }
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/init.lua", [[
+local core = require "sp.core"
+local builtin = dofile(core.settings().builtin_dir .. "/init.lua")
+local old_log = require "log"
+local M = {}
+for k, v in pairs(builtin) do M[k] = v end
+function M.on_log(req) old_log.write(req) end
+return M
+]]))
+        local px = H.start{ scripts = dir, workers = 1,
+            sandboxes = { H.sandbox("alice", "sb", up.port) } }
+        px:wait_log(function(l)
+            return l.level == "warn" and tostring(l.msg):find('require "access_log"', 1, true)
+        end)
+        local r = assert(px:get("/alice/sb/echo"))
+        assert.are.equal(200, r.status)
+        px:wait_log(function(l) return l.path == "/alice/sb/echo" and l.status == 200 end, 10,
+            "stdout")
+    end)
 end)
