@@ -345,7 +345,7 @@ KEEPALIVE_TIMEOUT = 600  # the nginx and HAProxy configs below say 600s literall
 
 def nginx_http_common(prefix, proxy=True):
     if ACCESS_LOG == "on" and proxy:
-        # about the fields sandbox-proxy's log.lua writes, JSON, buffered like it (64 KiB, 0.2 s),
+        # about the fields sandbox-proxy's access_log.lua writes, JSON, buffered like it (64 KiB, 0.2 s),
         # to a real file (truncated by bench.py after each run, which counts its lines first)
         log = """    log_format bench escape=json '{"time":"$time_iso8601","request_id":"$request_id",'
         '"client":"$remote_addr","method":"$request_method","path":"$uri","status":$status,'
@@ -1396,7 +1396,7 @@ def parse_args():
                     help="the sandbox-proxy binary (default: build/sandbox-proxy)")
     ap.add_argument("--proxy-workers", type=int, default=1, help="sandbox-proxy --workers (default 1)")
     ap.add_argument("--access-log", choices=["off", "on"], default="on",
-                    help="access logs of every proxy target (sandbox-proxy's log.lua on stdout, nginx "
+                    help="access logs of every proxy target (sandbox-proxy's access_log.lua on stdout, nginx "
                          "access_log JSON buffered, HAProxy httplog on stdout), each written to a file "
                          "in the temp dir, counted and truncated after every run (default on)")
     ap.add_argument("--proxy-config", metavar="FILE",
@@ -1532,7 +1532,7 @@ def main():
         for t in ("sandbox-proxy", "nginx", "nginx-lua", "haproxy"):
             access_logs[t] = [access_log_of(t)]
     log_notes = {
-        "sandbox-proxy": "log.lua (default script): JSON line per request on stdout (runtime buffered "
+        "sandbox-proxy": "access_log.lua (default script): JSON line per request on stdout (runtime buffered "
                          "writer, 64 KiB / 0.2 s) -> %s" % access_log_of("sandbox-proxy"),
         "nginx": "access_log JSON (same fields) buffer=64k flush=200ms -> %s" % access_log_of("nginx"),
         "nginx-lua": "access_log JSON (same fields) buffer=64k flush=200ms -> %s" % access_log_of("nginx-lua"),

@@ -156,7 +156,7 @@ class Setup:
                    "--sandboxes-file", self.sfile, "--config", self.cfile]
             for kv in self.a.proxy_set:
                 cmd += ["--set", kv]
-            # stdout carries the access log (log.lua, on in the config): to a file
+            # stdout carries the access log (access_log.lua, on in the config): to a file
             p = B.PROCS.start(name, vg + cmd, str(self.tcpu), self.logdir, env=B.proxy_env(),
                               stdout=self.access_log_of(key, tag))
             p.bench_cmd = vg + cmd

@@ -18,7 +18,12 @@
 
 sp_config_t sp_cfg;
 
-typedef enum { K_INT, K_DOUBLE, K_STR, K_BOOL, K_CIDRS } ktype_t;
+typedef sp_knob_type_t ktype_t; /* short names for the table below */
+#define K_INT SP_KNOB_INT
+#define K_DOUBLE SP_KNOB_DOUBLE
+#define K_STR SP_KNOB_STR
+#define K_BOOL SP_KNOB_BOOL
+#define K_CIDRS SP_KNOB_CIDRS
 
 typedef struct knob {
     const char *name;
@@ -367,6 +372,14 @@ int sp_config_load_file(sp_config_t *c, const char *path, char err[256])
 out:
     lua_close(L);
     return rc;
+}
+
+void sp_config_each(const sp_config_t *c,
+                    void (*fn)(const char *name, sp_knob_type_t type, const void *value, void *ud),
+                    void *ud)
+{
+    for (size_t i = 0; i < SP_ARRAY_LEN(knobs); i++)
+        fn(knobs[i].name, knobs[i].type, (const char *)c + knobs[i].off, ud);
 }
 
 void sp_config_print_help(void *file)

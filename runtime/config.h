@@ -101,6 +101,13 @@ int sp_config_set(sp_config_t *c, const char *name, const char *value, char err[
 int sp_config_load_file(sp_config_t *c, const char *path, char err[256]);
 /* Parses a size: a number of bytes, or "64k", "10m", "1g". Returns 0 or -1. */
 int sp_config_parse_size(const char *s, size_t *out);
+/* Calls fn(name, type, value, ud) for every knob of c in table order; value points at the
+ * field (int, double, char * or bool by type). core.settings() is built from it. */
+/* SP_KNOB_CIDRS: a char * (the text) like SP_KNOB_STR, parsed into a CIDR set as well. */
+typedef enum { SP_KNOB_INT, SP_KNOB_DOUBLE, SP_KNOB_STR, SP_KNOB_BOOL, SP_KNOB_CIDRS } sp_knob_type_t;
+void sp_config_each(const sp_config_t *c,
+                    void (*fn)(const char *name, sp_knob_type_t type, const void *value, void *ud),
+                    void *ud);
 /* Prints the knob reference (name, default, meaning) for --help. */
 void sp_config_print_help(void *file);
 /* Writes the effective knob values as a JSON object (for the start-up log). */

@@ -106,13 +106,35 @@ static void set_str(lua_State *L, const char *k, const char *v)
     }
 }
 
-/* core.settings(): the effective runtime knobs that scripts may need. */
+static void push_knob(const char *name, sp_knob_type_t type, const void *value, void *ud)
+{
+    lua_State *L = ud;
+    switch (type) {
+    case SP_KNOB_INT:
+        lua_pushinteger(L, *(const int *)value);
+        break;
+    case SP_KNOB_DOUBLE:
+        lua_pushnumber(L, *(const double *)value);
+        break;
+    case SP_KNOB_BOOL:
+        lua_pushboolean(L, *(const bool *)value);
+        break;
+    case SP_KNOB_STR:
+    case SP_KNOB_CIDRS: /* the knob's text */
+        if (!*(char *const *)value)
+            return; /* unset: absent */
+        lua_pushstring(L, *(char *const *)value);
+        break;
+    }
+    lua_setfield(L, -2, name);
+}
+
+/* core.settings(): every knob (from the knob table, so none can be missing; an unset string
+ * knob is absent), plus what the process was started with. */
 static int c_settings(lua_State *L)
 {
     lua_newtable(L);
-    set_str(L, "listen", sp_cfg.listen);
-    set_str(L, "demo_listen", sp_cfg.demo_listen);
-    set_str(L, "metrics_listen", sp_cfg.metrics_listen);
+    sp_config_each(&sp_cfg, push_knob, L);
     set_str(L, "scripts_dir", sp_cfg.scripts_dir);
     set_str(L, "builtin_dir", sp_cfg.builtin_dir);
     set_str(L, "config_file", sp_cfg.config_file);
@@ -122,28 +144,11 @@ static int c_settings(lua_State *L)
     lua_setfield(L, -2, "demo");
     lua_pushboolean(L, sp_cfg.check_only);
     lua_setfield(L, -2, "check_only");
-    set_str(L, "kube_api", sp_cfg.kube_api);
-    set_str(L, "kube_token_file", sp_cfg.kube_token_file);
-    set_str(L, "kube_ca_file", sp_cfg.kube_ca_file);
-    set_str(L, "kubeconfig", sp_cfg.kubeconfig);
-    set_str(L, "kube_api_version", sp_cfg.kube_api_version);
-    set_str(L, "kube_namespace", sp_cfg.kube_namespace);
-    set_str(L, "kube_label_selector", sp_cfg.kube_label_selector);
-    set_str(L, "kube_serviceaccount_dir", sp_cfg.kube_serviceaccount_dir);
-    set_str(L, "trusted_proxies", sp_cfg.trusted_proxies);
-    lua_pushboolean(L, sp_cfg.auth_required);
-    lua_setfield(L, -2, "auth_required");
-    lua_pushboolean(L, sp_cfg.kube_insecure_skip_verify);
-    lua_setfield(L, -2, "kube_insecure_skip_verify");
-    lua_pushinteger(L, sp_cfg.kube_page_size);
-    lua_setfield(L, -2, "kube_page_size");
-    lua_pushinteger(L, sp_cfg.kube_watch_timeout);
-    lua_setfield(L, -2, "kube_watch_timeout");
     set_str(L, "source", sp_cfg.test_mode        ? "none"
                          : sp_cfg.sandboxes_file ? "file"
                          : sp_cfg.demo           ? "demo"
                                                  : "kubernetes");
-    lua_pushinteger(L, sp_workers_count());
+    lua_pushinteger(L, sp_workers_count()); /* the count running (the knob's 0 means CPUs) */
     lua_setfield(L, -2, "workers");
     return 1;
 }

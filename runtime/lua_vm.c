@@ -481,6 +481,7 @@ static int vm_setup(lua_State *L)
     preload(L, "sp.fs", luaopen_sp_fs);
     preload(L, "sp.k8s", luaopen_sp_k8s);
     preload(L, "sp.crypto", luaopen_sp_crypto);
+    preload(L, "sp.yaml", luaopen_sp_yaml);
     preload_embedded(L);
 
     /* The script search path: override directory, then built-in scripts, then system. */

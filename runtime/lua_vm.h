@@ -110,6 +110,7 @@ int luaopen_sp_shared(lua_State *L);
 int luaopen_sp_fs(lua_State *L);
 int luaopen_sp_k8s(lua_State *L);
 int luaopen_sp_crypto(lua_State *L);
+int luaopen_sp_yaml(lua_State *L);
 /* Stops loop services owned by the vm (timers, fs watches) at shutdown. */
 void sp_timer_close_all(sp_vm_t *vm);
 void sp_fs_close_all(sp_vm_t *vm);

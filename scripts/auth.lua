@@ -468,8 +468,10 @@ function M.may_access(req, user, name, route)
     return false
 end
 
--- authenticate + may_access for the path's user (for scripts that route by path).
-function M.check(req)
+-- authenticate + may_access for the path's user (for scripts that route by path). (Named
+-- check before 0.2; `check` now means only --check's configuration check. M.check stays as an
+-- alias for override scripts that call it.)
+function M.guard(req)
     if not M.authenticate(req) then
         return false
     end
@@ -479,6 +481,7 @@ function M.check(req)
     end
     return M.may_access(req, user, name)
 end
+M.check = M.guard
 
 -- May this identity see and reach this route (for /sandboxes and header routing)?
 function M.can_see(id, route)

@@ -672,7 +672,6 @@ local function publish_watch_state()
     }
     publish_state(changes)
 end
-M.publish_watch_state = publish_watch_state
 
 function M.start_kubernetes(settings)
     local kubeconn = require "sp.kubeconn"

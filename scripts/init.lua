@@ -9,7 +9,7 @@
 --                     (admin only when auth is on)
 --                  5. auth.authenticate (401), then router (403 when the path's user is not
 --                     the caller's, 404 / 503, or forward to the sandbox)
---   on_log(r)      after each exchange: the access log (log.lua)
+--   on_log(r)      after each exchange: the access log (access_log.lua)
 --   check()        for --check: problems found in the configuration and sources
 -- Replace it (put your own init.lua in the --scripts directory) to change the chain itself;
 -- replace any one of the modules it requires to change one policy.
@@ -22,7 +22,6 @@ local metrics = require "metrics"
 local ratelimit = require "ratelimit"
 local auth = require "auth"
 local router = require "router"
-local access_log = require "log"
 local demo_sandbox = require "demo_sandbox"
 local wake = require "wake"
 
@@ -30,6 +29,21 @@ local M = {}
 
 local settings = core.settings()
 local metrics_own_listener = settings.metrics_listen ~= nil
+
+-- The access log was named log.lua before 0.2. An override of that name in the --scripts
+-- directory still applies (in place of access_log.lua), with a warning each time the scripts load.
+local access_log
+local old_name = settings.scripts_dir and package.searchpath
+    and package.searchpath("log", settings.scripts_dir .. "/?.lua")
+if old_name then
+    if core.worker_id() <= 0 then
+        log.warn("scripts: " .. old_name .. " overrides the access log by its old name; "
+            .. "rename it to access_log.lua (log.lua will stop being loaded)")
+    end
+    access_log = require "log"
+else
+    access_log = require "access_log"
+end
 
 -- The probes: exact paths, no credentials, no limits.
 local open_endpoints = {}
@@ -107,7 +121,7 @@ function M.on_request(req)
     if open then
         return open(req)
     end
-    if not ratelimit.check(req) then
+    if not ratelimit.admit(req) then
         return
     end
     local handler = endpoints[path]

@@ -18,7 +18,7 @@
 --                                       -- the runtime knob trusted_proxies (also exempt from
 --                                       -- max_connections_per_ip)
 -- A function key may return nil to skip that limit for the request.
--- The decision is left in req.ctx.ratelimit ("allowed", "limited", "concurrency") for log.lua.
+-- The decision is left in req.ctx.ratelimit ("allowed", "limited", "concurrency") for access_log.lua.
 local config = require "sp.config"
 local shared = require "sp.shared"
 local ip = require "sp.ip"
@@ -119,7 +119,8 @@ local function apply(l, req)
 end
 
 -- Applies the limits. Returns true if the request may go on; otherwise it has been answered.
-function M.check(req)
+-- (Named check before 0.2; M.check stays as an alias for override scripts that call it.)
+function M.admit(req)
     if not M.enabled then
         return true
     end
@@ -169,6 +170,7 @@ function M.check(req)
     req.ctx.ratelimit = "allowed"
     return true
 end
+M.check = M.admit
 
 -- In-flight requests of a sandbox right now (all workers).
 function M.in_flight(sandbox)

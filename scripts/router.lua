@@ -32,10 +32,6 @@ local BAD_PATH = {
     expected = "/{user}/{sandbox}/{path}",
 }
 
--- The same functions as sandbox_path.lua (one parser for every script).
-M.decode_segment = sandbox_path.decode_segment
-M.split = sandbox_path.split
-
 -- Sends req to the route's sandbox (a plain function, not a closure per request: the routing
 -- path stays compiled). The rest of the path is in req.ctx.target_rest (sandbox_path.of).
 local function forward(req, route)

@@ -78,7 +78,6 @@ local sp_dict = assert(shared.dict("sp"))
 local DICT = shared.dict("wake") and "wake" or "sp"
 
 local TERMINAL = { PodFailed = true, SandboxExpired = true, PodSucceeded = true }
-M.TERMINAL = TERMINAL
 
 -- How long a wake is remembered (waking:<key>) and a PATCH claim (patching:<key>) kept.
 local WAKE_TTL = PATCH_TIMEOUT + MAX_WAIT
@@ -295,7 +294,6 @@ local function iso_to_epoch(s)
     local days = era * 146097 + doe - 719468
     return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec)
 end
-M.iso_to_epoch = iso_to_epoch
 
 -- The router calls this for every request it forwards to a sandbox with an idle timeout:
 -- it records this replica's activity and holds an in-flight slot for the exchange.

@@ -216,7 +216,6 @@ local function parse_port(s)
     end
     return p
 end
-M.parse_port = parse_port
 
 -- The timeout named by the header value (capped at max_timeout), or nil when it is not a
 -- positive decimal number (then ignored, as the official router does).
@@ -233,7 +232,6 @@ local function parse_timeout(s)
     end
     return t
 end
-M.parse_timeout = parse_timeout
 
 -- ------------------------------------------------------------------ the index
 
@@ -319,11 +317,6 @@ function M.index_stats()
         generation = index_gen, last_cost = stats.last_cost, wait = wait }
 end
 
--- Forgets the index (tests).
-function M.reset_index()
-    index, index_gen, index_size, built_at, wait = {}, -1, 0, -huge, 0
-    stats.rebuilds, stats.guesses, stats.last_cost = 0, 0, 0
-end
 
 -- ------------------------------------------------------------------ handling
 

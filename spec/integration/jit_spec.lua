@@ -10,7 +10,7 @@ local process = require "spec.helpers.process"
 
 -- Modules that run for every routed request (and its access-log line).
 local REQUEST_PATH = { "init.lua", "ratelimit.lua", "router.lua", "sandbox_path.lua",
-    "auth.lua", "log.lua", "wake.lua", "sp.request", "sp.ip" }
+    "auth.lua", "access_log.lua", "wake.lua", "sp.request", "sp.ip" }
 
 local function on_request_path(where)
     for _, m in ipairs(REQUEST_PATH) do

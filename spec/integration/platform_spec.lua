@@ -604,7 +604,8 @@ describe("access log", function()
         assert.is_nil(l.error)
         assert.is_true(l.worker == 0 or l.worker == 1)
         assert.are.equal("127.0.0.1", l.client)
-        -- the runtime writes the fields in the documented order
+        -- the runtime writes the fields in the order of the one field list (sp.request's
+        -- LOG_LINE), the script's own fields included
         local raw
         for line in px:stdout():gmatch("[^\n]+") do
             if line:find(l.request_id, 1, true) then
@@ -615,9 +616,14 @@ describe("access log", function()
         for k in raw:gmatch('"([%w_]+)":') do
             keys[#keys + 1] = k
         end
-        assert.are.same({ "time", "request_id", "client", "method", "path", "status", "bytes_in",
-            "bytes_out", "duration", "upstream_connect", "upstream_first_byte", "upstream",
-            "user", "sandbox", "ratelimit", "worker" }, keys)
+        local expected = {}
+        for _, f in ipairs(require("sp.request").LOG_LINE) do
+            if l[f[1]] ~= nil then
+                expected[#expected + 1] = f[1]
+            end
+        end
+        assert.are.same(expected, keys)
+        assert.are.equal(16, #keys) -- all but query and error
         -- a request body counts in bytes_in
         assert.are.equal("POST", L.post.method)
         assert.is_true(L.post.bytes_in > 1000)
@@ -987,11 +993,12 @@ return M
         assert.are.equal("v2", version_of(px))
     end)
 
-    -- Regression (fixed): runtime/main.c on_hup() reloads the workers but does not refresh the watcher's
-    -- fingerprint (watch_sig), so after the usual "edit the script, then SIGHUP" the watcher
-    -- sees the same edit ~200 ms later (debounce) and reloads every worker a second time:
-    -- "scripts reloaded" appears twice per worker (the second reload discards the first state
-    -- and reruns on_start, e.g. restarting discovery). Expected: one reload per worker.
+    -- After the usual "edit the script, then SIGHUP", each worker must reload exactly once:
+    -- the SIGHUP reload must also take the watcher's fingerprint of the scripts (watch_sig in
+    -- runtime/main.c on_hup()), or the watcher must not see the same edit ~200 ms later
+    -- (debounce) and reload every worker a second time ("scripts reloaded" twice per worker;
+    -- the second reload would discard the first state and rerun on_start, e.g. restarting
+    -- discovery).
     it("reloads each worker once for an edit followed by SIGHUP", function()
         local dir = H.tmpdir()
         write(dir .. "/router.lua", router('"v1"'))
@@ -1124,13 +1131,11 @@ return M
         assert.is_true(r.headers["x-request-id"] ~= nil)
     end)
 
-    -- Regression (fixed): runtime/lua_vm.c hook_log() runs on_log in the worker's *current* Lua state
-    -- (r->w->vm) with that state's request object, while on_request ran in the replaced
-    -- state and left its decisions (req.ctx.route, req.ctx.ratelimit) on the old state's
-    -- object. So the access-log line of a request that was in flight during a reload has no
-    -- "user", "sandbox" or "ratelimit" (the C-side fields are there). Expected: the line
-    -- carries user "alice" and sandbox "sb" like any other proxied request
-    -- (on_log in the state that ran on_request, or ctx carried over).
+    -- on_log must run in the Lua state that ran on_request (runtime/lua_vm.c hook_log() uses
+    -- r->script_vm), not in the worker's current state after a reload: the decisions
+    -- (req.ctx.route, req.ctx.ratelimit) live on the old state's request object, and must not
+    -- be lost from the access-log line of a request that was in flight during a reload. The
+    -- line carries user "alice" and sandbox "sb" like any other proxied request.
     it("(e) logs a request that straddled a reload with what its scripts decided", function()
         local px, r = straddle_reload()
         assert.are.equal(200, r.status)
@@ -1153,14 +1158,13 @@ describe("a worker that fails to start", function()
         H.stop_all()
     end)
 
-    -- Regression (fixed): runtime/main.c, when a worker fails to start after another one is already running,
-    -- sends SP_CMD_STOP to the workers (sp_workers_command) but does not mark the process as
-    -- stopping; a SIGHUP (or a script-change reload) handled right after stores SP_CMD_RELOAD
-    -- in the same single-command slot of each worker (worker.c: atomic_store(&w->command)),
-    -- overwriting the STOP before the worker has read it. The running worker then reloads and
-    -- keeps serving, and the half-started process lives on (exit code 1 only at SIGTERM).
-    -- Expected: the start-up failure ends the process with exit code 1 whatever signal
-    -- arrives meanwhile. (Seen for real when scripts changed while the workers were starting.)
+    -- A start-up failure must end the process with exit code 1 whatever signal arrives
+    -- meanwhile. When a worker fails to start after another one is already running, the
+    -- process stops the workers and is stopping from then on; a SIGHUP (or a script-change
+    -- reload) handled right after must not cancel that STOP (commands are bits that
+    -- accumulate, worker.c: atomic_fetch_or(&w->command)): the running worker must not reload
+    -- and keep serving while the half-started process lives on until SIGTERM. (Seen for real
+    -- when scripts changed while the workers were starting.)
     -- Here worker 1 refuses to start after 1 s, and worker 0 is kept from reading its commands
     -- for 2 s (it sleeps in on_start), so the SIGHUP lands between the two deterministically.
     it("ends the process with exit code 1 even if a SIGHUP arrives meanwhile", function()

@@ -213,3 +213,61 @@ describe("a broken script", function()
         assert.matches("router.lua", p:read_stderr())
     end)
 end)
+
+-- The access log is access_log.lua; before 0.2 it was log.lua. A user's override file still
+-- named log.lua must keep replacing the access log (a silent fall back to the built-in one
+-- would drop the user's policy), and the start must say to rename it.
+describe("an access-log override under its old name log.lua", function()
+    teardown(function()
+        H.stop_all()
+    end)
+
+    it("is loaded in place of access_log.lua, with a warning", function()
+        local up = H.upstream{ name = "old" }
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/log.lua", [[
+local M = {}
+function M.write(req)
+    io.stdout:write('{"legacy_log":true,"path":"' .. req:path() .. '"}\n')
+    io.stdout:flush()
+end
+return M
+]]))
+        local px = H.start{ scripts = dir, workers = 1,
+            sandboxes = { H.sandbox("alice", "sb", up.port) } }
+        px:wait_log(function(l)
+            return l.level == "warn" and tostring(l.msg):find("rename it to access_log.lua", 1, true)
+        end)
+        local r = assert(px:get("/alice/sb/echo"))
+        assert.are.equal(200, r.status)
+        px:wait_log(function(l) return l.legacy_log and l.path == "/alice/sb/echo" end, 10,
+            "stdout")
+        -- the built-in access log did not write its line as well
+        for _, l in ipairs(px:log_lines("stdout")) do
+            assert.is_true(l.legacy_log, "a line not from the override: " .. cjson.encode(l))
+        end
+    end)
+
+    it("still starts an init.lua written for 0.1 that requires \"log\", with a warning", function()
+        local up = H.upstream{ name = "old-init" }
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/init.lua", [[
+local core = require "sp.core"
+local builtin = dofile(core.settings().builtin_dir .. "/init.lua")
+local old_log = require "log"
+local M = {}
+for k, v in pairs(builtin) do M[k] = v end
+function M.on_log(req) old_log.write(req) end
+return M
+]]))
+        local px = H.start{ scripts = dir, workers = 1,
+            sandboxes = { H.sandbox("alice", "sb", up.port) } }
+        px:wait_log(function(l)
+            return l.level == "warn" and tostring(l.msg):find('require "access_log"', 1, true)
+        end)
+        local r = assert(px:get("/alice/sb/echo"))
+        assert.are.equal(200, r.status)
+        px:wait_log(function(l) return l.path == "/alice/sb/echo" and l.status == 200 end, 10,
+            "stdout")
+    end)
+end)

@@ -78,9 +78,9 @@ describe("sp.ip.parse", function()
         end
     end)
 
-    -- A regression test: parse6 once computed the groups after "::" with
-    -- `tail and groups(tail) or {}`, which turned an invalid part into no groups at all
-    -- (":::" parsed as "::", "1::zzzz" as "1::", "fe80::1:g" as "fe80::").
+    -- An invalid part after "::" must refuse the address, not count as no groups at all
+    -- (":::" must not parse as "::", "1::zzzz" as "1::", "fe80::1:g" as "fe80::"; the trap is
+    -- `tail and groups(tail) or {}`, which turns a failed parse of the tail into {}).
     it("refuses garbage after '::'", function()
         for _, s in ipairs({ ":::", "1::zzzz", "1::2:", "fe80:::1", "fe80::1:g", "::-1", "::1]",
             "::1.2.3.4:1", "::ffff:zz" }) do

@@ -209,12 +209,11 @@ describe("metrics.lua", function()
         end
     end)
 
-    -- Regression (fixed): metrics.lua writes the dict label as format('{dict="%s"}', name) without escaping.
-    -- A dict name is any string the config's shared_dicts accepts (e.g.
-    -- shared_dicts = { ['we"ird\\x'] = "8k" }), and such a name yields the line
-    -- sandbox_proxy_shared_dict_used_bytes{dict="we"ird\x"} 0, which no Prometheus parser
-    -- accepts, so the whole scrape fails. Expected: label values escaped (\\ \" \n), i.e.
-    -- {dict="we\"ird\\x"}. (Reproduced here by giving render() such a dict list.)
+    -- Label values must be escaped (\\ \" \n): a dict name is any string the config's
+    -- shared_dicts accepts (e.g. shared_dicts = { ['we"ird\\x'] = "8k" }), and written raw it
+    -- would give sandbox_proxy_shared_dict_used_bytes{dict="we"ird\x"} 0, which no Prometheus
+    -- parser accepts, so the whole scrape would fail. Expected: {dict="we\"ird\\x"}.
+    -- (Given to render() here as a dict list.)
     it("escapes label values (a dict name with a quote, a backslash, a newline)", function()
         local real_dicts, real_dict = shared.dicts, shared.dict
         local odd = 'we"ird\\x\ny'

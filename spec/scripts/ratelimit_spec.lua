@@ -21,10 +21,10 @@ local function request(target, opts)
     return testkit.request(opts)
 end
 
--- check() on a new request; returns the request and check's first result.
+-- admit() on a new request; returns the request and admit's first result.
 local function check(rl, target, opts)
     local req = request(target, opts)
-    local ok = rl.check(req)
+    local ok = rl.admit(req)
     return req, ok
 end
 
@@ -312,7 +312,8 @@ describe("ratelimit.lua", function()
             local rl = load({ limits = { { key = "client", rate = SLOW, burst = 1 } } })
             local req = request("/a/b/c", { headers = { ["X-Forwarded-For"] = "1.2.3.4" } })
             assert.are.equal("127.0.0.1", rl.client(req))
-            assert.is_true(rl.check(req))
+            assert.is_true(rl.admit(req))
+            assert.are.equal(rl.admit, rl.check) -- the name before 0.2 keeps working
             -- another forwarded address shares the peer's bucket
             local _, ok = check(rl, "/a/b/c", { headers = { ["X-Forwarded-For"] = "5.6.7.8" } })
             assert.is_false(ok)
@@ -333,7 +334,7 @@ describe("ratelimit.lua", function()
             assert.is_false(rl.check(xff("1.2.3.4")))
             assert.is_false(rl.check(xff("8.8.8.8, 1.2.3.4")))
             assert.is_true(rl.check(xff("5.6.7.8")))
-            assert.is_true(rl.check(request("/a/b/c")))
+            assert.is_true(rl.admit(request("/a/b/c")))
             -- an untrusted peer cannot pick its bucket
             assert.is_true(rl.check(xff("4.4.4.4", "192.0.2.1")))
             assert.is_false(rl.check(xff("3.3.3.3", "192.0.2.1")))

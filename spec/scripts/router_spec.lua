@@ -3,13 +3,14 @@
 local testkit = require "sp.testkit"
 local routes = require "sp.routes"
 local router = require "router"
+local sandbox_path = require "sandbox_path"
 
 -- split(target) as a list, so that a nil result compares cleanly
 local function split(target)
-    return { router.split(target) }
+    return { sandbox_path.split(target) }
 end
 
-describe("router.split", function()
+describe("sandbox_path.split (the router's parser)", function()
     it("splits user, sandbox and the rest with its query", function()
         assert.are.same({ "a", "b", "/c?x=1" }, split("/a/b/c?x=1"))
     end)
@@ -33,7 +34,7 @@ describe("router.split", function()
     it("does not take slashes inside the query as path separators", function()
         assert.are.same({ "a", "b", "/?next=/c/d" }, split("/a/b?next=/c/d"))
         assert.are.same({ "a", "b", "/x?u=/y/z?w" }, split("/a/b/x?u=/y/z?w"))
-        assert.is_nil(router.split("/a?x=/b/c"))
+        assert.is_nil(sandbox_path.split("/a?x=/b/c"))
     end)
 
     it("preserves escapes, repeated slashes and odd bytes in the rest exactly", function()
@@ -63,27 +64,27 @@ describe("router.split", function()
     end)
 
     it("does not decode the rest", function()
-        local _, _, rest = router.split("/al%69ce/sb/%69?%69")
+        local _, _, rest = sandbox_path.split("/al%69ce/sb/%69?%69")
         assert.are.equal("/%69?%69", rest)
     end)
 
     it("rejects targets without both a user and a sandbox segment", function()
         for _, t in ipairs({ "/", "", "/a", "/a/", "/a?x", "/a/?x", "//", "//b", "//b/c",
             "/a//x", "/a//", "?/a/b" }) do
-            assert.is_nil(router.split(t), "expected nil for " .. t)
+            assert.is_nil(sandbox_path.split(t), "expected nil for " .. t)
         end
     end)
 
     it("rejects segments that decode to '/'", function()
         for _, t in ipairs({ "/a%2Fb/sb", "/a/b%2fc", "/%2F/sb", "/a/%2F", "/a/%2F/x" }) do
-            assert.is_nil(router.split(t), "expected nil for " .. t)
+            assert.is_nil(sandbox_path.split(t), "expected nil for " .. t)
         end
     end)
 
     it("rejects segments that are or decode to '.', '..' or ''", function()
         for _, t in ipairs({ "/./sb", "/../sb", "/a/.", "/a/..", "/a/../x", "/%2e/sb",
             "/%2E%2E/sb", "/a/%2e%2e/x", "/a/.%2e", "/a/%2E" }) do
-            assert.is_nil(router.split(t), "expected nil for " .. t)
+            assert.is_nil(sandbox_path.split(t), "expected nil for " .. t)
         end
     end)
 
@@ -93,30 +94,30 @@ describe("router.split", function()
     end)
 
     it("rejects segments containing NUL, raw or encoded", function()
-        assert.is_nil(router.split("/a%00/sb"))
-        assert.is_nil(router.split("/a/s%00b/x"))
-        assert.is_nil(router.split("/a\0/sb"))
+        assert.is_nil(sandbox_path.split("/a%00/sb"))
+        assert.is_nil(sandbox_path.split("/a/s%00b/x"))
+        assert.is_nil(sandbox_path.split("/a\0/sb"))
     end)
 
     it("rejects bad or double escapes in the name segments", function()
         for _, t in ipairs({ "/a%/sb", "/a%2/sb", "/a%zz/sb", "/a/sb%G1", "/a/%",
             "/a%252F/sb", "/a/%2525", "/a%%41/sb" }) do
-            assert.is_nil(router.split(t), "expected nil for " .. t)
+            assert.is_nil(sandbox_path.split(t), "expected nil for " .. t)
         end
     end)
 end)
 
-describe("router.decode_segment", function()
+describe("sandbox_path.decode_segment", function()
     it("decodes escapes and returns plain names unchanged", function()
-        assert.are.equal("alice", router.decode_segment("alice"))
-        assert.are.equal("alice", router.decode_segment("al%69ce"))
-        assert.are.equal("a~b", router.decode_segment("a%7Eb"))
-        assert.are.equal("a~b", router.decode_segment("a%7eb"))
+        assert.are.equal("alice", sandbox_path.decode_segment("alice"))
+        assert.are.equal("alice", sandbox_path.decode_segment("al%69ce"))
+        assert.are.equal("a~b", sandbox_path.decode_segment("a%7Eb"))
+        assert.are.equal("a~b", sandbox_path.decode_segment("a%7eb"))
     end)
 
     it("returns nil for unsafe results", function()
         for _, s in ipairs({ "", ".", "..", "%2e", "%2E%2e", "a%2fb", "%00", "a%", "%4" }) do
-            assert.is_nil(router.decode_segment(s), "expected nil for " .. s)
+            assert.is_nil(sandbox_path.decode_segment(s), "expected nil for " .. s)
         end
     end)
 end)

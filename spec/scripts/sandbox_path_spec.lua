@@ -131,12 +131,6 @@ describe("sandbox_path.split", function()
         assert.are.same({ "bob", "sb", "/x" }, S("/%62ob/sb/x"))
         assert.are.same({ "alice", "..bob", "/" }, S("/alice/..bob"))
     end)
-
-    it("agrees with router.split (one parser)", function()
-        local router = require "router"
-        assert.are.equal(split, router.split)
-        assert.are.equal(decode, router.decode_segment)
-    end)
 end)
 
 describe("sandbox_path.of", function()

@@ -370,16 +370,27 @@ function Req:worker()
     return C.sp_req_worker(live(self))
 end
 
--- The fields the runtime writes into an access-log line itself (req:access_log), as bits.
-M.LOG_FIELDS = {
-    time = 1, request_id = 2, client = 4, method = 8, path = 16, query = 32, status = 64,
-    bytes_in = 128, bytes_out = 256, duration = 512, upstream_connect = 1024,
-    upstream_first_byte = 2048, upstream = 4096, error = 8192, worker = 16384,
+-- The access-log line, the one list of its fields in line order (access_log.lua, the test
+-- kit's formatter and the specs read it). { name, bit }: a field the runtime writes itself,
+-- selected by req:access_log's mask (bit and order are runtime/lua_request.c's LF_*, which
+-- must follow this table); { name }: a field only the scripts know, passed as a name/value
+-- pair, which the runtime writes after "error", before "worker".
+M.LOG_LINE = {
+    { "time", 1 }, { "request_id", 2 }, { "client", 4 }, { "method", 8 }, { "path", 16 },
+    { "query", 32 }, { "status", 64 }, { "bytes_in", 128 }, { "bytes_out", 256 },
+    { "duration", 512 }, { "upstream_connect", 1024 }, { "upstream_first_byte", 2048 },
+    { "upstream", 4096 }, { "error", 8192 },
+    { "user" }, { "sandbox" }, { "ratelimit" },
+    { "worker", 16384 },
 }
--- Their order in the line (the script's own fields come after "error", before "worker").
-M.LOG_ORDER = { "time", "request_id", "client", "method", "path", "query", "status", "bytes_in",
-    "bytes_out", "duration", "upstream_connect", "upstream_first_byte", "upstream", "error",
-    "worker" }
+-- Derived from it: the runtime's fields as bits, and their order.
+M.LOG_FIELDS, M.LOG_ORDER = {}, {}
+for _, f in ipairs(M.LOG_LINE) do
+    if f[2] then
+        M.LOG_FIELDS[f[1]] = f[2]
+        M.LOG_ORDER[#M.LOG_ORDER + 1] = f[1]
+    end
+end
 
 -- Log phase: writes the exchange's access-log line (one JSON object) without building it in
 -- Lua. mask: the sum of M.LOG_FIELDS bits to write; then up to 6 name, value pairs of strings

@@ -1,4 +1,4 @@
--- log.lua: the access-log record of one exchange (from a fake request completed with
+-- access_log.lua: the access-log record of one exchange (from a fake request completed with
 -- req:complete{...}), field selection from the config, and the line written through
 -- req:access_log (the test kit's request hands it to core.access_log, captured here by
 -- replacing it in the sp.core module table for the duration of a test). The runtime's own
@@ -14,13 +14,13 @@ local ALL = { "time", "request_id", "client", "method", "path", "query", "status
 local lines
 local real_access_log = core.access_log
 
--- Loads a fresh log.lua with the given `access_log` config section; lines go to `lines`.
+-- Loads a fresh access_log.lua with the given `access_log` config section; lines go to `lines`.
 local function load_log(section)
     core.access_log = function(line)
         assert.is_string(line)
         lines[#lines + 1] = line
     end
-    return testkit.load("log", "access_log", section)
+    return testkit.load("access_log", "access_log", section)
 end
 
 local function keys(t)
@@ -51,7 +51,7 @@ local function proxied(opts)
     return req
 end
 
-describe("log.lua", function()
+describe("access_log.lua", function()
     before_each(function()
         lines = {}
     end)
