@@ -156,16 +156,18 @@ describe("a sandboxes file of 100,000 sandboxes", function()
         for i = 1, 100000 do
             items[i] = H.sandbox("u" .. (i % 100), "sb" .. i, 8888)
         end
-        local px = H.start{ sandboxes = items, wait = false }
+        local px = H.start{ sandboxes = items }
+        -- a sanitizer build's allocator does not give the release figure: this bound is checked
+        -- in the release build only (the load itself is checked in both, by the test above)
+        local maps = process.read_file("/proc/" .. px:pid() .. "/maps") or ""
+        if maps:find("libasan", 1, true) or maps:find("valgrind", 1, true) then
+            pending("the memory bound is a release-build figure (ASan build: not checked here)")
+            return
+        end
         H.net.wait_until(function()
             local r = H.http.request{ port = px.port, path = "/health", timeout = 2 }
             return r and r.status == 200 and cjson.decode(r.body).sandboxes == 100000
         end, 120, 0.05, "100,000 sandboxes loaded")
-        local maps = process.read_file("/proc/" .. px:pid() .. "/maps") or ""
-        if maps:find("libasan", 1, true) or maps:find("valgrind", 1, true) then
-            pending("a sanitizer build: its allocator's RSS is not the release figure")
-            return
-        end
         local st = process.read_file("/proc/" .. px:pid() .. "/status")
         local rss = tonumber(st:match("VmRSS:%s*(%d+)")) / 1024
         local hwm = tonumber(st:match("VmHWM:%s*(%d+)")) / 1024
