@@ -47,7 +47,8 @@ return { on_request = function() end, check = function() return {} end }
             cmd[#cmd + 1] = "--set"
             local value = name:match("listen$") and "127.0.0.1:1"
                 or name == "kube_api_version" and "v1beta1"
-                or name == "kube_api" and "http://127.0.0.1:1" or "x"
+                or name == "kube_api" and "http://127.0.0.1:1"
+                or name == "trusted_proxies" and "10.0.0.0/8" or "x"
             cmd[#cmd + 1] = name .. "=" .. value
         end
         local err
