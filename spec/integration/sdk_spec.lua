@@ -90,16 +90,21 @@ local function start_runtime()
 end
 
 -- Runs the SDK driver to its end; returns its JSON lines, exit code and the raw output.
-local function run_sdk(args, timeout)
+local function run_sdk(args, env)
     local dir = H.tmpdir()
     local cmd = { SDK_PY, "-u", DRIVER, "--sdk", SDK_DIR }
     for _, a in ipairs(args) do
         cmd[#cmd + 1] = a
     end
-    local p = assert(process.spawn{ cmd = cmd, env = { PYTHONPATH = false },
+    env = env or {}
+    env.PYTHONPATH = false
+    if env.NETRC == nil then
+        env.NETRC = dir .. "/no-netrc" -- never the user's own ~/.netrc
+    end
+    local p = assert(process.spawn{ cmd = cmd, env = env,
         stdout = dir .. "/out.log", stderr = dir .. "/err.log" })
     return p, function()
-        local code = p:wait(timeout or 120)
+        local code = p:wait(120)
         assert(code, "the SDK driver did not finish")
         local out = process.read_file(dir .. "/out.log") or ""
         local lines = {}
@@ -189,6 +194,24 @@ describe("the agent-sandbox SDK", function()
             assert.are.equal("py", ex[1].sandbox)
             assert.are.equal(1, #access(px, "POST", "/upload"))
             assert.are.equal(1, #access(px, "GET", "/download/sdk%2Fbig.bin"))
+        end)
+
+        it("sends the key from a netrc file (NETRC) when api_url has none, as in tunnel mode", function()
+            if not ok then
+                pending(why)
+                return
+            end
+            -- tunnel mode's base URL is http://127.0.0.1:<port> with no credentials; the SDK's
+            -- requests session then reads $NETRC (or ~/.netrc) for that host: the same session
+            -- code runs here with api_url on 127.0.0.1
+            local netrc = dir .. "/netrc"
+            assert(process.write_file(netrc, "machine 127.0.0.1 login sdk password " .. KEY .. "\n"))
+            local _, finish = run_sdk({ "--api-url", "http://127.0.0.1:" .. px.port,
+                "--sandbox", "py", "--port", tostring(rt.port), "--command", "echo netrc" },
+                { NETRC = netrc })
+            local lines, code, raw = finish()
+            assert.are.equal(0, code, raw)
+            assert.are.equal("netrc\n", lines[1].stdout)
         end)
 
         it("gets 401 {\"detail\"} for a wrong key, and 404 for an unowned sandbox it may not reach",
