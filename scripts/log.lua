@@ -3,8 +3,9 @@
 -- access_log_flush seconds and at exit, so a SIGTERM drain loses nothing):
 --   {"time":..,"request_id":..,"client":..,"method":..,"path":..,"status":..,"bytes_in":..,
 --    "bytes_out":..,"duration":..,"upstream_connect":..,"upstream_first_byte":..,
---    "upstream":..,"error":..,"user":..,"sandbox":..,"ratelimit":..,"worker":..}
--- (durations in seconds, to the microsecond; absent values are left out).
+--    "upstream":..,"error":..,"delivered":..,"user":..,"sandbox":..,"ratelimit":..,"worker":..}
+-- (durations in seconds, to the microsecond; absent values are left out; `delivered` follows
+-- `error` for a forwarded request that failed: false when nothing reached the sandbox).
 -- Config (section `access_log`): enabled (true), fields (a list: which of the names above to
 -- write, default all), query (false: also write the query string).
 local core = require "sp.core"
