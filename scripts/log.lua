@@ -53,7 +53,12 @@ function M.record(req)
     end
     if fields.upstream then out.upstream = rec.upstream end
     if fields.ratelimit and ctx then out.ratelimit = ctx.ratelimit end
-    if fields.error then out.error = rec.error end
+    if fields.error then
+        out.error = rec.error
+        if rec.error then
+            out.delivered = rec.delivered -- nil unless the request was forwarded
+        end
+    end
     if fields.worker then out.worker = rec.worker end
     return out
 end
