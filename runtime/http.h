@@ -137,11 +137,16 @@ struct sp_request {
     int up_port;
     sp_buf_t up_path;
     double to_connect, to_first_byte, to_idle; /* per-request timeouts (s), 0: defaults */
+    char err_subject[64]; /* req:set_error_detail: the upstream error bodies get a "detail" naming
+                           * it (the agent-sandbox router's shape); "" for the plain shape */
 
     /* forwarding state */
     sp_upconn_t *up;
     int connect_tries;
     bool head_sent;       /* the upstream request head has been written */
+    bool up_tried;        /* forwarding started (sp_upstream_start) */
+    bool up_sent;         /* request bytes were handed to a connected upstream socket: the sandbox
+                           * may have received the request (never reset by a retry) */
     bool sent_continue;
     uint64_t body_forwarded;
     bool body_in_head;    /* iov[0..niov) holds body bytes sent with the head, not yet confirmed */

@@ -118,6 +118,23 @@ SP_EXPORT void sp_req_set_timeouts(sp_request_t *r, double connect, double first
 
 SP_EXPORT int sp_req_decision(const sp_request_t *r) { return (int)r->decision; }
 
+/* Upstream error bodies of this request get {"detail": "<what happened>: <subject>"} (the
+ * agent-sandbox router's shape) besides "error"; an empty subject restores the plain shape. */
+SP_EXPORT void sp_req_set_error_detail(sp_request_t *r, const char *s, size_t len)
+{
+    if (len >= sizeof r->err_subject)
+        len = sizeof r->err_subject - 1;
+    memcpy(r->err_subject, s, len);
+    r->err_subject[len] = '\0';
+}
+
+/* 1 if request bytes were handed to a connected upstream socket, 0 if not, -1 if the request
+ * was never forwarded. */
+SP_EXPORT int sp_req_delivered(const sp_request_t *r)
+{
+    return r->up_tried ? (r->up_sent ? 1 : 0) : -1;
+}
+
 /* ---- the record of the exchange (log phase) */
 
 SP_EXPORT int sp_req_status(const sp_request_t *r) { return r->resp_status; }
@@ -255,6 +272,14 @@ SP_EXPORT int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char
         const char *e = sp_error_names[r->error];
         LF_NAME(&b, "error");
         sp_buf_json_str(&b, e, strlen(e));
+        if (r->up_tried) {
+            /* a forwarded request that failed: did any of it reach the sandbox? */
+            LF_NAME(&b, "delivered");
+            if (r->up_sent)
+                sp_buf_lit(&b, "true");
+            else
+                sp_buf_lit(&b, "false");
+        }
     }
     const char *kv[12] = {k1, v1, k2, v2, k3, v3, k4, v4, k5, v5, k6, v6};
     for (int i = 0; i < 12; i += 2) {

@@ -94,6 +94,8 @@ sp_request_t *sp_request_acquire(sp_worker_t *w)
     r->up_port = 0;
     r->up_path.len = 0;
     r->to_connect = r->to_first_byte = r->to_idle = 0;
+    r->err_subject[0] = '\0';
+    r->up_tried = r->up_sent = false;
     r->up = NULL;
     r->connect_tries = 0;
     r->head_sent = r->sent_continue = false;
@@ -1047,8 +1049,30 @@ void sp_conn_error_response(sp_conn_t *c, int status, const char *msg)
         return;
     }
     r->body.len = 0;
-    sp_buf_lit(&r->body, "{\"error\":");
+    sp_buf_addc(&r->body, '{');
+    if (r->up_tried && r->err_subject[0]) {
+        /* the agent-sandbox router's error shape (req:set_error_detail) */
+        const char *what = r->error == SP_ERR_CONNECT ? "Could not connect to the backend sandbox"
+                           : (r->error == SP_ERR_CONNECT_TIMEOUT ||
+                              r->error == SP_ERR_FIRST_BYTE_TIMEOUT ||
+                              r->error == SP_ERR_UPSTREAM_IDLE)
+                               ? "Timed out waiting for the backend sandbox"
+                               : "Lost the connection to the backend sandbox";
+        char detail[160];
+        int n = snprintf(detail, sizeof detail, "%s: %s", what, r->err_subject);
+        sp_buf_lit(&r->body, "\"detail\":");
+        sp_buf_json_str(&r->body, detail, n > 0 && (size_t)n < sizeof detail ? (size_t)n : 0);
+        sp_buf_addc(&r->body, ',');
+    }
+    sp_buf_lit(&r->body, "\"error\":");
     sp_buf_json_str(&r->body, msg, strlen(msg));
+    if (r->up_tried) {
+        /* did any byte of the request reach the sandbox? false: retrying cannot run it twice */
+        if (r->up_sent)
+            sp_buf_lit(&r->body, ",\"delivered\":true");
+        else
+            sp_buf_lit(&r->body, ",\"delivered\":false");
+    }
     sp_buf_lit(&r->body, ",\"request_id\":");
     sp_buf_json_str(&r->body, r->id, r->id_len);
     sp_buf_lit(&r->body, "}");

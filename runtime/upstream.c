@@ -443,6 +443,7 @@ static bool idle_quiet(sp_upconn_t *u)
 void sp_upstream_start(sp_request_t *r)
 {
     sp_worker_t *w = r->w;
+    r->up_tried = true;
     format_upstream_addr(r);
     sp_upkey_t *k = key_get(w, r->up_host, r->up_port);
     while (k->idle) {
@@ -701,6 +702,7 @@ static void up_send_head(sp_upconn_t *u)
      * client's read buffer until confirmed, so a retry on a fresh connection sends them again. */
     uv_buf_t b[1 + SP_MAX_IOV];
     unsigned nb = 0;
+    r->up_sent = true; /* from here on the sandbox may see (part of) the request */
     b[nb++] = uv_buf_init(r->out.p, (unsigned)r->out.len);
     if (r->body_buffered) {
         if (r->body.len)

@@ -4,8 +4,9 @@
 -- exit, so a SIGTERM drain loses nothing); the fields in line order are sp.request.LOG_LINE:
 --   {"time":..,"request_id":..,"client":..,"method":..,"path":..,"status":..,"bytes_in":..,
 --    "bytes_out":..,"duration":..,"upstream_connect":..,"upstream_first_byte":..,
---    "upstream":..,"error":..,"user":..,"sandbox":..,"ratelimit":..,"worker":..}
--- (durations in seconds, to the microsecond; absent values are left out).
+--    "upstream":..,"error":..,"delivered":..,"user":..,"sandbox":..,"ratelimit":..,"worker":..}
+-- (durations in seconds, to the microsecond; absent values are left out; `delivered` is written
+-- with `error` for a forwarded request that failed: false when nothing reached the sandbox).
 -- Config (section `access_log`): enabled (true), fields (a list: which of the names above to
 -- write, default all), query (false: also write the query string).
 local core = require "sp.core"
@@ -50,6 +51,9 @@ function M.record(req)
                 out.time = iso8601()
             elseif f[2] then
                 out[name] = rec[name]
+                if name == "error" and rec.error then
+                    out.delivered = rec.delivered -- nil unless the request was forwarded
+                end
             elseif ctx and SCRIPT_FIELD[name] then
                 out[name] = SCRIPT_FIELD[name](ctx)
             end

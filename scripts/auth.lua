@@ -1,7 +1,9 @@
 -- auth.lua: authentication bound to the user in the path.
 --
--- A request presents a credential in one header (default `Authorization: Bearer <credential>`;
--- set `header` to e.g. "X-Sandbox-Proxy-Key" so a sandbox application's own Authorization
+-- A request presents a credential in one header (default `Authorization: Bearer <credential>`,
+-- or `Authorization: Basic` with the credential as the password and any user name, which is
+-- what a client that can only carry credentials in its URL sends: http://any:KEY@host/; set
+-- `header` to e.g. "X-Sandbox-Proxy-Key" so a sandbox application's own Authorization
 -- header passes through untouched). The credential is an API key (looked up by its SHA-256 in
 -- a keys file, compared in constant time) or a JWT (HS256 or RS256, verified with libcrypto;
 -- issuer, audience, expiry and not-before checked with a small clock skew). It maps to a user;
@@ -376,7 +378,15 @@ local function credential(req)
     end
     if BEARER then
         local c = v:match("^[Bb]earer%s+(%S+)%s*$")
-        return c
+        if c then
+            return c
+        end
+        -- HTTP Basic (RFC 7617): the password is the credential, the user name is ignored. What
+        -- a client that can only put credentials in a URL sends (http://any:KEY@proxy/...).
+        local b = v:match("^[Bb]asic%s+([%w+/=]+)%s*$")
+        local pair = b and crypto.b64_decode(b)
+        local pass = pair and pair:match("^[^:]*:(%S+)$")
+        return pass
     end
     return v:match("^%s*(%S+)%s*$")
 end
@@ -409,7 +419,9 @@ function M.authenticate(req)
     local id, why = M.identify(req)
     if not id then
         req.ctx.auth_error = why
-        req:respond(401, { error = why }, UNAUTHORIZED)
+        -- an agent-sandbox SDK request (X-Sandbox-ID) also gets that router's "detail"
+        req:respond(401, { error = why, detail = req:header("x-sandbox-id") and why or nil },
+            UNAUTHORIZED)
         return false
     end
     req.ctx.identity = id

@@ -2,13 +2,14 @@
 -- order and owns nothing else:
 --   on_start()     per worker: auth watches its keys file; worker 0 starts the sandbox source
 --   on_request(r)  1. the demo listener -> demo_sandbox; the metrics listener -> metrics
---                  2. the probes (/health, /ready, /live): open, never limited
+--                  2. the probes (/health, /ready, /live, /healthz): open, never limited
 --                  3. ratelimit (may answer 429 / 503), so floods of bad credentials are
 --                     limited too
 --                  4. /sandboxes (authenticated; lists what the caller may see) and /metrics
 --                     (admin only when auth is on)
---                  5. auth.authenticate (401), then router (403 when the path's user is not
---                     the caller's, 404 / 503, or forward to the sandbox)
+--                  5. auth.authenticate (401), then router (X-Sandbox-* header routing, else
+--                     path routing: 403 when the path's user is not the caller's, 404 / 503,
+--                     or forward to the sandbox)
 --   on_log(r)      after each exchange: the access log (access_log.lua)
 --   check()        for --check: problems found in the configuration and sources
 -- Replace it (put your own init.lua in the --scripts directory) to change the chain itself;
@@ -24,6 +25,7 @@ local auth = require "auth"
 local router = require "router"
 local demo_sandbox = require "demo_sandbox"
 local wake = require "wake"
+local sandbox_headers = require "sandbox_headers"
 
 local M = {}
 
@@ -50,6 +52,8 @@ local open_endpoints = {}
 for path, handler in pairs(health.endpoints) do
     open_endpoints[path] = handler
 end
+-- the agent-sandbox router's probe path (its Deployment and Service probe it)
+open_endpoints["/healthz"] = sandbox_headers.healthz
 
 local function list_sandboxes(req)
     if not auth.authenticate(req) then

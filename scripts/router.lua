@@ -12,6 +12,9 @@
 --   another user's sandbox   -> 403 when auth.lua is on (the sandbox's owner must be the
 --                               caller, unless the caller is an admin; an unowned sandbox is
 --                               for admins and auth.unowned_owner only)
+-- A request with an X-Sandbox-ID header is routed by its headers instead (sandbox_headers.lua,
+-- the agent-sandbox router's contract): headers win over the path, which then goes to the
+-- sandbox untouched.
 -- The path is read by sandbox_path.lua (percent-decoded user and sandbox; unsafe segments are
 -- refused, so encoded tricks cannot reach another prefix).
 -- Config (config file section `router`): retry_after (seconds, default 2).
@@ -19,6 +22,7 @@ local routes = require "sp.routes"
 local config = require "sp.config"
 
 local sandbox_path = require "sandbox_path"
+local sandbox_headers = require "sandbox_headers"
 local auth = require "auth"
 local wake = require "wake"
 
@@ -42,6 +46,9 @@ local function forward(req, route)
 end
 
 function M.handle(req)
+    if sandbox_headers.handle(req) then
+        return
+    end
     local user, name, _, key = sandbox_path.of(req)
     if not user then
         return req:respond(400, BAD_PATH)

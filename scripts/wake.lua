@@ -129,13 +129,22 @@ local function sandbox_path(r)
         version
 end
 
+-- Header-routed requests (sandbox_headers.lua) get the agent-sandbox router's "detail" too.
+local function header_detail(req, text)
+    local ctx = rawget(req, "ctx")
+    local id = ctx and ctx.sandbox_id
+    return id and ("Sandbox '" .. id .. "' " .. text) or nil
+end
+
 local function waking(req, key)
-    return req:respond(503, { error = "sandbox waking", path = key },
+    return req:respond(503, { error = "sandbox waking", path = key,
+        detail = header_detail(req, "is waking up; retry shortly.") },
         { ["Retry-After"] = RETRY_AFTER })
 end
 
 local function wake_failed(req, key, status)
-    return req:respond(503, { error = "sandbox wake failed", path = key, status = status },
+    return req:respond(503, { error = "sandbox wake failed", path = key, status = status,
+        detail = header_detail(req, "could not be woken.") },
         { ["Retry-After"] = RETRY_AFTER })
 end
 

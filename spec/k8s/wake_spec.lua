@@ -104,6 +104,36 @@ describe("wake on request", function()
         assert.are.equal(1, patches(api, "sleepy"))
     end)
 
+    it("wakes a suspended sandbox for a header-routed (agent-sandbox SDK) request too", function()
+        local api = K.start{}
+        api:wake_config{ start_delay_ms = 200, wake_delay_ms = 300, wake_pod_ip = "127.0.0.1" }
+        api:put(suspended(nil, "sdksleepy", up.port, { namespace = "team-a" }))
+        local px = api:proxy{ config = wake_config() }
+        local headers = { { "X-Sandbox-ID", "sdksleepy" }, { "X-Sandbox-Namespace", "team-a" },
+            { "X-Sandbox-Port", tostring(up.port) } }
+        local r = assert(px:request{ method = "POST", path = "/echo", body = "{}",
+            headers = headers, timeout = 20 })
+        assert.are.equal(200, r.status)
+        assert.are.equal("woken", r.headers["x-upstream-name"])
+        assert.are.equal(1, patches(api, "sdksleepy"))
+        -- a refused PATCH answers with the router's "detail" as well
+        api:put(suspended(nil, "sdkdenied", up.port))
+        api:faults{ status = 403, kinds = { "patch" }, count = 1 }
+        H.net.wait_until(function()
+            for _, v in ipairs(px:json("/sandboxes").sandboxes) do
+                if v.name == "sdkdenied" then
+                    return true
+                end
+            end
+        end, 10, 0.02, "the proxy to see sdkdenied")
+        r = assert(px:request{ path = "/echo", timeout = 20, headers = {
+            { "X-Sandbox-ID", "sdkdenied" }, { "X-Sandbox-Port", tostring(up.port) } } })
+        assert.are.equal(503, r.status)
+        local b = cjson.decode(r.body)
+        assert.are.equal("Sandbox 'sdkdenied' could not be woken.", b.detail)
+        assert.are.equal(403, b.status)
+    end)
+
     -- A crowd spread over the start window with the documented defaults: some requests before
     -- the PATCH lands, some while the status still says suspended, some while the pod starts
     -- (DependenciesNotReady), some once ready. Every one gets the sandbox's answer; one PATCH.

@@ -211,11 +211,37 @@ describe("auth.lua credential header", function()
         assert.is_nil(user{ Authorization = "Bearer" })
         assert.is_nil(user{ Authorization = "Bearer alice-key extra" })
         assert.is_nil(user{ Authorization = "Bearealice-key" })
-        -- Basic is not a supported scheme (a key as a Basic password is refused)
-        assert.is_nil(user{ Authorization = "Basic YWxpY2U6YWxpY2Uta2V5" })
         assert.is_nil(user{ ["X-Other"] = "Bearer alice-key" })
         local _, why = auth.identify(testkit.request{})
         assert.are.equal("authentication required", why)
+    end)
+
+    it("reads HTTP Basic from Authorization: the password is the credential, any user name", function()
+        -- what requests sends for http://user:KEY@host/ (the agent-sandbox SDK's api_url)
+        local auth = load{ keys_file = temp_file(keys_json{ { "alice", "alice-key" } }) }
+        local b64 = require("spec.helpers.b64").encode
+        local function user(headers)
+            local id = auth.identify(testkit.request{ headers = headers })
+            return id and id.user
+        end
+        for _, name in ipairs({ "alice", "anything", "", "bob" }) do
+            assert.are.equal("alice", user{ Authorization = "Basic " .. b64(name .. ":alice-key") }, name)
+        end
+        assert.are.equal("alice", user{ Authorization = "basic " .. b64("x:alice-key") })
+        assert.is_nil(user{ Authorization = "Basic " .. b64("alice-key") })      -- no colon
+        assert.is_nil(user{ Authorization = "Basic " .. b64("alice-key:") })     -- no password
+        assert.is_nil(user{ Authorization = "Basic " .. b64("alice:wrong-key") })
+        assert.is_nil(user{ Authorization = "Basic " .. b64("alice:alice-key x") })
+        assert.is_nil(user{ Authorization = "Basic !!!" })
+        assert.is_nil(user{ Authorization = "Basic" })
+    end)
+
+    it("takes HTTP Basic only from Authorization, not from a custom credential header", function()
+        local auth = load{ header = "X-Sandbox-Proxy-Key",
+            keys_file = temp_file(keys_json{ { "alice", "alice-key" } }) }
+        local v = "Basic " .. require("spec.helpers.b64").encode("u:alice-key")
+        assert.is_nil(auth.identify(testkit.request{ headers = { Authorization = v } }))
+        assert.is_nil(auth.identify(testkit.request{ headers = { ["X-Sandbox-Proxy-Key"] = v } }))
     end)
 
     it("reads the bare credential from a custom header, never from Authorization", function()

@@ -42,11 +42,21 @@ describe("init", function()
                 paths[#paths + 1] = p
             end
             table.sort(paths)
-            assert.are.same({ "/health", "/live", "/metrics", "/ready", "/sandboxes" }, paths)
+            assert.are.same({ "/health", "/healthz", "/live", "/metrics", "/ready", "/sandboxes" },
+                paths)
             -- /metrics and /sandboxes are wrapped by auth; the probes are the scripts' own
             assert.are.equal(health.endpoints["/health"], init.endpoints["/health"])
             assert.are.equal(health.endpoints["/ready"], init.endpoints["/ready"])
             assert.are.equal(health.endpoints["/live"], init.endpoints["/live"])
+            assert.are.equal(require("sandbox_headers").healthz, init.endpoints["/healthz"])
+        end)
+
+        it("answers GET /healthz with the agent-sandbox router's {\"status\":\"ok\"}, routing headers or not", function()
+            for _, h in ipairs({ {}, { ["X-Sandbox-ID"] = "sb" } }) do
+                local req = request("/healthz", { headers = h })
+                assert.are.equal(200, req.response.status)
+                assert.are.same({ status = "ok" }, req.response.json)
+            end
         end)
     end)
 
@@ -185,7 +195,7 @@ describe("init", function()
         end)
 
         it("sends near-miss endpoint paths to the router", function()
-            for _, t in ipairs({ "/health/", "/healthz", "/HEALTH", "/sandboxes/", "/" }) do
+            for _, t in ipairs({ "/health/", "/healthz/", "/healthzx", "/HEALTH", "/sandboxes/", "/" }) do
                 local req = request(t)
                 assert.are.equal(400, req.response.status, t)
                 assert.are.same({ error = "bad request path", expected = "/{user}/{sandbox}/{path}" },

@@ -48,6 +48,8 @@ int sp_req_forward(sp_request_t *r, const char *host, size_t hl, int port, const
                    size_t pl);
 void sp_req_set_timeouts(sp_request_t *r, double connect, double first_byte, double idle);
 int sp_req_decision(const sp_request_t *r);
+void sp_req_set_error_detail(sp_request_t *r, const char *s, size_t len);
+int sp_req_delivered(const sp_request_t *r);
 int sp_req_status(const sp_request_t *r);
 double sp_req_bytes_in(const sp_request_t *r);
 double sp_req_bytes_out(const sp_request_t *r);
@@ -332,6 +334,28 @@ function Req:set_timeouts(t)
         tonumber(t.idle) or 0)
 end
 
+-- Upstream failures of this request (502/504 answered by the runtime) get the agent-sandbox
+-- router's error shape: {"detail": "Could not connect to the backend sandbox: <subject>", ...}
+-- ("Timed out waiting for ..." on a timeout, "Lost the connection to ..." when the sandbox
+-- closed or broke the exchange) besides "error", "delivered" and "request_id". "" undoes it.
+function Req:set_error_detail(subject)
+    if type(subject) ~= "string" then
+        error("set_error_detail(subject): subject must be a string", 2)
+    end
+    C.sp_req_set_error_detail(live(self), subject, #subject)
+end
+
+-- Whether request bytes were handed to the sandbox's connection: false when the request was
+-- forwarded but nothing of it can have reached the sandbox (connect refused or timed out),
+-- true when the sandbox may have received it; nil when it was never forwarded.
+function Req:delivered()
+    local d = C.sp_req_delivered(live(self))
+    if d < 0 then
+        return nil
+    end
+    return d == 1
+end
+
 -- "none", "respond" or "forward".
 local DECISIONS = { [0] = "none", "respond", "forward" }
 function Req:decision()
@@ -422,6 +446,7 @@ function Req:record()
         upstream_connect = connect >= 0 and connect or nil,
         upstream_first_byte = first >= 0 and first or nil,
         error = self:error(),
+        delivered = self:delivered(),
         worker = C.sp_req_worker(r),
     }
 end

@@ -204,6 +204,12 @@ function Fake:remove_header(name)
     local e = edits(self).remove
     e[#e + 1] = name
 end
+function Fake:set_error_detail(subject)
+    if type(subject) ~= "string" then
+        error("set_error_detail(subject): subject must be a string", 2)
+    end
+    self.error_detail = subject ~= "" and subject or nil
+end
 function Fake:set_timeouts(t)
     local to = edits(self).timeouts
     for k, v in pairs(t) do
@@ -268,6 +274,12 @@ function Fake:upstream_addr()
     return self.forwarded and (self.forwarded.host .. ":" .. self.forwarded.port) or nil
 end
 function Fake:error() return self._record.error end
+function Fake:delivered()
+    if self._record.delivered ~= nil then
+        return self._record.delivered
+    end
+    return nil
+end
 
 function Fake:record()
     return {
@@ -275,7 +287,8 @@ function Fake:record()
         client = self:client_addr(), status = self:status(), bytes_in = self:bytes_in(),
         bytes_out = self:bytes_out(), duration = self:duration(), upstream = self:upstream_addr(),
         upstream_connect = self._record.upstream_connect,
-        upstream_first_byte = self._record.upstream_first_byte, error = self:error(), worker = 0,
+        upstream_first_byte = self._record.upstream_first_byte, error = self:error(),
+        delivered = self:delivered(), worker = 0,
     }
 end
 
@@ -327,6 +340,9 @@ function Fake:access_log(mask, ...)
         end
         if bit.band(mask, F[name]) ~= 0 and values[name] then
             put(name, values[name])
+            if name == "error" and rec.delivered ~= nil then
+                put("delivered", rec.delivered and "true" or "false")
+            end
         end
     end
     require("sp.core").access_log("{" .. table.concat(parts, ",") .. "}")

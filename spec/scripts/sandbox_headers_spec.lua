@@ -1,14 +1,15 @@
--- examples/sdk_router.lua: the agent-sandbox SDK header contract (X-Sandbox-ID, -Namespace,
--- -Port, -Timeout, -Pod-IP), /healthz, the {"detail": ...} errors, the namespace/name index
--- over the real shared route table (sp.routes) and the fallback to the built-in path router.
+-- sandbox_headers.lua: the agent-sandbox router's header contract built into the default chain
+-- (X-Sandbox-ID, -Namespace, -Port, -Timeout, -Pod-IP), /healthz, the {"detail": ...} errors,
+-- the namespace/name index over the real shared route table (sp.routes), and router.lua's use
+-- of it (headers win; no X-Sandbox-ID: path routing).
 local testkit = require "sp.testkit"
 local routes = require "sp.routes"
 
-local MODULE = "examples.sdk_router"
+local MODULE = "sandbox_headers"
 
 -- A fresh instance of the router with config section `section` (nil: defaults).
 local function load(section)
-    return testkit.load(MODULE, "sdk_router", section)
+    return testkit.load(MODULE, "sandbox_headers", section)
 end
 
 -- Runs one request through router.handle. headers: a map; opts: method, target.
@@ -35,12 +36,12 @@ local ROUTES = {
     ["default/noaddr"] = { port = 8888 },
 }
 
-describe("sdk_router", function()
+describe("sandbox_headers", function()
     local router
 
     before_each(function()
         testkit.set_routes(ROUTES)
-        router = load{ fallback = false }
+        router = load()
     end)
 
     after_each(function()
@@ -66,30 +67,18 @@ describe("sdk_router", function()
     describe("/healthz", function()
         it("answers 200 {\"status\":\"ok\"} to GET and HEAD", function()
             for _, m in ipairs({ "GET", "HEAD" }) do
-                local req = send(router, {}, { method = m, target = "/healthz" })
+                local req = testkit.request{ method = m, target = "/healthz" }
+                router.healthz(req)
                 assert.are.equal(200, req.response.status)
                 assert.are.same({ status = "ok" }, req.response.json)
             end
         end)
 
-        it("answers itself even with routing headers and a query", function()
-            local req = send(router, { ["X-Sandbox-ID"] = "sb" }, { target = "/healthz?probe=1" })
-            assert.are.equal(200, req.response.status)
-            assert.are.same({ status = "ok" }, req.response.json)
-            assert.is_nil(req.forwarded)
-        end)
-
-        it("routes other methods on /healthz to the sandbox", function()
-            local req = send(router, { ["X-Sandbox-ID"] = "sb" }, { method = "POST", target = "/healthz" })
-            assert.is_nil(req.response)
-            assert.are.equal("/healthz", req.forwarded.path)
-        end)
-
-        it("does not answer /healthz/ or /healthzx", function()
-            for _, t in ipairs({ "/healthz/", "/healthzx" }) do
-                local req = send(router, { ["X-Sandbox-ID"] = "sb" }, { target = t })
-                assert.are.equal(t, req.forwarded.path)
-            end
+        it("answers 405 to other methods", function()
+            local req = testkit.request{ method = "POST", target = "/healthz" }
+            router.healthz(req)
+            assert.are.equal(405, req.response.status)
+            assert.are.equal("GET, HEAD", req.response.headers.Allow)
         end)
     end)
 
@@ -103,10 +92,18 @@ describe("sdk_router", function()
             assert.are.equal("default/sb", req.ctx.route.key)
         end)
 
-        it("is required when the fallback is off (400 with detail)", function()
-            local req = send(router, {}, { target = "/alice/py/x" })
-            assert.are.equal(400, req.response.status)
-            assert.are.same({ detail = "X-Sandbox-ID header is required." }, req.response.json)
+        it("without it, handle decides nothing and returns false (path routing)", function()
+            local req = testkit.request{ target = "/alice/py/x",
+                headers = { ["X-Sandbox-Namespace"] = "team-a", ["X-Sandbox-Port"] = "1" } }
+            assert.is_false(router.handle(req))
+            assert.are.equal("none", req:decision())
+        end)
+
+        it("is ignored altogether with enabled = false", function()
+            local r = load{ enabled = false }
+            local req = testkit.request{ target = "/execute", headers = { ["X-Sandbox-ID"] = "sb" } }
+            assert.is_false(r.handle(req))
+            assert.are.equal("none", req:decision())
         end)
 
         it("counts an empty value as missing", function()
@@ -183,7 +180,7 @@ describe("sdk_router", function()
         end)
 
         it("names the port on the sandbox's address", function()
-            for _, p in ipairs({ "1", "80", "9000", "65535", "08080" }) do
+            for _, p in ipairs({ "1", "80", "9000", "65535", "08080", "+80", " 80", "80 " }) do
                 local req = send(router, { ["X-Sandbox-ID"] = "sb", ["X-Sandbox-Port"] = p })
                 assert.are.equal(tonumber(p), req.forwarded.port, p)
                 assert.are.equal("10.0.0.7", req.forwarded.host, p)
@@ -191,8 +188,8 @@ describe("sdk_router", function()
         end)
 
         it("must be an integer from 1 to 65535", function()
-            for _, p in ipairs({ "", "0", "00000", "65536", "99999", "100000", "-1", "+80", "80.0",
-                "8e3", "0x50", "abc", " 80", "80 ", "80,81" }) do
+            for _, p in ipairs({ "", "0", "00000", "65536", "99999", "100000", "-1", "80.0",
+                "8e3", "0x50", "abc", "++80", "8 0", "80,81" }) do
                 local req = send(router, { ["X-Sandbox-ID"] = "sb", ["X-Sandbox-Port"] = p })
                 assert.are.equal(400, req.response.status, "'" .. p .. "'")
                 assert.are.same({ detail = "Invalid port format." }, req.response.json, p)
@@ -200,7 +197,7 @@ describe("sdk_router", function()
         end)
 
         it("default_port is configurable", function()
-            local r = load{ fallback = false, default_port = 7000 }
+            local r = load{ default_port = 7000 }
             local req = send(r, { ["X-Sandbox-ID"] = "sb" })
             assert.are.equal(7000, req.forwarded.port)
             req = send(r, { ["X-Sandbox-ID"] = "sb", ["X-Sandbox-Port"] = "81" })
@@ -208,13 +205,13 @@ describe("sdk_router", function()
         end)
 
         it("default_port = \"route\" takes the route's port", function()
-            local r = load{ fallback = false, default_port = "route" }
+            local r = load{ default_port = "route" }
             local req = send(r, { ["X-Sandbox-ID"] = "py", ["X-Sandbox-Namespace"] = "team-a" })
             assert.are.equal(9000, req.forwarded.port)
         end)
 
         it("allowed_ports limits the ports a client may name (403)", function()
-            local r = load{ fallback = false, allowed_ports = { 8888, 9000 } }
+            local r = load{ allowed_ports = { 8888, 9000 } }
             local req = send(r, { ["X-Sandbox-ID"] = "sb", ["X-Sandbox-Port"] = "22" })
             assert.are.equal(403, req.response.status)
             assert.are.same({ detail = "Port 22 is not allowed." }, req.response.json)
@@ -248,13 +245,14 @@ describe("sdk_router", function()
         it("is capped at max_timeout (default 180)", function()
             assert.are.same({ first_byte = 180, idle = 180 }, timeouts(router, "181"))
             assert.are.same({ first_byte = 180, idle = 180 }, timeouts(router, "86400"))
+            assert.are.same({ first_byte = 180, idle = 180 }, timeouts(router, "1e3"))
         end)
 
         it("max_timeout is configurable", function()
-            local r = load{ fallback = false, max_timeout = 900 }
+            local r = load{ max_timeout = 900 }
             assert.are.same({ first_byte = 600, idle = 600 }, timeouts(r, "600"))
             assert.are.same({ first_byte = 900, idle = 900 }, timeouts(r, "3600"))
-            r = load{ fallback = false, max_timeout = 10 }
+            r = load{ max_timeout = 10 }
             assert.are.same({ first_byte = 10, idle = 10 }, timeouts(r, "30"))
         end)
 
@@ -263,9 +261,16 @@ describe("sdk_router", function()
             assert.are.same({}, req.forwarded.timeouts)
         end)
 
-        it("ignores a value that is not a positive decimal number", function()
-            for _, v in ipairs({ "", "0", "0.0", "-5", "abc", "inf", "nan", "1e3", "0x10", "5s",
-                " 5", "1.2.3", "." }) do
+        it("reads what the SDK writes (str() of a Python int or float)", function()
+            assert.are.same({ first_byte = 60, idle = 60 }, timeouts(router, "60"))
+            assert.are.same({ first_byte = 60, idle = 60 }, timeouts(router, "60.0"))
+            assert.are.same({ first_byte = 1e-05, idle = 1e-05 }, timeouts(router, "1e-05"))
+            assert.are.same({ first_byte = 5, idle = 5 }, timeouts(router, " 5"))
+        end)
+
+        it("ignores a value that is not a finite positive number", function()
+            for _, v in ipairs({ "", "0", "0.0", "-5", "abc", "inf", "nan", "0x10", "5s",
+                "1.2.3", ".", "1e", "e5", "5-", "1e999" }) do
                 assert.are.same({}, timeouts(router, v), "'" .. v .. "'")
             end
         end)
@@ -278,9 +283,27 @@ describe("sdk_router", function()
     end)
 
     describe("X-Sandbox-Pod-IP", function()
-        it("is ignored: the address comes from the route table", function()
-            local req = send(router, { ["X-Sandbox-ID"] = "sb", ["X-Sandbox-Pod-IP"] = "169.254.169.254" })
+        it("never chooses the address: a different IP is ignored and noted", function()
+            for _, v in ipairs({ "169.254.169.254", "127.0.0.1", "10.9.9.9", "::1" }) do
+                local req = send(router, { ["X-Sandbox-ID"] = "sb", ["X-Sandbox-Pod-IP"] = v })
+                assert.are.equal("10.0.0.7", req.forwarded.host, v)
+                assert.is_true(req.ctx.pod_ip_mismatch, v)
+            end
+        end)
+
+        it("matching the sandbox's own pod IP changes nothing", function()
+            local req = send(router, { ["X-Sandbox-ID"] = "sb", ["X-Sandbox-Pod-IP"] = "10.0.0.7" })
             assert.are.equal("10.0.0.7", req.forwarded.host)
+            assert.is_nil(req.ctx.pod_ip_mismatch)
+        end)
+
+        it("400 for a value that is not an IP address", function()
+            for _, v in ipairs({ "evil.example", "10.0.0", "10.0.0.7:80", "http://10.0.0.7" }) do
+                local req = send(router, { ["X-Sandbox-ID"] = "sb", ["X-Sandbox-Pod-IP"] = v })
+                assert.are.equal(400, req.response.status, v)
+                assert.are.same({ detail = "Invalid target IP address format." }, req.response.json)
+                assert.is_nil(req.forwarded, v)
+            end
         end)
 
         it("cannot reach an unknown sandbox", function()
@@ -301,12 +324,19 @@ describe("sdk_router", function()
                 ["X-Sandbox-ID"] = "sb", ["X-Sandbox-Namespace"] = "default",
                 ["X-Sandbox-Port"] = "8888", ["X-Sandbox-Timeout"] = "5",
                 ["X-Sandbox-Pod-IP"] = "10.9.9.9", ["Authorization"] = "Bearer app-token",
-                ["X-Other"] = "1",
+                ["X-Sandbox-UID"] = "1234", ["X-Sandbox-Anything"] = "x", ["X-Other"] = "1",
+                ["X-Sandboxed"] = "kept",
             })
             assert.are.same({ ["x-sandbox-id"] = true, ["x-sandbox-namespace"] = true,
                 ["x-sandbox-port"] = true, ["x-sandbox-timeout"] = true,
-                ["x-sandbox-pod-ip"] = true }, lower_set(req.forwarded.removed_headers))
+                ["x-sandbox-pod-ip"] = true, ["x-sandbox-uid"] = true,
+                ["x-sandbox-anything"] = true }, lower_set(req.forwarded.removed_headers))
             assert.are.same({}, req.forwarded.set_headers)
+        end)
+
+        it("asks the runtime for {\"detail\": ...} upstream error bodies naming the sandbox", function()
+            local req = send(router, { ["X-Sandbox-ID"] = "sb" })
+            assert.are.equal("sb", req.error_detail)
         end)
 
         it("only removes the routing headers that were sent", function()
@@ -355,7 +385,7 @@ describe("sdk_router", function()
         end)
 
         it("retry_after is configurable", function()
-            local r = load{ fallback = false, retry_after = 7 }
+            local r = load{ retry_after = 7 }
             local req = send(r, { ["X-Sandbox-ID"] = "sleepy" })
             assert.are.equal("7", req.response.headers["Retry-After"])
         end)
@@ -363,7 +393,7 @@ describe("sdk_router", function()
 
     describe("the namespace/name index", function()
         it("finds a sandbox whose key has another user, and builds the index once", function()
-            local r = load{ fallback = false, guess_users = {} }
+            local r = load{ guess_users = {} }
             local req = send(r, { ["X-Sandbox-ID"] = "py", ["X-Sandbox-Namespace"] = "team-a" })
             assert.are.equal("10.0.0.8", req.forwarded.host)
             assert.are.equal(1, r.index_stats().rebuilds)
@@ -376,7 +406,7 @@ describe("sdk_router", function()
         end)
 
         it("does not rebuild for misses while the route table is unchanged", function()
-            local r = load{ fallback = false, guess_users = {} }
+            local r = load{ guess_users = {} }
             for i = 1, 20 do
                 local req = send(r, { ["X-Sandbox-ID"] = "ghost" .. i })
                 assert.are.equal(404, req.response.status)
@@ -385,7 +415,7 @@ describe("sdk_router", function()
         end)
 
         it("sees routes added, moved and deleted after it was built", function()
-            local r = load{ fallback = false, guess_users = {}, index_min_interval = 0,
+            local r = load{ guess_users = {}, index_min_interval = 0,
                 index_cost_factor = 0 }
             assert.are.equal(404, send(r, { ["X-Sandbox-ID"] = "new" }).response.status)
             -- added under a user key
@@ -412,7 +442,7 @@ describe("sdk_router", function()
         end)
 
         it("does not serve a stale entry whose route changed namespace", function()
-            local r = load{ fallback = false, guess_users = {}, index_min_interval = 0,
+            local r = load{ guess_users = {}, index_min_interval = 0,
                 index_cost_factor = 0 }
             local req = send(r, { ["X-Sandbox-ID"] = "py", ["X-Sandbox-Namespace"] = "team-a" })
             assert.are.equal("10.0.0.8", req.forwarded.host)
@@ -429,7 +459,7 @@ describe("sdk_router", function()
                 ["alice/sb"] = { address = "10.2.0.1", namespace = "ns-a" },
                 ["bob/sb"] = { address = "10.2.0.2", namespace = "ns-b" },
             }
-            local r = load{ fallback = false }
+            local r = load()
             assert.are.equal("10.2.0.1",
                 send(r, { ["X-Sandbox-ID"] = "sb", ["X-Sandbox-Namespace"] = "ns-a" }).forwarded.host)
             assert.are.equal("10.2.0.2",
@@ -438,7 +468,7 @@ describe("sdk_router", function()
         end)
 
         it("finds default-user sandboxes by guess, without building the index", function()
-            local r = load{ fallback = false }
+            local r = load()
             local req = send(r, { ["X-Sandbox-ID"] = "sb" })
             assert.are.equal("10.0.0.7", req.forwarded.host)
             assert.are.equal(0, r.index_stats().rebuilds)
@@ -446,7 +476,7 @@ describe("sdk_router", function()
         end)
 
         it("uses the configured guess users", function()
-            local r = load{ fallback = false, guess_users = { "alice" } }
+            local r = load{ guess_users = { "alice" } }
             local req = send(r, { ["X-Sandbox-ID"] = "py", ["X-Sandbox-Namespace"] = "team-a" })
             assert.are.equal("10.0.0.8", req.forwarded.host)
             assert.are.equal(0, r.index_stats().rebuilds)
@@ -454,7 +484,7 @@ describe("sdk_router", function()
 
         it("rebuilds at most once per index_min_interval; a miss inside it is a 503, not a 404",
             function()
-                local r = load{ fallback = false, guess_users = {}, index_min_interval = 3600 }
+                local r = load{ guess_users = {}, index_min_interval = 3600 }
                 assert.are.equal(404, send(r, { ["X-Sandbox-ID"] = "late" }).response.status)
                 assert.are.equal(1, r.index_stats().rebuilds)
                 routes.set("dave/late", { namespace = "default", name = "late", user = "dave",
@@ -470,7 +500,7 @@ describe("sdk_router", function()
             end)
 
         it("spaces rebuilds by index_cost_factor times the last rebuild's duration", function()
-            local r = load{ fallback = false, guess_users = {}, index_min_interval = 0,
+            local r = load{ guess_users = {}, index_min_interval = 0,
                 index_cost_factor = 1e9 }
             assert.are.equal(404, send(r, { ["X-Sandbox-ID"] = "late" }).response.status)
             local st = r.index_stats()
@@ -484,7 +514,7 @@ describe("sdk_router", function()
         end)
 
         it("rebuilds at once after a change when both spacing knobs are 0", function()
-            local r = load{ fallback = false, guess_users = {}, index_min_interval = 0,
+            local r = load{ guess_users = {}, index_min_interval = 0,
                 index_cost_factor = 0 }
             for i = 1, 5 do
                 routes.set("dave/n" .. i, { namespace = "default", name = "n" .. i, user = "dave",
@@ -504,7 +534,7 @@ describe("sdk_router", function()
         end)
 
         it("a guess still answers inside the rebuild interval", function()
-            local r = load{ fallback = false, index_min_interval = 3600 }
+            local r = load{ index_min_interval = 3600 }
             assert.are.equal(404, send(r, { ["X-Sandbox-ID"] = "fresh" }).response.status)
             routes.set("default/fresh", { namespace = "default", name = "fresh", user = "default",
                 address = "10.3.0.2", port = 8888, ready = true })
@@ -553,7 +583,7 @@ describe("sdk_router", function()
             local req = as(router, { user = "bob" },
                 { ["X-Sandbox-ID"] = "py", ["X-Sandbox-Namespace"] = "team-a" })
             assert.are.equal(404, req.response.status)
-            assert.are.same({ detail = "Sandbox 'py' not found in namespace 'team-a'." },
+            assert.are.same({ detail = "Sandbox 'py' not found in namespace 'team-a' (or not yours)." },
                 req.response.json)
             assert.is_nil(req.forwarded)
         end)
@@ -582,7 +612,7 @@ describe("sdk_router", function()
                 assert.are.equal(404, req.response.status, p)
                 assert.is_nil(req.forwarded, p)
             end
-            local limited = load{ fallback = false, allowed_ports = { 9000 } }
+            local limited = load{ allowed_ports = { 9000 } }
             headers["X-Sandbox-Port"] = "22"
             req = as(limited, { user = "alice" }, headers)
             assert.are.equal(403, req.response.status)
@@ -611,45 +641,33 @@ describe("sdk_router", function()
         end)
     end)
 
-    describe("fallback to the built-in path router", function()
-        it("is on by default and serves /{user}/{sandbox}/{rest} without X-Sandbox-ID", function()
-            local r = load()
-            assert.is_true(r.config.fallback)
-            assert.are_not.equal(r, r.builtin)
-            local req = send(r, {}, { target = "/alice/py/files?x=1" })
+    describe("router.lua", function()
+        local path_router = require "router"
+
+        it("routes by the headers when X-Sandbox-ID is present; the path goes untouched", function()
+            local req = send(path_router, { ["X-Sandbox-ID"] = "sb" }, { target = "/alice/py/x?q=1" })
+            assert.are.equal("10.0.0.7", req.forwarded.host)
+            assert.are.equal(8888, req.forwarded.port)
+            assert.are.equal("/alice/py/x?q=1", req.forwarded.path)
+            assert.are.equal("default/sb", req.ctx.route.key)
+        end)
+
+        it("answers a bad X-Sandbox-ID with 400 even when the path names a sandbox", function()
+            for _, id in ipairs({ "", "Bad" }) do
+                local req = send(path_router, { ["X-Sandbox-ID"] = id }, { target = "/alice/py/x" })
+                assert.are.equal(400, req.response.status, id)
+                assert.is_string(req.response.json.detail, id)
+            end
+        end)
+
+        it("routes by the path without X-Sandbox-ID, with its own errors", function()
+            local req = send(path_router, {}, { target = "/alice/py/files?x=1" })
             assert.are.equal("10.0.0.8", req.forwarded.host)
             assert.are.equal(9000, req.forwarded.port)
             assert.are.equal("/files?x=1", req.forwarded.path)
             assert.are.same({}, req.forwarded.removed_headers)
-        end)
-
-        it("answers with the built-in router's own errors", function()
-            local r = load{ fallback = true }
-            local req = send(r, {}, { target = "/alice/ghost/x" })
-            assert.are.equal(404, req.response.status)
+            req = send(path_router, {}, { target = "/alice/ghost/x" })
             assert.are.same({ error = "sandbox not found", path = "alice/ghost" }, req.response.json)
-            req = send(r, {}, { target = "/execute" })
-            assert.are.equal(400, req.response.status)
-            assert.are.equal("bad request path", req.response.json.error)
-        end)
-
-        it("is not used when X-Sandbox-ID is present, even if invalid or empty", function()
-            local r = load{ fallback = true }
-            local req = send(r, { ["X-Sandbox-ID"] = "sb" }, { target = "/alice/py/x" })
-            assert.are.equal("10.0.0.7", req.forwarded.host)
-            assert.are.equal("/alice/py/x", req.forwarded.path)
-            assert.are.equal(400, send(r, { ["X-Sandbox-ID"] = "" },
-                { target = "/alice/py/x" }).response.status)
-            assert.are.equal(400, send(r, { ["X-Sandbox-ID"] = "Bad" },
-                { target = "/alice/py/x" }).response.status)
-        end)
-
-        it("is off with fallback = false", function()
-            local r = load{ fallback = false }
-            assert.is_nil(r.builtin)
-            local req = send(r, {}, { target = "/alice/py/x" })
-            assert.are.equal(400, req.response.status)
-            assert.is_nil(req.forwarded)
         end)
     end)
 end)
