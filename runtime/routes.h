@@ -24,6 +24,8 @@ typedef enum {
     SP_RF_RESOURCE_VERSION,
     SP_RF_IDLE_TIMEOUT,
     SP_RF_LAST_ACTIVITY,
+    SP_RF_CLAIM,
+    SP_RF_ALIAS_OF,
     SP_RF_COUNT
 } sp_route_field_t;
 
@@ -72,5 +74,12 @@ uint64_t sp_routes_generation(void);
  * returns how many. The copy is consistent per shard, not across shards. */
 size_t sp_routes_snapshot(sp_buf_t *out);
 size_t sp_routes_count_ready(void);
+
+/* The name index: "namespace/name" -> route key, kept by whoever sets routes (discovery), so
+ * a sandbox (or a SandboxClaim's alias) can be found by namespace and name from any worker. */
+void sp_routes_index_set(const char *name, size_t nlen, const char *key, size_t klen);
+bool sp_routes_index_get(const char *name, size_t nlen, sp_buf_t *key);
+bool sp_routes_index_delete(const char *name, size_t nlen);
+size_t sp_routes_index_count(void);
 
 #endif

@@ -1,7 +1,11 @@
 -- sandboxes.lua: GET /sandboxes lists the routes:
 --   {"count":N,"sandboxes":[{"path":"alice/my-sandbox","namespace":..,"name":..,"user":..,
---     "service":..,"address":..,"port":..,"ready":true,"reason":..,"conflict":..}, ...]}
--- sorted by path; "user" is null for an unowned sandbox (no user label, see auth.lua).
+--     "service":..,"address":..,"port":..,"ready":true,"reason":..,"conflict":..,
+--     "claim":..,"alias_of":..}, ...]}
+-- sorted by path; "user" is null for an unowned sandbox (no user label, see auth.lua);
+-- "claim" names the SandboxClaim bound to the sandbox (null: none); a claim whose name differs
+-- from its sandbox's also has its own entry, path "{user}/{claim}", with "alias_of" the path of
+-- the sandbox's entry (discovery.lua).
 -- Replace this script to restrict or reshape the listing.
 local routes = require "sp.routes"
 local cjson = require "cjson"
@@ -21,6 +25,8 @@ local function entry(r)
         reason = r.reason,
         mode = r.mode,
         conflict = r.conflict,
+        claim = r.claim or cjson.null, -- the SandboxClaim bound to it (null: none)
+        alias_of = r.alias_of, -- on a claim's alias: the path of the sandbox's own route
     }
 end
 M.entry = entry
