@@ -829,8 +829,9 @@ end
 local CLAIM_GROUP = "extensions.agents.x-k8s.io"
 local CLAIM_VERSION = "v1beta1"
 
--- The claims watch: "off" (claims = false), "asking" (discovery), "not served", "watching",
--- "forbidden" (403: Sandboxes only until the next restart).
+-- The claims watch: "off" (claims = false), "asking" (discovery; readiness waits for its first
+-- answer), "retrying" (discovery failed: readiness no longer waits), "not served", "watching"
+-- (readiness waits for the first list), "forbidden" (403: Sandboxes only until a restart).
 M.claims_state = "off"
 
 -- Does the cluster serve SandboxClaims v1beta1? Retries transport errors and 5xx with backoff;
@@ -854,7 +855,10 @@ local function discover_claims()
         end
         local delay = k8s.backoff(attempt, headers and headers.retry_after, status == 403)
         attempt = attempt + 1
-        log.warn("cannot discover the SandboxClaim API", { status = status,
+        -- readiness no longer waits for claims: Sandboxes are routed meanwhile
+        M.claims_state = "retrying"
+        log.warn("cannot discover the SandboxClaim API: routing Sandboxes by their own names "
+            .. "until it answers", { status = status,
             error = status and ("discovery answered " .. status) or body, retry_in = delay })
         timer.sleep(delay)
     end
@@ -969,17 +973,6 @@ function M.start_kubernetes(settings)
         end
         if CLAIMS ~= false then
             M.claims_state = "asking"
-            local served, why = true, nil
-            if CLAIMS ~= true then
-                served, why = discover_claims()
-            end
-            if served then
-                watch_claims(settings)
-            else
-                M.claims_state = "not served"
-                log.info("SandboxClaims are not served: routing Sandboxes by their own names",
-                    { group = CLAIM_GROUP, reason = why })
-            end
         end
         M.watch = k8s.watch{
             group = GROUP,
@@ -1007,6 +1000,22 @@ function M.start_kubernetes(settings)
             end,
         }
         timer.every(cfg.state_interval or 1, publish_watch_state)
+        -- claims after the Sandbox watch started: a slow or failing claim discovery never
+        -- delays the Sandboxes' list
+        if CLAIMS ~= false then
+            local served, why = true, nil
+            if CLAIMS ~= true then
+                served, why = discover_claims()
+            end
+            if served then
+                watch_claims(settings)
+            else
+                M.claims_state = "not served"
+                log.info("SandboxClaims are not served: routing Sandboxes by their own names",
+                    { group = CLAIM_GROUP, reason = why })
+            end
+            publish_watch_state()
+        end
     end)
     return true
 end

@@ -139,6 +139,25 @@ describe("a cluster without SandboxClaims", function()
         assert.are.equal(200, status_of(px, "/ready"))
     end)
 
+    it("a failing claim discovery delays neither the Sandboxes nor readiness; claims join later",
+        function()
+        local api = K.start{}
+        api:claim_config{ bind_delay_ms = 20, replenish = false }
+        api:pool{ name = "warm", replicas = 1 }
+        api:faults{ status = 503, count = -1, paths = "/apis/extensions.agents.x-k8s.io" }
+        api:put(H.sandbox("gil", "plain", up.port))
+        local px = api:proxy{ config = "return { discovery = { port = " .. up.port .. " } }" }
+        assert.are.equal(200, status_of(px, "/gil/plain/echo"))
+        px:wait_log(function(l)
+            return l.msg:find("cannot discover the SandboxClaim API", 1, true) ~= nil
+        end)
+        api:clear_faults()
+        api:put_claim(K.claim("late", { pool = "warm",
+            pod_labels = { ["sandbox.users.io/user"] = "gil" } }))
+        wait_status(px, "/gil/late/echo", 200, 20)
+        assert.are.equal("watching", px:json("/health").source.claims.state)
+    end)
+
     it("a v1alpha1-only cluster (older than v1.0) is the legacy fallback, said in the log", function()
         local api = K.start{ versions = "v1alpha1" }
         local px = api:proxy{}
