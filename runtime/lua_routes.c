@@ -220,6 +220,70 @@ static int r_generation(lua_State *L)
     return 1;
 }
 
+/* index_set(name, key): the name index entry "namespace/name" -> route key. */
+static int r_index_set(lua_State *L)
+{
+    size_t nlen, klen;
+    const char *name = luaL_checklstring(L, 1, &nlen);
+    const char *key = luaL_checklstring(L, 2, &klen);
+    if (nlen == 0 || nlen > 1024 || klen == 0 || klen > 1024)
+        return luaL_error(L, "index names and keys must be 1 to 1024 bytes");
+    sp_routes_index_set(name, nlen, key, klen);
+    return 0;
+}
+
+/* index_get(name) -> key or nil */
+static int r_index_get(lua_State *L)
+{
+    size_t nlen;
+    const char *name = luaL_checklstring(L, 1, &nlen);
+    sp_buf_t key = {0};
+    if (sp_routes_index_get(name, nlen, &key))
+        lua_pushlstring(L, key.p ? key.p : "", key.len);
+    else
+        lua_pushnil(L);
+    sp_buf_free(&key);
+    return 1;
+}
+
+static int r_index_delete(lua_State *L)
+{
+    size_t nlen;
+    const char *name = luaL_checklstring(L, 1, &nlen);
+    lua_pushboolean(L, sp_routes_index_delete(name, nlen));
+    return 1;
+}
+
+static int r_index_count(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)sp_routes_index_count());
+    return 1;
+}
+
+/* lookup(namespace, name) -> the route that name stands for in namespace (a Sandbox by its
+ * name, or a SandboxClaim's alias), as get() returns it; or nil. */
+static int r_lookup(lua_State *L)
+{
+    size_t nslen, nlen;
+    const char *ns = luaL_checklstring(L, 1, &nslen);
+    const char *name = luaL_checklstring(L, 2, &nlen);
+    sp_buf_t b = {0}, key = {0};
+    sp_buf_add(&b, ns, nslen);
+    sp_buf_addc(&b, '/');
+    sp_buf_add(&b, name, nlen);
+    bool found = sp_routes_index_get(b.p, b.len, &key);
+    sp_buf_free(&b);
+    if (!found) {
+        sp_buf_free(&key);
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_settop(L, 0);
+    lua_pushlstring(L, key.p ? key.p : "", key.len);
+    sp_buf_free(&key);
+    return r_get(L);
+}
+
 int luaopen_sp_routes(lua_State *L)
 {
     static const luaL_Reg fns[] = {{"set", r_set},         {"get", r_get},
@@ -227,6 +291,9 @@ int luaopen_sp_routes(lua_State *L)
                                    {"range", r_range},
                                    {"count", r_count},     {"count_ready", r_count_ready},
                                    {"generation", r_generation}, {"version", r_version},
+                                   {"index_set", r_index_set}, {"index_get", r_index_get},
+                                   {"index_delete", r_index_delete},
+                                   {"index_count", r_index_count}, {"lookup", r_lookup},
                                    {NULL, NULL}};
     lua_newtable(L);
     luaL_register(L, NULL, fns);

@@ -20,7 +20,7 @@
 const char *const sp_route_field_names[SP_RF_COUNT] = {
     "namespace",   "name",        "user",         "address",          "reason",
     "service",     "conflict",    "mode",         "meta",             "api_version",
-    "resource_version", "idle_timeout", "last_activity",
+    "resource_version", "idle_timeout", "last_activity", "claim",          "alias_of",
 };
 
 typedef struct shard {
@@ -30,10 +30,16 @@ typedef struct shard {
     size_t count;
 } shard_t;
 
-static shard_t shards[NSHARDS];
-static atomic_size_t total;
-static atomic_size_t ready_total;
-static atomic_uint_fast64_t generation;
+/* Two tables with the same machinery: the routes, and the name index ("namespace/name" ->
+ * route key, an entry whose SP_RF_NAME field holds the key). */
+typedef struct table {
+    shard_t shards[NSHARDS];
+    atomic_size_t total;
+    atomic_size_t ready_total;
+    atomic_uint_fast64_t generation;
+} table_t;
+
+static table_t rt, ix;
 
 /* ------------------------------------------------------------------ the ordered index */
 
@@ -147,36 +153,6 @@ static void idx_remove(const char *k, size_t kn)
     pthread_mutex_unlock(&idx_mu);
 }
 
-size_t sp_routes_range(const char *prefix, size_t plen, const char *after, size_t alen,
-                       size_t max, sp_buf_t *keys, bool *more, size_t *work)
-{
-    size_t n = 0;
-    keys->len = 0;
-    *more = false;
-    pthread_mutex_lock(&idx_mu);
-    sl_node_t *x;
-    if (after && key_cmp(after, alen, prefix, plen) >= 0)
-        x = sl_seek(after, alen, true, NULL, work);
-    else
-        x = sl_seek(prefix, plen, false, NULL, work);
-    for (; x; x = x->next[0]) {
-        (*work)++;
-        if (x->klen < plen || memcmp(sl_key(x), prefix, plen) != 0)
-            break; /* past the prefix's range */
-        if (n == max) {
-            *more = true;
-            break;
-        }
-        uint32_t kl = x->klen;
-        sp_buf_add(keys, &kl, sizeof kl);
-        sp_buf_add(keys, sl_key(x), kl);
-        n++;
-    }
-    pthread_mutex_unlock(&idx_mu);
-    return n;
-}
-
-/* ------------------------------------------------------------------ the shards */
 
 static uint64_t hash_key(const char *k, size_t n)
 {
@@ -188,27 +164,33 @@ static uint64_t hash_key(const char *k, size_t n)
     return h ^ (h >> 29);
 }
 
-void sp_routes_init(void)
+static void table_init(table_t *t)
 {
     for (int i = 0; i < NSHARDS; i++) {
-        pthread_mutex_init(&shards[i].mu, NULL);
-        shards[i].nbuckets = 64;
-        shards[i].buckets = sp_calloc(64, sizeof(sp_route_t *));
-        shards[i].count = 0;
+        pthread_mutex_init(&t->shards[i].mu, NULL);
+        t->shards[i].nbuckets = 64;
+        t->shards[i].buckets = sp_calloc(64, sizeof(sp_route_t *));
+        t->shards[i].count = 0;
     }
-    atomic_store(&total, 0);
-    atomic_store(&ready_total, 0);
-    atomic_store(&generation, 1);
+    atomic_store(&t->total, 0);
+    atomic_store(&t->ready_total, 0);
+    atomic_store(&t->generation, 1);
+}
+
+void sp_routes_init(void)
+{
+    table_init(&rt);
+    table_init(&ix);
     idx_head = sp_calloc(1, sizeof(sl_node_t) + SL_MAX * sizeof(sl_node_t *));
     idx_head->level = SL_MAX;
     idx_level = 1;
     idx_rng = 0x9e3779b97f4a7c15ull; /* fixed: the index's shape is reproducible */
 }
 
-void sp_routes_destroy(void)
+static void table_destroy(table_t *t)
 {
     for (int i = 0; i < NSHARDS; i++) {
-        shard_t *s = &shards[i];
+        shard_t *s = &t->shards[i];
         for (size_t b = 0; b < s->nbuckets; b++) {
             sp_route_t *e = s->buckets[b];
             while (e) {
@@ -221,6 +203,12 @@ void sp_routes_destroy(void)
         s->buckets = NULL;
         pthread_mutex_destroy(&s->mu);
     }
+}
+
+void sp_routes_destroy(void)
+{
+    table_destroy(&rt);
+    table_destroy(&ix);
     for (sl_node_t *n = idx_head ? idx_head->next[0] : NULL; n;) {
         sl_node_t *next = n->next[0];
         free(n);
@@ -231,7 +219,7 @@ void sp_routes_destroy(void)
 }
 
 /* High bits pick the shard; low bits pick the bucket inside it (independent bits). */
-static shard_t *shard_of(uint64_t h) { return &shards[(h >> 58) % NSHARDS]; }
+static shard_t *shard_of(table_t *t, uint64_t h) { return &t->shards[(h >> 58) % NSHARDS]; }
 
 static sp_route_t **find_slot(shard_t *s, uint64_t h, const char *key, size_t klen)
 {
@@ -293,28 +281,29 @@ static sp_route_t *build(uint64_t h, const char *key, size_t klen, const sp_rout
     return e;
 }
 
-int sp_routes_set(const char *key, size_t klen, const sp_route_in_t *in)
+static int table_set(table_t *t, const char *key, size_t klen, const sp_route_in_t *in)
 {
     uint64_t h = hash_key(key, klen);
     sp_route_t *e = build(h, key, klen, in);
-    shard_t *s = shard_of(h);
+    shard_t *s = shard_of(t, h);
     pthread_mutex_lock(&s->mu);
-    e->version = atomic_fetch_add(&generation, 1) + 1;
+    e->version = atomic_fetch_add(&t->generation, 1) + 1;
     sp_route_t **pp = find_slot(s, h, key, klen);
     sp_route_t *old = *pp;
     int created = old == NULL;
     if (old) {
         e->next = old->next;
         if (old->ready)
-            atomic_fetch_sub(&ready_total, 1);
+            atomic_fetch_sub(&t->ready_total, 1);
     } else {
         s->count++;
-        atomic_fetch_add(&total, 1);
-        idx_insert(key, klen);
+        atomic_fetch_add(&t->total, 1);
+        if (t == &rt) /* the ordered index holds the route keys only */
+            idx_insert(key, klen);
     }
     *pp = e;
     if (e->ready)
-        atomic_fetch_add(&ready_total, 1);
+        atomic_fetch_add(&t->ready_total, 1);
     if (created && s->count > s->nbuckets)
         grow(s);
     pthread_mutex_unlock(&s->mu);
@@ -322,10 +311,15 @@ int sp_routes_set(const char *key, size_t klen, const sp_route_in_t *in)
     return created;
 }
 
-bool sp_routes_get(const char *key, size_t klen, sp_buf_t *out)
+int sp_routes_set(const char *key, size_t klen, const sp_route_in_t *in)
+{
+    return table_set(&rt, key, klen, in);
+}
+
+static bool table_get(table_t *t, const char *key, size_t klen, sp_buf_t *out)
 {
     uint64_t h = hash_key(key, klen);
-    shard_t *s = shard_of(h);
+    shard_t *s = shard_of(t, h);
     bool found = false;
     pthread_mutex_lock(&s->mu);
     sp_route_t *e = *find_slot(s, h, key, klen);
@@ -338,10 +332,15 @@ bool sp_routes_get(const char *key, size_t klen, sp_buf_t *out)
     return found;
 }
 
+bool sp_routes_get(const char *key, size_t klen, sp_buf_t *out)
+{
+    return table_get(&rt, key, klen, out);
+}
+
 uint64_t sp_routes_version_of(const char *key, size_t klen)
 {
     uint64_t h = hash_key(key, klen);
-    shard_t *s = shard_of(h);
+    shard_t *s = shard_of(&rt, h);
     pthread_mutex_lock(&s->mu);
     sp_route_t *e = *find_slot(s, h, key, klen);
     uint64_t v = e ? e->version : 0;
@@ -349,37 +348,65 @@ uint64_t sp_routes_version_of(const char *key, size_t klen)
     return v;
 }
 
-bool sp_routes_delete(const char *key, size_t klen)
+static bool table_delete(table_t *t, const char *key, size_t klen)
 {
     uint64_t h = hash_key(key, klen);
-    shard_t *s = shard_of(h);
+    shard_t *s = shard_of(t, h);
     pthread_mutex_lock(&s->mu);
     sp_route_t **pp = find_slot(s, h, key, klen);
     sp_route_t *e = *pp;
     if (e) {
         *pp = e->next;
         s->count--;
-        atomic_fetch_sub(&total, 1);
+        atomic_fetch_sub(&t->total, 1);
         if (e->ready)
-            atomic_fetch_sub(&ready_total, 1);
-        atomic_fetch_add(&generation, 1);
-        idx_remove(key, klen);
+            atomic_fetch_sub(&t->ready_total, 1);
+        atomic_fetch_add(&t->generation, 1);
+        if (t == &rt)
+            idx_remove(key, klen);
     }
     pthread_mutex_unlock(&s->mu);
     free(e);
     return e != NULL;
 }
 
-size_t sp_routes_count(void) { return atomic_load(&total); }
-size_t sp_routes_count_ready(void) { return atomic_load(&ready_total); }
-uint64_t sp_routes_generation(void) { return atomic_load(&generation); }
+bool sp_routes_delete(const char *key, size_t klen) { return table_delete(&rt, key, klen); }
+
+size_t sp_routes_count(void) { return atomic_load(&rt.total); }
+size_t sp_routes_count_ready(void) { return atomic_load(&rt.ready_total); }
+uint64_t sp_routes_generation(void) { return atomic_load(&rt.generation); }
+
+void sp_routes_index_set(const char *name, size_t nlen, const char *key, size_t klen)
+{
+    sp_route_in_t in;
+    memset(&in, 0, sizeof in);
+    in.s[SP_RF_NAME] = key;
+    in.n[SP_RF_NAME] = klen;
+    table_set(&ix, name, nlen, &in);
+}
+
+bool sp_routes_index_get(const char *name, size_t nlen, sp_buf_t *key)
+{
+    sp_buf_t tmp = {0};
+    bool found = table_get(&ix, name, nlen, &tmp);
+    if (found) {
+        const sp_route_t *e = (const sp_route_t *)tmp.p;
+        key->len = 0;
+        sp_buf_add(key, sp_route_field(e, SP_RF_NAME), e->len[SP_RF_NAME]);
+    }
+    sp_buf_free(&tmp);
+    return found;
+}
+
+bool sp_routes_index_delete(const char *name, size_t nlen) { return table_delete(&ix, name, nlen); }
+size_t sp_routes_index_count(void) { return atomic_load(&ix.total); }
 
 size_t sp_routes_snapshot(sp_buf_t *out)
 {
     size_t n = 0;
     out->len = 0;
     for (int i = 0; i < NSHARDS; i++) {
-        shard_t *s = &shards[i];
+        shard_t *s = &rt.shards[i];
         pthread_mutex_lock(&s->mu);
         for (size_t b = 0; b < s->nbuckets; b++)
             for (sp_route_t *e = s->buckets[b]; e; e = e->next) {
@@ -388,5 +415,34 @@ size_t sp_routes_snapshot(sp_buf_t *out)
             }
         pthread_mutex_unlock(&s->mu);
     }
+    return n;
+}
+
+size_t sp_routes_range(const char *prefix, size_t plen, const char *after, size_t alen,
+                       size_t max, sp_buf_t *keys, bool *more, size_t *work)
+{
+    size_t n = 0;
+    keys->len = 0;
+    *more = false;
+    pthread_mutex_lock(&idx_mu);
+    sl_node_t *x;
+    if (after && key_cmp(after, alen, prefix, plen) >= 0)
+        x = sl_seek(after, alen, true, NULL, work);
+    else
+        x = sl_seek(prefix, plen, false, NULL, work);
+    for (; x; x = x->next[0]) {
+        (*work)++;
+        if (x->klen < plen || memcmp(sl_key(x), prefix, plen) != 0)
+            break; /* past the prefix's range */
+        if (n == max) {
+            *more = true;
+            break;
+        }
+        uint32_t kl = x->klen;
+        sp_buf_add(keys, &kl, sizeof kl);
+        sp_buf_add(keys, sl_key(x), kl);
+        n++;
+    }
+    pthread_mutex_unlock(&idx_mu);
     return n;
 }

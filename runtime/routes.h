@@ -24,6 +24,8 @@ typedef enum {
     SP_RF_RESOURCE_VERSION,
     SP_RF_IDLE_TIMEOUT,
     SP_RF_LAST_ACTIVITY,
+    SP_RF_CLAIM,
+    SP_RF_ALIAS_OF,
     SP_RF_COUNT
 } sp_route_field_t;
 
@@ -79,5 +81,12 @@ size_t sp_routes_count_ready(void);
  * Returns how many keys. */
 size_t sp_routes_range(const char *prefix, size_t plen, const char *after, size_t alen,
                        size_t max, sp_buf_t *keys, bool *more, size_t *work);
+
+/* The name index: "namespace/name" -> route key, kept by whoever sets routes (discovery), so
+ * a sandbox (or a SandboxClaim's alias) can be found by namespace and name from any worker. */
+void sp_routes_index_set(const char *name, size_t nlen, const char *key, size_t klen);
+bool sp_routes_index_get(const char *name, size_t nlen, sp_buf_t *key);
+bool sp_routes_index_delete(const char *name, size_t nlen);
+size_t sp_routes_index_count(void);
 
 #endif

@@ -36,7 +36,8 @@
 --           admin_users = { ... }, leeway = 30 },
 --       -- the secret file's trailing whitespace (newline) is not part of the secret
 --   unowned_owner = nil,                 -- a user who may also reach unowned sandboxes
---   enabled = true|false                 -- default: on when keys_file or jwt is set
+--   tokenreview = { enabled = true, ... } -- Kubernetes ServiceAccount tokens (tokenreview.lua)
+--   enabled = true|false                 -- default: on when keys_file, jwt or tokenreview is set
 -- The runtime knob auth_required=true makes the proxy refuse to start without keys_file or jwt
 -- (the manifests in k8s/ set it). Without auth the proxy says so loudly at start-up.
 local core = require "sp.core"
@@ -47,6 +48,7 @@ local crypto = require "sp.crypto"
 local routes = require "sp.routes"
 local cjson = require "cjson.safe"
 local sandbox_path = require "sandbox_path"
+local tokenreview = require "tokenreview"
 
 local type = type
 local lower = string.lower
@@ -64,13 +66,14 @@ M.MIN_SECRET = 32
 local HEADER = cfg.header or "Authorization"
 local BEARER = lower(HEADER) == "authorization"
 local jwt_cfg = cfg.jwt
-local configured = cfg.keys_file ~= nil or jwt_cfg ~= nil
+-- (auth.tokenreview: Kubernetes ServiceAccount tokens, reviewed by the API server; tokenreview.lua)
+local configured = cfg.keys_file ~= nil or jwt_cfg ~= nil or tokenreview.enabled
 M.enabled = cfg.enabled ~= false and configured
 M.header = HEADER
 
 if settings.auth_required and not M.enabled then
-    error("authentication is required (auth_required) but neither auth.keys_file nor auth.jwt "
-        .. "is configured (or auth.enabled is false)", 0)
+    error("authentication is required (auth_required) but none of auth.keys_file, auth.jwt, "
+        .. "auth.tokenreview is configured (or auth.enabled is false)", 0)
 end
 
 local UNOWNED_OWNER = cfg.unowned_owner
@@ -281,6 +284,7 @@ function M.start()
     if not M.enabled or M.watches then
         return
     end
+    tokenreview.start()
     M.watches = {}
     if cfg.keys_file then
         M.watches[#M.watches + 1] = fs.watch(cfg.keys_file, M.reload_keys)
@@ -406,7 +410,12 @@ function M.identify(req)
         if jid then
             return jid
         end
-        return nil, "invalid token: " .. why
+        if not tokenreview.enabled then
+            return nil, "invalid token: " .. why
+        end
+    end
+    if tokenreview.enabled then
+        return tokenreview.identify(cred) -- identity | nil, why, 401 or 503 (no review possible)
     end
     return nil, "invalid credentials"
 end
@@ -416,9 +425,15 @@ function M.authenticate(req)
     if not M.enabled then
         return true
     end
-    local id, why = M.identify(req)
+    local id, why, code = M.identify(req)
     if not id then
         req.ctx.auth_error = why
+        if code == 503 then
+            req:respond(503, { error = "authentication unavailable",
+                detail = req:header("x-sandbox-id") and "authentication unavailable" or nil },
+                { ["Retry-After"] = "2" })
+            return false
+        end
         -- an agent-sandbox SDK request (X-Sandbox-ID) also gets that router's "detail"
         req:respond(401, { error = why, detail = req:header("x-sandbox-id") and why or nil },
             UNAUTHORIZED)

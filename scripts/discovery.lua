@@ -5,9 +5,13 @@
 -- Both feed the same mapping, so a file of real objects behaves like the cluster.
 --
 -- Mapping (../shared/KUBERNETES.md):
---   key      = "{metadata.labels.user or 'default'}/{metadata.name}"
---   user     = the user label; none for a sandbox without one (unowned: auth.lua lets only
---              admins, or auth.unowned_owner, reach it; its path keeps the default_user segment)
+--   key      = "{owner or 'default'}/{metadata.name}"
+--   user     = the owner: metadata.labels[user_label] ("user"), else
+--              spec.podTemplate.metadata.labels[owner_label] ("sandbox.users.io/user": where the
+--              claim controller puts a SandboxClaim's spec.additionalPodMetadata.labels), else,
+--              for a Sandbox bound to a SandboxClaim, the claim's metadata.labels[owner_label];
+--              none when all are absent (unowned: auth.lua lets only admins, or
+--              auth.unowned_owner, reach it; its path keeps the default_user segment)
 --   ready    = the Ready condition's status == "True"; reason = that condition's reason
 --   address  = status.podIPs[1] when ready, else status.serviceFQDN when non-empty, else none
 --              (a podIPs entry that is not an IP address is refused: no address, the reason
@@ -18,9 +22,21 @@
 -- Two sandboxes with the same key in different namespaces: the oldest (creationTimestamp, then
 -- namespace name) wins; the others are listed in the winner's `conflict` field and logged.
 --
--- Config (section `discovery`): port (8888), user_label ("user"), default_user ("default"),
--- poll_interval (file source stat poll, 2 s), state_interval (how often the watch state is
--- published for /health, 1 s).
+-- SandboxClaims (extensions.agents.x-k8s.io/v1beta1), watched alongside the Sandboxes when
+-- the cluster serves them: a claim bound to a Sandbox (the claim's status.sandbox.name, else
+-- its annotation agents.x-k8s.io/sandbox-name, naming a Sandbox whose controller
+-- ownerReference is that claim: both must agree, so a claim cannot alias another's sandbox)
+-- gives the Sandbox's route `claim` = the claim name, and, when the names differ (a warm-pool
+-- sandbox keeps its <pool>-xxxxx name), an alias route "{owner}/{claim}" with the same
+-- address (`alias_of` = the sandbox's key). A direct sandbox name always wins over an alias.
+-- The name index (sp.routes.index_*; M.lookup) maps "namespace/name" -> route key for both.
+-- No claim CRD (404), v1beta1 not served, claims = false, or a 403 on listing them: Sandboxes
+-- only, said once in the log.
+--
+-- Config (section `discovery`): port (8888), user_label ("user"), owner_label
+-- ("sandbox.users.io/user"), default_user ("default"), claims ("auto": when served; false:
+-- never; true: without asking discovery), poll_interval (file source stat poll, 2 s),
+-- state_interval (how often the watch state is published for /health, 1 s).
 -- Runs on worker 0 only; routes are shared by all workers.
 local routes = require "sp.routes"
 local shared = require "sp.shared"
@@ -44,6 +60,9 @@ local sort = table.sort
 local cfg = config.discovery or {}
 local DEFAULT_PORT = tonumber(cfg.port) or 8888
 local USER_LABEL = cfg.user_label or "user"
+local OWNER_LABEL = cfg.owner_label or "sandbox.users.io/user"
+local CLAIMS = cfg.claims == nil and "auto" or cfg.claims
+local ASSIGNED_ANNOTATION = "agents.x-k8s.io/sandbox-name"
 local DEFAULT_USER = cfg.default_user or "default"
 local PORT_ANNOTATION = "sandbox-proxy.dev/port"
 local IDLE_ANNOTATION = "sandbox-proxy.dev/idle-timeout"
@@ -119,9 +138,27 @@ function M.to_route(obj)
         or "default"
     local labels = type(meta.labels) == "table" and meta.labels or {}
     local user = labels[USER_LABEL]
+    if type(user) ~= "string" or user == "" then
+        local spec = type(obj.spec) == "table" and obj.spec
+        local pt = spec and type(spec.podTemplate) == "table" and spec.podTemplate
+        local ptm = pt and type(pt.metadata) == "table" and pt.metadata
+        local pl = ptm and type(ptm.labels) == "table" and ptm.labels
+        user = pl and pl[OWNER_LABEL]
+    end
     local owner = user
     if type(user) ~= "string" or user == "" then
         user, owner = DEFAULT_USER, nil
+    end
+    -- the SandboxClaim that controls it (its controller ownerReference)
+    local claim_ref_name, claim_ref_uid
+    if type(meta.ownerReferences) == "table" then
+        for _, o in ipairs(meta.ownerReferences) do
+            if type(o) == "table" and o.kind == "SandboxClaim" and o.controller == true
+                and type(o.name) == "string" then
+                claim_ref_name = o.name
+                claim_ref_uid = type(o.uid) == "string" and o.uid or nil
+            end
+        end
     end
     local status = type(obj.status) == "table" and obj.status or {}
     local cond = ready_condition(status)
@@ -163,6 +200,8 @@ function M.to_route(obj)
         idle_timeout = idle and tostring(idle) or nil,
         last_activity = activity,
         refused = refused, -- why the address was refused (logged by upsert; not stored)
+        claim_ref_name = claim_ref_name,
+        claim_ref_uid = claim_ref_uid,
     }
 end
 
@@ -221,7 +260,8 @@ local function serve(id, r)
     r.conflict = conflict_text(key, r.namespace)
     r.meta = "discovery" -- routes this script owns (others' routes are left alone)
     routes.set(key, r)
-    M.idle_keys[key] = r.idle_timeout and true or nil
+    -- an alias shares its sandbox's idle clock (wake.activity records it under alias_of)
+    M.idle_keys[key] = r.idle_timeout and not r.alias_of and true or nil
     if M.on_route_change then
         M.on_route_change(key)
     end
@@ -315,6 +355,114 @@ local function id_of(obj)
     return ns .. "/" .. meta.name
 end
 
+-- ------------------------------------------------------------------ SandboxClaims
+--   claims[cid]     = { name, namespace, uid, bound (sandbox name), user }   (cid = ns/claim)
+--   sbx[id]         = the base route (to_route) of a Sandbox controlled by a claim
+--   alias_keys[cid] = the key of the claim's alias route, when it has one
+--   indexed[name]   = true for every name index entry this script set
+
+local claims = {}
+local sbx = {}
+local alias_keys = {}
+local indexed = {}
+
+local function copy(t)
+    local c = {}
+    for k, v in pairs(t) do
+        c[k] = v
+    end
+    return c
+end
+
+-- The claim bound to the Sandbox of base route r: its controller ownerReference names the
+-- claim, and the claim's status (or annotation) names the Sandbox; else nil.
+local function linked_claim(r)
+    if not r.claim_ref_name then
+        return nil
+    end
+    local c = claims[r.namespace .. "/" .. r.claim_ref_name]
+    if c and c.bound == r.name and (c.uid == nil or r.claim_ref_uid == nil
+        or c.uid == r.claim_ref_uid) then
+        return c
+    end
+    return nil
+end
+
+-- Sets the name index entry of "ns/name": a Sandbox of that name, else a claim of that name
+-- bound to a Sandbox (its alias, or the Sandbox's own key when the names are equal).
+local function reindex(ns, name)
+    local id = ns .. "/" .. name
+    local key = objects[id]
+    if not key then
+        local c = claims[id]
+        local b = c and c.bound and sbx[ns .. "/" .. c.bound]
+        if b and linked_claim(b) == c then
+            key = alias_keys[id] or objects[ns .. "/" .. c.bound]
+        end
+    end
+    if key then
+        routes.index_set(id, key)
+        indexed[id] = true
+    elseif indexed[id] then
+        routes.index_delete(id)
+        indexed[id] = nil
+    end
+end
+
+local function unset_alias(cid)
+    local akey = alias_keys[cid]
+    if akey then
+        alias_keys[cid] = nil
+        release("claim:" .. cid, akey)
+    end
+end
+
+-- The alias route of claim c, whose Sandbox's route is r.
+local function set_alias(c, r)
+    local cid = c.namespace .. "/" .. c.name
+    local akey = c.name ~= r.name and ((r.user or DEFAULT_USER) .. "/" .. c.name) or nil
+    if alias_keys[cid] and alias_keys[cid] ~= akey then
+        unset_alias(cid)
+    end
+    if akey then
+        alias_keys[cid] = akey
+        local a = copy(r)
+        a.key = akey
+        a.alias_of = r.key
+        a.claim = c.name
+        a.created = "~~" .. r.created -- a direct sandbox name always ranks first
+        claim("claim:" .. cid, a)
+    end
+end
+
+-- Publishes the route of Sandbox id from its base route (refined by its claim, if bound).
+local function place(id, base)
+    local r = base
+    local c = linked_claim(base)
+    if c then
+        r = copy(base)
+        r.claim = c.name
+        if not r.user and c.user then
+            r.user = c.user
+            r.key = c.user .. "/" .. r.name
+        end
+    end
+    local old_key = objects[id]
+    if old_key == nil then
+        nobjects = nobjects + 1
+    elseif old_key ~= r.key then
+        -- the owner changed: the old key loses this claim
+        release(id, old_key)
+    end
+    objects[id] = r.key
+    claim(id, r)
+    if c then
+        set_alias(c, r)
+        reindex(c.namespace, c.name)
+    end
+    reindex(r.namespace, r.name)
+end
+
 -- Adds or updates one object (ADDED / MODIFIED). Returns true, or nil and a reason.
 function M.upsert(obj)
     local r, err = M.to_route(obj)
@@ -325,15 +473,18 @@ function M.upsert(obj)
     if r.refused then
         log.warn("sandbox address refused", { sandbox = id, path = r.key, reason = r.refused })
     end
-    local old_key = objects[id]
-    if old_key == nil then
-        nobjects = nobjects + 1
-    elseif old_key ~= r.key then
-        -- the user label changed: the old key loses this claim
-        release(id, old_key)
+    local prev = sbx[id]
+    sbx[id] = r.claim_ref_name and r or nil
+    if prev and prev.claim_ref_name and prev.claim_ref_name ~= r.claim_ref_name then
+        -- no longer controlled by that claim
+        local cid = prev.namespace .. "/" .. prev.claim_ref_name
+        unset_alias(cid)
+        reindex(prev.namespace, prev.claim_ref_name)
+    elseif prev and r.claim_ref_name and not linked_claim(r) then
+        unset_alias(r.namespace .. "/" .. r.claim_ref_name)
+        reindex(r.namespace, r.claim_ref_name)
     end
-    objects[id] = r.key
-    claim(id, r)
+    place(id, r)
     return true
 end
 
@@ -351,7 +502,104 @@ function M.remove(obj)
     objects[id] = nil
     nobjects = nobjects - 1
     release(id, key)
+    local base = sbx[id]
+    sbx[id] = nil
+    if base and base.claim_ref_name then
+        unset_alias(base.namespace .. "/" .. base.claim_ref_name)
+        reindex(base.namespace, base.claim_ref_name)
+    end
+    local ns, name = id:match("^(.-)/(.*)$")
+    reindex(ns, name)
     return true
+end
+
+-- Reads a SandboxClaim: { name, namespace, uid, bound, user } or nil, err.
+function M.to_claim(obj)
+    local meta = type(obj) == "table" and obj.metadata
+    if type(meta) ~= "table" or type(meta.name) ~= "string" or meta.name == "" then
+        return nil, "metadata.name is missing"
+    end
+    local ns = type(meta.namespace) == "string" and meta.namespace ~= "" and meta.namespace
+        or "default"
+    local status = type(obj.status) == "table" and obj.status or {}
+    local sb = type(status.sandbox) == "table" and status.sandbox or {}
+    local bound = type(sb.name) == "string" and sb.name ~= "" and sb.name or nil
+    if not bound then
+        local ann = type(meta.annotations) == "table" and meta.annotations or {}
+        local a = ann[ASSIGNED_ANNOTATION]
+        bound = type(a) == "string" and a ~= "" and a or nil
+    end
+    local labels = type(meta.labels) == "table" and meta.labels or {}
+    local user = labels[OWNER_LABEL]
+    return { name = meta.name, namespace = ns, uid = type(meta.uid) == "string" and meta.uid or nil,
+        bound = bound, user = type(user) == "string" and user ~= "" and user or nil }
+end
+
+-- Re-places the Sandbox of namespace ns named name, if it is controlled by a claim.
+local function replace_sandbox(ns, name)
+    local sid = name and ns .. "/" .. name
+    if sid and sbx[sid] then
+        place(sid, sbx[sid])
+    end
+end
+
+-- A SandboxClaim was added or changed. Returns true or nil, err.
+function M.claim_upsert(obj)
+    local c, err = M.to_claim(obj)
+    if not c then
+        return nil, err
+    end
+    local cid = c.namespace .. "/" .. c.name
+    local old = claims[cid]
+    claims[cid] = c
+    if old and old.bound ~= c.bound then
+        replace_sandbox(c.namespace, old.bound)
+    end
+    local b = c.bound and sbx[c.namespace .. "/" .. c.bound]
+    if b and linked_claim(b) == c then
+        place(c.namespace .. "/" .. c.bound, b)
+    else
+        unset_alias(cid)
+    end
+    reindex(c.namespace, c.name)
+    return true
+end
+
+-- A SandboxClaim was deleted.
+function M.claim_remove(obj)
+    local c = M.to_claim(obj)
+    if not c then
+        return nil, "metadata.name is missing"
+    end
+    local cid = c.namespace .. "/" .. c.name
+    local old = claims[cid]
+    claims[cid] = nil
+    unset_alias(cid)
+    if old then
+        replace_sandbox(c.namespace, old.bound)
+    end
+    reindex(c.namespace, c.name)
+    return true
+end
+
+function M.claim_count()
+    local n = 0
+    for _ in pairs(claims) do
+        n = n + 1
+    end
+    return n
+end
+
+-- The route a name stands for in a namespace, from any worker: a Sandbox of that name, else
+-- a SandboxClaim of that name bound to a Sandbox (for header routing: X-Sandbox-ID and
+-- X-Sandbox-Namespace). nil when unknown, or when the name's key is served by a sandbox of
+-- another namespace (a key conflict).
+function M.lookup(namespace, name)
+    local r = routes.lookup(namespace, name)
+    if r and r.namespace == namespace then
+        return r
+    end
+    return nil
 end
 
 -- Replaces the whole set (a full list): what is absent is deleted. Returns the number of
@@ -433,6 +681,13 @@ function M.reset()
     for key in pairs(owner) do
         routes.delete(key)
     end
+    for name in pairs(indexed) do
+        routes.index_delete(name)
+    end
+    indexed = {}
+    claims = {}
+    sbx = {}
+    alias_keys = {}
     objects = {}
     owner = {}
     owner_created = {}
@@ -649,14 +904,108 @@ local function discover_version()
     return version
 end
 
+local CLAIM_GROUP = "extensions.agents.x-k8s.io"
+local CLAIM_VERSION = "v1beta1"
+
+-- The claims watch: "off" (claims = false), "asking" (discovery; readiness waits for its first
+-- answer), "retrying" (discovery failed: readiness no longer waits), "not served", "watching"
+-- (readiness waits for the first list), "forbidden" (403: Sandboxes only until a restart).
+M.claims_state = "off"
+
+-- Does the cluster serve SandboxClaims v1beta1? Retries transport errors and 5xx with backoff;
+-- a 404 or a group without v1beta1 means no. Returns true, or false and why.
+local function discover_claims()
+    local attempt = 0
+    while true do
+        local status, body, headers = k8s.request{ path = "/apis/" .. CLAIM_GROUP, retries = 0 }
+        if status == 200 then
+            local doc = cjson.decode(body)
+            if type(doc) == "table" and type(doc.versions) == "table" then
+                for _, v in ipairs(doc.versions) do
+                    if type(v) == "table" and v.version == CLAIM_VERSION then
+                        return true
+                    end
+                end
+            end
+            return false, CLAIM_GROUP .. " does not serve " .. CLAIM_VERSION
+        elseif status == 404 then
+            return false, CLAIM_GROUP .. " is not served (the SandboxClaim CRD is not installed)"
+        end
+        local delay = k8s.backoff(attempt, headers and headers.retry_after, status == 403)
+        attempt = attempt + 1
+        -- readiness no longer waits for claims: Sandboxes are routed meanwhile
+        M.claims_state = "retrying"
+        log.warn("cannot discover the SandboxClaim API: routing Sandboxes by their own names "
+            .. "until it answers", { status = status,
+            error = status and ("discovery answered " .. status) or body, retry_in = delay })
+        timer.sleep(delay)
+    end
+end
+
+local function watch_claims(settings)
+    M.claims_state = "watching"
+    log.info("watching SandboxClaims", { group = CLAIM_GROUP, version = CLAIM_VERSION,
+        namespace = settings.kube_namespace or "(all)", owner_label = OWNER_LABEL })
+    M.claim_watch = k8s.watch{
+        group = CLAIM_GROUP,
+        version = CLAIM_VERSION,
+        resource = "sandboxclaims",
+        namespace = settings.kube_namespace,
+        on_event = function(kind, obj)
+            if kind == "DELETED" then
+                M.claim_remove(obj)
+            else
+                local done, why = M.claim_upsert(obj)
+                if not done then
+                    log.warn("sandbox claim skipped", { problem = why })
+                end
+            end
+        end,
+        on_synced = function(info)
+            log.info("sandbox claims synced", { claims = M.claim_count(),
+                resource_version = info.resource_version, relist = info.relist })
+            M.publish_watch_state()
+        end,
+        on_error = function(e)
+            if e.status == 403 and M.claims_state == "watching" then
+                -- no RBAC for claims: route Sandboxes only rather than never becoming ready
+                M.claims_state = "forbidden"
+                log.error("cannot watch SandboxClaims: forbidden; routing Sandboxes only (grant "
+                    .. "get, list, watch on sandboxclaims: k8s/rbac-claims.yaml)",
+                    { message = e.message })
+                local w = M.claim_watch
+                M.claim_watch = nil
+                timer.after(0, function() w:stop() end)
+            end
+            M.publish_watch_state()
+        end,
+    }
+end
+
 local function publish_watch_state()
     local w = M.watch
     if not w then
         return
     end
     local st = w:state()
+    local synced = st.synced
+    local claims_doc = { state = M.claims_state }
+    local cw = M.claim_watch
+    if cw then
+        local cs = cw:state()
+        claims_doc.synced = cs.synced
+        claims_doc.watching = cs.watching
+        claims_doc.resource_version = cs.resource_version
+        claims_doc.objects = cs.objects
+        claims_doc.errors = cs.errors
+        claims_doc.last_error = cs.last_error or cjson.null
+        -- routes of claimed sandboxes depend on their claims: ready once both are listed
+        synced = synced and cs.synced
+    elseif M.claims_state == "asking" then
+        synced = false
+    end
     local changes = {
-        synced = st.synced,
+        synced = synced,
         watching = st.watching,
         phase = st.phase,
         resource_version = st.resource_version,
@@ -666,6 +1015,7 @@ local function publish_watch_state()
         events = st.events,
         bookmarks = st.bookmarks,
         objects = st.objects,
+        claims = claims_doc,
         last_error = st.last_error or cjson.null,
         last_event_at = st.seconds_since_event and (core.now() - st.seconds_since_event) or cjson.null,
         last_sync_at = st.seconds_since_sync and (core.now() - st.seconds_since_sync) or cjson.null,
@@ -694,6 +1044,13 @@ function M.start_kubernetes(settings)
     timer.after(0, function()
         local version = settings.kube_api_version or discover_version()
         publish_state({ api_version = GROUP .. "/" .. version })
+        if version == "v1alpha1" then
+            log.warn("using agents.x-k8s.io/v1alpha1: a legacy fallback for clusters older than "
+                .. "agent-sandbox v1.0 (v1.0 serves only v1beta1)", { api_version = version })
+        end
+        if CLAIMS ~= false then
+            M.claims_state = "asking"
+        end
         M.watch = k8s.watch{
             group = GROUP,
             version = version,
@@ -720,6 +1077,22 @@ function M.start_kubernetes(settings)
             end,
         }
         timer.every(cfg.state_interval or 1, publish_watch_state)
+        -- claims after the Sandbox watch started: a slow or failing claim discovery never
+        -- delays the Sandboxes' list
+        if CLAIMS ~= false then
+            local served, why = true, nil
+            if CLAIMS ~= true then
+                served, why = discover_claims()
+            end
+            if served then
+                watch_claims(settings)
+            else
+                M.claims_state = "not served"
+                log.info("SandboxClaims are not served: routing Sandboxes by their own names",
+                    { group = CLAIM_GROUP, reason = why })
+            end
+            publish_watch_state()
+        end
     end)
     return true
 end

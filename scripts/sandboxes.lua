@@ -1,8 +1,12 @@
 -- sandboxes.lua: GET /sandboxes lists the routes, sorted by path, one page at a time:
 --   {"count":N,"sandboxes":[{"path":"alice/my-sandbox","namespace":..,"name":..,"user":..,
---     "service":..,"address":..,"port":..,"ready":true,"reason":..,"conflict":..}, ...],
+--     "service":..,"address":..,"port":..,"ready":true,"reason":..,"conflict":..,
+--     "claim":..,"alias_of":..}, ...],
 --    "metadata":{"continue":"<token>"}}
--- "user" is null for an unowned sandbox (no user label, see auth.lua).
+-- "user" is null for an unowned sandbox (no user label, see auth.lua); "claim" names the
+-- SandboxClaim bound to the sandbox (null: none); a claim whose name differs from its sandbox's
+-- also has its own entry, path "{user}/{claim}", with "alias_of" the path of the sandbox's
+-- entry (discovery.lua).
 -- count is the number of sandboxes on this page; metadata.continue is there when more follow:
 -- GET /sandboxes?continue=<token> (with the same limit, or another) gives the next page.
 -- Query: limit (1..max_limit; larger is capped; default default_limit), continue (a token from
@@ -56,6 +60,8 @@ local function entry(r)
         reason = r.reason,
         mode = r.mode,
         conflict = r.conflict,
+        claim = r.claim or cjson.null, -- the SandboxClaim bound to it (null: none)
+        alias_of = r.alias_of, -- on a claim's alias: the path of the sandbox's own route
     }
 end
 M.entry = entry

@@ -310,7 +310,7 @@ function M.activity(req, r)
     if not IDLE or not r.idle_timeout then
         return
     end
-    local key = r.key
+    local key = r.alias_of or r.key -- a claim's alias shares its sandbox's idle clock
     local now = core.now()
     dict:set("act:" .. key, now)
     req:hold(DICT, "inflight:" .. key, 1e9)

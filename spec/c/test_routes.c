@@ -546,11 +546,38 @@ static void test_routes_range(void)
     sp_routes_destroy();
 }
 
+static void test_routes_index(void)
+{
+    sp_routes_init();
+    sp_buf_t key = {0};
+    CHECK(!sp_routes_index_get("ns/claim", 8, &key));
+    sp_routes_index_set("ns/claim", 8, "alice/claim", 11);
+    sp_routes_index_set("ns/pool-x", 8, "alice/pool-x", 12);
+    CHECK(sp_routes_index_get("ns/claim", 8, &key));
+    CHECK_MEM(key.p, key.len, "alice/claim");
+    CHECK_INT(sp_routes_index_count(), 2);
+    CHECK_INT(sp_routes_count(), 0);
+    sp_buf_t snap = {0};
+    CHECK_INT(sp_routes_snapshot(&snap), 0);
+    sp_buf_free(&snap);
+    sp_routes_index_set("ns/claim", 8, "bob/claim", 9);
+    CHECK(sp_routes_index_get("ns/claim", 8, &key));
+    CHECK_MEM(key.p, key.len, "bob/claim");
+    CHECK_INT(sp_routes_index_count(), 2);
+    CHECK(sp_routes_index_delete("ns/claim", 8));
+    CHECK(!sp_routes_index_delete("ns/claim", 8));
+    CHECK(!sp_routes_index_get("ns/claim", 8, &key));
+    CHECK_INT(sp_routes_index_count(), 1);
+    sp_buf_free(&key);
+    sp_routes_destroy();
+}
+
 void suite_routes(void)
 {
     RUN(test_routes_set_get);
     RUN(test_routes_versions);
     RUN(test_routes_counts);
+    RUN(test_routes_index);
     RUN(test_routes_snapshot);
     RUN(test_routes_range);
     RUN(test_routes_concurrent);

@@ -19,7 +19,8 @@ local Api = {}
 Api.__index = Api
 
 -- opts: versions, token_file, tls_cert, tls_key, bookmark_interval (default 1), history,
--- seed_file, rv_step_max, start_rv, listen_port (a fixed API port: restart on the same port)
+-- seed_file, rv_step_max, start_rv, listen_port (a fixed API port: restart on the same port),
+-- no_claims (a cluster without the SandboxClaim CRD)
 function M.start(opts)
     opts = opts or {}
     local dir = H.tmpdir()
@@ -50,6 +51,9 @@ function M.start(opts)
     if opts.start_rv then
         cmd[#cmd + 1] = "--start-rv"
         cmd[#cmd + 1] = tostring(opts.start_rv)
+    end
+    if opts.no_claims then
+        cmd[#cmd + 1] = "--no-claims"
     end
     if opts.rv_step_max then
         cmd[#cmd + 1] = "--rv-step-max"
@@ -140,6 +144,59 @@ end
 
 function Api:wake_config(c)
     return self:call("POST", "/wake-config", c)
+end
+
+-- SandboxClaims and warm pools (the stand-in's claim controller binds them; README-kube.md).
+function Api:claim_config(c)
+    return self:call("POST", "/claim-config", c)
+end
+
+-- A warm pool: { name, namespace, replicas, ready } -> { members = { names } }
+function Api:pool(p)
+    return self:call("POST", "/warmpools", p)
+end
+
+-- Creates or replaces a SandboxClaim as given (the controller reconciles it).
+function Api:put_claim(obj)
+    return self:call("POST", "/claims", obj)
+end
+
+function Api:get_claim(ns, name)
+    return self:call("GET", "/claims/" .. ns .. "/" .. name)
+end
+
+function Api:delete_claim(ns, name)
+    return self:call("DELETE", "/claims/" .. ns .. "/" .. name)
+end
+
+-- A SandboxClaim object. opts: namespace, pool ("pool"), labels, pod_labels
+-- (spec.additionalPodMetadata.labels)
+function M.claim(name, opts)
+    opts = opts or {}
+    local spec = { warmPoolRef = { name = opts.pool or "pool" } }
+    if opts.pod_labels then
+        spec.additionalPodMetadata = { labels = opts.pod_labels }
+    end
+    return { apiVersion = "extensions.agents.x-k8s.io/v1beta1", kind = "SandboxClaim",
+        metadata = { name = name, namespace = opts.namespace or "default", labels = opts.labels },
+        spec = spec }
+end
+
+-- Tokens TokenReview knows: { token, username, groups, extra, audiences }
+function Api:add_token(t)
+    return self:call("POST", "/tokens", t)
+end
+
+function Api:revoke_token(token)
+    return self:call("POST", "/tokens/revoke", { token = token })
+end
+
+-- RBAC denials: { "create tokenreviews", "list sandboxclaims", ... }; {} clears
+function Api:deny(rules)
+    if #rules == 0 then
+        return self:call("DELETE", "/rbac")
+    end
+    return self:call("POST", "/rbac", { deny = rules })
 end
 
 -- The request log entries (from /stats) whose kind matches (list, watch, patch, ...).

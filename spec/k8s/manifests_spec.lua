@@ -69,6 +69,30 @@ describe("k8s manifests", function()
         assert.are.equal(sa.metadata.namespace, binding.subjects[1].namespace)
     end)
 
+    -- the optional roles: each grants exactly its feature's verbs to the proxy's account
+    for _, m in ipairs{
+        { file = "k8s/rbac-claims.yaml", group = "extensions.agents.x-k8s.io",
+            resource = "sandboxclaims", verbs = { "get", "list", "watch" } },
+        { file = "k8s/rbac-tokenreview.yaml", group = "authentication.k8s.io",
+            resource = "tokenreviews", verbs = { "create" } },
+    } do
+        it(m.file .. " grants " .. table.concat(m.verbs, ", ") .. " on " .. m.resource
+            .. " and nothing else", function()
+            local docs = load_docs(m.file)
+            local role = find(docs, "ClusterRole")
+            assert.are.equal(1, #role.rules)
+            assert.are.same({ m.group }, role.rules[1].apiGroups)
+            assert.are.same({ m.resource }, role.rules[1].resources)
+            table.sort(role.rules[1].verbs)
+            assert.are.same(m.verbs, role.rules[1].verbs)
+            local binding = find(docs, "ClusterRoleBinding")
+            assert.are.equal(role.metadata.name, binding.roleRef.name)
+            local sa = find(rbac, "ServiceAccount")
+            assert.are.equal(sa.metadata.name, binding.subjects[1].name)
+            assert.are.equal(sa.metadata.namespace, binding.subjects[1].namespace)
+        end)
+    end
+
     it("run two hardened replicas that the sandbox NetworkPolicy admits", function()
         local d = find(dep, "Deployment")
         assert.are.equal("agent-sandbox-system", d.metadata.namespace)

@@ -864,3 +864,128 @@ describe("discovery.check", function()
             "sandboxes file item 3: not an object" }, discovery.check())
     end)
 end)
+
+-- SandboxClaims: the claim controller's objects (../shared/KUBERNETES.md, "agent-sandbox v1.0")
+describe("discovery SandboxClaims", function()
+    before_each(reset)
+
+    -- A Sandbox the claim controller made or adopted: controller ownerReference to the claim,
+    -- claim identity labels, the claim's additionalPodMetadata labels in the pod template.
+    local function claimed(name, claim_name, claim_uid, opts)
+        opts = opts or {}
+        local sb = testkit.sandbox(nil, name, { namespace = opts.namespace, ip = opts.ip })
+        sb.metadata.labels = { ["agents.x-k8s.io/claim-uid"] = claim_uid,
+            ["agents.x-k8s.io/launch-type"] = opts.launch or "warm" }
+        sb.metadata.ownerReferences = { { apiVersion = "extensions.agents.x-k8s.io/v1beta1",
+            kind = "SandboxClaim", name = claim_name, uid = claim_uid, controller = true,
+            blockOwnerDeletion = true } }
+        sb.spec.podTemplate = { metadata = { labels = opts.pod_labels or { app = "python" } } }
+        return sb
+    end
+
+    local function claim(name, uid, bound, opts)
+        opts = opts or {}
+        return { apiVersion = "extensions.agents.x-k8s.io/v1beta1", kind = "SandboxClaim",
+            metadata = { name = name, namespace = opts.namespace or "default", uid = uid,
+                labels = opts.labels, annotations = opts.annotations },
+            spec = { warmPoolRef = { name = "pool" } },
+            status = bound and { sandbox = { name = bound, podIPs = { "10.0.0.1" } } } or nil }
+    end
+
+    it("routes a warm-pool sandbox by its own name and by its claim's name (an alias)", function()
+        assert(discovery.upsert(claimed("pool-x2k4d", "my-claim", "u-1",
+            { pod_labels = { ["sandbox.users.io/user"] = "alice" } })))
+        assert(discovery.claim_upsert(claim("my-claim", "u-1", "pool-x2k4d")))
+        assert.are.same({ "alice/my-claim", "alice/pool-x2k4d" }, keys())
+        local direct = routes.get("alice/pool-x2k4d")
+        assert.are.equal("my-claim", direct.claim)
+        assert.is_nil(direct.alias_of)
+        local alias = routes.get("alice/my-claim")
+        assert.are.equal("pool-x2k4d", alias.name)
+        assert.are.equal("alice/pool-x2k4d", alias.alias_of)
+        assert.are.equal("10.0.0.1", alias.address)
+        assert.are.equal("alice", alias.user)
+        -- the name index finds both names in their namespace, from any worker
+        assert.are.equal("alice/my-claim", discovery.lookup("default", "my-claim").key)
+        assert.are.equal("alice/pool-x2k4d", discovery.lookup("default", "pool-x2k4d").key)
+        assert.is_nil(discovery.lookup("other", "my-claim"))
+        assert.is_nil(discovery.lookup("default", "nope"))
+    end)
+
+    it("takes the owner from the claim's labels when the sandbox carries none", function()
+        assert(discovery.claim_upsert(claim("c", "u-2", "pool-aaaaa",
+            { labels = { ["sandbox.users.io/user"] = "bob" } })))
+        assert(discovery.upsert(claimed("pool-aaaaa", "c", "u-2")))
+        assert.are.same({ "bob/c", "bob/pool-aaaaa" }, keys())
+        -- the claim goes away: the sandbox is unowned again, the alias gone
+        assert(discovery.claim_remove(claim("c", "u-2")))
+        assert.are.same({ "default/pool-aaaaa" }, keys())
+        assert.is_nil(routes.get("default/pool-aaaaa").user)
+        assert.is_nil(routes.get("default/pool-aaaaa").claim)
+        assert.is_nil(discovery.lookup("default", "c"))
+    end)
+
+    it("a cold claim's sandbox has the claim's name: one route, no alias", function()
+        assert(discovery.upsert(claimed("cold", "cold", "u-3", { launch = "cold",
+            pod_labels = { ["sandbox.users.io/user"] = "carol" } })))
+        assert(discovery.claim_upsert(claim("cold", "u-3", "cold")))
+        assert.are.same({ "carol/cold" }, keys())
+        assert.are.equal("cold", routes.get("carol/cold").claim)
+        assert.are.equal("carol/cold", discovery.lookup("default", "cold").key)
+    end)
+
+    it("never aliases a sandbox its controller reference does not give to the claim", function()
+        -- a claim annotated with someone else's sandbox: the annotation alone proves nothing
+        assert(discovery.upsert(testkit.sandbox("victim", "their-sandbox")))
+        assert(discovery.claim_upsert(claim("mine", "u-4", nil, {
+            labels = { ["sandbox.users.io/user"] = "mallory" },
+            annotations = { ["agents.x-k8s.io/sandbox-name"] = "their-sandbox" } })))
+        assert.are.same({ "victim/their-sandbox" }, keys())
+        assert.is_nil(routes.get("victim/their-sandbox").claim)
+        -- a claim of the same name but another uid (deleted and re-created) does not bind either
+        assert(discovery.upsert(claimed("pool-bbbbb", "c2", "old-uid",
+            { pod_labels = { ["sandbox.users.io/user"] = "dan" } })))
+        assert(discovery.claim_upsert(claim("c2", "new-uid", "pool-bbbbb")))
+        assert.is_nil(routes.get("dan/c2"))
+        assert.is_nil(routes.get("dan/pool-bbbbb").claim)
+    end)
+
+    it("a direct sandbox name wins over a claim's alias of the same key", function()
+        assert(discovery.upsert(testkit.sandbox("erin", "shared", { ip = "10.9.9.9" })))
+        assert(discovery.upsert(claimed("pool-ccccc", "shared", "u-5",
+            { pod_labels = { ["sandbox.users.io/user"] = "erin" } })))
+        assert(discovery.claim_upsert(claim("shared", "u-5", "pool-ccccc")))
+        assert.are.equal("10.9.9.9", routes.get("erin/shared").address)
+        assert.is_nil(routes.get("erin/shared").alias_of)
+        -- the sandbox named "shared" goes: the alias takes the key over
+        assert(discovery.remove(testkit.sandbox("erin", "shared")))
+        assert.are.equal("erin/pool-ccccc", routes.get("erin/shared").alias_of)
+        assert.are.equal("erin/shared", discovery.lookup("default", "shared").key)
+    end)
+
+    it("follows the sandbox: changes reach the alias, deletion removes both", function()
+        assert(discovery.claim_upsert(claim("c3", "u-6", "pool-ddddd")))
+        local sb = claimed("pool-ddddd", "c3", "u-6",
+            { pod_labels = { ["sandbox.users.io/user"] = "fay" } })
+        sb.status.conditions[1].status = "False"
+        sb.status.conditions[1].reason = "DependenciesNotReady"
+        assert(discovery.upsert(sb))
+        assert.is_false(routes.get("fay/c3").ready)
+        sb.status.conditions[1].status = "True"
+        sb.status.conditions[1].reason = "DependenciesReady"
+        assert(discovery.upsert(sb))
+        assert.is_true(routes.get("fay/c3").ready)
+        assert(discovery.remove(sb))
+        assert.are.same({}, keys())
+        assert.is_nil(discovery.lookup("default", "c3"))
+        assert.is_nil(discovery.lookup("default", "pool-ddddd"))
+    end)
+
+    it("reads the bound name from the annotation until the status has it", function()
+        assert(discovery.upsert(claimed("pool-eeeee", "c4", "u-7",
+            { pod_labels = { ["sandbox.users.io/user"] = "gus" } })))
+        assert(discovery.claim_upsert(claim("c4", "u-7", nil,
+            { annotations = { ["agents.x-k8s.io/sandbox-name"] = "pool-eeeee" } })))
+        assert.are.equal("gus/pool-eeeee", routes.get("gus/c4").alias_of)
+    end)
+end)

@@ -121,24 +121,24 @@ describe("sandboxes listing", function()
 
         assert.are.same({
             path = "alice-x/a", namespace = "default", name = "a", user = "alice-x",
-            service = cjson.null, address = "10.0.0.9", port = 9000, ready = true,
+            service = cjson.null, address = "10.0.0.9", port = 9000, ready = true, claim = cjson.null,
             reason = "DependenciesReady", mode = "Running",
             conflict = "also in namespace b; serving default",
         }, b.sandboxes[1])
         assert.are.same({
             path = "alice/fresh", namespace = "default", name = "fresh", user = "alice",
             service = cjson.null, address = cjson.null, port = 8888, ready = false,
-            reason = "DependenciesNotReady", mode = "Running",
+            reason = "DependenciesNotReady", mode = "Running", claim = cjson.null,
         }, b.sandboxes[2])
         assert.are.same({
             path = "alice/my-sandbox", namespace = "default", name = "my-sandbox", user = "alice",
             service = "my-sandbox.default.svc.cluster.local", address = "10.8.1.23", port = 8888,
-            ready = true, reason = "DependenciesReady", mode = "Running",
+            ready = true, reason = "DependenciesReady", mode = "Running", claim = cjson.null,
         }, b.sandboxes[3])
         assert.are.same({
             path = "bob/nightly", namespace = "team-b", name = "nightly", user = "bob",
             service = cjson.null, address = cjson.null, port = 8888, ready = false,
-            reason = "SandboxSuspended", mode = "Suspended",
+            reason = "SandboxSuspended", mode = "Suspended", claim = cjson.null,
         }, b.sandboxes[4])
     end)
 
@@ -233,7 +233,17 @@ describe("sandboxes listing", function()
             port = 1, ready = false, reason = "PodFailed", mode = "Running" })
         assert.are.same({ path = "u/n", namespace = "ns", name = "n", user = "u",
             service = cjson.null, address = cjson.null, port = 1, ready = false,
-            reason = "PodFailed", mode = "Running" }, e)
+            reason = "PodFailed", mode = "Running", claim = cjson.null }, e)
+    end)
+
+    it("entry() names the claim of a claimed sandbox and the sandbox of a claim's alias",
+        function()
+        local e = sandboxes.entry({ key = "u/my-claim", namespace = "ns", name = "pool-x2k4d",
+            user = "u", port = 1, ready = true, reason = "DependenciesReady", mode = "Running",
+            claim = "my-claim", alias_of = "u/pool-x2k4d" })
+        assert.are.equal("my-claim", e.claim)
+        assert.are.equal("u/pool-x2k4d", e.alias_of)
+        assert.are.equal("pool-x2k4d", e.name)
     end)
 end)
 

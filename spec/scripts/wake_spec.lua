@@ -428,3 +428,18 @@ describe("wake.lua", function()
         end
     end)
 end)
+
+describe("wake.activity through a claim's alias", function()
+    it("records activity under the sandbox's own key, which the idle check reads", function()
+        local w = testkit.load("wake", "wake", { enabled = true })
+        dict:flush_all()
+        local req = testkit.request{ target = "/alice/my-claim/x" }
+        -- the alias route of claim my-claim, bound to the warm-pool sandbox pool-x2k4d
+        w.activity(req, { key = "alice/my-claim", alias_of = "alice/pool-x2k4d",
+            idle_timeout = "60", namespace = "default", name = "pool-x2k4d" })
+        assert.is_truthy(dict:get("act:alice/pool-x2k4d"))
+        assert.is_nil(dict:get("act:alice/my-claim"))
+        assert.are.equal(1, dict:get("inflight:alice/pool-x2k4d"))
+        dict:flush_all()
+    end)
+end)
