@@ -228,6 +228,12 @@ end
 
 -- The route of sandbox `name` in `namespace`: route, or nil and "not found" | "refreshing".
 function M.lookup(namespace, name)
+    -- first the shared name index discovery keeps (any worker, O(1)): Sandboxes by name and
+    -- SandboxClaims bound to one by the claim's name (X-Sandbox-ID: {claim})
+    local shared = routes.lookup(namespace, name)
+    if shared and (shared.namespace or "default") == namespace then
+        return shared
+    end
     local id = namespace .. "/" .. name
     local key = index[id]
     local r = key and route_if(key, namespace, name)

@@ -61,6 +61,14 @@ describe("SandboxClaims", function()
         assert.are.equal(sb, alias.name)
         assert.are.equal("alice/" .. sb, alias.alias_of)
         assert.are.equal("my-claim", alias.claim)
+        -- the agent-sandbox SDK's header contract names the claim too (X-Sandbox-ID: {claim})
+        local hr = assert(px:request{ path = "/echo", headers = { ["X-Sandbox-ID"] = "my-claim",
+            ["X-Sandbox-Port"] = tostring(up.port) } })
+        assert.are.equal(200, hr.status)
+        assert.are.equal("claimed", hr.headers["x-upstream-name"])
+        hr = assert(px:request{ path = "/echo", headers = { ["X-Sandbox-ID"] = "my-claim",
+            ["X-Sandbox-Namespace"] = "other", ["X-Sandbox-Port"] = tostring(up.port) } })
+        assert.are.equal(404, hr.status)
         -- deleting the claim: the garbage collector deletes its sandbox; both routes go
         api:delete_claim("default", "my-claim")
         wait_status(px, "/alice/my-claim/echo", 404)
