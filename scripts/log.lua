@@ -3,7 +3,8 @@
 -- access_log_flush seconds and at exit, so a SIGTERM drain loses nothing):
 --   {"time":..,"request_id":..,"client":..,"method":..,"path":..,"status":..,"bytes_in":..,
 --    "bytes_out":..,"duration":..,"upstream_connect":..,"upstream_first_byte":..,
---    "upstream":..,"error":..,"user":..,"sandbox":..,"ratelimit":..,"worker":..}
+--    "upstream":..,"trace_id":..,"error":..,"user":..,"sandbox":..,"ratelimit":..,"worker":..}
+-- (trace_id: the W3C trace id the sandbox received in traceparent; only while tracing is on)
 -- (durations in seconds, to the microsecond; absent values are left out).
 -- Config (section `access_log`): enabled (true), fields (a list: which of the names above to
 -- write, default all), query (false: also write the query string).
@@ -19,7 +20,7 @@ M.enabled = cfg.enabled ~= false
 
 local ALL = { "time", "request_id", "client", "method", "path", "query", "status", "bytes_in",
     "bytes_out", "duration", "upstream_connect", "upstream_first_byte", "user", "sandbox",
-    "upstream", "ratelimit", "error", "worker" }
+    "upstream", "trace_id", "ratelimit", "error", "worker" }
 local fields = {}
 for _, f in ipairs(cfg.fields or ALL) do
     if f ~= "query" or cfg.query then
@@ -51,6 +52,7 @@ function M.record(req)
         if fields.sandbox then out.sandbox = route.name end
     end
     if fields.upstream then out.upstream = rec.upstream end
+    if fields.trace_id then out.trace_id = rec.trace_id end
     if fields.ratelimit and ctx then out.ratelimit = ctx.ratelimit end
     if fields.error then out.error = rec.error end
     if fields.worker then out.worker = rec.worker end

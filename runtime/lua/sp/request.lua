@@ -57,6 +57,7 @@ double sp_req_first_byte_time(const sp_request_t *r);
 const char *sp_req_upstream_addr(const sp_request_t *r);
 const char *sp_req_error(const sp_request_t *r);
 int sp_req_worker(const sp_request_t *r);
+int sp_req_trace_id(sp_request_t *r, char *out);
 int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char *k1, const char *v1,
                       const char *k2, const char *v2, const char *k3, const char *v3,
                       const char *k4, const char *v4, const char *k5, const char *v5,
@@ -366,6 +367,16 @@ function Req:error()
     return s ~= "" and s or nil
 end
 
+-- The request's W3C trace id (32 hex digits: the client's, or the one the proxy started), or
+-- nil while tracing is off (trace_propagation=false and no otlp_endpoint).
+local trace_buf = ffi.new("char[32]")
+function Req:trace_id()
+    if C.sp_req_trace_id(live(self), trace_buf) == 0 then
+        return nil
+    end
+    return ffi_string(trace_buf, 32)
+end
+
 function Req:worker()
     return C.sp_req_worker(live(self))
 end
@@ -374,12 +385,14 @@ end
 M.LOG_FIELDS = {
     time = 1, request_id = 2, client = 4, method = 8, path = 16, query = 32, status = 64,
     bytes_in = 128, bytes_out = 256, duration = 512, upstream_connect = 1024,
-    upstream_first_byte = 2048, upstream = 4096, error = 8192, worker = 16384,
+    upstream_first_byte = 2048, upstream = 4096, error = 8192, worker = 16384, trace_id = 32768,
 }
 -- Their order in the line (the script's own fields come after "error", before "worker").
+-- trace_id: the W3C trace id (32 hex digits), written only while tracing is on
+-- (trace_propagation or otlp_endpoint).
 M.LOG_ORDER = { "time", "request_id", "client", "method", "path", "query", "status", "bytes_in",
-    "bytes_out", "duration", "upstream_connect", "upstream_first_byte", "upstream", "error",
-    "worker" }
+    "bytes_out", "duration", "upstream_connect", "upstream_first_byte", "upstream", "trace_id",
+    "error", "worker" }
 
 -- Log phase: writes the exchange's access-log line (one JSON object) without building it in
 -- Lua. mask: the sum of M.LOG_FIELDS bits to write; then up to 6 name, value pairs of strings
@@ -412,6 +425,7 @@ function Req:record()
         upstream_first_byte = first >= 0 and first or nil,
         error = self:error(),
         worker = C.sp_req_worker(r),
+        trace_id = self:trace_id(),
     }
 end
 
