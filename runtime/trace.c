@@ -309,12 +309,18 @@ static void span_status(sp_buf_t *b, bool error)
     sp_buf_lit(b, "}}");
 }
 
-/* One span in the queue, or dropped and counted when the queue is full. */
+/* Room for one span in the queue. A full queue goes out at once when no POST is under way
+ * (so the rate of spans is bounded by the receiver, not by the timer); with a POST under way
+ * the span is dropped and counted. */
 static bool room(struct sp_tracer *t)
 {
     if (t->nqueued >= (uint32_t)sp_cfg.otlp_queue_size) {
-        SP_STAT_ADD(t->w->stats.trace_spans_dropped, 1);
-        return false;
+        if (!t->inflight)
+            export_batch(t);
+        if (t->nqueued >= (uint32_t)sp_cfg.otlp_queue_size) {
+            SP_STAT_ADD(t->w->stats.trace_spans_dropped, 1);
+            return false;
+        }
     }
     if (t->nqueued)
         sp_buf_addc(&t->queue, ',');

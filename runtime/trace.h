@@ -6,7 +6,8 @@
  *     span as its parent; tracestate passes on only with a valid traceparent;
  *   otlp_endpoint (default unset): each sampled request's spans (the request, and the upstream
  *     exchange as its child) are queued per worker (otlp_queue_size; beyond: dropped and
- *     counted) and POSTed in one batch every otlp_batch_interval seconds, through the same
+ *     counted) and POSTed in one batch every otlp_batch_interval seconds (at once when the
+ *     queue is full and no POST is under way), through the same
  *     libcurl-on-libuv transport as the Kubernetes client.
  * With both off nothing here runs for a request.
  */

@@ -47,11 +47,12 @@ local function access_line(px, rid)
     return px:wait_log(function(l) return l.request_id == rid end, 10, "stdout")
 end
 
-local function receiver()
+local function receiver(hold_ms)
     local dir = H.tmpdir()
     local port = assert(net.free_port())
     local p = assert(process.spawn{ cmd = { H.PYTHON, "-u", H.SOURCE_DIR .. "/spec/fixtures/otlp_receiver.py",
-        "--listen", "127.0.0.1:" .. port }, stdout = dir .. "/stdout.log", stderr = dir .. "/stderr.log" })
+        "--listen", "127.0.0.1:" .. port, "--hold-ms", tostring(hold_ms or 0) },
+        stdout = dir .. "/stdout.log", stderr = dir .. "/stderr.log" })
     assert(net.wait_port("127.0.0.1", port, 30, p))
     local rc = { port = port, proc = p }
     function rc.spans()
@@ -301,8 +302,9 @@ describe("OTLP span export limits", function()
 
     it("drops and counts spans beyond otlp_queue_size", function()
         local up = H.upstream{ name = "q" }
-        local rc = receiver()
-        -- no export during the test (the interval is an hour): 4 requests = 8 spans, 3 kept
+        -- a collector that takes 3 s per POST: a full queue goes out at once, and while that
+        -- POST is under way the queue fills again and the rest is dropped
+        local rc = receiver(3000)
         local px = start_counted(up, { otlp_endpoint = "http://127.0.0.1:" .. rc.port .. "/v1/traces",
             otlp_batch_interval = 3600, otlp_queue_size = 3 })
         local rids = {}
@@ -317,9 +319,19 @@ describe("OTLP span export limits", function()
         -- the readiness polls of the start made spans too (the access log has them all)
         local made = spans_made(px)
         assert.is_true(made >= 9, made)
-        assert.are.equal(made - 3, metric(px, "sandbox_proxy_trace_spans_dropped_total"))
-        assert.are.equal(0, metric(px, "sandbox_proxy_trace_spans_exported_total"))
-        assert.are.equal(0, rc.spans().posts)
+        -- one POST of 3 under way, at most 3 queued: everything else dropped and counted
+        local dropped = metric(px, "sandbox_proxy_trace_spans_dropped_total")
+        assert.is_true(dropped >= made - 6 and dropped <= made - 3, dropped .. " of " .. made)
+        local got = net.wait_until(function()
+            local g = rc.spans()
+            return g.posts >= 1 and g
+        end, 10, 0.05, "the first POST")
+        assert.are.equal(1, got.posts) -- the interval is an hour: only the full queue went out
+        assert.are.same({ 3 }, got.batches)
+        net.wait_until(function()
+            return metric(px, "sandbox_proxy_trace_spans_exported_total") == 3
+        end, 10, 0.05, "the held POST answered and counted")
+        assert.are.equal(dropped, metric(px, "sandbox_proxy_trace_spans_dropped_total"))
     end)
 
     it("drops and counts the spans of exports that fail (receiver down), with one log line", function()
