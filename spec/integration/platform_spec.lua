@@ -656,7 +656,9 @@ describe("access log", function()
         end
         assert.are.same({ "time", "request_id", "client", "method", "path", "status", "bytes_in",
             "bytes_out", "duration", "upstream_connect", "upstream_first_byte", "upstream",
-            "user", "sandbox", "ratelimit", "worker" }, keys)
+            "trace_id", "user", "sandbox", "ratelimit", "worker" }, keys)
+        assert.matches("^%x+$", l.trace_id)
+        assert.are.equal(32, #l.trace_id)
         -- a request body counts in bytes_in
         assert.are.equal("POST", L.post.method)
         assert.is_true(L.post.bytes_in > 1000)
