@@ -519,7 +519,8 @@ static void build_request_head(sp_request_t *r)
     const char *xff = sp_request_header(r, "x-forwarded-for", 15, &xfflen);
     const char *host = sp_request_header(r, "host", 4, &hostlen);
     const char *upg = r->upgrade ? sp_request_header(r, "upgrade", 7, &uplen) : NULL;
-    bool trace = sp_cfg.trace_propagation;
+    /* a script that set or removed traceparent itself (req:set_header / remove_header) wins */
+    bool trace = sp_cfg.trace_propagation && !(r->header_edits && edited(r, "traceparent", 11));
     if (trace)
         sp_trace_ensure(r);
     for (uint32_t i = 0; i < r->nhdrs; i++) {

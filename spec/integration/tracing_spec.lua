@@ -182,6 +182,36 @@ describe("trace propagation (the default)", function()
     end)
 end)
 
+describe("a script's own traceparent", function()
+    teardown(function()
+        H.stop_all()
+    end)
+
+    it("wins over the proxy's (req:set_header), and removing it sends none", function()
+        local up = H.upstream{ name = "own" }
+        local dir = H.tmpdir()
+        -- init.lua of its own: /set/... sets a traceparent, /remove/... removes it
+        assert(process.write_file(dir .. "/init.lua", ([[
+local M = {}
+function M.on_request(req)
+    local p = req:path()
+    if p:find("^/set/") then
+        req:set_header("traceparent", "00-%s-%s-01")
+    elseif p:find("^/remove/") then
+        req:remove_header("traceparent")
+    end
+    return req:forward("127.0.0.1", %d, "/echo")
+end
+return M
+]]):format(TRACE, PARENT, up.port)))
+        local px = H.start{ scripts = dir, ready_path = "/set/x" }
+        local h = echoed(assert(px:get("/set/x", { traceparent = "00-" .. string.rep("1", 32) .. "-" .. PARENT .. "-00" })))
+        assert.are.equal("00-" .. TRACE .. "-" .. PARENT .. "-01", h.traceparent)
+        h = echoed(assert(px:get("/remove/x")))
+        assert.is_nil(h.traceparent)
+    end)
+end)
+
 describe("trace_propagation=false", function()
     teardown(function()
         H.stop_all()
