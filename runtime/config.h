@@ -81,6 +81,12 @@ typedef struct sp_config {
     char *kube_serviceaccount_dir;
     bool kube_compression;
     bool auth_required;
+    bool trace_propagation;
+    char *otlp_endpoint;
+    double otlp_batch_interval;
+    int otlp_queue_size;
+    double otlp_timeout;
+    char *otlp_service_name;
 
     /* shared dicts declared in the config file's `shared_dicts` table (name -> bytes) */
     int ndicts;

@@ -181,6 +181,16 @@ struct sp_request {
     uint64_t t_start, t_head, t_connected, t_first_byte, t_end; /* uv_hrtime ns */
     char upstream_addr[64]; /* host:port (host cut at 50 bytes) */
     sp_error_t error;
+
+    /* trace context (trace.c): filled by sp_trace_ensure, only when tracing is on */
+    bool trace_ready;
+    bool trace_has_parent; /* the client sent a valid traceparent */
+    uint8_t trace_flags;
+    char trace_id[32];     /* hex, not terminated */
+    char trace_parent[16]; /* the client's span (when trace_has_parent) */
+    char span_id[16];      /* the proxy's request span */
+    char up_span_id[16];   /* the proxy's upstream span: the sandbox's parent */
+    uint64_t t_forward;    /* uv_hrtime when forwarding began (0: not forwarded) */
 };
 
 /* The scripting layer's entry points; the core calls them, never Lua directly. */

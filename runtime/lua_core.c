@@ -156,12 +156,12 @@ static int c_settings(lua_State *L)
 /* core.stats(): the counters of every worker added up, and the process-wide gauges:
  * { requests, by_method = { GET = { [1..5] = n, none = n }, ... }, latency_buckets = { {le, n} },
  *   latency_sum, upstream_connect_errors, upstream_timeouts, script_errors, parse_errors,
- *   accesslog_dropped, open_connections, open_tunnels, lua_memory (this worker's state) } */
+ *   accesslog_dropped, trace_spans_exported, trace_spans_dropped, open_connections, open_tunnels, lua_memory (this worker's state) } */
 static int c_stats(lua_State *L)
 {
     sp_vm_t *vm = sp_vm_of(L);
     uint64_t req = 0, mc[SP_M_COUNT][6] = {{0}}, lat[SP_LAT_BUCKETS + 1] = {0}, sum = 0;
-    uint64_t ce = 0, to = 0, se = 0, pe = 0, drop = 0, active = 0;
+    uint64_t ce = 0, to = 0, se = 0, pe = 0, drop = 0, active = 0, tx = 0, tdrop = 0;
     int n = sp_workers_count();
     for (int i = 0; i < n; i++) {
         sp_worker_t *w = sp_worker_get(i);
@@ -179,6 +179,8 @@ static int c_stats(lua_State *L)
         se += SP_STAT_GET(w->stats.script_errors);
         pe += SP_STAT_GET(w->stats.parse_errors);
         drop += SP_STAT_GET(w->stats.accesslog_dropped);
+        tx += SP_STAT_GET(w->stats.trace_spans_exported);
+        tdrop += SP_STAT_GET(w->stats.trace_spans_dropped);
         active += SP_STAT_GET(w->active_requests);
     }
     lua_newtable(L);
@@ -219,6 +221,8 @@ static int c_stats(lua_State *L)
     F("script_errors", se);
     F("parse_errors", pe);
     F("accesslog_dropped", drop);
+    F("trace_spans_exported", tx);
+    F("trace_spans_dropped", tdrop);
     F("active_requests", active);
     F("open_connections", atomic_load(&sp_open_connections));
     F("open_tunnels", atomic_load(&sp_open_tunnels));

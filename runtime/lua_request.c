@@ -7,6 +7,8 @@
 #include "http.h"
 #include "log.h"
 #include "worker.h"
+#include "trace.h"
+#include "config.h"
 
 #include <errno.h>
 
@@ -156,6 +158,16 @@ SP_EXPORT const char *sp_req_upstream_addr(const sp_request_t *r) { return r->up
 SP_EXPORT const char *sp_req_error(const sp_request_t *r) { return sp_error_names[r->error]; }
 SP_EXPORT int sp_req_worker(const sp_request_t *r) { return r->w->id; }
 
+/* The trace id (32 hex digits, not terminated) into out; 0 while tracing is off. */
+SP_EXPORT int sp_req_trace_id(sp_request_t *r, char *out)
+{
+    if (!sp_trace_enabled())
+        return 0;
+    sp_trace_ensure(r);
+    memcpy(out, r->trace_id, 32);
+    return 1;
+}
+
 /* ---- the access-log line, built here: the scripts pick the fields, the core writes bytes */
 
 enum {
@@ -174,6 +186,7 @@ enum {
     LF_UPSTREAM = 1 << 12,
     LF_ERROR = 1 << 13,
     LF_WORKER = 1 << 14,
+    LF_TRACE_ID = 1 << 15,
 };
 
 static void lf_name(sp_buf_t *b, const char *name, size_t n)
@@ -267,6 +280,13 @@ SP_EXPORT int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char
     if ((mask & LF_UPSTREAM) && r->upstream_addr[0]) {
         LF_NAME(&b, "upstream");
         sp_buf_json_str(&b, r->upstream_addr, strlen(r->upstream_addr));
+    }
+    if ((mask & LF_TRACE_ID) && sp_trace_enabled()) {
+        sp_trace_ensure((sp_request_t *)r);
+        LF_NAME(&b, "trace_id");
+        sp_buf_addc(&b, '"');
+        sp_buf_add(&b, r->trace_id, 32);
+        sp_buf_addc(&b, '"');
     }
     if ((mask & LF_ERROR) && sp_error_names[r->error][0]) {
         const char *e = sp_error_names[r->error];

@@ -65,6 +65,31 @@ static const char usage_text[] =
     "\n"
     "Knobs (config file keys, or --set NAME=VALUE):\n";
 
+/* The script defaults that can refuse a request (config file sections; docs/scripts.md and the
+ * README's table of refusing defaults). The cli spec checks that every row of that README table
+ * is named here, and that the numbers match the scripts' own defaults. */
+static const char script_defaults_text[] =
+    "\n"
+    "Script defaults that can refuse a request (config file sections; docs/scripts.md):\n"
+    "  ratelimit.limits             429 + Retry-After beyond a token bucket; defaults:\n"
+    "    client  key unauthenticated  1000/s, burst 2000, per client address, for callers auth\n"
+    "                                 did not identify (every caller when auth is off)\n"
+    "    user    key identity         1000/s, burst 2000, per authenticated user (wherever they\n"
+    "                                 connect from; users behind one address never share)\n"
+    "  ratelimit.trusted_proxies    X-Forwarded-For believed from these CIDRs (default: none;\n"
+    "                               the k8s Service uses externalTrafficPolicy: Local)\n"
+    "  ratelimit.concurrency.per_sandbox  503 beyond 256 requests in flight per sandbox\n"
+    "  ratelimit.enabled            true (false: no rate or concurrency limit)\n"
+    "  auth                         401 without valid credentials, 403 for another user's or an\n"
+    "                               unowned sandbox and for /metrics without admin; on when\n"
+    "                               auth.keys_file or auth.jwt is set (off by default)\n"
+    "  wake.max_wait                60 s a request is held while its sandbox wakes (503 beyond;\n"
+    "                               wake is off by default)\n"
+    "  wake.max_held_per_sandbox    100 held requests per sandbox (503 beyond)\n"
+    "  wake.max_held                1000 held requests per process (503 beyond)\n"
+    "  router                       404 unknown sandbox, 503 + Retry-After 2 not ready, 400 an\n"
+    "                               unsafe path (., .., encoded slash)\n";
+
 static void usage_error(const char *fmt, const char *a, const char *b)
 {
     fprintf(stderr, "sandbox-proxy: ");
@@ -528,6 +553,7 @@ int main(int argc, char **argv)
         if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
             fputs(usage_text, stdout);
             sp_config_print_help(stdout);
+            fputs(script_defaults_text, stdout);
             return 0;
         }
         if (!strcmp(argv[i], "--version")) {

@@ -7,6 +7,7 @@
  */
 #include "http.h"
 #include "worker.h"
+#include "trace.h"
 #include "config.h"
 #include "log.h"
 #include "netaddr.h"
@@ -112,7 +113,8 @@ sp_request_t *sp_request_acquire(sp_worker_t *w)
     r->resp_status = 0;
     r->bytes_in = r->bytes_out = 0;
     r->t_start = uv_hrtime();
-    r->t_head = r->t_connected = r->t_first_byte = r->t_end = 0;
+    r->t_head = r->t_connected = r->t_first_byte = r->t_end = r->t_forward = 0;
+    r->trace_ready = false;
     r->upstream_addr[0] = '\0';
     r->error = SP_ERR_NONE;
     r->nholds = 0;
@@ -901,6 +903,8 @@ static void run_log(sp_request_t *r)
     SP_STAT_ADD(w->stats.latency_sum_us, (uint64_t)(secs * 1e6));
     if (w->hooks && w->hooks->log)
         w->hooks->log(r);
+    if (w->tracer)
+        sp_trace_request_done(r);
 }
 
 int sp_request_hold(sp_request_t *r, sp_shdict_t *d, const char *key, size_t klen, double limit)

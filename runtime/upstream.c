@@ -11,6 +11,7 @@
 #include "config.h"
 #include "log.h"
 #include "netaddr.h"
+#include "trace.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -444,6 +445,8 @@ void sp_upstream_start(sp_request_t *r)
 {
     sp_worker_t *w = r->w;
     r->up_tried = true;
+    if (!r->t_forward)
+        r->t_forward = uv_hrtime();
     format_upstream_addr(r);
     sp_upkey_t *k = key_get(w, r->up_host, r->up_port);
     while (k->idle) {
@@ -547,11 +550,19 @@ static void build_request_head(sp_request_t *r)
     const char *xff = sp_request_header(r, "x-forwarded-for", 15, &xfflen);
     const char *host = sp_request_header(r, "host", 4, &hostlen);
     const char *upg = r->upgrade ? sp_request_header(r, "upgrade", 7, &uplen) : NULL;
+    /* a script that set or removed traceparent itself (req:set_header / remove_header) wins */
+    bool trace = sp_cfg.trace_propagation && !(r->header_edits && edited(r, "traceparent", 11));
+    if (trace)
+        sp_trace_ensure(r);
     for (uint32_t i = 0; i < r->nhdrs; i++) {
         const sp_hdr_t *h = &r->hdrs[i];
         const char *n = r->head.p + h->name_off;
         size_t l = h->name_len;
         if (is_hop_by_hop(n, l) || listed_in_connection(conn, r->head.p, r->hdrs, r->nhdrs, n, l))
+            continue;
+        /* ours replaces the client's traceparent; its tracestate goes on only with a valid one */
+        if (trace && ((l == 11 && sp_ieq(n, l, "traceparent")) ||
+                      (l == 10 && !r->trace_has_parent && sp_ieq(n, l, "tracestate"))))
             continue;
         if ((l == 15 && (sp_ieq(n, l, "x-forwarded-for"))) ||
             (l == 17 && sp_ieq(n, l, "x-forwarded-proto")) ||
@@ -582,6 +593,8 @@ static void build_request_head(sp_request_t *r)
     sp_buf_lit(o, "X-Request-Id: ");
     sp_buf_add(o, r->id, r->id_len);
     sp_buf_lit(o, "\r\n");
+    if (trace)
+        sp_trace_write_header(r, o);
     size_t i = 0;
     while (i < r->extra.len) {
         char op = r->extra.p[i];

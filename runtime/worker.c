@@ -9,6 +9,7 @@
 #include "config.h"
 #include "log.h"
 #include "lua_vm.h"
+#include "trace.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -342,6 +343,7 @@ static void worker_main(void *arg)
     uv_unref((uv_handle_t *)&w->heartbeat_timer);
     w->hooks = &sp_vm_hooks;
     sp_alog_start(w);
+    sp_trace_worker_start(w);
     if (open_listeners(w, err, sizeof err) == 0) {
         w->vm = sp_vm_create(w, "init", err, sizeof err);
     }
@@ -376,6 +378,7 @@ static void worker_main(void *arg)
     }
     sp_upstream_close_idle(w);
     sp_alog_stop(w);
+    sp_trace_worker_stop(w);
     uv_walk(&w->loop, close_walk, NULL);
     uv_run(&w->loop, UV_RUN_DEFAULT);
     uv_loop_close(&w->loop);

@@ -37,6 +37,8 @@ typedef struct sp_worker_stats {
     sp_counter_t script_errors;
     sp_counter_t parse_errors;
     sp_counter_t accesslog_dropped;
+    sp_counter_t trace_spans_exported; /* spans the OTLP receiver accepted */
+    sp_counter_t trace_spans_dropped;  /* spans dropped: queue full or a failed export */
 } sp_worker_stats_t;
 
 struct sp_worker {
@@ -84,6 +86,7 @@ struct sp_worker {
     sp_worker_stats_t stats;
     uint64_t tunnels_open;
     struct sp_alog *alog;      /* the access-log writer (accesslog.c) */
+    struct sp_tracer *tracer;  /* the OTLP span exporter (trace.c), NULL when export is off */
 };
 
 /* Process-wide counters shared by every worker. */

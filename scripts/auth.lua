@@ -420,15 +420,40 @@ function M.identify(req)
     return nil, "invalid credentials"
 end
 
+-- Identifies the caller once per request, answering nothing: leaves req.ctx.identity (or
+-- req.ctx.auth_error, the reason there is none) for the rate limits (init.lua calls it before
+-- ratelimit.admit, so limits can key by the authenticated user), authenticate and the log.
+-- Returns the identity or nil. Without auth: nil, and nothing is touched.
+function M.identify_request(req)
+    if not M.enabled then
+        return nil
+    end
+    local ctx = req.ctx
+    if ctx.auth_checked then
+        return ctx.identity
+    end
+    ctx.auth_checked = true
+    local id, why, code = M.identify(req)
+    if id then
+        ctx.identity = id
+    else
+        ctx.auth_error = why
+        ctx.auth_code = code -- 503: no review could be made (TokenReview)
+    end
+    return id
+end
+local identify_request = M.identify_request
+
 -- Authenticates; answers 401 and returns false when it fails. Strips the credential header.
+-- The credential is verified once per request (identify_request).
 function M.authenticate(req)
     if not M.enabled then
         return true
     end
-    local id, why, code = M.identify(req)
+    local id = identify_request(req)
     if not id then
-        req.ctx.auth_error = why
-        if code == 503 then
+        local why = req.ctx.auth_error
+        if req.ctx.auth_code == 503 then
             req:respond(503, { error = "authentication unavailable",
                 detail = req:header("x-sandbox-id") and "authentication unavailable" or nil },
                 { ["Retry-After"] = "2" })
@@ -439,7 +464,6 @@ function M.authenticate(req)
             UNAUTHORIZED)
         return false
     end
-    req.ctx.identity = id
     req:remove_header(HEADER)
     return true
 end

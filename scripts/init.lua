@@ -3,8 +3,10 @@
 --   on_start()     per worker: auth watches its keys file; worker 0 starts the sandbox source
 --   on_request(r)  1. the demo listener -> demo_sandbox; the metrics listener -> metrics
 --                  2. the probes (/health, /ready, /live, /healthz): open, never limited
---                  3. ratelimit (may answer 429 / 503), so floods of bad credentials are
---                     limited too
+--                  3. auth.identify_request (answers nothing: the caller's identity, if
+--                     any, for the limits), then ratelimit (may answer 429 / 503): callers
+--                     auth did not identify are limited per client address (so floods of bad
+--                     credentials are limited too), identified callers per user
 --                  4. /sandboxes (authenticated; lists what the caller may see) and /metrics
 --                     (admin only when auth is on)
 --                  5. auth.authenticate (401), then router (X-Sandbox-* header routing, else
@@ -124,6 +126,9 @@ function M.on_request(req)
     local open = open_endpoints[path]
     if open then
         return open(req)
+    end
+    if auth.enabled then
+        auth.identify_request(req)
     end
     if not ratelimit.admit(req) then
         return

@@ -12,6 +12,7 @@
 --   sandbox_proxy_watch_synced, sandbox_proxy_script_errors_total,
 --   sandbox_proxy_parse_errors_total, sandbox_proxy_shared_dict_evictions_total{dict},
 --   sandbox_proxy_shared_dict_used_bytes{dict}, sandbox_proxy_accesslog_dropped_total,
+--   sandbox_proxy_trace_spans_exported_total, sandbox_proxy_trace_spans_dropped_total,
 --   sandbox_proxy_lua_memory_bytes (the answering worker's state)
 local core = require "sp.core"
 local routes = require "sp.routes"
@@ -119,6 +120,12 @@ function M.render()
     metric("sandbox_proxy_accesslog_dropped_total", "counter",
         "Access-log lines dropped because stdout was not keeping up.")
     sample("sandbox_proxy_accesslog_dropped_total", nil, st.accesslog_dropped)
+    metric("sandbox_proxy_trace_spans_exported_total", "counter",
+        "Spans the OTLP receiver accepted (otlp_endpoint).")
+    sample("sandbox_proxy_trace_spans_exported_total", nil, st.trace_spans_exported)
+    metric("sandbox_proxy_trace_spans_dropped_total", "counter",
+        "Spans dropped: the queue (otlp_queue_size) was full, or an export failed.")
+    sample("sandbox_proxy_trace_spans_dropped_total", nil, st.trace_spans_dropped)
 
     metric("sandbox_proxy_shared_dict_evictions_total", "counter",
         "Entries evicted from shared dicts to make room.")

@@ -10,14 +10,28 @@
 -- Config (section `ratelimit`; defaults shown):
 --   enabled = true,
 --   dict = "ratelimit",                 -- the shared dict (declare a size in shared_dicts)
---   limits = {                          -- each: key = "client" | "user" | "sandbox" | a function(req)
---     { name = "client", key = "client", rate = 1000, burst = 2000 },   -- rate: per second
+--   limits = {                          -- rate: per second; burst: the bucket's size
+--     { name = "client", key = "unauthenticated", rate = 1000, burst = 2000 },
+--     { name = "user", key = "identity", rate = 1000, burst = 2000 },
 --   },
 --   concurrency = { per_sandbox = 256 },  -- in-flight requests per sandbox (0: off)
 --   trusted_proxies = {},               -- CIDRs whose X-Forwarded-For is believed; default:
 --                                       -- the runtime knob trusted_proxies (also exempt from
 --                                       -- max_connections_per_ip)
--- A function key may return nil to skip that limit for the request.
+-- Keys: "unauthenticated" the client address of a caller auth has not identified (every
+-- caller when auth is off; skipped once auth has identified the caller), "identity" the
+-- authenticated user (req.ctx.identity.user, left by auth.identify_request, which init.lua
+-- runs before admit; skipped for unidentified callers), "client" the client address of every
+-- caller, "user" the user in the path, "sandbox" the path's user/sandbox, or a function(req);
+-- a key that is nil skips that limit for the request. So by default an authenticated user
+-- has a bucket of their own wherever they connect from, and users behind one address (a NAT,
+-- a load balancer's node addresses) never share one; only callers without valid credentials
+-- share their address's bucket.
+-- trusted_proxies is empty by default: the shipped Service (k8s/deployment.yaml) is an L4
+-- LoadBalancer with externalTrafficPolicy: Local, so the peer address is the client's own and
+-- nothing in front adds X-Forwarded-For (a client could write any). Behind an L7 proxy or
+-- ingress, list its addresses here; with externalTrafficPolicy: Cluster peers are node
+-- addresses (SNAT) and per-address limits see one client per node.
 -- The decision is left in req.ctx.ratelimit ("allowed", "limited", "concurrency") for access_log.lua.
 local config = require "sp.config"
 local shared = require "sp.shared"
@@ -36,10 +50,23 @@ M.enabled = cfg.enabled ~= false
 local DICT_NAME = cfg.dict or "ratelimit"
 local dict = assert(shared.dict(DICT_NAME))
 local sp_dict = assert(shared.dict("sp"))
-local LIMITS = cfg.limits or { { name = "client", key = "client", rate = 1000, burst = 2000 } }
+-- The defaults (also in `--help` and the README's table of refusing defaults).
+M.DEFAULT_LIMITS = {
+    { name = "client", key = "unauthenticated", rate = 1000, burst = 2000 },
+    { name = "user", key = "identity", rate = 1000, burst = 2000 },
+}
+M.DEFAULT_PER_SANDBOX = 256
+local function copy_defaults()
+    local out = {}
+    for i, l in ipairs(M.DEFAULT_LIMITS) do
+        out[i] = { name = l.name, key = l.key, rate = l.rate, burst = l.burst }
+    end
+    return out
+end
+local LIMITS = cfg.limits or copy_defaults()
 local PER_SANDBOX = (cfg.concurrency or {}).per_sandbox
 if PER_SANDBOX == nil then
-    PER_SANDBOX = 256
+    PER_SANDBOX = M.DEFAULT_PER_SANDBOX
 end
 -- The runtime knob's comma-separated text, as a list (the section's own list wins).
 local function knob_list(text)
@@ -52,8 +79,11 @@ end
 local trusted = assert(ip.ranges(cfg.trusted_proxies
     or knob_list(require("sp.core").settings().trusted_proxies)))
 
+local KEYS = { unauthenticated = true, identity = true, client = true, user = true, sandbox = true }
 for i, l in ipairs(LIMITS) do
     assert(type(l.rate) == "number" and l.rate > 0, "ratelimit.limits[" .. i .. "].rate must be > 0")
+    assert(type(l.key) == "function" or KEYS[l.key], "ratelimit.limits[" .. i .. "].key must be "
+        .. "\"unauthenticated\", \"identity\", \"client\", \"user\", \"sandbox\" or a function")
     l.burst = l.burst or l.rate
     l.name = l.name or ("limit" .. i)
     l.prefix = "rl:" .. l.name .. ":"
@@ -81,9 +111,23 @@ local function sandbox_key(req)
     return key, user
 end
 
+-- The authenticated caller's identity, without making req.ctx for a request that has none.
+local function identity(req)
+    local ctx = rawget(req, "ctx")
+    return ctx and ctx.identity
+end
+
 local function key_of(l, req)
     local k = l.key
-    if k == "client" then
+    if k == "unauthenticated" then
+        if identity(req) then
+            return nil
+        end
+        return M.client(req)
+    elseif k == "identity" then
+        local id = identity(req)
+        return id and id.user
+    elseif k == "client" then
         return M.client(req)
     elseif k == "user" then
         local _, user = sandbox_key(req)
@@ -125,7 +169,7 @@ function M.admit(req)
         return true
     end
     local best_remaining, best_limit, best_reset
-    -- The first limit outside the loop: with the usual single limit no loop runs, and the
+    -- The first two limits outside the loop: with the default two no loop runs, and the
     -- routing path compiles as one trace (a loop left after one pass aborts a root trace).
     local n = #LIMITS
     if n > 0 then
@@ -138,7 +182,17 @@ function M.admit(req)
             best_remaining, best_limit, best_reset = remaining, l.burst_text, reset
         end
     end
-    for i = 2, n do
+    if n > 1 then
+        local l = LIMITS[2]
+        local ok, remaining, reset = apply(l, req)
+        if not ok then
+            return false
+        end
+        if remaining and (not best_remaining or remaining < best_remaining) then
+            best_remaining, best_limit, best_reset = remaining, l.burst_text, reset
+        end
+    end
+    for i = 3, n do
         local l = LIMITS[i]
         local ok, remaining, reset = apply(l, req)
         if not ok then

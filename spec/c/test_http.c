@@ -7,6 +7,7 @@
 #include "buf.h"
 #include "config.h"
 #include "http.h"
+#include "trace.h"
 #include "log.h"
 #include "routes.h"
 #include "shdict.h"
@@ -125,8 +126,44 @@ static void test_http_connection_framing(void)
     CHECK(!sp_framing_header("te", 2));
 }
 
+static void test_trace_parse(void)
+{
+    char tid[32], pid[16];
+    uint8_t flags = 0xee;
+    const char *ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    CHECK(sp_trace_parse(ok, strlen(ok), tid, pid, &flags));
+    CHECK(memcmp(tid, "4bf92f3577b34da6a3ce929d0e0e4736", 32) == 0);
+    CHECK(memcmp(pid, "00f067aa0ba902b7", 16) == 0);
+    CHECK(flags == 1);
+    const char *spaced = " \t00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-09\t ";
+    CHECK(sp_trace_parse(spaced, strlen(spaced), tid, pid, &flags) && flags == 9);
+    const char *later = "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-anything";
+    CHECK(sp_trace_parse(later, strlen(later), tid, pid, &flags));
+    static const char *const bad[] = {
+        "",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "0g-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e473-600f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
+        "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x",
+    };
+    for (size_t i = 0; i < SP_ARRAY_LEN(bad); i++) {
+        bool parsed = sp_trace_parse(bad[i], strlen(bad[i]), tid, pid, &flags);
+        CHECK(!parsed);
+        if (parsed)
+            fprintf(stderr, "  accepted: %s\n", bad[i]);
+    }
+}
+
 void suite_http(void)
 {
+    RUN(test_trace_parse);
     RUN(test_http_obs_fold);
     RUN(test_http_connection_framing);
 }

@@ -35,6 +35,71 @@ describe("the command line", function()
         end
     end)
 
+    -- The README's table of defaults that can refuse a request, and --help, say the same: every
+    -- row is in --help, a knob's default is the knob table's, the rate limits are the script's.
+    it("--help lists every default that can refuse a request, as the README's table does", function()
+        local code, out = run({ "--help" })
+        assert.are.equal(0, code)
+        local readme = assert(process.read_file(H.SOURCE_DIR .. "/README.md"))
+        local section = assert(readme:match("\n## Defaults that can refuse a request\n(.-)\n## "),
+            "README has no 'Defaults that can refuse a request' section")
+        local rows = {}
+        for line in section:gmatch("[^\n]+") do
+            local name, default = line:match("^| `([%w_%.]+)`[^|]*| ([^|]+) |")
+            if name then
+                rows[name] = default
+            end
+        end
+        -- every knob that can refuse or cut off a request has a row
+        for _, knob in ipairs({ "max_connections", "max_connections_per_ip", "max_tunnels",
+            "max_url_size", "max_header_size", "max_headers", "max_chunk_extension_size",
+            "max_body_size", "header_timeout", "body_timeout", "send_timeout", "keepalive_timeout",
+            "keepalive_requests", "max_upstream_header_size", "connect_timeout",
+            "first_byte_timeout", "upstream_idle_timeout", "tunnel_idle_timeout",
+            "script_time_budget", "lua_memory_limit_mb", "drain_timeout" }) do
+            assert.is_truthy(rows[knob], knob .. " has no row in the README table")
+        end
+        for _, name in ipairs({ "ratelimit.limits", "ratelimit.trusted_proxies",
+            "ratelimit.concurrency.per_sandbox", "auth", "wake.max_wait",
+            "wake.max_held_per_sandbox", "wake.max_held" }) do
+            assert.is_truthy(rows[name], name .. " has no row in the README table")
+        end
+        for name, default in pairs(rows) do
+            local help_line = out:match("\n  " .. name:gsub("%.", "%%.") .. " [^\n]*")
+            assert.is_truthy(help_line, name .. " is in the README table but not in --help")
+            local knob_default = help_line:match("%(default: ([^)]+)%)$")
+            if knob_default then
+                -- a knob: the README states the knob table's default
+                assert.are.equal(knob_default, default:match("^(%S+)"), name)
+            else
+                -- a script default: its first number is in --help's line(s) for it
+                local n = default:match("%f[%w](%d+)%f[%W]")
+                if n then
+                    local block = out:match("\n  " .. name:gsub("%.", "%%.") .. " .-\n  %S")
+                    assert.is_truthy(block and block:find(n, 1, true),
+                        name .. ": --help does not say " .. n)
+                end
+            end
+        end
+        -- the default rate limits in --help and the README are ratelimit.lua's own
+        local script = assert(process.read_file(H.SOURCE_DIR .. "/scripts/ratelimit.lua"))
+        local defaults = assert(script:match("M%.DEFAULT_LIMITS = (%b{})"))
+        local n = 0
+        for name, key, rate, burst in defaults:gmatch(
+            'name = "(%w+)", key = "(%w+)", rate = (%d+), burst = (%d+)') do
+            n = n + 1
+            assert.is_truthy(out:find(name .. "%s+key " .. key .. "%s+" .. rate .. "/s, burst " .. burst),
+                "--help does not state the default limit " .. name)
+            assert.is_truthy(section:find("`" .. name .. "` (key `" .. key .. "`) | " .. rate
+                .. "/s, burst " .. burst, 1, true), "the README does not state the default limit " .. name)
+        end
+        assert.are.equal(2, n)
+        local per_sandbox = assert(script:match("M%.DEFAULT_PER_SANDBOX = (%d+)"))
+        assert.matches("per_sandbox%s+503 beyond " .. per_sandbox, out)
+        -- where the knobs end, the script section begins
+        assert.is_truthy(out:find("Script defaults that can refuse a request", 1, true))
+    end)
+
     it("--version prints the version", function()
         local code, out = run({ "--version" })
         assert.are.equal(0, code)

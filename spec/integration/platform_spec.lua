@@ -248,6 +248,45 @@ describe("rate limiting", function()
         end
         check_429(assert(px:get("/bob/c/")))
     end)
+
+    -- The default keys (ratelimit.lua: "unauthenticated" and "identity") with small rates:
+    -- auth identifies the caller before the limits, so users behind one address (here all of
+    -- them: 127.0.0.1, as behind a load balancer's node) each have their own bucket, and only
+    -- callers without valid credentials share the address's bucket.
+    it("limits anonymous callers per address and authenticated callers per user", function()
+        local crypto = require "sp.crypto"
+        local dir = H.tmpdir()
+        local function sha(k)
+            return crypto.hex(crypto.sha256(k))
+        end
+        assert(process.write_file(dir .. "/keys.json", cjson.encode({ keys = {
+            { user = "alice", sha256 = sha("alice-key") }, { user = "bob", sha256 = sha("bob-key") } } })))
+        local px = H.start{ sandboxes = { H.sandbox("alice", "a", up.port), H.sandbox("bob", "c", up.port) },
+            config = ([[return { auth = { keys_file = %q }, ratelimit = { limits = {
+                { name = "client", key = "unauthenticated", rate = 0.01, burst = 2 },
+                { name = "user", key = "identity", rate = 0.01, burst = 3 } } } }]]):format(dir .. "/keys.json") }
+        local function as(key, path)
+            return assert(px:get(path, key and { Authorization = "Bearer " .. key } or nil))
+        end
+        for i = 1, 3 do
+            local r = as("alice-key", "/alice/a/")
+            assert.are.equal(200, r.status, i)
+            assert.are.equal("3", r.headers["ratelimit-limit"])
+        end
+        check_429(as("alice-key", "/alice/a/"))
+        -- bob, from the same address, has his own bucket
+        for i = 1, 3 do
+            assert.are.equal(200, as("bob-key", "/bob/c/").status, i)
+        end
+        check_429(as("bob-key", "/bob/c/"))
+        -- callers without valid credentials share 127.0.0.1's bucket of 2 (401 until spent)
+        local r = as("wrong-key", "/alice/a/")
+        assert.are.equal(401, r.status)
+        assert.are.equal("2", r.headers["ratelimit-limit"])
+        assert.are.equal(401, as(nil, "/bob/c/").status)
+        check_429(as("wrong-key", "/alice/a/"))
+        check_429(as(nil, "/alice/a/"))
+    end)
 end)
 
 ---------------------------------------------------------------------------------------------
@@ -623,7 +662,9 @@ describe("access log", function()
             end
         end
         assert.are.same(expected, keys)
-        assert.are.equal(16, #keys) -- all but query and error
+        assert.are.equal(17, #keys) -- all but query and error (trace_id included: propagation is on)
+        assert.matches("^%x+$", l.trace_id)
+        assert.are.equal(32, #l.trace_id)
         -- a request body counts in bytes_in
         assert.are.equal("POST", L.post.method)
         assert.is_true(L.post.bytes_in > 1000)

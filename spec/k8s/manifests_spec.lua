@@ -178,6 +178,25 @@ describe("k8s manifests", function()
         end
     end)
 
+    it("show the proxy each client's own address, and trust no X-Forwarded-For", function()
+        -- Cluster would SNAT every client to a node address: the per-address limits would put
+        -- unrelated users in one bucket. An L4 LoadBalancer adds no X-Forwarded-For, so a
+        -- trusted proxy list would only let clients pick their own address.
+        local svc = find(dep, "Service")
+        assert.are.equal("Local", svc.spec.externalTrafficPolicy)
+        local cfg = assert(loadstring(find(conf, "ConfigMap").data["config.lua"]))()
+        local rl = cfg.ratelimit
+        assert.are.same({}, rl.trusted_proxies or {})
+        -- authenticated callers are limited per user, not per address
+        local keys = {}
+        for _, l in ipairs(rl.limits or {}) do
+            keys[l.key] = true
+        end
+        assert.is_nil(keys.client)
+        assert.is_true(keys.unauthenticated)
+        assert.is_true(keys.identity)
+    end)
+
     it("use probe paths and arguments the binary really serves and accepts", function()
         local d = find(dep, "Deployment")
         local c = d.spec.template.spec.containers[1]

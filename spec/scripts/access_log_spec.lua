@@ -9,7 +9,7 @@ local cjson = require "cjson"
 
 local ALL = { "time", "request_id", "client", "method", "path", "query", "status", "bytes_in",
     "bytes_out", "duration", "upstream_connect", "upstream_first_byte", "user", "sandbox",
-    "upstream", "ratelimit", "error", "worker" }
+    "upstream", "trace_id", "ratelimit", "error", "worker" }
 
 local lines
 local real_access_log = core.access_log

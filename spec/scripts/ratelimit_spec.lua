@@ -200,6 +200,95 @@ describe("ratelimit.lua", function()
             assert.are.equal("1999", req.response_headers["RateLimit-Remaining"])
         end)
 
+        -- A caller auth has identified (req.ctx.identity, left by auth.identify_request).
+        local function as_user(user, target, client)
+            local req = request(target or "/a/b/c", { client = client or "10.1.1.1" })
+            req.ctx.identity = { user = user, admin = false, method = "key" }
+            return req
+        end
+
+        -- the default limits (no `limits`), without the concurrency limit: these fake
+        -- requests never complete, so each would keep its slot
+        local NO_CC = { concurrency = { per_sandbox = 0 } }
+
+        -- Runs step() (returns a request and check's answer) until a request is refused, at
+        -- most 20,000 times (the bucket refills at 1000/s while the loop runs). Returns the
+        -- refused request and how many were admitted before it.
+        local function until_refused(step)
+            for n = 0, 20000 do
+                local r, ok = step()
+                if not ok then
+                    return r, n
+                end
+            end
+            error("never refused")
+        end
+
+        it("limits callers auth did not identify per client address by default", function()
+            local rl = load(NO_CC)
+            local req, n = until_refused(function()
+                local r = request("/a/b/c", { client = "10.1.1.1" })
+                return r, rl.check(r)
+            end)
+            assert.is_true(n >= 2000, n)
+            assert.are.equal(429, req.response.status)
+            -- another address has its own bucket
+            assert.is_true(select(2, check(rl, "/a/b/c", { client = "10.1.1.2" })))
+            -- an authenticated caller from the exhausted address is not in that bucket
+            req = as_user("alice")
+            assert.is_true(rl.check(req))
+            assert.are.equal("allowed", req.ctx.ratelimit)
+            assert.are.equal("1999", req.response_headers["RateLimit-Remaining"])
+        end)
+
+        it("limits authenticated callers per user by default, wherever they connect from", function()
+            local rl = load(NO_CC)
+            -- alice, through one address (a load balancer's node, a NAT), spends her bucket
+            local i = 0
+            local req, n = until_refused(function()
+                i = i + 1
+                local r = as_user("alice", "/alice/s" .. (i % 7) .. "/x")
+                return r, rl.check(r)
+            end)
+            assert.is_true(n >= 2000, n)
+            assert.are.equal(429, req.response.status)
+            assert.are.equal("2000", req.response.headers["RateLimit-Limit"])
+            -- from another address too: the bucket is the user's (nearly empty: it refills
+            -- at 1000/s, so this one may just get a token back)
+            req = as_user("alice", "/alice/b/c", "10.9.9.9")
+            rl.check(req)
+            local h = req.response and req.response.headers or req.response_headers
+            assert.is_true(tonumber(h["RateLimit-Remaining"]) < 1000, h["RateLimit-Remaining"])
+            -- bob behind the same address is not affected, nor is an anonymous caller there
+            req = as_user("bob")
+            assert.is_true(rl.check(req))
+            assert.are.equal("1999", req.response_headers["RateLimit-Remaining"])
+            assert.is_true(select(2, check(rl, "/a/b/c", { client = "10.1.1.1" })))
+        end)
+
+        it("refuses an unknown key name at load time", function()
+            local ok, err = pcall(load, { limits = { { key = "clinet", rate = 1 } } })
+            assert.is_false(ok)
+            assert.matches("key must be", tostring(err), 1, true)
+        end)
+
+        it("keys unauthenticated / identity by the caller's identity", function()
+            local rl = load({ limits = {
+                { name = "anon", key = "unauthenticated", rate = SLOW, burst = 1 },
+                { name = "who", key = "identity", rate = SLOW, burst = 2 } } })
+            -- anonymous: the address's bucket of 1; the identity limit does not apply
+            local req, ok = check(rl, "/a/b/c")
+            assert.is_true(ok)
+            assert.are.equal("1", req.response_headers["RateLimit-Limit"])
+            assert.is_false(select(2, check(rl, "/a/b/c")))
+            -- identified: the user's bucket of 2; the address's empty bucket does not apply
+            req = as_user("carol", "/a/b/c", "127.0.0.1")
+            assert.is_true(rl.check(req))
+            assert.are.equal("2", req.response_headers["RateLimit-Limit"])
+            assert.is_true(rl.check(as_user("carol", "/a/b/c", "127.0.0.1")))
+            assert.is_false(rl.check(as_user("carol", "/a/b/c", "127.0.0.1")))
+        end)
+
         it("does nothing when disabled", function()
             local rl = load({ enabled = false, concurrency = { per_sandbox = 1 },
                 limits = { { key = "client", rate = SLOW, burst = 1 } } })

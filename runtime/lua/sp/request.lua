@@ -59,6 +59,7 @@ double sp_req_first_byte_time(const sp_request_t *r);
 const char *sp_req_upstream_addr(const sp_request_t *r);
 const char *sp_req_error(const sp_request_t *r);
 int sp_req_worker(const sp_request_t *r);
+int sp_req_trace_id(sp_request_t *r, char *out);
 int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char *k1, const char *v1,
                       const char *k2, const char *v2, const char *k3, const char *v3,
                       const char *k4, const char *v4, const char *k5, const char *v5,
@@ -390,6 +391,16 @@ function Req:error()
     return s ~= "" and s or nil
 end
 
+-- The request's W3C trace id (32 hex digits: the client's, or the one the proxy started), or
+-- nil while tracing is off (trace_propagation=false and no otlp_endpoint).
+local trace_buf = ffi.new("char[32]")
+function Req:trace_id()
+    if C.sp_req_trace_id(live(self), trace_buf) == 0 then
+        return nil
+    end
+    return ffi_string(trace_buf, 32)
+end
+
 function Req:worker()
     return C.sp_req_worker(live(self))
 end
@@ -403,7 +414,7 @@ M.LOG_LINE = {
     { "time", 1 }, { "request_id", 2 }, { "client", 4 }, { "method", 8 }, { "path", 16 },
     { "query", 32 }, { "status", 64 }, { "bytes_in", 128 }, { "bytes_out", 256 },
     { "duration", 512 }, { "upstream_connect", 1024 }, { "upstream_first_byte", 2048 },
-    { "upstream", 4096 }, { "error", 8192 },
+    { "upstream", 4096 }, { "trace_id", 32768 }, { "error", 8192 },
     { "user" }, { "sandbox" }, { "ratelimit" },
     { "worker", 16384 },
 }
@@ -448,6 +459,7 @@ function Req:record()
         error = self:error(),
         delivered = self:delivered(),
         worker = C.sp_req_worker(r),
+        trace_id = self:trace_id(),
     }
 end
 

@@ -45,7 +45,8 @@ local fake_mt = {
 local counter = 0
 
 -- opts: method ("GET"), target ("/"), headers (map or list of pairs), client ("127.0.0.1"),
--- client_port, listener ("main"), http_version ("1.1"), body (string), id, upgrade (bool)
+-- client_port, listener ("main"), http_version ("1.1"), body (string), id, upgrade (bool),
+-- trace_id (what req:trace_id() returns; nil: tracing off)
 function M.request(opts)
     opts = opts or {}
     counter = counter + 1
@@ -72,6 +73,7 @@ function M.request(opts)
         _body = opts.body,
         _id = opts.id or ("test" .. counter),
         _upgrade = opts.upgrade or false,
+        _trace_id = opts.trace_id,
         _connected = true,
         _record = {},
     }, fake_mt)
@@ -280,6 +282,8 @@ function Fake:delivered()
     end
     return nil
 end
+-- opts.trace_id, or nil (as the real request while tracing is off)
+function Fake:trace_id() return self._trace_id end
 
 function Fake:record()
     return {
@@ -288,7 +292,7 @@ function Fake:record()
         bytes_out = self:bytes_out(), duration = self:duration(), upstream = self:upstream_addr(),
         upstream_connect = self._record.upstream_connect,
         upstream_first_byte = self._record.upstream_first_byte, error = self:error(),
-        delivered = self:delivered(), worker = 0,
+        delivered = self:delivered(), worker = 0, trace_id = self:trace_id(),
     }
 end
 
@@ -323,6 +327,7 @@ function Fake:access_log(mask, ...)
         duration = seconds(rec.duration), upstream_connect = seconds(rec.upstream_connect),
         upstream_first_byte = seconds(rec.upstream_first_byte),
         upstream = rec.upstream and json_str(rec.upstream) or nil,
+        trace_id = rec.trace_id and json_str(rec.trace_id) or nil,
         error = rec.error and json_str(rec.error) or nil,
         worker = "0",
     }
