@@ -22,6 +22,8 @@ describe("core.settings()", function()
         for line in help:gmatch("[^\n]+") do
             if line:match("^Knobs") then
                 in_knobs = true
+            elseif in_knobs and not line:match("^ ") then
+                break -- the next section (the script defaults) lists no knobs
             elseif in_knobs then
                 local name = line:match("^  ([%w_]+)  ")
                 if name then
