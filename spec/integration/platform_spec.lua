@@ -166,6 +166,7 @@ describe("rate limiting", function()
         local t0 = now()
         -- from a full bucket, sequentially: Remaining counts down from burst - 1
         local remaining = {}
+        local ta = now()
         for i = 1, 5 do
             local r = assert(conns[1]:request{ path = "/alice/sb/" })
             assert.are.equal(200, r.status)
@@ -174,11 +175,12 @@ describe("rate limiting", function()
             assert.matches("^%d+$", r.headers["ratelimit-reset"])
             remaining[i] = tonumber(r.headers["ratelimit-remaining"])
         end
+        local tb = now()
         assert.are.equal(BURST - 1, remaining[1])
-        for i = 2, 5 do
-            assert.is_true(remaining[i] <= remaining[i - 1], table.concat(remaining, ","))
-        end
-        assert.is_true(remaining[5] <= BURST - 4, table.concat(remaining, ","))
+        -- five tokens taken, and at most RATE per second refilled meanwhile (a slow machine,
+        -- an ASan build, refills some: the bound follows the time the five took)
+        assert.is_true(remaining[5] <= BURST - 5 + math.floor(RATE * (tb - ta)),
+            table.concat(remaining, ",") .. (" in %.3f s"):format(tb - ta))
         -- then as fast as possible from 4 connections until the window is over
         local admitted, limited, total = 5, 0, 5
         while now() - t0 < WINDOW do
