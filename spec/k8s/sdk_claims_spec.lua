@@ -1,8 +1,8 @@
 -- End to end with the official agent-sandbox Python SDK (../shared/third_party/, v0.5.6, used
 -- as is): the SDK creates a sandbox through a SandboxClaim on a warm pool of the API stand-in
 -- (which binds it like the real claim controller), reaches it through sandbox-proxy in its
--- direct mode (X-Sandbox-* headers: the example header router, scripts/examples/sdk_router.lua,
--- mounted as router.lua), executes a command in it, reaches it again by the claim's name on
+-- direct mode (X-Sandbox-* headers: the built-in header contract, scripts/sandbox_headers.lua),
+-- executes a command in it, reaches it again by the claim's name on
 -- the path route, deletes it, and its routes go.
 -- Interpreters: the SDK needs pydantic 2, so its driver (spec/fixtures/sdk_claim_client.py)
 -- runs on the python3 on PATH (pyenv's 3.11) with Debian's python3-kubernetes appended to its
@@ -66,13 +66,9 @@ describe("the official Python SDK creating a sandbox through a SandboxClaim", fu
         api:claim_config{ bind_delay_ms = 20, replenish = false }
         api:pool{ name = "python-pool", replicas = 1 }
 
-        -- the proxy with the SDK header router, sandboxes on the runtime's port
-        local scripts = dir .. "/scripts"
-        assert(os.execute("mkdir -p " .. scripts) == 0)
-        assert(process.write_file(scripts .. "/router.lua",
-            assert(process.read_file(H.SOURCE_DIR .. "/scripts/examples/sdk_router.lua"))))
-        local px = api:proxy{ scripts = scripts,
-            config = "return { discovery = { port = " .. port .. " } }" }
+        -- the proxy with its default scripts (the header contract is built in,
+        -- scripts/sandbox_headers.lua), sandboxes on the runtime's port
+        local px = api:proxy{ config = "return { discovery = { port = " .. port .. " } }" }
 
         -- the SDK's kubeconfig names the stand-in
         local kubeconfig = dir .. "/kubeconfig"
