@@ -9,7 +9,7 @@
 FROM debian:bookworm AS build
 COPY .ci/packages .ci/packages.runtime /tmp/
 RUN apt-get update \
- && grep -hv '^[[:space:]]*#' /tmp/packages /tmp/packages.runtime \
+ && sed 's/#.*//' /tmp/packages /tmp/packages.runtime | awk 'NF { print $1 }' \
     | xargs apt-get install -y --no-install-recommends \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -26,7 +26,8 @@ RUN cmake -B build -DCMAKE_BUILD_TYPE=Release \
 FROM debian:bookworm-slim
 COPY .ci/packages.runtime /tmp/
 RUN apt-get update \
- && grep -v '^[[:space:]]*#' /tmp/packages.runtime | xargs apt-get install -y --no-install-recommends \
+ && sed 's/#.*//' /tmp/packages.runtime | awk 'NF { print $1 }' \
+    | xargs apt-get install -y --no-install-recommends \
  && rm -rf /var/lib/apt/lists/* /tmp/packages.runtime \
  && useradd --system --uid 10001 --user-group --no-create-home sandbox-proxy \
  && mkdir -p /etc/sandbox-proxy/scripts
