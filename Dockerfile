@@ -2,8 +2,9 @@
 # installs: .ci/packages to build and test, .ci/packages.runtime to run), running as non-root.
 #   docker build -t sandbox-proxy .
 #   docker run -p 8080:8080 sandbox-proxy            # local demo (no cluster)
-# In Kubernetes (k8s/deployment.yaml) it finds the API server in-cluster. Built-in scripts are
-# in /usr/local/share/sandbox-proxy/scripts; mount a ConfigMap at /etc/sandbox-proxy/scripts
+# Without Docker or a registry: .ci/image (mmdebstrap bases, podman build, then checks the image).
+# In Kubernetes (k8s/base/deployment.yaml) it finds the API server in-cluster. Built-in scripts
+# are in /usr/local/share/sandbox-proxy/scripts; mount a ConfigMap at /etc/sandbox-proxy/scripts
 # (the override directory) to replace any of them file by file.
 
 FROM debian:bookworm AS build

@@ -135,7 +135,8 @@ local function granted(docs)
             for _, s in ipairs(b.subjects) do
                 if s.kind == "ServiceAccount" and s.name == SA and s.namespace == NS then
                     local role = find(docs, b.roleRef.kind, b.roleRef.name)
-                    assert(role, kind .. " " .. b.metadata.name .. ": its role is not in the output")
+                    assert(role, kind .. " " .. b.metadata.name
+                        .. ": its role is not in the output")
                     for _, r in ipairs(role.rules) do
                         rules[#rules + 1] = r
                     end
@@ -226,7 +227,8 @@ describe("kustomize overlays", function()
 
     for _, name in ipairs(OVERLAYS) do
         describe(name, function()
-            it("runs a hardened pod with probes and a memory limit, in the admitted namespace and label", function()
+            it("runs a hardened pod with probes and a memory limit, in the admitted namespace "
+                .. "and label", function()
                 local docs = out[name]
                 for _, d in ipairs(docs) do
                     if d.kind ~= "ClusterRole" and d.kind ~= "ClusterRoleBinding" then
@@ -257,7 +259,8 @@ describe("kustomize overlays", function()
                 assert.is_truthy(c.resources.requests.cpu)
             end)
 
-            it("mounts the scripts ConfigMap as the override directory and a config that loads", function()
+            it("mounts the scripts ConfigMap as the override directory and a config that loads",
+                function()
                 local docs = out[name]
                 local _, pod, c = deployment(docs)
                 local scripts_dir = assert(arg(c, "--scripts"))
@@ -309,7 +312,8 @@ describe("kustomize overlays", function()
         assert.are.same(base_cfg, cfg)
     end)
 
-    it("auth: auth_required, the keys Secret in the output, mounted where the config reads it", function()
+    it("auth: auth_required, the keys Secret in the output, mounted where the config reads it",
+        function()
         local docs = out.auth
         local _, pod, c = deployment(docs)
         assert.are.equal("true", arg(c, "auth_required"))
@@ -368,7 +372,8 @@ describe("kustomize overlays", function()
         end
         assert(cpu and cpu.type == "Utilization" and cpu.averageUtilization > 0, "no CPU target")
         -- a PDB that allows no eviction at the HPA's minimum would block node drains
-        assert.is_true(pdb.spec.maxUnavailable ~= nil or pdb.spec.minAvailable < hpa.spec.minReplicas)
+        assert.is_true(pdb.spec.maxUnavailable ~= nil
+            or pdb.spec.minAvailable < hpa.spec.minReplicas)
         local keys = {}
         for _, t in ipairs(pod.topologySpreadConstraints or {}) do
             assert.is_true(subset(t.labelSelector.matchLabels, labels))
@@ -385,7 +390,8 @@ describe("kustomize overlays", function()
         end
     end)
 
-    it("prometheus: the metrics listener, a ClusterIP Service, a ServiceMonitor, rules and the dashboard", function()
+    it("prometheus: the metrics listener, a ClusterIP Service, a ServiceMonitor, rules and the "
+        .. "dashboard", function()
         local docs = out.prometheus
         local dep, _, c = deployment(docs)
         local listen = assert(arg(c, "metrics_listen"), "no metrics_listen")

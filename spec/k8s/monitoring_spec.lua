@@ -173,13 +173,15 @@ local function missing(exprs, exp)
 end
 
 describe("the PromQL tokenizer", function()
-    it("keeps metric names and skips functions, keywords, matchers, durations and clauses", function()
+    it("keeps metric names and skips functions, keywords, matchers, durations and clauses",
+        function()
         assert.are.same({ "a_total" }, metric_names(
             'sum by (code, le) (rate(a_total{job=~"$job",code=~"5xx|none"}[$__rate_interval]))'))
         assert.are.same({ "x", "y_total" }, metric_names(
             "histogram_quantile(0.99, sum without(pod) (rate(x[5m] offset 1h))) / on(ns) "
             .. "group_left(pod) y_total > bool 5 * 1024 and vector(1)"))
-        assert.are.same({ "m:recorded", "m:recorded" }, metric_names('max(m:recorded{a="sum(b)", c=\'{d}\'}) '
+        assert.are.same({ "m:recorded", "m:recorded" }, metric_names(
+            'max(m:recorded{a="sum(b)", c=\'{d}\'}) '
             .. "unless absent(m:recorded) or 1e3 < .5"))
         assert.are.same({ "z" }, metric_names('min by (pod) (z{job=~"${job:regex}"}) == 0'))
         assert.are.same({}, metric_names("vector(1) + time()"))
@@ -200,8 +202,11 @@ describe("the dashboard and the alert rules", function()
     local dash, rules, exp
 
     setup(function()
-        dash = cjson.decode((assert(process.read_file(H.SOURCE_DIR .. "/" .. DIR .. "dashboard.json"))))
-        rules = lyaml.load((assert(process.read_file(H.SOURCE_DIR .. "/" .. DIR .. "prometheusrule.yaml"))))
+        local function read(file)
+            return (assert(process.read_file(H.SOURCE_DIR .. "/" .. DIR .. file)))
+        end
+        dash = cjson.decode(read("dashboard.json"))
+        rules = lyaml.load(read("prometheusrule.yaml"))
         -- a proxy watching a Kubernetes API stand-in, with its metrics on their own listener
         local up = H.upstream{ name = "mon" }
         local api = K.start{}
@@ -217,7 +222,8 @@ describe("the dashboard and the alert rules", function()
         assert.are.equal(404, assert(px:get("/alice/nobody/echo")).status)
         assert.are.equal(502, assert(px:get("/alice/gone/echo")).status)
         local c = assert(px:connect{})
-        assert(c:send_raw("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"))
+        assert(c:send_raw("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+            .. "Content-Length: 2\r\n\r\n"))
         assert.are.equal(400, assert(c:read_response{}).status)
         c:close()
         -- the watch has seen an event or a bookmark (the fixture sends one every second)
