@@ -30,7 +30,8 @@ RUN apt-get update \
  && sed 's/#.*//' /tmp/packages.runtime | awk 'NF { print $1 }' \
     | xargs apt-get install -y --no-install-recommends \
  && rm -rf /var/lib/apt/lists/* /tmp/packages.runtime \
- && useradd --system --uid 10001 --user-group --no-create-home sandbox-proxy \
+ && groupadd --system --gid 10001 sandbox-proxy \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home sandbox-proxy \
  && mkdir -p /etc/sandbox-proxy/scripts
 COPY --from=build /opt/sandbox-proxy /usr/local
 USER 10001:10001
