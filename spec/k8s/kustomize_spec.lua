@@ -7,10 +7,10 @@
 -- mount; wake: patch and wake enabled; ha: replicas, PodDisruptionBudget, HPA on CPU, topology
 -- spread; prometheus: the metrics listener, Service, ServiceMonitor, PrometheusRule and
 -- dashboard. Each overlay's arguments and config also pass the real binary's --check.
--- kubectl is not in Debian bookworm's main suite in a version this machine has (Debian's
--- kubernetes-client 1.20 embeds kustomize 2.0.3, which these kustomizations are written for
--- too), so the spec needs it on PATH (H.need_tool). The YAML is read with lyaml (Debian
--- lua-yaml).
+-- kubectl: Debian bookworm's kubernetes-client (kubectl 1.20, embedding kustomize 2.0.3, which
+-- these kustomizations are written for) or any newer kubectl (checked with 1.32 / kustomize
+-- 5.5); .ci/install-deps installs the Debian one unless a kubectl is on PATH, and the spec asks
+-- for it with H.need_tool. The YAML is read with lyaml (Debian lua-yaml).
 local H = require "spec.helpers.proxy"
 local process = require "spec.helpers.process"
 local lyaml = require "lyaml"
