@@ -2,14 +2,15 @@
 # installs: .ci/packages to build and test, .ci/packages.runtime to run), running as non-root.
 #   docker build -t sandbox-proxy .
 #   docker run -p 8080:8080 sandbox-proxy            # local demo (no cluster)
-# In Kubernetes (k8s/deployment.yaml) it finds the API server in-cluster. Built-in scripts are
-# in /usr/local/share/sandbox-proxy/scripts; mount a ConfigMap at /etc/sandbox-proxy/scripts
+# Without Docker or a registry: .ci/image (mmdebstrap bases, podman build, then checks the image).
+# In Kubernetes (k8s/base/deployment.yaml) it finds the API server in-cluster. Built-in scripts
+# are in /usr/local/share/sandbox-proxy/scripts; mount a ConfigMap at /etc/sandbox-proxy/scripts
 # (the override directory) to replace any of them file by file.
 
 FROM debian:bookworm AS build
 COPY .ci/packages .ci/packages.runtime /tmp/
 RUN apt-get update \
- && grep -hv '^[[:space:]]*#' /tmp/packages /tmp/packages.runtime \
+ && sed 's/#.*//' /tmp/packages /tmp/packages.runtime | awk 'NF { print $1 }' \
     | xargs apt-get install -y --no-install-recommends \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -26,9 +27,11 @@ RUN cmake -B build -DCMAKE_BUILD_TYPE=Release \
 FROM debian:bookworm-slim
 COPY .ci/packages.runtime /tmp/
 RUN apt-get update \
- && grep -v '^[[:space:]]*#' /tmp/packages.runtime | xargs apt-get install -y --no-install-recommends \
+ && sed 's/#.*//' /tmp/packages.runtime | awk 'NF { print $1 }' \
+    | xargs apt-get install -y --no-install-recommends \
  && rm -rf /var/lib/apt/lists/* /tmp/packages.runtime \
- && useradd --system --uid 10001 --user-group --no-create-home sandbox-proxy \
+ && groupadd --system --gid 10001 sandbox-proxy \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home sandbox-proxy \
  && mkdir -p /etc/sandbox-proxy/scripts
 COPY --from=build /opt/sandbox-proxy /usr/local
 USER 10001:10001

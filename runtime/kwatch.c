@@ -258,8 +258,9 @@ static void fail(sp_kwatch_t *w, long status, const char *reason, const char *me
     w->next_is_list = list_next;
     if (forbidden)
         sp_log(SP_LOG_ERROR, "Kubernetes API forbids the watch: the service account needs get, "
-               "list and watch on this resource (see k8s/rbac.yaml)", "s:resource", w->resource,
-               "s:group", w->group, "s:message", message ? message : "", "d:retry_in", d, NULL);
+               "list and watch on this resource (see k8s/base/rbac.yaml)", "s:resource",
+               w->resource, "s:group", w->group, "s:message", message ? message : "", "d:retry_in",
+               d, NULL);
     else
         sp_log(SP_LOG_WARN, "Kubernetes API error", "s:resource", w->resource, "i:status",
                (int64_t)status, "s:reason", reason, "s:message", message ? message : "",

@@ -888,7 +888,7 @@ local function discover_version()
             err = GROUP .. " is not served: is agent-sandbox installed in this cluster?"
         elseif forbidden then
             err = "the Kubernetes API forbids discovery of " .. GROUP
-                .. ": the service account needs get on /apis/" .. GROUP .. " (see k8s/rbac.yaml)"
+                .. ": the service account needs get on /apis/" .. GROUP .. " (see k8s/base/rbac.yaml)"
         elseif status then
             err = "discovery answered " .. status
         else

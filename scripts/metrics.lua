@@ -13,7 +13,13 @@
 --   sandbox_proxy_parse_errors_total, sandbox_proxy_shared_dict_evictions_total{dict},
 --   sandbox_proxy_shared_dict_used_bytes{dict}, sandbox_proxy_accesslog_dropped_total,
 --   sandbox_proxy_trace_spans_exported_total, sandbox_proxy_trace_spans_dropped_total,
---   sandbox_proxy_lua_memory_bytes (the answering worker's state)
+--   sandbox_proxy_lua_memory_bytes (the answering worker's state),
+--   process_resident_memory_bytes (the whole process, from /proc/self/status; Linux)
+--   wake.lua: sandbox_proxy_wakes_total (PATCHes that woke a sandbox),
+--   sandbox_proxy_wake_failures_total (PATCHes refused or unanswered),
+--   sandbox_proxy_wake_duration_seconds (histogram: from the request that claimed the wake to
+--   Ready, seen by worker 0 of the replica that claimed it), sandbox_proxy_wake_held_requests,
+--   sandbox_proxy_idle_suspends_total
 local core = require "sp.core"
 local routes = require "sp.routes"
 local shared = require "sp.shared"
@@ -24,6 +30,34 @@ local format = string.format
 
 local sp_dict = assert(shared.dict("sp"))
 local M = {}
+
+-- Upper bounds of the wake duration histogram, in seconds (a sandbox's start takes seconds).
+M.WAKE_BUCKETS = { 0.5, 1, 2, 5, 10, 20, 30, 60, 120 }
+
+-- Records one wake's duration (wake.lua calls it; one shared dict update per bucket).
+function M.observe_wake(seconds)
+    for i, le in ipairs(M.WAKE_BUCKETS) do
+        if seconds <= le then
+            sp_dict:incr("m:wake_le:" .. i, 1, 0)
+            break
+        end
+    end
+    sp_dict:incr("m:wake_sum", seconds, 0)
+    sp_dict:incr("m:wake_count", 1, 0)
+end
+
+-- The process's resident set size in bytes (VmRSS), or nil where /proc is not Linux's.
+local function resident_bytes()
+    local f = io.open("/proc/self/status", "r")
+    if not f then
+        return nil
+    end
+    local text = f:read("*a")
+    f:close()
+    local kb = text:match("\nVmRSS:%s*(%d+) kB")
+    return kb and tonumber(kb) * 1024
+end
+M.resident_bytes = resident_bytes
 
 -- A label value escaped as the exposition format wants (backslash, quote, newline).
 local function label(v)
@@ -143,6 +177,33 @@ function M.render()
     end
     metric("sandbox_proxy_lua_memory_bytes", "gauge", "Memory of the answering worker's Lua state.")
     sample("sandbox_proxy_lua_memory_bytes", nil, st.lua_memory)
+    local rss = resident_bytes()
+    if rss then
+        metric("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
+        sample("process_resident_memory_bytes", nil, rss)
+    end
+
+    metric("sandbox_proxy_wakes_total", "counter", "Suspended sandboxes woken (PATCHes accepted).")
+    sample("sandbox_proxy_wakes_total", nil, sp_dict:get("m:wakes") or 0)
+    metric("sandbox_proxy_wake_failures_total", "counter",
+        "Wake PATCHes refused or unanswered (each answered 503).")
+    sample("sandbox_proxy_wake_failures_total", nil, sp_dict:get("m:wake_failures") or 0)
+    metric("sandbox_proxy_wake_duration_seconds", "histogram",
+        "Time from the request that claimed a wake to the sandbox being ready.")
+    local wcum = 0
+    for i, le in ipairs(M.WAKE_BUCKETS) do
+        wcum = wcum + (sp_dict:get("m:wake_le:" .. i) or 0)
+        sample("sandbox_proxy_wake_duration_seconds_bucket", format('{le="%s"}', num(le)), wcum)
+    end
+    local wcount = sp_dict:get("m:wake_count") or 0
+    sample("sandbox_proxy_wake_duration_seconds_bucket", '{le="+Inf"}', wcount)
+    sample("sandbox_proxy_wake_duration_seconds_sum", nil, sp_dict:get("m:wake_sum") or 0)
+    sample("sandbox_proxy_wake_duration_seconds_count", nil, wcount)
+    local wake_dict = shared.dict("wake") or sp_dict -- (wake.lua's choice too)
+    metric("sandbox_proxy_wake_held_requests", "gauge", "Requests held for a waking sandbox.")
+    sample("sandbox_proxy_wake_held_requests", nil, wake_dict:get("held:*") or 0)
+    metric("sandbox_proxy_idle_suspends_total", "counter", "Idle sandboxes suspended.")
+    sample("sandbox_proxy_idle_suspends_total", nil, sp_dict:get("m:idle_suspends") or 0)
     out[#out + 1] = ""
     return concat(out, "\n")
 end

@@ -27,7 +27,7 @@
 -- has a bucket of their own wherever they connect from, and users behind one address (a NAT,
 -- a load balancer's node addresses) never share one; only callers without valid credentials
 -- share their address's bucket.
--- trusted_proxies is empty by default: the shipped Service (k8s/deployment.yaml) is an L4
+-- trusted_proxies is empty by default: the shipped Service (k8s/base/deployment.yaml) is an L4
 -- LoadBalancer with externalTrafficPolicy: Local, so the peer address is the client's own and
 -- nothing in front adds X-Forwarded-For (a client could write any). Behind an L7 proxy or
 -- ingress, list its addresses here; with externalTrafficPolicy: Cluster peers are node

@@ -32,7 +32,7 @@
 -- means another replica acted first (or recorded activity) and this one backs off. Never
 -- suspends with a request or WebSocket in flight on this replica.
 --
--- Off by default: waking needs `patch` on sandboxes (apply k8s/rbac-wake.yaml), so it is
+-- Off by default: waking needs `patch` on sandboxes (k8s/overlays/wake/rbac-wake.yaml), so it is
 -- enabled in the config together with that role. Config (section `wake`; defaults shown):
 --   enabled = false,            -- wake suspended sandboxes on request (and idle suspend)
 --   wait_starting = false,      -- also hold sandboxes starting for another reason than a wake
@@ -51,6 +51,7 @@ local timer = require "sp.timer"
 local log = require "sp.log"
 local k8s = require "sp.k8s"
 local cjson = require "cjson.safe"
+local metrics = require "metrics"
 
 local type = type
 local tonumber = tonumber
@@ -151,7 +152,7 @@ end
 -- ------------------------------------------------------------------ wake on request
 
 local HINTS = {
-    [403] = "the proxy may not patch sandboxes: apply k8s/rbac-wake.yaml",
+    [403] = "the proxy may not patch sandboxes: apply k8s/overlays/wake (rbac-wake.yaml)",
     [404] = "the sandbox is gone",
     [409] = "the sandbox changed meanwhile",
 }
@@ -181,6 +182,8 @@ function M.patch_running(key)
     local message = status and type(resp) == "string" and (cjson.decode(resp) or {}).message
         or resp
     dict:set("wakefail:" .. key, code, FAIL_TTL)
+    sp_dict:incr("m:wake_failures", 1, 0)
+    dict:delete("wakestart:" .. key)
     dict:delete("waking:" .. key)
     dict:delete("patching:" .. key)
     log.error("cannot wake the sandbox", { key = key, namespace = r.namespace, name = r.name,
@@ -217,6 +220,7 @@ function M.handle(req, r, forward)
     while true do
         if action == "wake" and dict:add("patching:" .. key, true, WAKE_TTL) then
             dict:set("waking:" .. key, true, WAKE_TTL)
+            dict:set("wakestart:" .. key, core.now(), WAKE_TTL) -- for the duration metric
             core.post(0, "wake", key)
         end
         local left = deadline - core.monotonic()
@@ -259,6 +263,14 @@ local was_suspended = {}
 local function update_marks(key)
     local r = routes.get(key)
     if not r or r.ready or TERMINAL[r.reason] then
+        -- a wake this proxy claimed ends here: its duration, from the claim to Ready
+        local started = dict:get("wakestart:" .. key)
+        if started then
+            dict:delete("wakestart:" .. key)
+            if r and r.ready and metrics.observe_wake then
+                metrics.observe_wake(core.now() - started)
+            end
+        end
         was_suspended[key] = nil
         dict:delete("waking:" .. key)
         dict:delete("patching:" .. key)

@@ -1,5 +1,6 @@
--- The manifests in k8s/: structure (kinds, selectors that match labels, the namespace and label
--- the agent-sandbox NetworkPolicy admits, least-privilege RBAC, hardening), and the probes and
+-- The base manifests in k8s/base/, read without kubectl (the overlays: kustomize_spec.lua):
+-- structure (kinds, selectors that match labels, the namespace and label the agent-sandbox
+-- NetworkPolicy admits, least-privilege RBAC, hardening), and the probes and
 -- arguments checked against the real binary.
 local H = require "spec.helpers.proxy"
 local process = require "spec.helpers.process"
@@ -41,9 +42,9 @@ describe("k8s manifests", function()
     local rbac, dep, conf, secret
 
     setup(function()
-        rbac = load_docs("k8s/rbac.yaml")
-        dep = load_docs("k8s/deployment.yaml")
-        conf = load_docs("k8s/config.yaml")
+        rbac = load_docs("k8s/base/rbac.yaml")
+        dep = load_docs("k8s/base/deployment.yaml")
+        conf = load_docs("k8s/base/config.yaml")
         secret = load_docs("k8s/auth-secret.example.yaml")
     end)
 
@@ -130,7 +131,7 @@ describe("k8s manifests", function()
         for _, v in ipairs(pod.volumes) do
             vols[v.name] = v
         end
-        -- the config file comes from the ConfigMap in k8s/config.yaml
+        -- the config file comes from the ConfigMap in k8s/base/config.yaml
         local cm = find(conf, "ConfigMap")
         assert.are.equal(cm.metadata.name, vols.config.configMap.name)
         assert.is_not_true(vols.config.configMap.optional)

@@ -15,6 +15,7 @@ local K = require "spec.helpers.kube"
 local ws = require "spec.helpers.ws"
 local socket = require "socket"
 local cjson = require "cjson"
+local prom = require "spec.helpers.prometheus"
 
 local function suspended(user, name, port, opts)
     opts = opts or {}
@@ -102,6 +103,15 @@ describe("wake on request", function()
         -- once awake it is served directly
         assert.are.equal(200, assert(px:get("/alice/sleepy/echo")).status)
         assert.are.equal(1, patches(api, "sleepy"))
+        -- counted: one wake, its duration (held through both controller steps), none held now
+        local exp = prom.assert_parse(assert(px:get("/metrics")).body)
+        assert.are.equal(1, prom.value(exp, "sandbox_proxy_wakes_total"))
+        assert.are.equal(0, prom.value(exp, "sandbox_proxy_wake_failures_total"))
+        assert.are.equal(1, prom.value(exp, "sandbox_proxy_wake_duration_seconds_count"))
+        assert.is_true(prom.value(exp, "sandbox_proxy_wake_duration_seconds_sum") >= 0.5)
+        assert.are.equal(0, prom.value(exp, "sandbox_proxy_wake_duration_seconds_bucket",
+            { le = "0.5" }))
+        assert.are.equal(0, prom.value(exp, "sandbox_proxy_wake_held_requests"))
     end)
 
     it("wakes a suspended sandbox for a header-routed (agent-sandbox SDK) request too", function()
@@ -258,6 +268,10 @@ describe("wake on request", function()
         local line = px:wait_log(function(l) return l.msg == "cannot wake the sandbox" end)
         assert.are.equal(403, line.status)
         assert.is_truthy(tostring(line.hint):find("rbac-wake", 1, true))
+        local exp = prom.assert_parse(assert(px:get("/metrics")).body)
+        assert.are.equal(1, prom.value(exp, "sandbox_proxy_wake_failures_total"))
+        assert.are.equal(0, prom.value(exp, "sandbox_proxy_wakes_total"))
+        assert.are.equal(0, prom.value(exp, "sandbox_proxy_wake_duration_seconds_count"))
     end)
 
     it("answers 503 with Retry-After at the deadline when the wake never completes", function()
