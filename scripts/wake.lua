@@ -26,11 +26,16 @@
 --
 -- Idle suspend (opt-in per sandbox): a Sandbox annotated `sandbox-proxy.dev/idle-timeout:
 -- "30m"` is suspended after that long with no request and no open tunnel through ANY replica.
--- Replicas coordinate through the API server only: each records its activity on the Sandbox
--- (annotation `sandbox-proxy.dev/last-activity`, written at most once per activity_interval),
--- and the suspend is a PATCH with the resourceVersion it last saw as a precondition, so a 409
--- means another replica acted first (or recorded activity) and this one backs off. Never
--- suspends with a request or WebSocket in flight on this replica.
+-- Replicas coordinate through the API server only, with a write rate bounded by replicas, not
+-- sandboxes: each publishes the sandboxes it served (and those with a request or tunnel open)
+-- in its own coordination.k8s.io Lease (annotation sandbox-proxy.dev/activity; sharded over
+-- several Leases past lease_bytes), written every activity_interval and within activity_flush
+-- of a sandbox becoming active; every replica watches all the Leases. An "open" report counts
+-- until its Lease expires (renewTime + leaseDurationSeconds), so a replica that is gone stops
+-- counting. The suspend is a PATCH with the resourceVersion it last saw as a precondition, so
+-- a 409 means another replica acted first and this one backs off. Never suspends with a
+-- request or WebSocket in flight on this replica, nor before the Leases are listed. The
+-- per-sandbox annotation sandbox-proxy.dev/last-activity of earlier versions is still read.
 --
 -- Off by default: waking needs `patch` on sandboxes (apply k8s/rbac-wake.yaml), so it is
 -- enabled in the config together with that role. Config (section `wake`; defaults shown):
@@ -42,7 +47,12 @@
 --   patch_timeout = 15,         -- seconds for the PATCH to the API server
 --   idle_suspend = true,        -- honour the idle-timeout annotation (when enabled)
 --   check_interval = 5,         -- seconds between idle checks (worker 0)
---   activity_interval = 30,     -- at most one activity annotation write per sandbox per this
+--   activity_interval = 30,     -- seconds between this replica's Lease renewals
+--   activity_flush = 1,         -- a sandbox that becomes active is published within this
+--   lease_duration = 90,        -- leaseDurationSeconds (default 3 x activity_interval)
+--   lease_bytes = 200000,       -- annotation bytes per Lease before sharding
+--   lease_namespace = nil,      -- default $POD_NAMESPACE, the service account's, "default"
+--   replica = nil,              -- this replica's name: $POD_NAME, $HOSTNAME, else host + random
 local core = require "sp.core"
 local config = require "sp.config"
 local shared = require "sp.shared"
