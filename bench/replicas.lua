@@ -76,7 +76,8 @@ local ok, err = pcall(function()
     local sent, bad, k = 0, 0, 0
     while socket.gettime() - tt < args.seconds and sent < 10000000 do
         k = k % #names + 1
-        local r = sent % #pxs + 1
+        -- each pass over the sandboxes shifts the replica, so every replica serves each one
+        local r = (sent + math.floor(sent / #names)) % #pxs + 1
         local resp = conns[r]:request{ path = "/busy/" .. names[k] .. "/echo" }
         if not resp or resp.status ~= 200 then
             bad = bad + 1
