@@ -498,8 +498,13 @@ local function write_lease(i, doc)
     return false
 end
 
--- Worker 0: publishes this replica's activity (all its shards).
-function M.publish()
+-- Keys the last successful write of each shard reported (a flush rewrites only the shards
+-- that gained a key).
+local published = {}
+
+-- Worker 0: publishes this replica's activity: every shard (renew = true), or only those
+-- that gained a key since their last write (a flush).
+function M.publish(renew)
     if writing then
         return
     end
@@ -544,10 +549,27 @@ function M.publish()
     local ok = true
     for i = 0, math.max(n, shards_written) - 1 do
         local d = docs[i]
-        ok = write_lease(i, cjson.encode(d)) and ok
+        local gained = renew or n ~= shards_written or not published[i]
+        if not gained then
+            for key in pairs(d.a) do
+                if not published[i][key] then
+                    gained = true
+                    break
+                end
+            end
+        end
+        if gained then
+            if write_lease(i, cjson.encode(d)) then
+                published[i] = d.a
+            else
+                ok = false
+            end
+        end
     end
     shards_written = math.max(n, shards_written)
-    last_write = now
+    if renew then
+        last_write = now
+    end
     if not ok then
         dict:set("lease:dirty", true)
     end
@@ -556,8 +578,10 @@ end
 
 -- Worker 0, every activity_flush: publish when a sandbox became active, or to renew.
 local function lease_tick()
-    if dict:get("lease:dirty") or core.now() - last_write >= ACTIVITY_INTERVAL then
-        M.publish()
+    if core.now() - last_write >= ACTIVITY_INTERVAL then
+        M.publish(true)
+    elseif dict:get("lease:dirty") then
+        M.publish(false)
     end
 end
 
