@@ -545,3 +545,42 @@ describe("idle suspend", function()
         end
     end)
 end)
+
+-- The RBAC idle suspend needs (k8s/rbac-wake.yaml): a namespaced Role on the activity Leases,
+-- with every verb wake.lua uses, bound to the proxy's ServiceAccount in its own namespace.
+describe("the wake RBAC", function()
+    it("grants the verbs the activity Leases need, in the proxy's namespace", function()
+        local process = require "spec.helpers.process"
+        local kubeconn = require "sp.kubeconn"
+        local text = assert(process.read_file(H.SOURCE_DIR .. "/k8s/rbac-wake.yaml"))
+        local docs = {}
+        for chunk in (text .. "\n---\n"):gmatch("(.-)\n%-%-%-[^\n]*\n") do
+            if chunk:gsub("#[^\n]*", ""):match("%S") then
+                docs[#docs + 1] = assert(kubeconn.parse_yaml(chunk))
+            end
+        end
+        local role, binding
+        for _, d in ipairs(docs) do
+            role = d.kind == "Role" and d or role
+            binding = d.kind == "RoleBinding" and d or binding
+        end
+        assert.is_truthy(role, "no Role in k8s/rbac-wake.yaml")
+        assert.are.equal("agent-sandbox-system", role.metadata.namespace)
+        local verbs = {}
+        for _, rule in ipairs(role.rules) do
+            if rule.apiGroups[1] == "coordination.k8s.io" and rule.resources[1] == "leases" then
+                for _, v in ipairs(rule.verbs) do
+                    verbs[v] = true
+                end
+            end
+        end
+        -- what scripts/wake.lua sends: POST, PUT, GET (after a 409), LIST + WATCH, DELETE
+        for _, v in ipairs({ "create", "update", "get", "list", "watch", "delete" }) do
+            assert.is_true(verbs[v] == true, "the Role lacks " .. v .. " on leases")
+        end
+        assert.are.equal(role.metadata.name, binding.roleRef.name)
+        assert.are.equal("Role", binding.roleRef.kind)
+        assert.are.equal("sandbox-router", binding.subjects[1].name)
+        assert.are.equal(role.metadata.namespace, binding.subjects[1].namespace)
+    end)
+end)
