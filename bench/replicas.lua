@@ -10,14 +10,14 @@
 --      resourceVersions (410), and compacts + drops the Sandbox watches: time until every
 --      replica has listed both again, and what those LISTs cost (pages, bytes).
 -- Run from the repository root:  bench/replicas [--sandboxes N] [--idle N] [--replicas N]
---   [--seconds S] [--interval S] [--flush S]
+--   [--seconds S] [--interval S] [--flush S] [--suspend 0 (idle suspend off: a baseline)]
 local H = require "spec.helpers.proxy"
 local K = require "spec.helpers.kube"
 local socket = require "socket"
 local cjson = require "cjson"
 
 local args = { sandboxes = 100000, idle = 10000, replicas = 5, seconds = 60, interval = 30,
-    flush = 1 }
+    flush = 1, suspend = 1 }
 args.page = 500 -- the kube_page_size default
 local i = 1
 while arg[i] do
@@ -33,6 +33,7 @@ local function stats(api)
     return api:call("GET", "/leases").stats
 end
 
+io.stdout:setvbuf("line")
 local ok, err = pcall(function()
     local up = H.upstream{ name = "bench" }
     local api = K.start{ bookmark_interval = 5, history = args.sandboxes + 1000 }
@@ -56,8 +57,9 @@ local ok, err = pcall(function()
     print(("stand-in: %d sandboxes (%d with an idle timeout) in %.1f s"):format(args.sandboxes,
         args.idle, socket.gettime() - t0))
     local cfg = ("return { wake = { enabled = true, check_interval = 5, activity_interval = %s, "
-        .. "activity_flush = %s, replica = '%%s' }, ratelimit = { enabled = false }, "
-        .. "auth = { enabled = false } }"):format(args.interval, args.flush)
+        .. "activity_flush = %s, idle_suspend = %s, replica = '%%s' }, ratelimit = { enabled = false }, "
+        .. "auth = { enabled = false } }"):format(args.interval, args.flush,
+        tostring(args.suspend ~= 0))
     local pxs = {}
     local ts = socket.gettime()
     for r = 1, args.replicas do
@@ -126,7 +128,8 @@ local ok, err = pcall(function()
     local pages = math.ceil(args.sandboxes / args.page)
     H.net.wait_until(function()
         local s = stats(api)
-        return s.lists >= #pxs and (api:stats().requests.list or 0) - lists0 >= #pxs * pages
+        return (args.suspend == 0 or s.lists >= #pxs)
+            and (api:stats().requests.list or 0) - lists0 >= #pxs * pages
     end, 600, 0.05, "every replica to relist")
     local took = socket.gettime() - t1
     local s = stats(api)
