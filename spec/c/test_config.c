@@ -22,14 +22,23 @@
 #include <unistd.h>
 #include <uv.h>
 
+/* Frees every string knob, from the knob table itself (a knob added later cannot be missed). */
+static void free_string_knob(const char *name, sp_knob_type_t type, const void *value, void *ud)
+{
+    (void)name;
+    (void)ud;
+    if (type == SP_KNOB_STR || type == SP_KNOB_CIDRS) {
+        char **p = (char **)value;
+        free(*p);
+        *p = NULL;
+    }
+}
+
 static void config_free(sp_config_t *c)
 {
-    char **strs[] = {&c->listen,         &c->demo_listen,      &c->metrics_listen,
-                     &c->scripts_dir,    &c->builtin_dir,      &c->config_file,
-                     &c->sandboxes_file, &c->log_level,        &c->kube_api,
-                     &c->kube_token_file, &c->kube_ca_file,    &c->kubeconfig,
-                     &c->kube_api_version, &c->kube_namespace, &c->kube_label_selector,
-                     &c->kube_serviceaccount_dir, &c->trusted_proxies};
+    sp_config_each(c, free_string_knob, NULL);
+    /* the strings that are not knobs */
+    char **strs[] = {&c->scripts_dir, &c->builtin_dir, &c->config_file, &c->sandboxes_file};
     for (size_t i = 0; i < SP_ARRAY_LEN(strs); i++) {
         free(*strs[i]);
         *strs[i] = NULL;
