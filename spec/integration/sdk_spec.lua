@@ -186,7 +186,11 @@ describe("the agent-sandbox SDK", function()
             local data = f:read("*a")
             f:close()
             assert.are.equal(s["write-read"].sha256, crypto.hex(crypto.sha256(data)))
-            -- each SDK request was header-routed to alice's sandbox as alice
+            -- each SDK request was header-routed to alice's sandbox as alice (the access log is
+            -- flushed every access_log_flush: wait for the last request's line first)
+            H.net.wait_until(function()
+                return #access(px, "GET", "/download/sdk%2Fbig.bin") >= 1
+            end, 10, 0.05, "the access-log line of the download")
             local ex = access(px, "POST", "/execute")
             assert.are.equal(1, #ex)
             assert.are.equal(200, ex[1].status)
@@ -267,7 +271,11 @@ describe("the agent-sandbox SDK", function()
             assert.are.equal(0, code, raw)
             assert.are.equal(0, lines[1].exit_code)
             assert.are.equal("run\n", process.read_file(rt.base .. "/runs.txt"))
-            local ex = access(px, "POST", "/execute")
+            -- the access log is flushed every access_log_flush: wait for the 200's line
+            local ex = H.net.wait_until(function()
+                local e = access(px, "POST", "/execute")
+                return #e >= 1 and e[#e].status == 200 and e
+            end, 10, 0.05, "the access-log line of the executed POST")
             assert.is_true(#ex >= 2)
             assert.are.equal(200, ex[#ex].status)
             for i = 1, #ex - 1 do
