@@ -318,10 +318,10 @@ int luaopen_sp_core(lua_State *L)
 
 /* ---------------------------------------------------------------- sp.fs */
 
-/* fs.read(path) -> contents | nil, "ENOENT: message". Blocking: for small local files. */
-static int f_read(lua_State *L)
+/* Reads the whole file at path into b (sized from fstat up front). Returns 0, or pushes
+ * nil, "ENOENT: path: message" / "EIO: path: read error" and returns 2 (b left empty). */
+static int read_whole_file(lua_State *L, const char *path, sp_buf_t *b)
 {
-    const char *path = luaL_checkstring(L, 1);
     FILE *f = fopen(path, "rb");
     if (!f) {
         int e = errno;
@@ -329,19 +329,31 @@ static int f_read(lua_State *L)
         lua_pushfstring(L, "%s: %s: %s", uv_err_name(-e), path, strerror(e));
         return 2;
     }
-    sp_buf_t b = {0};
+    struct stat st;
+    if (fstat(fileno(f), &st) == 0 && st.st_size > 0)
+        sp_buf_reserve(b, (size_t)st.st_size + 1);
     char tmp[65536];
     size_t n;
     while ((n = fread(tmp, 1, sizeof tmp, f)) > 0)
-        sp_buf_add(&b, tmp, n);
+        sp_buf_add(b, tmp, n);
     int bad = ferror(f);
     fclose(f);
     if (bad) {
-        sp_buf_free(&b);
+        sp_buf_free(b);
         lua_pushnil(L);
         lua_pushfstring(L, "EIO: %s: read error", path);
         return 2;
     }
+    return 0;
+}
+
+/* fs.read(path) -> contents | nil, "ENOENT: message". Blocking: for small local files. */
+static int f_read(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    sp_buf_t b = {0};
+    if (read_whole_file(L, path, &b))
+        return 2;
     lua_pushlstring(L, b.p ? b.p : "", b.len);
     sp_buf_free(&b);
     return 1;
@@ -586,29 +598,9 @@ static int f_json_list(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
     const char *field = luaL_optstring(L, 2, "items");
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        int e = errno;
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s: %s: %s", uv_err_name(-e), path, strerror(e));
-        return 2;
-    }
     sp_buf_t b = {0};
-    struct stat st;
-    if (fstat(fileno(f), &st) == 0 && st.st_size > 0)
-        sp_buf_reserve(&b, (size_t)st.st_size + 1);
-    char tmp[65536];
-    size_t n;
-    while ((n = fread(tmp, 1, sizeof tmp, f)) > 0)
-        sp_buf_add(&b, tmp, n);
-    int bad = ferror(f);
-    fclose(f);
-    if (bad) {
-        sp_buf_free(&b);
-        lua_pushnil(L);
-        lua_pushfstring(L, "EIO: %s: read error", path);
+    if (read_whole_file(L, path, &b))
         return 2;
-    }
     const char *start = b.p ? b.p : "", *end = start + b.len;
     const char *doc = sp_json_ws(start, end);
     const char *after = sp_json_skip(doc, end);

@@ -942,6 +942,21 @@ local function discover_claims()
     end
 end
 
+-- A watch's on_event: DELETED removes the object, anything else applies it (M[upsert],
+-- M[remove], looked up per event so a spec's stub is seen); a refused object is logged.
+local function event_handler(upsert, remove, skipped)
+    return function(kind, obj)
+        if kind == "DELETED" then
+            M[remove](obj)
+        else
+            local done, why = M[upsert](obj)
+            if not done then
+                log.warn(skipped, { problem = why })
+            end
+        end
+    end
+end
+
 local function watch_claims(settings)
     M.claims_state = "watching"
     log.info("watching SandboxClaims", { group = CLAIM_GROUP, version = CLAIM_VERSION,
@@ -951,16 +966,7 @@ local function watch_claims(settings)
         version = CLAIM_VERSION,
         resource = "sandboxclaims",
         namespace = settings.kube_namespace,
-        on_event = function(kind, obj)
-            if kind == "DELETED" then
-                M.claim_remove(obj)
-            else
-                local done, why = M.claim_upsert(obj)
-                if not done then
-                    log.warn("sandbox claim skipped", { problem = why })
-                end
-            end
-        end,
+        on_event = event_handler("claim_upsert", "claim_remove", "sandbox claim skipped"),
         on_synced = function(info)
             log.info("sandbox claims synced", { claims = M.claim_count(),
                 resource_version = info.resource_version, relist = info.relist })
@@ -1057,16 +1063,7 @@ function M.start_kubernetes(settings)
             resource = "sandboxes",
             namespace = settings.kube_namespace,
             label_selector = settings.kube_label_selector,
-            on_event = function(kind, obj)
-                if kind == "DELETED" then
-                    M.remove(obj)
-                else
-                    local done, why = M.upsert(obj)
-                    if not done then
-                        log.warn("sandbox skipped", { problem = why })
-                    end
-                end
-            end,
+            on_event = event_handler("upsert", "remove", "sandbox skipped"),
             on_synced = function(info)
                 log.info("sandboxes synced", { sandboxes = M.object_count(),
                     resource_version = info.resource_version, relist = info.relist })

@@ -191,6 +191,18 @@ function Proxy:connect(opts)
     return http.connect(self.host, self.port, opts)
 end
 
+-- Sends raw bytes on a fresh connection; returns the response (or nil, err) and whether the
+-- proxy closed the connection afterwards. method: the request's method (how to read the
+-- response: a HEAD response has no body), default GET.
+function Proxy:raw(bytes, method)
+    local c = assert(self:connect{ timeout = 5 })
+    assert(c:send_raw(bytes))
+    local r, err = c:read_response{ method = method or "GET", timeout = 5 }
+    local closed = c:closed_by_peer(3)
+    c:close()
+    return r, err, closed
+end
+
 function Proxy:stderr()
     return self.proc:read_stderr() or ""
 end

@@ -9,15 +9,6 @@ local crypto = require "sp.crypto"
 local process = require "spec.helpers.process"
 local ws = require "spec.helpers.ws"
 
-local function raw(px, bytes)
-    local c = assert(px:connect{ timeout = 5 })
-    assert(c:send_raw(bytes))
-    local r, err = c:read_response{ timeout = 5 }
-    local closed = c:closed_by_peer(3)
-    c:close()
-    return r, err, closed
-end
-
 describe("request smuggling vectors", function()
     local up, px
 
@@ -92,7 +83,7 @@ describe("request smuggling vectors", function()
                 return
             end
             local before = up.stats().requests
-            local r, err, closed = raw(px, v[2])
+            local r, err, closed = px:raw(v[2])
             assert.is_truthy(r, err)
             assert.are.equal(400, r.status)
             assert.is_true(closed)
@@ -101,7 +92,7 @@ describe("request smuggling vectors", function()
     end
 
     it("forwards a request that follows the rules, byte for byte", function()
-        local r, err, closed = raw(px, P .. "Content-Length: 3\r\nConnection: close\r\n\r\nabc")
+        local r, err, closed = px:raw(P .. "Content-Length: 3\r\nConnection: close\r\n\r\nabc")
         assert.is_truthy(r, err)
         assert.are.equal(200, r.status)
         assert.are.equal("abc", cjson.decode(r.body).body)

@@ -5,17 +5,6 @@ local H = require "spec.helpers.proxy"
 local cjson = require "cjson"
 local socket = require "socket"
 
--- Sends raw bytes on a fresh connection; returns the response (or nil, err) and whether the
--- proxy closed the connection afterwards.
-local function raw(px, bytes, method)
-    local c = assert(px:connect{ timeout = 5 })
-    assert(c:send_raw(bytes))
-    local r, err = c:read_response{ method = method or "GET", timeout = 5 }
-    local closed = c:closed_by_peer(3)
-    c:close()
-    return r, err, closed
-end
-
 describe("malformed requests", function()
     local up, px
 
@@ -59,7 +48,7 @@ describe("malformed requests", function()
     for _, case in ipairs(cases) do
         it("rejects " .. case[1] .. " with 400 and closes", function()
             local before = up.stats().requests
-            local r, err, closed = raw(px, case[2])
+            local r, err, closed = px:raw(case[2])
             assert.is_truthy(r, err)
             assert.are.equal(400, r.status)
             assert.are.equal("application/json", r.headers["content-type"])
@@ -71,13 +60,13 @@ describe("malformed requests", function()
     end
 
     it("answers 414 for a request target over max_url_size", function()
-        local r, _, closed = raw(px, "GET /alice/sb/" .. string.rep("a", 400) .. " HTTP/1.1\r\nHost: x\r\n\r\n")
+        local r, _, closed = px:raw("GET /alice/sb/" .. string.rep("a", 400) .. " HTTP/1.1\r\nHost: x\r\n\r\n")
         assert.are.equal(414, r.status)
         assert.is_true(closed)
     end)
 
     it("answers 431 for headers over max_header_size", function()
-        local r, _, closed = raw(px, "GET /alice/sb/echo HTTP/1.1\r\nHost: x\r\nX-Big: "
+        local r, _, closed = px:raw("GET /alice/sb/echo HTTP/1.1\r\nHost: x\r\nX-Big: "
             .. string.rep("b", 3000) .. "\r\n\r\n")
         assert.are.equal(431, r.status)
         assert.is_true(closed)
@@ -88,13 +77,13 @@ describe("malformed requests", function()
         for i = 1, 25 do
             h[#h + 1] = "X-H" .. i .. ": v\r\n"
         end
-        local r, _, closed = raw(px, "GET /alice/sb/echo HTTP/1.1\r\nHost: x\r\n" .. table.concat(h) .. "\r\n")
+        local r, _, closed = px:raw("GET /alice/sb/echo HTTP/1.1\r\nHost: x\r\n" .. table.concat(h) .. "\r\n")
         assert.are.equal(431, r.status)
         assert.is_true(closed)
     end)
 
     it("answers 413 for a declared body over max_body_size", function()
-        local r, _, closed = raw(px, "POST /alice/sb/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100001\r\n\r\n")
+        local r, _, closed = px:raw("POST /alice/sb/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100001\r\n\r\n")
         assert.are.equal(413, r.status)
         assert.is_true(closed)
     end)

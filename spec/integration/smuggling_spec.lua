@@ -12,17 +12,6 @@ local socket = require "socket"
 -- The response the fixture plants after a response that must have ended (upstream.py PLANT).
 local PLANT_LEN = #"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nX-Planted: yes\r\n\r\nplanted"
 
--- Sends raw bytes on a fresh connection; returns the response (or nil, err) and whether the
--- proxy closed the connection afterwards.
-local function raw(px, bytes)
-    local c = assert(px:connect{ timeout = 5 })
-    assert(c:send_raw(bytes))
-    local r, err = c:read_response{ timeout = 5 }
-    local closed = c:closed_by_peer(3)
-    c:close()
-    return r, err, closed
-end
-
 local function framing_stats(up)
     local r = assert(H.http.request{ port = up.port, path = "/framing/stats" })
     return cjson.decode(r.body)
@@ -85,7 +74,7 @@ describe("requests whose Connection header lists a framing header", function()
     for _, v in ipairs(vectors) do
         it(v[1] .. ": 400, closed, nothing forwarded", function()
             local before = up.stats().requests
-            local r, err, closed = raw(px, v[2])
+            local r, err, closed = px:raw(v[2])
             assert.is_truthy(r, err)
             assert.are.equal(400, r.status)
             assert.matches("framing header", cjson.decode(r.body).error)
@@ -110,7 +99,7 @@ describe("requests whose Connection header lists a framing header", function()
     end)
 
     it("still forwards Connection-listed headers that are not framing ones, without them", function()
-        local r = assert(raw(px, "GET /a/b/echo HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n"
+        local r = assert(px:raw("GET /a/b/echo HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n"
             .. "Connection: te\r\nX-Keep: 1\r\nX-Secret: s\r\nX-Other: o\r\n"
             .. "Connection: keep-alive\r\nConnection: X-Secret, x-other\r\nConnection: close\r\n\r\n"))
         assert.are.equal(200, r.status, r.body)
@@ -155,7 +144,7 @@ describe("obs-fold in requests, in every form", function()
     for _, v in ipairs(cases) do
         it(v[1] .. ": 400, closed, nothing forwarded", function()
             local before = up.stats().requests
-            local r, err, closed = raw(px, v[2])
+            local r, err, closed = px:raw(v[2])
             assert.is_truthy(r, err)
             assert.are.equal(400, r.status)
             assert.matches("folding", cjson.decode(r.body).error)
@@ -191,7 +180,7 @@ describe("obs-fold in requests, in every form", function()
     end
 
     it("accepts empty and whitespace-only values that are not folded", function()
-        local r = assert(raw(px, G .. "X-Empty:\r\nX-Blank:   \r\nX-Tab:\t\r\nConnection: close\r\n\r\n"))
+        local r = assert(px:raw(G .. "X-Empty:\r\nX-Blank:   \r\nX-Tab:\t\r\nConnection: close\r\n\r\n"))
         assert.are.equal(200, r.status, r.body)
     end)
 end)
