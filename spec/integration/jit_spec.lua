@@ -27,6 +27,11 @@ local jit = require "jit"
 local util = require "jit.util"
 local ok_vmdef, vmdef = pcall(require, "jit.vmdef")
 local started, compiled, aborts = {}, {}, {}
+-- Only events from the first request on count: a loop that runs once at module load (such as
+-- access_log.lua building its field set) can still be recorded, because LuaJIT's hot counters
+-- are shared by hashed bytecode address, and its "leaving loop in root trace" abort says
+-- nothing about the per-request path.
+local serving = false
 
 local function where(func, pc)
     local info = util.funcinfo(func, pc)
@@ -34,6 +39,9 @@ local function where(func, pc)
 end
 
 jit.attach(function(what, tr, func, pc, otr, oex)
+    if not serving then
+        return
+    end
     if what == "start" then
         started[tr] = where(func, pc)
     elseif what == "stop" then
@@ -58,6 +66,7 @@ local settings = require("sp.core").settings()
 local builtin = dofile(settings.builtin_dir .. "/init.lua")
 local M = setmetatable({}, { __index = builtin })
 function M.on_request(req)
+    serving = true
     if req:path() == "/__jit" then
         return req:respond(200, { compiled = compiled, aborts = aborts })
     end
