@@ -8,9 +8,11 @@
 #include "base/log.h"
 #include "http/worker.h"
 #include "state/shdict.h"
+#include "base/fswatch.h"
 #include "base/json_scan.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -383,24 +385,12 @@ static int f_stat(lua_State *L)
 }
 
 typedef struct fswatch {
-    uv_fs_event_t ev;
-    uv_fs_poll_t poll;
-    uv_timer_t debounce;
+    sp_fswatch_t *fw;
     sp_vm_t *vm;
     int fn_ref;
-    int handles;
-    bool closed;
     char *path;
-    struct stat last; /* what the file looked like when the script was last called */
     struct fswatch *next;
 } fswatch_t;
-
-static bool same_file(const struct stat *a, const struct stat *b)
-{
-    return a->st_ino == b->st_ino && a->st_dev == b->st_dev && a->st_size == b->st_size &&
-           a->st_mtim.tv_sec == b->st_mtim.tv_sec && a->st_mtim.tv_nsec == b->st_mtim.tv_nsec &&
-           a->st_ctim.tv_sec == b->st_ctim.tv_sec && a->st_ctim.tv_nsec == b->st_ctim.tv_nsec;
-}
 
 static fswatch_t *watches_of(sp_vm_t *vm, fswatch_t *set, bool assign)
 {
@@ -418,67 +408,28 @@ static fswatch_t *watches_of(sp_vm_t *vm, fswatch_t *set, bool assign)
     return w;
 }
 
-static void fw_closed(uv_handle_t *h)
-{
-    fswatch_t *w = h->data;
-    if (--w->handles == 0) {
-        free(w->path);
-        free(w);
-    }
-}
-
 static void fw_close(fswatch_t *w)
 {
-    if (w->closed)
-        return;
-    w->closed = true;
+    sp_fswatch_stop(w->fw); /* no callback after this */
     luaL_unref(w->vm->L, LUA_REGISTRYINDEX, w->fn_ref);
-    uv_close((uv_handle_t *)&w->ev, fw_closed);
-    uv_close((uv_handle_t *)&w->poll, fw_closed);
-    uv_close((uv_handle_t *)&w->debounce, fw_closed);
+    free(w->path);
+    free(w);
 }
 
-static void fw_fire(uv_timer_t *t)
+/* The path itself (links followed): the directory watch also fires for its neighbours. */
+static uint64_t fw_sig(void *ud)
 {
-    fswatch_t *w = t->data;
-    if (w->closed)
-        return;
-    /* The directory watch also fires for neighbours: call the script only if this path
-     * (followed through symlinks) really changed. */
-    struct stat st;
-    if (stat(w->path, &st) != 0)
-        memset(&st, 0, sizeof st);
-    if (same_file(&st, &w->last))
-        return;
-    w->last = st;
+    fswatch_t *w = ud;
+    return sp_stat_sig(SP_HASH_INIT, w->path);
+}
+
+static void fw_fire(void *ud)
+{
+    fswatch_t *w = ud;
     lua_State *L = w->vm->L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, w->fn_ref);
     lua_pushstring(L, w->path);
     sp_vm_spawn(w->vm, 1);
-}
-
-/* Changes come in bursts (a ConfigMap update swaps a symlink and removes a directory):
- * wait a moment after the last one, then call the script once. */
-static void fw_changed(fswatch_t *w)
-{
-    if (!w->closed)
-        uv_timer_start(&w->debounce, fw_fire, 100, 0);
-}
-
-static void fw_on_event(uv_fs_event_t *h, const char *file, int events, int status)
-{
-    SP_UNUSED(file);
-    SP_UNUSED(events);
-    SP_UNUSED(status);
-    fw_changed(h->data);
-}
-
-static void fw_on_poll(uv_fs_poll_t *h, int status, const uv_stat_t *prev, const uv_stat_t *curr)
-{
-    SP_UNUSED(status);
-    SP_UNUSED(prev);
-    SP_UNUSED(curr);
-    fw_changed(h->data);
 }
 
 static int fw_cancel(lua_State *L)
@@ -487,7 +438,6 @@ static int fw_cancel(lua_State *L)
     lua_getfield(L, 1, "_w");
     fswatch_t *w = lua_touserdata(L, -1);
     sp_vm_t *vm = sp_vm_of(L);
-    fswatch_t **pp = NULL;
     fswatch_t *head = watches_of(vm, NULL, false);
     for (fswatch_t *x = head, *prev = NULL; x; prev = x, x = x->next)
         if (x == w) {
@@ -499,7 +449,6 @@ static int fw_cancel(lua_State *L)
             lua_pushboolean(L, 1);
             return 1;
         }
-    SP_UNUSED(pp);
     lua_pushboolean(L, 0);
     return 1;
 }
@@ -522,29 +471,13 @@ static int f_watch(lua_State *L)
     w->path = sp_strdup(path);
     lua_pushvalue(L, 2);
     w->fn_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    uv_loop_t *loop = &vm->w->loop;
-    uv_fs_event_init(loop, &w->ev);
-    uv_fs_poll_init(loop, &w->poll);
-    uv_timer_init(loop, &w->debounce);
-    w->ev.data = w->poll.data = w->debounce.data = w;
-    w->handles = 3;
-    /* Watch the directory holding the file (or the directory itself). */
-    struct stat st;
-    char *dir = sp_strdup(path);
-    if (!(stat(path, &st) == 0 && S_ISDIR(st.st_mode))) {
-        char *slash = strrchr(dir, '/');
-        if (slash == dir)
-            dir[1] = '\0';
-        else if (slash)
-            *slash = '\0';
-        else
-            strcpy(dir, ".");
-    }
-    uv_fs_event_start(&w->ev, fw_on_event, dir, 0);
-    free(dir);
-    if (stat(path, &w->last) != 0)
-        memset(&w->last, 0, sizeof w->last);
-    uv_fs_poll_start(&w->poll, fw_on_poll, path, (unsigned)(poll_s * 1000));
+    /* Watch the directory holding the file (or the directory itself); changes settle for
+     * 100 ms; the poll is the backstop. */
+    char dir[PATH_MAX];
+    sp_dir_of(path, dir, sizeof dir);
+    const char *dirs[1] = {dir};
+    w->fw = sp_fswatch_start(&vm->w->loop, dirs, 1, 100, (unsigned)(poll_s * 1000), fw_sig,
+                             fw_fire, w);
     w->next = watches_of(vm, NULL, false);
     watches_of(vm, w, true);
     lua_createtable(L, 0, 2);

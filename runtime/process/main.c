@@ -6,6 +6,7 @@
  * non-serving modes: --check and `sandbox-proxy test` (busted inside the runtime).
  */
 #include "base/config.h"
+#include "base/fswatch.h"
 #include "lua/lua_config.h"
 #include "base/log.h"
 #include "lua/lua_vm.h"
@@ -225,8 +226,7 @@ static int bind_set(const char *addr, int n, int *fds, int *out_port, char err[2
 /* ---------------------------------------------------------------- signals */
 
 static uv_signal_t sig_term, sig_int, sig_hup;
-static uint64_t watch_sig;
-static uint64_t scripts_signature(void);
+static sp_fswatch_t *script_watch;
 static uv_timer_t drain_timer;
 static uv_async_t worker_exited;
 static int exited_workers, total_workers, started_workers;
@@ -293,37 +293,19 @@ static void on_hup(uv_signal_t *s, int signum)
     if (draining)
         return;
     sp_log(SP_LOG_INFO, "SIGHUP: reloading the scripts", NULL);
-    watch_sig = scripts_signature(); /* the watcher must not reload this edit a second time */
+    if (script_watch) /* the watcher must not reload this edit a second time */
+        sp_fswatch_rebase(script_watch);
     sp_workers_command(SP_CMD_RELOAD);
 }
 
 /* ---------------------------------------------------------------- script reload on change */
 
-static uv_fs_event_t watch_scripts, watch_config;
-static uv_timer_t watch_debounce, watch_poll;
-
-static uint64_t mix(uint64_t h, uint64_t v)
-{
-    h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
-    return h;
-}
-
-static uint64_t stat_sig(uint64_t h, const char *path)
-{
-    struct stat st;
-    if (stat(path, &st) != 0)
-        return mix(h, 1);
-    h = mix(h, (uint64_t)st.st_ino);
-    h = mix(h, (uint64_t)st.st_size);
-    h = mix(h, (uint64_t)st.st_mtim.tv_sec * 1000000000ull + (uint64_t)st.st_mtim.tv_nsec);
-    return h;
-}
-
 /* A fingerprint of the override directory (every entry, links followed, so a ConfigMap's
  * ..data swap changes it) and of the config file. */
-static uint64_t scripts_signature(void)
+static uint64_t scripts_signature(void *ud)
 {
-    uint64_t h = 1469598103934665603ull;
+    SP_UNUSED(ud);
+    uint64_t h = SP_HASH_INIT;
     if (sp_cfg.scripts_dir) {
         uv_fs_t req;
         if (uv_fs_scandir(NULL, &req, sp_cfg.scripts_dir, 0, NULL) >= 0) {
@@ -331,9 +313,8 @@ static uint64_t scripts_signature(void)
             while (uv_fs_scandir_next(&req, &ent) != UV_EOF) {
                 char p[PATH_MAX];
                 snprintf(p, sizeof p, "%s/%s", sp_cfg.scripts_dir, ent.name);
-                for (const char *c = ent.name; *c; c++)
-                    h = mix(h, (unsigned char)*c);
-                h = stat_sig(h, p);
+                h = sp_hash_more(h, ent.name, strlen(ent.name));
+                h = sp_stat_sig(h, p);
                 /* one level of subdirectories (lib/), not the ConfigMap's ..data internals */
                 struct stat st;
                 if (ent.name[0] != '.' && stat(p, &st) == 0 && S_ISDIR(st.st_mode)) {
@@ -343,7 +324,7 @@ static uint64_t scripts_signature(void)
                         while (uv_fs_scandir_next(&sub, &e2) != UV_EOF) {
                             char p2[PATH_MAX + 256];
                             snprintf(p2, sizeof p2, "%s/%s", p, e2.name);
-                            h = stat_sig(h, p2);
+                            h = sp_stat_sig(h, p2);
                         }
                     }
                     uv_fs_req_cleanup(&sub);
@@ -353,62 +334,44 @@ static uint64_t scripts_signature(void)
         uv_fs_req_cleanup(&req);
     }
     if (sp_cfg.config_file)
-        h = stat_sig(h, sp_cfg.config_file);
+        h = sp_stat_sig(h, sp_cfg.config_file);
     return h;
 }
 
-static void check_scripts_changed(uv_timer_t *t)
+static void on_scripts_changed(void *ud)
 {
-    SP_UNUSED(t);
-    uint64_t sig = scripts_signature();
-    if (sig == watch_sig || draining)
+    SP_UNUSED(ud);
+    if (draining)
         return;
-    watch_sig = sig;
     sp_log(SP_LOG_INFO, "scripts or config changed: reloading", "s:scripts",
            sp_cfg.scripts_dir ? sp_cfg.scripts_dir : "", "s:config",
            sp_cfg.config_file ? sp_cfg.config_file : "", NULL);
     sp_workers_command(SP_CMD_RELOAD);
 }
 
-static void on_scripts_event(uv_fs_event_t *h, const char *file, int events, int status)
-{
-    SP_UNUSED(h);
-    SP_UNUSED(file);
-    SP_UNUSED(events);
-    SP_UNUSED(status);
-    /* changes come in bursts (a ConfigMap update is several renames): settle first */
-    uv_timer_start(&watch_debounce, check_scripts_changed, 200, 0);
-}
-
+/* The override directory and the config file's directory: inotify, settled for 200 ms, with a
+ * 2 s poll as the backstop. */
 static void start_script_watch(uv_loop_t *loop)
 {
-    uv_timer_init(loop, &watch_debounce);
-    uv_timer_init(loop, &watch_poll);
-    uv_fs_event_init(loop, &watch_scripts);
-    uv_fs_event_init(loop, &watch_config);
-    watch_sig = scripts_signature();
+    if (!sp_cfg.scripts_dir && !sp_cfg.config_file)
+        return;
+    char config_dir[PATH_MAX];
+    const char *dirs[SP_FSWATCH_MAX_DIRS];
+    int n = 0;
     if (sp_cfg.scripts_dir)
-        uv_fs_event_start(&watch_scripts, on_scripts_event, sp_cfg.scripts_dir, 0);
+        dirs[n++] = sp_cfg.scripts_dir;
     if (sp_cfg.config_file) {
-        char dir[PATH_MAX];
-        snprintf(dir, sizeof dir, "%s", sp_cfg.config_file);
-        char *slash = strrchr(dir, '/');
-        if (slash)
-            *slash = '\0';
-        else
-            strcpy(dir, ".");
-        uv_fs_event_start(&watch_config, on_scripts_event, dir, 0);
+        sp_dir_of(sp_cfg.config_file, config_dir, sizeof config_dir);
+        dirs[n++] = config_dir;
     }
-    if (sp_cfg.scripts_dir || sp_cfg.config_file)
-        uv_timer_start(&watch_poll, check_scripts_changed, 2000, 2000); /* the backstop */
+    script_watch = sp_fswatch_start(loop, dirs, n, 200, 2000, scripts_signature,
+                                    on_scripts_changed, NULL);
 }
 
 static void stop_script_watch(void)
 {
-    uv_close((uv_handle_t *)&watch_debounce, NULL);
-    uv_close((uv_handle_t *)&watch_poll, NULL);
-    uv_close((uv_handle_t *)&watch_scripts, NULL);
-    uv_close((uv_handle_t *)&watch_config, NULL);
+    sp_fswatch_stop(script_watch);
+    script_watch = NULL;
 }
 
 static void on_worker_exited(uv_async_t *a)
