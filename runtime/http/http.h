@@ -91,22 +91,45 @@ extern const char *const sp_error_names[];
  * the request ended) is detected. Buffers keep their capacity between uses.
  */
 struct sp_request {
+    /* ---- the slot: kept from one exchange to the next (its identity, and storage it reuses:
+     * buffers keep their capacity, arrays are governed by counts in the exchange part) */
     sp_worker_t *w;
-    sp_conn_t *conn;      /* NULL once the client connection is gone */
     uint32_t gen;
     uint32_t slot;
     void *script;         /* the scripting layer's per-slot data (the running task) */
     void *script_vm;      /* the Lua state that decided it (its log hook runs there too) */
+    sp_buf_t head;
+    sp_hdr_t *hdrs;
+    uint32_t hdrs_cap;
+    sp_buf_t out;         /* respond: the response head; forward: the upstream request head */
+    sp_buf_t body;        /* respond: the response body */
+    sp_buf_t extra;       /* header edits "<op>name\0value\0": '>' response header; '=' set, '+' add,
+                           * '-' remove on the upstream request */
+    sp_buf_t up_path;
+    sp_buf_t resp_head;   /* the upstream response head as parsed */
+    sp_hdr_t *rhdrs;
+    uint32_t rhdrs_cap;
+    uv_buf_t iov[SP_MAX_IOV];
+    char frames[SP_MAX_IOV][20];
+    /* counters held for the life of the exchange (req:hold), given back when it ends */
+    struct {
+        struct sp_shdict *dict;
+        char key[128];
+        uint8_t klen;
+    } holds[4];
+
+    /* ---- the exchange: everything from `conn` to the end starts at zero for each request
+     * (sp_request_acquire clears it at once), so a field added here cannot leak from one
+     * request into the next; a field that must survive goes above. */
+    sp_conn_t *conn;      /* NULL once the client connection is gone */
+    uint32_t nhdrs, nrhdrs;
     bool script_busy;     /* the scripting layer still runs code for this request */
     bool core_done;       /* the core has finished with it (response sent or connection lost) */
     bool logged;
 
     /* parsed request head: bytes of the URL and the headers live in `head` */
-    sp_buf_t head;
     uint32_t url_len;     /* the URL starts at head.p[0] */
     uint32_t path_len;    /* bytes before '?' */
-    sp_hdr_t *hdrs;
-    uint32_t nhdrs, hdrs_cap;
     bool in_value;
     uint8_t method;
     uint8_t vmajor, vminor;
@@ -129,14 +152,9 @@ struct sp_request {
     /* the decision */
     sp_decision_t decision;
     int status;           /* respond: the status */
-    sp_buf_t out;         /* respond: the response head; forward: the upstream request head */
-    sp_buf_t body;        /* respond: the response body */
-    sp_buf_t extra;       /* header edits "<op>name\0value\0": '>' response header; '=' set, '+' add,
-                           * '-' remove on the upstream request */
     bool header_edits;    /* extra holds a '=' or '-' edit (only then is each header checked) */
     char up_host[256];
     int up_port;
-    sp_buf_t up_path;
     double to_connect, to_first_byte, to_idle; /* per-request timeouts (s), 0: defaults */
     char err_subject[64]; /* req:set_error_detail: the upstream error bodies get a "detail" naming
                            * it (the agent-sandbox router's shape); "" for the plain shape */
@@ -156,24 +174,13 @@ struct sp_request {
     bool resp_decode;     /* forward decoded body (HTTP/1.0 client, chunked upstream) */
     bool close_client;    /* close the client connection after this response */
     bool tunnel;
-    sp_buf_t resp_head;   /* the upstream response head as parsed */
-    sp_hdr_t *rhdrs;
-    uint32_t nrhdrs, rhdrs_cap;
     bool rin_value;
     uint32_t reason_len;  /* reason phrase at resp_head.p[0] */
-    uv_buf_t iov[SP_MAX_IOV];
     unsigned niov;
-    char frames[SP_MAX_IOV][20];
     unsigned nframes;
     uint64_t chunk_left;  /* the current request chunk's size, to frame it */
     uint32_t chunk_ext_bytes; /* chunk-extension bytes seen in the request body */
 
-    /* counters held for the life of the exchange (req:hold), given back when it ends */
-    struct {
-        struct sp_shdict *dict;
-        char key[128];
-        uint8_t klen;
-    } holds[4];
     uint8_t nholds;
 
     /* the record of the exchange */

@@ -8,12 +8,14 @@
 #include "base/config.h"
 #include "http/http.h"
 #include "http/trace.h"
+#include "http/worker.h"
 #include "base/log.h"
 #include "state/routes.h"
 #include "state/shdict.h"
 #include "base/sp.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -161,8 +163,55 @@ static void test_trace_parse(void)
     }
 }
 
+/* A slot reused for a new exchange starts with nothing of the last one: every byte of the
+ * exchange part is zero but the fields acquire sets (start time, listener, id), and the slot's
+ * buffers keep their storage with nothing in them. */
+static void test_request_reuse_clears_the_exchange(void)
+{
+    sp_worker_t w;
+    memset(&w, 0, sizeof w);
+    memcpy(w.id_prefix, "abcdef", 7);
+    sp_request_t *r = sp_request_acquire(&w);
+    sp_buf_adds(&r->head, "GET /a HTTP/1.1");
+    sp_buf_adds(&r->resp_head, "HTTP/1.1 200 OK");
+    char *head_storage = r->head.p;
+    uint32_t gen = r->gen;
+    /* the last exchange wrote every field, including any added later */
+    memset(&r->conn, 0xAB, sizeof *r - offsetof(sp_request_t, conn));
+    w.free_slots[w.nfree++] = r;
+    SP_STAT_ADD(w.active_requests, -1);
+    sp_request_t *r2 = sp_request_acquire(&w);
+    CHECK(r2 == r);
+    CHECK_INT(r2->gen, gen + 1);
+    CHECK(r2->head.p == head_storage);
+    CHECK_INT(r2->head.len, 0);
+    CHECK_INT(r2->resp_head.len, 0);
+    CHECK(r2->t_start > 0);
+    CHECK_STR(r2->listener, "");
+    CHECK_INT(r2->id_len, 16);
+    CHECK(memcmp(r2->id, "abcdef", 6) == 0);
+    /* everything else in the exchange part is zero */
+    sp_request_t expect;
+    memcpy(&expect, r2, sizeof expect);
+    expect.t_start = 0;
+    expect.listener = NULL;
+    memset(expect.id, 0, sizeof expect.id);
+    expect.id_len = 0;
+    const unsigned char *p = (const unsigned char *)&expect.conn;
+    size_t n = sizeof expect - offsetof(sp_request_t, conn), dirty = 0;
+    for (size_t i = 0; i < n; i++)
+        dirty += p[i] != 0;
+    CHECK_INT(dirty, 0);
+    sp_buf_free(&r->head);
+    sp_buf_free(&r->resp_head);
+    free(r);
+    free(w.slots);
+    free(w.free_slots);
+}
+
 void suite_http(void)
 {
+    RUN(test_request_reuse_clears_the_exchange);
     RUN(test_trace_parse);
     RUN(test_http_obs_fold);
     RUN(test_http_connection_framing);
