@@ -126,6 +126,7 @@ sp_request_t *sp_request_acquire(sp_worker_t *w)
     r->bytes_in = r->bytes_out = 0;
     r->t_start = uv_hrtime();
     r->t_head = r->t_connected = r->t_first_byte = r->t_end = r->t_forward = 0;
+    r->t_wake_start = 0;
     r->trace_ready = false;
     r->upstream_addr[0] = '\0';
     r->error = SP_ERR_NONE;

@@ -4,11 +4,11 @@
  *   trace_propagation (default on): the sandbox receives a traceparent with the client's trace
  *     id (a new trace when the client sent none or a malformed one) and the proxy's upstream
  *     span as its parent; tracestate passes on only with a valid traceparent;
- *   otlp_endpoint (default unset): each sampled request's spans (the request, and the upstream
- *     exchange as its child) are queued per worker (otlp_queue_size; beyond: dropped and
- *     counted) and POSTed in one batch every otlp_batch_interval seconds (at once when the
- *     queue is full and no POST is under way), through the same
- *     libcurl-on-libuv transport as the Kubernetes client.
+ *   otlp_endpoint (default unset): each sampled request's spans (the request; as its children
+ *     the wake of a held request, marked by req:wake_begin/_end, and the upstream exchange)
+ *     are queued per worker (otlp_queue_size; beyond: dropped and counted) and POSTed in one
+ *     batch every otlp_batch_interval seconds (at once when the queue is full and no POST is
+ *     under way), through the same libcurl-on-libuv transport as the Kubernetes client.
  * With both off nothing here runs for a request.
  */
 #ifndef SP_TRACE_H
