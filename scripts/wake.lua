@@ -221,7 +221,7 @@ function M.handle(req, r, forward)
     req:wake_begin()
     local patched = false
     local deadline = core.monotonic() + min(MAX_WAIT, req.ctx.deadline or MAX_WAIT)
-    while true do
+    while true do -- sp.lint: ok, yields in core.wait; ends at the deadline
         if action == "wake" and dict:add("patching:" .. key, true, WAKE_TTL) then
             dict:set("waking:" .. key, true, WAKE_TTL)
             dict:set("wakestart:" .. key, core.now(), WAKE_TTL) -- for the duration metric
