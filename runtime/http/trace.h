@@ -22,6 +22,9 @@ bool sp_trace_enabled(void);
 /* Computes the request's trace context once (parses the client's traceparent, makes the span
  * ids). Cheap; a no-op after the first call for the request. */
 void sp_trace_ensure(sp_request_t *r);
+/* A new random non-zero span id (16 hex digits), e.g. for a span beyond the two the request
+ * carries (the wake span of process/otlp.c). */
+void sp_trace_random_id(char out[16]);
 /* Appends "traceparent: ...\r\n" for the upstream request (after sp_trace_ensure). */
 void sp_trace_write_header(sp_request_t *r, sp_buf_t *o);
 /* A worker's span sink (w->tracer; process/otlp.c installs one when otlp_endpoint is set):

@@ -257,7 +257,7 @@ static void request_done(sp_span_sink_t *sink, sp_request_t *r)
          * upstream span */
         sp_buf_t *b = &t->queue;
         char id[16];
-        random_id(id);
+        sp_trace_random_id(id);
         uint64_t t1 = r->t_wake_end ? r->t_wake_end : (r->t_forward ? r->t_forward : t_end);
         const char *outcome = r->t_wake_end ? r->wake_outcome : "unfinished";
         span_head(b, r, id, r->span_id, "wake", 1, r->t_wake_start, t1, t->wall_offset_ns);
