@@ -638,7 +638,7 @@ function M.replace_all(items)
     end
     local i = 0
     local since = can_yield and monotonic() or 0
-    while true do
+    while true do -- sp.lint: ok, ends when the items do
         local obj, why = nextf()
         if obj == nil then
             break
@@ -916,7 +916,7 @@ M.claims_state = "off"
 -- a 404 or a group without v1beta1 means no. Returns true, or false and why.
 local function discover_claims()
     local attempt = 0
-    while true do
+    while true do -- sp.lint: ok, yields: k8s.request, timer.sleep
         local status, body, headers = k8s.request{ path = "/apis/" .. CLAIM_GROUP, retries = 0 }
         if status == 200 then
             local doc = cjson.decode(body)

@@ -199,6 +199,12 @@ struct sp_request {
     char span_id[16];      /* the proxy's request span */
     char up_span_id[16];   /* the proxy's upstream span: the sandbox's parent */
     uint64_t t_forward;    /* uv_hrtime when forwarding began (0: not forwarded) */
+    /* the wake span (req:wake_begin / req:wake_end, wake.lua): the request was held while its
+     * sandbox woke or started; 0: never held */
+    uint64_t t_wake_start, t_wake_end;
+    char wake_outcome[16]; /* "ready", "timeout", "failed", ... ("" while held) */
+    bool wake_patched;     /* this request's wake sent the PATCH */
+    int wake_status;       /* the refused PATCH's HTTP status (outcome "failed"; 0: none) */
 };
 
 /* The scripting layer's entry points; the core calls them, never Lua directly. */

@@ -36,6 +36,18 @@ atomic_int sp_open_tunnels;
 
 const double sp_latency_bounds[SP_LAT_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                                   0.25,  0.5,    1,     2.5,  5,     10};
+#define MS(x) ((uint64_t)((x) * 1000000.0))
+/* connect: a pod network connect takes well under a millisecond; refused-connect retries add
+ * 0.2, 0.4, 0.8 s; connect_timeout is 5 s */
+const uint64_t sp_upconnect_bounds_ns[SP_UPC_BUCKETS] = {
+    MS(0.25), MS(0.5), MS(1), MS(2.5), MS(5), MS(10), MS(25), MS(50), MS(100), MS(250), MS(500),
+    MS(1000), MS(2500), MS(5000)};
+/* first byte: the request durations' bounds, then up to first_byte_timeout (180 s): a command
+ * may run for minutes before its answer */
+const uint64_t sp_upfirst_bounds_ns[SP_UPF_BUCKETS] = {
+    MS(1),    MS(2.5),   MS(5),     MS(10),    MS(25),    MS(50),    MS(100),   MS(250),
+    MS(500),  MS(1000),  MS(2500),  MS(5000),  MS(10000), MS(30000), MS(60000), MS(180000)};
+#undef MS
 const char *const sp_method_names[SP_M_COUNT] = {"GET",   "HEAD",   "POST",    "PUT",
                                                  "PATCH", "DELETE", "OPTIONS", "OTHER"};
 

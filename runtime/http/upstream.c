@@ -281,6 +281,9 @@ static void on_connect(uv_connect_t *cr, int status)
     if (status == 0) {
         u->state = US_ACTIVE;
         r->t_connected = uv_hrtime();
+        if (r->t_forward && r->t_connected >= r->t_forward)
+            sp_stat_observe(u->w->stats.upconnect, sp_upconnect_bounds_ns, SP_UPC_BUCKETS,
+                            &u->w->stats.upconnect_sum_us, r->t_connected - r->t_forward);
         uv_tcp_nodelay(&u->tcp, 1);
         up_timer(u, UT_NONE, 0);
         up_send_head(u);
@@ -292,6 +295,8 @@ static void on_connect(uv_connect_t *cr, int status)
         double delay = sp_cfg.connect_retry_delay;
         for (int i = 1; i < r->connect_tries; i++)
             delay *= 2;
+        sp_log(SP_LOG_DEBUG, "upstream connect refused: retrying", "s:upstream",
+               r->upstream_addr, "i:try", (int64_t)r->connect_tries, "d:delay", delay, NULL);
         sp_upconn_t *n = up_new(u->w, u->key);
         up_detach(u);
         up_close(u);
@@ -950,6 +955,17 @@ static const llhttp_settings_t response_settings = {
 };
 
 /* Builds the client's response head from the parsed upstream head into r->out. */
+/* The final response head (or a 101) is in: the time to first byte, in the record and in the
+ * upstream_first_byte histogram (from the moment forwarding began). */
+static void mark_first_byte(sp_upconn_t *u)
+{
+    sp_request_t *r = u->req;
+    r->t_first_byte = uv_hrtime();
+    if (r->t_forward && r->t_first_byte >= r->t_forward)
+        sp_stat_observe(u->w->stats.upfirst, sp_upfirst_bounds_ns, SP_UPF_BUCKETS,
+                        &u->w->stats.upfirst_sum_us, r->t_first_byte - r->t_forward);
+}
+
 static void build_response_head(sp_upconn_t *u)
 {
     sp_request_t *r = u->req;
@@ -1215,6 +1231,7 @@ static void up_step(sp_upconn_t *u)
         }
         if (e == HPE_PAUSED_UPGRADE && r->resp_status == 101 && r->upgrade) {
             u->pos = (uint32_t)(llhttp_get_error_pos(&u->parser) - u->buf);
+            mark_first_byte(u);
             build_response_head(u);
             r->iov[r->niov++] = uv_buf_init(r->out.p, (unsigned)r->out.len);
             if (u->pos < u->len) {
@@ -1241,7 +1258,7 @@ static void up_step(sp_upconn_t *u)
             u->process_again = true; /* an interim (1xx) response was skipped */
             return;
         }
-        r->t_first_byte = uv_hrtime();
+        mark_first_byte(u);
         build_response_head(u);
         r->resp_head_sent = true;
         r->iov[r->niov++] = uv_buf_init(r->out.p, (unsigned)r->out.len);

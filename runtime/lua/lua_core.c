@@ -155,15 +155,40 @@ static int c_settings(lua_State *L)
     return 1;
 }
 
+/* A histogram's buckets as { {le, n}, ..., {"+Inf", n} } (n per bucket, not cumulative), and
+ * its sum in seconds as field sum_name. */
+static void push_histogram(lua_State *L, const uint64_t *bounds_ns, int n, const uint64_t *counts,
+                           uint64_t sum_us, const char *name, const char *sum_name)
+{
+    lua_createtable(L, n + 1, 0);
+    for (int b = 0; b <= n; b++) {
+        lua_createtable(L, 2, 0);
+        if (b < n)
+            lua_pushnumber(L, (double)bounds_ns[b] / 1e9);
+        else
+            lua_pushstring(L, "+Inf");
+        lua_rawseti(L, -2, 1);
+        lua_pushnumber(L, (double)counts[b]);
+        lua_rawseti(L, -2, 2);
+        lua_rawseti(L, -2, b + 1);
+    }
+    lua_setfield(L, -2, name);
+    lua_pushnumber(L, (double)sum_us / 1e6);
+    lua_setfield(L, -2, sum_name);
+}
+
 /* core.stats(): the counters of every worker added up, and the process-wide gauges:
  * { requests, by_method = { GET = { [1..5] = n, none = n }, ... }, latency_buckets = { {le, n} },
- *   latency_sum, upstream_connect_errors, upstream_timeouts, script_errors, parse_errors,
+ *   latency_sum, upstream_connect_buckets, upstream_connect_sum, upstream_first_byte_buckets,
+ *   upstream_first_byte_sum (the same shape), upstream_connect_errors, upstream_timeouts,
+ *   script_errors, parse_errors,
  *   accesslog_dropped, trace_spans_exported, trace_spans_dropped, open_connections, open_tunnels, lua_memory (this worker's state) } */
 static int c_stats(lua_State *L)
 {
     sp_vm_t *vm = sp_vm_of(L);
     uint64_t req = 0, mc[SP_M_COUNT][6] = {{0}}, lat[SP_LAT_BUCKETS + 1] = {0}, sum = 0;
     uint64_t ce = 0, to = 0, se = 0, pe = 0, drop = 0, active = 0, tx = 0, tdrop = 0;
+    uint64_t upc[SP_UPC_BUCKETS + 1] = {0}, upc_sum = 0, upf[SP_UPF_BUCKETS + 1] = {0}, upf_sum = 0;
     int n = sp_workers_count();
     for (int i = 0; i < n; i++) {
         sp_worker_t *w = sp_worker_get(i);
@@ -176,6 +201,12 @@ static int c_stats(lua_State *L)
         for (int b = 0; b <= SP_LAT_BUCKETS; b++)
             lat[b] += SP_STAT_GET(w->stats.latency[b]);
         sum += SP_STAT_GET(w->stats.latency_sum_us);
+        for (int b = 0; b <= SP_UPC_BUCKETS; b++)
+            upc[b] += SP_STAT_GET(w->stats.upconnect[b]);
+        upc_sum += SP_STAT_GET(w->stats.upconnect_sum_us);
+        for (int b = 0; b <= SP_UPF_BUCKETS; b++)
+            upf[b] += SP_STAT_GET(w->stats.upfirst[b]);
+        upf_sum += SP_STAT_GET(w->stats.upfirst_sum_us);
         ce += SP_STAT_GET(w->stats.upstream_connect_errors);
         to += SP_STAT_GET(w->stats.upstream_timeouts);
         se += SP_STAT_GET(w->stats.script_errors);
@@ -215,6 +246,10 @@ static int c_stats(lua_State *L)
     lua_setfield(L, -2, "latency_buckets");
     lua_pushnumber(L, (double)sum / 1e6);
     lua_setfield(L, -2, "latency_sum");
+    push_histogram(L, sp_upconnect_bounds_ns, SP_UPC_BUCKETS, upc, upc_sum,
+                   "upstream_connect_buckets", "upstream_connect_sum");
+    push_histogram(L, sp_upfirst_bounds_ns, SP_UPF_BUCKETS, upf, upf_sum,
+                   "upstream_first_byte_buckets", "upstream_first_byte_sum");
 #define F(name, v)                                                                                \
     lua_pushnumber(L, (double)(v));                                                               \
     lua_setfield(L, -2, name)

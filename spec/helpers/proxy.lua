@@ -262,11 +262,12 @@ function Proxy:stop(timeout)
     return self.proc:stop(timeout or 10)
 end
 
--- Starts spec/fixtures/upstream.py. opts: name, listen_after_ms, wait (true).
+-- Starts spec/fixtures/upstream.py. opts: name, listen_after_ms, wait (true), port (default:
+-- a free one).
 function M.upstream(opts)
     opts = opts or {}
     local dir = M.tmpdir()
-    local port = assert(net.free_port())
+    local port = opts.port or assert(net.free_port())
     local cmd = { M.PYTHON, "-u", SOURCE_DIR .. "/spec/fixtures/upstream.py", "--listen",
         "127.0.0.1:" .. port, "--name", opts.name or "up" }
     if opts.listen_after_ms then

@@ -60,6 +60,8 @@ const char *sp_req_upstream_addr(const sp_request_t *r);
 const char *sp_req_error(const sp_request_t *r);
 int sp_req_worker(const sp_request_t *r);
 int sp_req_trace_id(sp_request_t *r, char *out);
+void sp_req_wake_mark(sp_request_t *r, int phase, const char *outcome, size_t olen, int patched,
+                      int status);
 int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char *k1, const char *v1,
                       const char *k2, const char *v2, const char *k3, const char *v3,
                       const char *k4, const char *v4, const char *k5, const char *v5,
@@ -404,6 +406,22 @@ end
 
 function Req:worker()
     return C.sp_req_worker(live(self))
+end
+
+-- The wake span (exported with otlp_endpoint: a child of the request span, named "wake"):
+-- req:wake_begin() when the request starts being held for its sandbox's start (later calls
+-- keep the first start), req:wake_end(outcome, patched, patch_status) when the hold ends:
+-- outcome a short word ("ready" when the request goes on to the sandbox; anything else marks
+-- the span as an error), patched whether this request's wake sent the PATCH, patch_status the
+-- refused PATCH's HTTP status (0 or nil: none). wake.lua calls them; cheap, no allocation.
+function Req:wake_begin()
+    C.sp_req_wake_mark(live(self), 0, "", 0, 0, 0)
+end
+
+function Req:wake_end(outcome, patched, patch_status)
+    outcome = tostring(outcome or "")
+    C.sp_req_wake_mark(live(self), 1, outcome, #outcome, patched and 1 or 0,
+        tonumber(patch_status) or 0)
 end
 
 -- The access-log line's fields in line order (access_log.lua, the test kit's formatter and the

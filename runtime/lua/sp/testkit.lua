@@ -285,6 +285,18 @@ end
 -- opts.trace_id, or nil (as the real request while tracing is off)
 function Fake:trace_id() return self._trace_id end
 
+-- The wake span's marks, kept for specs: req.wake = { begun = true, outcome =, patched =,
+-- patch_status = } (outcome nil while held).
+function Fake:wake_begin()
+    self.wake = self.wake or { begun = true }
+end
+function Fake:wake_end(outcome, patched, patch_status)
+    self.wake = self.wake or { begun = false }
+    self.wake.outcome = tostring(outcome or "")
+    self.wake.patched = patched and true or false
+    self.wake.patch_status = tonumber(patch_status) or 0
+end
+
 function Fake:record()
     return {
         request_id = self:id(), method = self:method(), path = self:path(), query = self:query(),
