@@ -120,5 +120,6 @@ void suite_config(void);
 void suite_log(void);
 void suite_json_scan(void);
 void suite_deadline(void);
+void suite_fswatch(void);
 
 #endif

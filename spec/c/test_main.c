@@ -14,6 +14,7 @@ static const struct {
     {"util", suite_util},     {"http", suite_http},     {"buf", suite_buf},
     {"json_scan", suite_json_scan}, {"routes", suite_routes}, {"shdict", suite_shdict},
     {"config", suite_config}, {"log", suite_log}, {"deadline", suite_deadline},
+    {"fswatch", suite_fswatch},
 };
 
 int main(int argc, char **argv)
