@@ -133,6 +133,8 @@ struct sp_request {
     sp_buf_t extra;       /* header edits "<op>name\0value\0": '>' response header; '=' set, '+' add,
                            * '-' remove on the upstream request */
     bool header_edits;    /* extra holds a '=' or '-' edit (only then is each header checked) */
+    bool resp_prefix;     /* extra holds a 'P' entry: the prefix Location and Set-Cookie Path of the
+                           * proxied response are put back under (req:set_response_prefix) */
     char up_host[256];
     int up_port;
     sp_buf_t up_path;

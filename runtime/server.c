@@ -91,6 +91,7 @@ sp_request_t *sp_request_acquire(sp_worker_t *w)
     r->body.len = 0;
     r->extra.len = 0;
     r->header_edits = false;
+    r->resp_prefix = false;
     r->up_host[0] = '\0';
     r->up_port = 0;
     r->up_path.len = 0;
