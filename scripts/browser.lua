@@ -14,9 +14,10 @@
 --               a credential that is not cookie-safe: 400. Whatever the answer, the request is
 --               never forwarded and its query string is left out of the access log
 --               (req.ctx.secret_query), so the credential reaches neither the sandbox nor a log.
---   cookie_credential(req)  the credential of the proxy's cookie, or nil (auth.lua reads it
+--   cookie_credential(req)  the credential of the proxy's cookie in any Cookie header, or nil
+--               (auth.lua reads it
 --               when the request has no credential header; req.ctx.via_cookie is then set)
---   strip_cookie(req)  removes the proxy's cookie from the Cookie header sent upstream (the
+--   strip_cookie(req)  removes the proxy's cookie from every Cookie header sent upstream (the
 --               sandbox's own cookies pass); auth.lua calls it for every authenticated request
 --   origin_ok(req)  a cookie-authenticated request that may change state (any method but GET,
 --               HEAD and OPTIONS) or that upgrades (WebSocket) needs an Origin whose host is the
@@ -73,14 +74,28 @@ local PARAM_EQ = PARAM .. "="
 
 -- ------------------------------------------------------------------ the cookie
 
--- The value of the proxy's cookie in the request's Cookie header, or nil. (RFC 6265 5.4: a
--- browser sends one Cookie header; the first one is read.)
+-- Every Cookie header of the request as one text (nil: none). A browser sends one header
+-- (RFC 6265 5.4) but HTTP/2 clients send one field per cookie, and a crafted request may repeat
+-- it: all of them are read (req:headers() joins repeats with ", "; a cookie value never holds
+-- "," or ";", RFC 6265 4.1.1, so pairs split on both). Kept in req.ctx for the next caller.
+local function cookies(req)
+    local ctx = req.ctx
+    local c = ctx.cookie_text
+    if c == nil then
+        c = req:header("cookie") and req:headers().cookie or false
+        ctx.cookie_text = c
+    end
+    return c or nil
+end
+
+-- The value of the proxy's cookie (the first one: a browser sends the most specific path
+-- first), or nil.
 function M.cookie_credential(req)
-    local c = req:header("cookie")
+    local c = cookies(req)
     if not c or not find(c, COOKIE_EQ, 1, true) then
         return nil
     end
-    for pair in c:gmatch("[^;]+") do
+    for pair in c:gmatch("[^;,]+") do
         local name, value = pair:match("^%s*([^=%s]+)%s*=%s*(.-)%s*$")
         if name == COOKIE and value ~= "" then
             return value
@@ -89,16 +104,17 @@ function M.cookie_credential(req)
     return nil
 end
 
--- Removes the proxy's cookie from the Cookie header the sandbox gets.
+-- Removes the proxy's cookie from the Cookie header(s) the sandbox gets: when it is there,
+-- the others go on in one Cookie header, in order (none left: no Cookie header).
 function M.strip_cookie(req)
-    local c = req:header("cookie")
+    local c = cookies(req)
     if not c or not find(c, COOKIE_EQ, 1, true) then
         return
     end
     local keep = {}
-    for pair in c:gmatch("[^;]+") do
+    for pair in c:gmatch("[^;,]+") do
         local name = pair:match("^%s*([^=%s]+)")
-        if name ~= COOKIE then
+        if name and name ~= COOKIE then
             keep[#keep + 1] = pair:match("^%s*(.-)%s*$")
         end
     end

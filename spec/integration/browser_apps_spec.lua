@@ -200,6 +200,19 @@ describe("browser apps (fixture sandboxes)", function()
             assert.are.same({ "_xsrf=abc; theme=dark" }, cookies)
         end)
 
+        it("reads and cleans every Cookie header (HTTP/2 clients send one per cookie)", function()
+            local r = assert(px:request{ path = "/alice/sb/echo", headers = {
+                { "Cookie", "a=1" }, { "Cookie", "sp_token=alice-key" }, { "Cookie", "b=2" } } })
+            assert.are.equal(200, r.status)
+            local cookies = {}
+            for _, h in ipairs(cjson.decode(r.body).headers) do
+                if h[1]:lower() == "cookie" then
+                    cookies[#cookies + 1] = h[2]
+                end
+            end
+            assert.are.same({ "a=1; b=2" }, cookies)
+        end)
+
         it("opens a WebSocket with the cookie and a same-host Origin, refuses another Origin", function()
             local host = "127.0.0.1:" .. px.port
             local c = assert(ws.connect{ port = px.port, path = "/alice/sb/ws",

@@ -313,6 +313,14 @@ describe("browser authentication", function()
             Cookie = "sp_token=bob-key; a=1" } })
         assert.are.equal("a=1", req.forwarded.set_headers.Cookie)
         assert.is_nil(req.ctx.via_cookie)
+        -- several Cookie headers (HTTP/2 sends one per cookie): every one is read and cleaned
+        req = run(c, { target = "/alice/sb/tree",
+            headers = { { "Cookie", "_xsrf=1" }, { "Cookie", "sp_token=alice-key" }, { "Cookie", "b=2" } } })
+        assert.are.equal("alice", req.ctx.identity.user)
+        assert.are.equal("_xsrf=1; b=2", req.forwarded.set_headers.Cookie)
+        req = run(c, { target = "/alice/sb/tree", headers = { { "Authorization", "Bearer alice-key" },
+            { "Cookie", "a=1" }, { "Cookie", "sp_token=bob-key" } } })
+        assert.are.equal("a=1", req.forwarded.set_headers.Cookie)
         -- another user's cookie is no key to alice's sandbox
         req = run(c, { target = "/alice/sb/tree", headers = { Cookie = "sp_token=bob-key" } })
         assert.are.equal(403, req.response.status)
