@@ -969,9 +969,10 @@ static const llhttp_settings_t response_settings = {
  * served at "/", so its Location and Set-Cookie Path are put back under P. Headers only, never
  * a body; nothing here runs unless the script asked. */
 
-/* The prefix of the last 'P' entry of r->extra, or NULL. */
-static const char *response_prefix(const sp_request_t *r, size_t *plen)
+const char *sp_request_response_prefix(const sp_request_t *r, size_t *plen)
 {
+    if (!r->resp_prefix)
+        return NULL;
     const char *found = NULL;
     size_t i = 0;
     while (i < r->extra.len) {
@@ -1072,6 +1073,15 @@ static void emit_set_cookie(sp_buf_t *o, const char *v, size_t vl, const char *p
     sp_buf_add(o, v + done, vl - done);
 }
 
+void sp_response_header_value(const sp_request_t *r, const char *pre, size_t plen, const char *n,
+                              size_t l, const char *v, size_t vl, sp_buf_t *o)
+{
+    if (pre && l == 10 && sp_ieq(n, l, "set-cookie"))
+        emit_set_cookie(o, v, vl, pre, plen);
+    else if (!(pre && l == 8 && sp_ieq(n, l, "location") && emit_location(r, o, v, vl, pre, plen)))
+        sp_buf_add(o, v, vl);
+}
+
 /* Builds the client's response head from the parsed upstream head into r->out. */
 static void build_response_head(sp_upconn_t *u)
 {
@@ -1116,7 +1126,7 @@ static void build_response_head(sp_upconn_t *u)
      * response to HEAD keep their Content-Length (it describes the body a GET would get). */
     bool no_length = r->resp_decode || r->resp_status == 204;
     size_t plen = 0;
-    const char *pre = r->resp_prefix ? response_prefix(r, &plen) : NULL;
+    const char *pre = sp_request_response_prefix(r, &plen);
     for (uint32_t i = 0; i < r->nrhdrs; i++) {
         const sp_hdr_t *h = &r->rhdrs[i];
         const char *n = r->resp_head.p + h->name_off;
@@ -1130,12 +1140,7 @@ static void build_response_head(sp_upconn_t *u)
             continue; /* ours is added below: one id per exchange */
         sp_buf_add(o, n, l);
         sp_buf_lit(o, ": ");
-        const char *v = r->resp_head.p + h->value_off;
-        if (pre && l == 10 && sp_ieq(n, l, "set-cookie"))
-            emit_set_cookie(o, v, h->value_len, pre, plen);
-        else if (!(pre && l == 8 && sp_ieq(n, l, "location") &&
-                   emit_location(r, o, v, h->value_len, pre, plen)))
-            sp_buf_add(o, v, h->value_len);
+        sp_response_header_value(r, pre, plen, n, l, r->resp_head.p + h->value_off, h->value_len, o);
         sp_buf_lit(o, "\r\n");
     }
     if (upgrade) {
