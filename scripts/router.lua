@@ -119,7 +119,13 @@ local function forward(req, route)
         mode = PREFIX
     end
     if prefix and mode == "strip" then
-        req:set_header("X-Forwarded-Prefix", prefix)
+        -- added, or replacing the client's (a replacing edit makes the runtime check every
+        -- header of the request against it: only when the client sent one)
+        if req:header("x-forwarded-prefix") then
+            req:set_header("X-Forwarded-Prefix", prefix)
+        else
+            req:add_header("X-Forwarded-Prefix", prefix)
+        end
         if REWRITE then
             req:set_response_prefix(prefix)
         end
