@@ -189,6 +189,44 @@ enum {
     LF_TRACE_ID = 1 << 15,
 };
 
+/* The access-log line's fields in line order: the one definition. The runtime writes the
+ * fields with a bit (when the mask has it); the entry without one is where the script's
+ * name/value pairs go. sp.request builds LOG_LINE, LOG_FIELDS and LOG_ORDER from this table
+ * (sp_req_log_field). */
+static const struct {
+    const char *name;
+    uint32_t bit;
+} LOG_LINE[] = {
+    {"time", LF_TIME},
+    {"request_id", LF_REQUEST_ID},
+    {"client", LF_CLIENT},
+    {"method", LF_METHOD},
+    {"path", LF_PATH},
+    {"query", LF_QUERY},
+    {"status", LF_STATUS},
+    {"bytes_in", LF_BYTES_IN},
+    {"bytes_out", LF_BYTES_OUT},
+    {"duration", LF_DURATION},
+    {"upstream_connect", LF_UPSTREAM_CONNECT},
+    {"upstream_first_byte", LF_UPSTREAM_FIRST_BYTE},
+    {"upstream", LF_UPSTREAM},
+    {"trace_id", LF_TRACE_ID},
+    {"error", LF_ERROR},
+    {NULL, 0}, /* the script's pairs */
+    {"worker", LF_WORKER},
+};
+
+/* The i-th entry of LOG_LINE (0-based): its name (NULL for the scripts' place) and bit;
+ * returns 0 past the end. */
+SP_EXPORT int sp_req_log_field(int i, const char **name, uint32_t *bit)
+{
+    if (i < 0 || (size_t)i >= SP_ARRAY_LEN(LOG_LINE))
+        return 0;
+    *name = LOG_LINE[i].name;
+    *bit = LOG_LINE[i].bit;
+    return 1;
+}
+
 static void lf_name(sp_buf_t *b, const char *name, size_t n)
 {
     if (b->len > 1)
@@ -230,90 +268,113 @@ SP_EXPORT int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char
     char storage[1024];
     sp_buf_t b = SP_BUF_ON(storage);
     sp_buf_addc(&b, '{');
-    if (mask & LF_TIME) {
-        char t[32];
-        sp_iso8601(sp_wall_time(), t);
-        LF_NAME(&b, "time");
-        sp_buf_addc(&b, '"');
-        sp_buf_add(&b, t, 24);
-        sp_buf_addc(&b, '"');
-    }
-    if (mask & LF_REQUEST_ID) {
-        LF_NAME(&b, "request_id");
-        sp_buf_json_str(&b, r->id, r->id_len);
-    }
-    if (mask & LF_CLIENT) {
-        LF_NAME(&b, "client");
-        sp_buf_json_str(&b, r->client_ip, strlen(r->client_ip));
-    }
-    if (mask & LF_METHOD) {
-        const char *m = llhttp_method_name((llhttp_method_t)r->method);
-        LF_NAME(&b, "method");
-        sp_buf_json_str(&b, m, strlen(m));
-    }
-    if (mask & LF_PATH) {
-        LF_NAME(&b, "path");
-        sp_buf_json_str(&b, r->head.p, r->path_len);
-    }
-    if ((mask & LF_QUERY) && r->path_len + 1 < r->url_len) {
-        LF_NAME(&b, "query");
-        sp_buf_json_str(&b, r->head.p + r->path_len + 1, r->url_len - r->path_len - 1);
-    }
-    if (mask & LF_STATUS) {
-        LF_NAME(&b, "status");
-        sp_buf_addu(&b, (uint64_t)(r->resp_status > 0 ? r->resp_status : 0));
-    }
-    if (mask & LF_BYTES_IN) {
-        LF_NAME(&b, "bytes_in");
-        sp_buf_addu(&b, r->bytes_in);
-    }
-    if (mask & LF_BYTES_OUT) {
-        LF_NAME(&b, "bytes_out");
-        sp_buf_addu(&b, r->bytes_out);
-    }
-    if (mask & LF_DURATION)
-        lf_span(&b, "duration", 8, r->t_start, r->t_end ? r->t_end : uv_hrtime());
-    if (mask & LF_UPSTREAM_CONNECT)
-        lf_span(&b, "upstream_connect", 16, r->t_head, r->t_connected);
-    if (mask & LF_UPSTREAM_FIRST_BYTE)
-        lf_span(&b, "upstream_first_byte", 19, r->t_head, r->t_first_byte);
-    if ((mask & LF_UPSTREAM) && r->upstream_addr[0]) {
-        LF_NAME(&b, "upstream");
-        sp_buf_json_str(&b, r->upstream_addr, strlen(r->upstream_addr));
-    }
-    if ((mask & LF_TRACE_ID) && sp_trace_enabled()) {
-        sp_trace_ensure((sp_request_t *)r);
-        LF_NAME(&b, "trace_id");
-        sp_buf_addc(&b, '"');
-        sp_buf_add(&b, r->trace_id, 32);
-        sp_buf_addc(&b, '"');
-    }
-    if ((mask & LF_ERROR) && sp_error_names[r->error][0]) {
-        const char *e = sp_error_names[r->error];
-        LF_NAME(&b, "error");
-        sp_buf_json_str(&b, e, strlen(e));
-        if (r->up_tried) {
-            /* a forwarded request that failed: did any of it reach the sandbox? */
-            LF_NAME(&b, "delivered");
-            if (r->up_sent)
-                sp_buf_lit(&b, "true");
-            else
-                sp_buf_lit(&b, "false");
-        }
-    }
-    const char *kv[12] = {k1, v1, k2, v2, k3, v3, k4, v4, k5, v5, k6, v6};
-    for (int i = 0; i < 12; i += 2) {
-        if (!kv[i] || !kv[i + 1])
+    for (size_t i = 0; i < SP_ARRAY_LEN(LOG_LINE); i++) {
+        uint32_t bit = LOG_LINE[i].bit;
+        if (bit && !(mask & bit))
             continue;
-        if (b.len > 1)
-            sp_buf_addc(&b, ',');
-        sp_buf_json_str(&b, kv[i], strlen(kv[i]));
-        sp_buf_addc(&b, ':');
-        sp_buf_json_str(&b, kv[i + 1], strlen(kv[i + 1]));
-    }
-    if (mask & LF_WORKER) {
-        LF_NAME(&b, "worker");
-        sp_buf_addu(&b, (uint64_t)r->w->id);
+        switch (bit) {
+        case 0: { /* the script's pairs */
+            const char *kv[12] = {k1, v1, k2, v2, k3, v3, k4, v4, k5, v5, k6, v6};
+            for (int j = 0; j < 12; j += 2) {
+                if (!kv[j] || !kv[j + 1])
+                    continue;
+                if (b.len > 1)
+                    sp_buf_addc(&b, ',');
+                sp_buf_json_str(&b, kv[j], strlen(kv[j]));
+                sp_buf_addc(&b, ':');
+                sp_buf_json_str(&b, kv[j + 1], strlen(kv[j + 1]));
+            }
+            break;
+        }
+        case LF_TIME: {
+            char t[32];
+            sp_iso8601(sp_wall_time(), t);
+            LF_NAME(&b, "time");
+            sp_buf_addc(&b, '"');
+            sp_buf_add(&b, t, 24);
+            sp_buf_addc(&b, '"');
+            break;
+        }
+        case LF_REQUEST_ID:
+            LF_NAME(&b, "request_id");
+            sp_buf_json_str(&b, r->id, r->id_len);
+            break;
+        case LF_CLIENT:
+            LF_NAME(&b, "client");
+            sp_buf_json_str(&b, r->client_ip, strlen(r->client_ip));
+            break;
+        case LF_METHOD: {
+            const char *m = llhttp_method_name((llhttp_method_t)r->method);
+            LF_NAME(&b, "method");
+            sp_buf_json_str(&b, m, strlen(m));
+            break;
+        }
+        case LF_PATH:
+            LF_NAME(&b, "path");
+            sp_buf_json_str(&b, r->head.p, r->path_len);
+            break;
+        case LF_QUERY:
+            if (r->path_len + 1 < r->url_len) {
+                LF_NAME(&b, "query");
+                sp_buf_json_str(&b, r->head.p + r->path_len + 1, r->url_len - r->path_len - 1);
+            }
+            break;
+        case LF_STATUS:
+            LF_NAME(&b, "status");
+            sp_buf_addu(&b, (uint64_t)(r->resp_status > 0 ? r->resp_status : 0));
+            break;
+        case LF_BYTES_IN:
+            LF_NAME(&b, "bytes_in");
+            sp_buf_addu(&b, r->bytes_in);
+            break;
+        case LF_BYTES_OUT:
+            LF_NAME(&b, "bytes_out");
+            sp_buf_addu(&b, r->bytes_out);
+            break;
+        case LF_DURATION:
+            lf_span(&b, "duration", 8, r->t_start, r->t_end ? r->t_end : uv_hrtime());
+            break;
+        case LF_UPSTREAM_CONNECT:
+            lf_span(&b, "upstream_connect", 16, r->t_head, r->t_connected);
+            break;
+        case LF_UPSTREAM_FIRST_BYTE:
+            lf_span(&b, "upstream_first_byte", 19, r->t_head, r->t_first_byte);
+            break;
+        case LF_UPSTREAM:
+            if (r->upstream_addr[0]) {
+                LF_NAME(&b, "upstream");
+                sp_buf_json_str(&b, r->upstream_addr, strlen(r->upstream_addr));
+            }
+            break;
+        case LF_TRACE_ID:
+            if (sp_trace_enabled()) {
+                sp_trace_ensure((sp_request_t *)r);
+                LF_NAME(&b, "trace_id");
+                sp_buf_addc(&b, '"');
+                sp_buf_add(&b, r->trace_id, 32);
+                sp_buf_addc(&b, '"');
+            }
+            break;
+        case LF_ERROR:
+            if (sp_error_names[r->error][0]) {
+                const char *e = sp_error_names[r->error];
+                LF_NAME(&b, "error");
+                sp_buf_json_str(&b, e, strlen(e));
+                if (r->up_tried) {
+                    /* a forwarded request that failed: did any of it reach the sandbox? */
+                    LF_NAME(&b, "delivered");
+                    if (r->up_sent)
+                        sp_buf_lit(&b, "true");
+                    else
+                        sp_buf_lit(&b, "false");
+                }
+            }
+            break;
+        case LF_WORKER:
+            LF_NAME(&b, "worker");
+            sp_buf_addu(&b, (uint64_t)r->w->id);
+            break;
+        }
     }
     sp_buf_addc(&b, '}');
     if (r->w->alog) {
