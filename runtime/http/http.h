@@ -153,6 +153,8 @@ struct sp_request {
     sp_decision_t decision;
     int status;           /* respond: the status */
     bool header_edits;    /* extra holds a '=' or '-' edit (only then is each header checked) */
+    bool resp_prefix;     /* extra holds a 'P' entry: the prefix Location and Set-Cookie Path of the
+                           * proxied response are put back under (req:set_response_prefix) */
     char up_host[256];
     int up_port;
     double to_connect, to_first_byte, to_idle; /* per-request timeouts (s), 0: defaults */
@@ -300,6 +302,14 @@ int sp_request_respond(sp_request_t *req, int status, const char *ctype, size_t 
                        const char *body, size_t blen);
 /* Appends the script's response headers (op '>') to a response head being built. */
 void sp_request_emit_response_headers(const sp_request_t *req, sp_buf_t *o);
+/* The prefix a script asked the proxied response's Location and Set-Cookie Path to be put back
+ * under (req:set_response_prefix), or NULL: nothing to rewrite. */
+const char *sp_request_response_prefix(const sp_request_t *req, size_t *plen);
+/* Appends the value of response header n (l bytes) to o: a Location or Set-Cookie rewritten
+ * under pre (from sp_request_response_prefix; NULL: as it is). Every response path that relays
+ * a sandbox's headers (HTTP/1.1 in upstream.c) writes their values through it. */
+void sp_response_header_value(const sp_request_t *req, const char *pre, size_t plen, const char *n,
+                              size_t l, const char *v, size_t vl, sp_buf_t *o);
 /* Adds a header to the response sent to the client, local or proxied. -EINVAL on bad bytes. */
 int sp_request_add_header(sp_request_t *req, const char *name, size_t nlen, const char *val,
                           size_t vlen);

@@ -954,6 +954,124 @@ static const llhttp_settings_t response_settings = {
     .on_message_complete = rcb_message_complete,
 };
 
+/* ---------------------------------------------------------------- response prefix
+ * req:set_response_prefix(P) (path routing in strip mode): the sandbox answers as if it were
+ * served at "/", so its Location and Set-Cookie Path are put back under P. Headers only, never
+ * a body; nothing here runs unless the script asked. */
+
+const char *sp_request_response_prefix(const sp_request_t *r, size_t *plen)
+{
+    if (!r->resp_prefix)
+        return NULL;
+    const char *found = NULL;
+    size_t i = 0;
+    while (i < r->extra.len) {
+        char op = r->extra.p[i];
+        const char *name = r->extra.p + i + 1;
+        size_t nlen = strlen(name);
+        const char *val = name + nlen + 1;
+        size_t vlen = strlen(val);
+        if (op == 'P') {
+            found = val;
+            *plen = vlen;
+        }
+        i += 1 + nlen + 1 + vlen + 1;
+    }
+    return found;
+}
+
+/* True when path p is already under the prefix: equal to it, or it followed by '/', '?', '#'. */
+static bool under_prefix(const char *p, size_t l, const char *pre, size_t pl)
+{
+    return l >= pl && memcmp(p, pre, pl) == 0 &&
+           (l == pl || p[pl] == '/' || p[pl] == '?' || p[pl] == '#');
+}
+
+/* Location: a path-absolute reference ("/x"; not "//host") or an absolute http(s) URL whose
+ * authority is the request's own Host gets the prefix in front of its path. False: relay the
+ * value as it is (relative references resolve under the prefix by themselves). */
+static bool emit_location(const sp_request_t *r, sp_buf_t *o, const char *v, size_t vl,
+                          const char *pre, size_t pl)
+{
+    size_t at;
+    if (vl >= 1 && v[0] == '/') {
+        if (vl >= 2 && (v[1] == '/' || v[1] == '\\'))
+            return false;
+        at = 0;
+    } else {
+        size_t s = (vl > 7 && strncasecmp(v, "http://", 7) == 0)    ? 7
+                   : (vl > 8 && strncasecmp(v, "https://", 8) == 0) ? 8
+                                                                   : 0;
+        if (!s)
+            return false;
+        size_t e = s;
+        while (e < vl && v[e] != '/' && v[e] != '?' && v[e] != '#')
+            e++;
+        size_t hl = 0;
+        const char *host = sp_request_header(r, "host", 4, &hl);
+        if (!host || hl != e - s || strncasecmp(host, v + s, hl) != 0)
+            return false;
+        at = e;
+    }
+    if (under_prefix(v + at, vl - at, pre, pl))
+        return false;
+    sp_buf_add(o, v, at);
+    sp_buf_add(o, pre, pl);
+    if (at == vl || v[at] != '/')
+        sp_buf_addc(o, '/');
+    sp_buf_add(o, v + at, vl - at);
+    return true;
+}
+
+static bool is_ows(char c) { return c == ' ' || c == '\t'; }
+
+/* Set-Cookie: every Path attribute that starts with '/' and is not under the prefix gets it
+ * in front ("Path=/" becomes "Path=<prefix>"); the rest of the value is relayed as it is. */
+static void emit_set_cookie(sp_buf_t *o, const char *v, size_t vl, const char *pre, size_t pl)
+{
+    size_t done = 0, i = 0;
+    const char *semi;
+    while (i < vl && (semi = memchr(v + i, ';', vl - i)) != NULL) {
+        size_t a = (size_t)(semi - v) + 1;
+        while (a < vl && is_ows(v[a]))
+            a++;
+        size_t end = a;
+        while (end < vl && v[end] != ';')
+            end++;
+        i = end;
+        if (end - a < 5 || strncasecmp(v + a, "path", 4) != 0)
+            continue;
+        size_t k = a + 4;
+        while (k < end && is_ows(v[k]))
+            k++;
+        if (k == end || v[k] != '=')
+            continue;
+        k++;
+        while (k < end && is_ows(v[k]))
+            k++;
+        size_t ve = end;
+        while (ve > k && is_ows(v[ve - 1]))
+            ve--;
+        if (ve == k || v[k] != '/' || under_prefix(v + k, ve - k, pre, pl))
+            continue;
+        sp_buf_add(o, v + done, k - done);
+        sp_buf_add(o, pre, pl);
+        if (ve - k > 1)
+            sp_buf_add(o, v + k, ve - k);
+        done = ve;
+    }
+    sp_buf_add(o, v + done, vl - done);
+}
+
+void sp_response_header_value(const sp_request_t *r, const char *pre, size_t plen, const char *n,
+                              size_t l, const char *v, size_t vl, sp_buf_t *o)
+{
+    if (pre && l == 10 && sp_ieq(n, l, "set-cookie"))
+        emit_set_cookie(o, v, vl, pre, plen);
+    else if (!(pre && l == 8 && sp_ieq(n, l, "location") && emit_location(r, o, v, vl, pre, plen)))
+        sp_buf_add(o, v, vl);
+}
+
 /* Builds the client's response head from the parsed upstream head into r->out. */
 /* The final response head (or a 101) is in: the time to first byte, in the record and in the
  * upstream_first_byte histogram (from the moment forwarding began). */
@@ -1008,6 +1126,8 @@ static void build_response_head(sp_upconn_t *u)
     /* RFC 9112 6.1, 6.2: no Content-Length (nor Transfer-Encoding) on a 204; a 304 and a
      * response to HEAD keep their Content-Length (it describes the body a GET would get). */
     bool no_length = r->resp_decode || r->resp_status == 204;
+    size_t plen = 0;
+    const char *pre = sp_request_response_prefix(r, &plen);
     for (uint32_t i = 0; i < r->nrhdrs; i++) {
         const sp_hdr_t *h = &r->rhdrs[i];
         const char *n = r->resp_head.p + h->name_off;
@@ -1021,7 +1141,7 @@ static void build_response_head(sp_upconn_t *u)
             continue; /* ours is added below: one id per exchange */
         sp_buf_add(o, n, l);
         sp_buf_lit(o, ": ");
-        sp_buf_add(o, r->resp_head.p + h->value_off, h->value_len);
+        sp_response_header_value(r, pre, plen, n, l, r->resp_head.p + h->value_off, h->value_len, o);
         sp_buf_lit(o, "\r\n");
     }
     if (upgrade) {

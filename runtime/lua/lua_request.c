@@ -413,3 +413,28 @@ SP_EXPORT int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char
     sp_buf_free(&b);
     return 0;
 }
+
+/* req:set_response_prefix(prefix): the proxied response's Location (a path-absolute one, or an
+ * absolute URL on the request's own Host) and Set-Cookie Path get `prefix` put in front of
+ * their path unless it is already under it; "" turns it off. Kept as a 'P' entry of r->extra
+ * (no allocation of its own); the core looks at it only when resp_prefix is set. */
+SP_EXPORT int sp_req_set_response_prefix(sp_request_t *r, const char *p, size_t len)
+{
+    if (r->resp_head_sent || r->decision != SP_DECIDE_NONE)
+        return -EINVAL;
+    if (len == 0) {
+        r->resp_prefix = false;
+        return 0;
+    }
+    if (p[0] != '/' || p[len - 1] == '/' || len > 1024)
+        return -EINVAL;
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)p[i] <= 0x20 || p[i] == 0x7f || p[i] == ';' || p[i] == ',')
+            return -EINVAL;
+    sp_buf_addc(&r->extra, 'P');
+    sp_buf_addc(&r->extra, '\0');
+    sp_buf_add(&r->extra, p, len);
+    sp_buf_addc(&r->extra, '\0');
+    r->resp_prefix = true;
+    return 0;
+}

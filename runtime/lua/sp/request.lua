@@ -49,6 +49,7 @@ int sp_req_forward(sp_request_t *r, const char *host, size_t hl, int port, const
 void sp_req_set_timeouts(sp_request_t *r, double connect, double first_byte, double idle);
 int sp_req_decision(const sp_request_t *r);
 void sp_req_set_error_detail(sp_request_t *r, const char *s, size_t len);
+int sp_req_set_response_prefix(sp_request_t *r, const char *p, size_t len);
 int sp_req_delivered(const sp_request_t *r);
 int sp_req_status(const sp_request_t *r);
 double sp_req_bytes_in(const sp_request_t *r);
@@ -347,6 +348,23 @@ function Req:set_error_detail(subject)
         error("set_error_detail(subject): subject must be a string", 2)
     end
     C.sp_req_set_error_detail(live(self), subject, #subject)
+end
+
+-- Asks the runtime to put the proxied response's `Location` and `Set-Cookie` Path back under
+-- `prefix` (path routing that strips the prefix: the sandbox answers as if served at "/"). A
+-- path-absolute Location ("/tree", not "//host") and an absolute http(s) URL on the request's
+-- own Host get the prefix in front of their path; a Set-Cookie `Path=/x` becomes
+-- `Path=<prefix>/x` (`Path=/`: `Path=<prefix>`); values already under the prefix, relative
+-- Locations and other hosts are left alone; bodies never. `prefix` starts with "/", does not
+-- end with one, holds no space, control byte, ";" or ","; "" turns it off. Call it before
+-- forward. Nothing runs per response unless a script asked.
+function Req:set_response_prefix(prefix)
+    if type(prefix) ~= "string" then
+        error("set_response_prefix(prefix): prefix must be a string", 2)
+    end
+    check_rc(C.sp_req_set_response_prefix(live(self), prefix, #prefix),
+        "set_response_prefix: already decided, or not a prefix (\"/a/b\": a leading \"/\", "
+            .. "no trailing one, no space, control byte, ';' or ',')")
 end
 
 -- Whether request bytes were handed to the sandbox's connection: false when the request was
