@@ -5,7 +5,8 @@
  * goes through the same hooks, limits, log phase and upstream machinery as an HTTP/1.1 request:
  * this file is the "client side" (sp_client_ops_t) of those requests. Sandboxes are reached
  * over HTTP/1.1 (upstream.c); the response head upstream.c builds as HTTP/1.1 text is turned
- * into a HEADERS frame here, and bodies reach the client de-chunked.
+ * into a HEADERS frame here, and bodies reach the client de-chunked. gRPC calls are the
+ * exception: relayed to the sandbox over h2c, stream to stream (the last section).
  *
  * Memory is bounded per stream and per connection: a stream's request body waits in a buffer
  * of h2_stream_window bytes (its flow-control window is given back only once the bytes went
@@ -13,13 +14,15 @@
  * h2_stream_buffer bytes (beyond it the sandbox is not read: a slow reader slows its own
  * stream), and at most h2_max_concurrent_streams streams run at once. The server connection
  * (sp_conn_t, server.c) still owns the socket, the connection limits and the timeouts.
- * It does not speak HTTP/2 to sandboxes, Upgrade: h2c, or extended CONNECT.
+ * It does not do Upgrade: h2c or extended CONNECT.
  */
 #include "http.h"
 #include "worker.h"
 #include "config.h"
 #include "log.h"
+#include "netaddr.h"
 
+#include <arpa/inet.h>
 #include <nghttp2/nghttp2.h>
 #include <errno.h>
 #include <stdio.h>
@@ -32,6 +35,7 @@ static const char h2_preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 #define WRITE_CHUNK 65536
 
 typedef struct h2s h2s_t;
+typedef struct up2 up2_t;
 
 struct sp_h2 {
     sp_conn_t *c;
@@ -73,6 +77,11 @@ struct h2s {
     sp_buf_t out;
     size_t out_pos;
     bool submitted, out_end, deferred, up_waiting, notify, sent_end;
+    /* h2c towards the sandbox (gRPC): the upstream stream, its trailers, bytes to consume */
+    up2_t *up2;
+    size_t up_consume;
+    sp_buf_t trailers;      /* "name\0value\0" */
+    bool has_trailers;
     h2s_t *next, *prev;
 };
 
@@ -85,6 +94,11 @@ int sp_h2_preface(const char *buf, size_t len)
 }
 
 static void h2_flush(sp_h2_t *h);
+static void up2_release(up2_t *up);
+static void up2_pump(up2_t *up);
+static void up2_consumed(up2_t *up, size_t n);
+static bool up2_wanted(const sp_request_t *r);
+static void up2_start(h2s_t *s);
 
 /* ---------------------------------------------------------------- streams */
 
@@ -123,7 +137,10 @@ static void stream_release_request(h2s_t *s, bool complete)
 static void stream_free(h2s_t *s)
 {
     sp_h2_t *h = s->h;
+    if (s->up2)
+        up2_release(s->up2); /* a client reset cancels the sandbox's stream */
     stream_release_request(s, s->sent_end && out_pending(s) == 0);
+    sp_buf_free(&s->trailers);
     h->give_back += s->in_len;
     if (s->prev)
         s->prev->next = s->next;
@@ -155,7 +172,6 @@ static void stream_reset(h2s_t *s, uint32_t code)
 static ssize_t data_read(nghttp2_session *session, int32_t id, uint8_t *buf, size_t length,
                          uint32_t *flags, nghttp2_data_source *source, void *ud)
 {
-    SP_UNUSED(session);
     SP_UNUSED(id);
     SP_UNUSED(ud);
     h2s_t *s = source->ptr;
@@ -173,6 +189,11 @@ static ssize_t data_read(nghttp2_session *session, int32_t id, uint8_t *buf, siz
             s->out_pos = 0;
         }
     }
+    if (s->up2 && n) {
+        s->up_consume += n; /* the sandbox may send as much again (after this send round) */
+        s->notify = true;
+        s->h->flush_again = true;
+    }
     if (s->up_waiting && out_pending(s) * 2 <= (size_t)sp_cfg.h2_stream_buffer) {
         s->notify = true; /* the sandbox may be read again (after this send round) */
         s->h->flush_again = true;
@@ -180,6 +201,25 @@ static ssize_t data_read(nghttp2_session *session, int32_t id, uint8_t *buf, siz
     if (out_pending(s) == 0 && s->out_end) {
         *flags |= NGHTTP2_DATA_FLAG_EOF;
         s->sent_end = true;
+        if (s->has_trailers) {
+            /* the sandbox's trailers (grpc-status) end the stream */
+            size_t cnt = 0;
+            for (size_t i = 0; i < s->trailers.len; i++)
+                cnt += s->trailers.p[i] == '\0';
+            nghttp2_nv *nv = sp_calloc(cnt / 2 + 1, sizeof *nv);
+            size_t k = 0;
+            for (size_t i = 0; i < s->trailers.len && k < cnt / 2;) {
+                char *nm = s->trailers.p + i;
+                size_t nl = strlen(nm);
+                char *v = nm + nl + 1;
+                size_t vl = strlen(v);
+                nv[k++] = (nghttp2_nv){(uint8_t *)nm, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE};
+                i += nl + 1 + vl + 1;
+            }
+            if (nghttp2_submit_trailer(session, s->id, nv, k) == 0)
+                *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+            free(nv);
+        }
         return (ssize_t)n;
     }
     if (n == 0) {
@@ -268,8 +308,8 @@ static int h2_send(sp_request_t *r, uv_buf_t *bufs, unsigned n, bool head)
     }
     resume(s);
     h2_flush(h);
-    if (h->c->closing)
-        return UV_ECONNRESET;
+    if (h->c->closing || r->client != s)
+        return UV_ECONNRESET; /* the stream (and so r) ended meanwhile: s is gone */
     /* beyond the stream's buffer the sandbox is not read until the client takes some */
     if (s->r == r && out_pending(s) > (size_t)sp_cfg.h2_stream_buffer) {
         s->up_waiting = true;
@@ -288,6 +328,70 @@ static void h2_finish(sp_request_t *r)
     h2_flush(s->h);
 }
 
+/* True for a gRPC request (content-type application/grpc, +proto, +json...). */
+static bool is_grpc(const sp_request_t *r)
+{
+    size_t n;
+    const char *ct = sp_request_header(r, "content-type", 12, &n);
+    return ct && n >= 16 && strncasecmp(ct, "application/grpc", 16) == 0 &&
+           (n == 16 || ct[16] == '+' || ct[16] == ';');
+}
+
+/* The gRPC status for an HTTP status the proxy answers with (the mapping gRPC itself uses for
+ * HTTP errors, with the proxy's own cases: 401 UNAUTHENTICATED, 404 NOT_FOUND, 504
+ * DEADLINE_EXCEEDED, 429 and 413 RESOURCE_EXHAUSTED). */
+static int grpc_status_of(int http)
+{
+    switch (http) {
+    case 400: return 3;  /* INVALID_ARGUMENT */
+    case 401: return 16; /* UNAUTHENTICATED */
+    case 403: return 7;  /* PERMISSION_DENIED */
+    case 404: return 5;  /* NOT_FOUND */
+    case 408: return 4;  /* DEADLINE_EXCEEDED */
+    case 413:
+    case 429: return 8;  /* RESOURCE_EXHAUSTED */
+    case 431: return 8;
+    case 502:
+    case 503: return 14; /* UNAVAILABLE */
+    case 504: return 4;  /* DEADLINE_EXCEEDED */
+    default: return http >= 500 ? 13 /* INTERNAL */ : 2 /* UNKNOWN */;
+    }
+}
+
+/* Answers a gRPC request the proxy itself refuses as gRPC does: HTTP 200, a trailers-only
+ * response with grpc-status and grpc-message (the JSON error body, percent-encoded). */
+static void respond_grpc_error(h2s_t *s)
+{
+    sp_request_t *r = s->r;
+    char code[12], msg[1024];
+    snprintf(code, sizeof code, "%d", grpc_status_of(r->status));
+    static const char hex[] = "0123456789ABCDEF";
+    size_t m = 0;
+    for (size_t i = 0; i < r->body.len && m + 3 < sizeof msg; i++) {
+        unsigned char ch = (unsigned char)r->body.p[i];
+        if (ch >= 0x20 && ch <= 0x7e && ch != '%') {
+            msg[m++] = (char)ch;
+        } else {
+            msg[m++] = '%';
+            msg[m++] = hex[ch >> 4];
+            msg[m++] = hex[ch & 15];
+        }
+    }
+    nghttp2_nv nv[] = {
+        {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"grpc-status", (uint8_t *)code, 11, strlen(code), NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"grpc-message", (uint8_t *)msg, 12, m, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"x-request-id", (uint8_t *)r->id, 12, r->id_len, NGHTTP2_NV_FLAG_NONE},
+    };
+    r->resp_status = r->status;
+    r->resp_head_sent = true;
+    s->out_end = s->sent_end = true;
+    if (nghttp2_submit_response(s->h->s, s->id, nv, SP_ARRAY_LEN(nv), NULL) != 0)
+        stream_reset(s, NGHTTP2_INTERNAL_ERROR);
+    h2_flush(s->h);
+}
+
 /* Sends the local response in r (status, r->body) on the stream. */
 static void respond_local(h2s_t *s)
 {
@@ -295,11 +399,17 @@ static void respond_local(h2s_t *s)
     if (s->forwarding && r->up)
         sp_upstream_abort(r);
     s->forwarding = false;
+    if (s->up2)
+        up2_release(s->up2);
     /* the body has nowhere to go now: what came is given back, the rest is dropped */
     if (!r->body_buffered) {
         s->discard = true;
         give_back(s, s->in_len - s->inflight);
         s->in_len = s->inflight;
+    }
+    if (r->status >= 400 && is_grpc(r)) {
+        respond_grpc_error(s);
+        return;
     }
     sp_request_local_head(r);
     r->resp_status = r->status;
@@ -330,6 +440,10 @@ static void h2_close(sp_request_t *r) { stream_reset(r->client, NGHTTP2_CANCEL);
  * is given back as its bytes leave. */
 static void pump_body(h2s_t *s)
 {
+    if (s->up2) {
+        up2_pump(s->up2);
+        return;
+    }
     sp_request_t *r = s->r;
     if (!r || !s->forwarding || !r->head_sent || r->body_buffered || !r->up || r->up->writing)
         return;
@@ -402,6 +516,10 @@ static void act(h2s_t *s)
         respond_local(s);
         break;
     case SP_DECIDE_FORWARD:
+        if (up2_wanted(r)) {
+            up2_start(s);
+            break;
+        }
         s->forwarding = true;
         sp_upstream_start(r);
         break;
@@ -446,13 +564,13 @@ int sp_h2_read_body(sp_request_t *r, uint64_t limit)
     sp_buf_add(&r->body, s->in, s->in_len);
     give_back(s, s->in_len);
     s->in_len = 0;
-    h2_flush(s->h);
-    if (s->in_end) {
+    bool end = s->in_end;
+    if (end)
         r->body_buffered = r->body_done = true;
-        return 1;
-    }
-    s->reading_body = true;
-    return 0;
+    else
+        s->reading_body = true;
+    h2_flush(s->h);
+    return end ? 1 : 0;
 }
 
 static int method_of(const char *m, size_t n)
@@ -777,6 +895,11 @@ static void notify_streams(sp_h2_t *h)
         if (!s->notify)
             continue;
         s->notify = false;
+        if (s->up2 && s->up_consume) {
+            size_t n = s->up_consume;
+            s->up_consume = 0;
+            up2_consumed(s->up2, n);
+        }
         if (!s->r || !s->up_waiting)
             continue;
         s->up_waiting = false;
@@ -876,12 +999,13 @@ void sp_h2_input(sp_conn_t *c)
     }
     if (h->pump) {
         h->pump = false;
-        for (h2s_t *s = h->streams, *next; s; s = next) {
-            next = s->next;
+        h->in_recv = true; /* no frames go out (and no stream ends) while the list is walked */
+        for (h2s_t *s = h->streams; s; s = s->next) {
             pump_body(s);
             if (c->closing)
                 return;
         }
+        h->in_recv = false;
     }
     h2_flush(h);
     if (!c->closing && !h->dead)
@@ -961,4 +1085,614 @@ void sp_h2_drain(sp_conn_t *c)
                               NGHTTP2_NO_ERROR, NULL, 0);
     }
     h2_flush(h);
+}
+
+/* ---------------------------------------------------------------- h2c towards the sandbox */
+
+/*
+ * A gRPC request (content-type application/grpc...) from an HTTP/2 client is relayed to the
+ * sandbox over h2c: one connection per stream (no pooling yet), frames relayed both ways with
+ * flow control end to end (the client's request body is given back to its window as the
+ * sandbox's window takes it; the sandbox may send at most h2_stream_buffer bytes the client
+ * has not taken), trailers relayed, a client reset cancels the sandbox's stream, grpc-timeout
+ * bounds the call, and failures become gRPC errors (UNAVAILABLE, DEADLINE_EXCEEDED).
+ */
+struct up2 {
+    uv_tcp_t tcp;
+    uv_timer_t timer;       /* connect timeout, then the call's grpc-timeout */
+    uv_connect_t creq;
+    uv_write_t wreq;
+    h2s_t *cs;              /* the client stream; NULL once it let go */
+    nghttp2_session *s;
+    int32_t sid;
+    sp_buf_t wbuf;
+    sp_buf_t hdrs;          /* the response head, "name\0value\0" */
+    char *rbuf;
+    double deadline;        /* seconds of grpc-timeout, 0: none */
+    int handles;
+    bool in_recv, flushing, flush_again, writing, dead, closing, got_head, ended;
+};
+
+#define UP2_RBUF 16384
+
+static void up2_flush(up2_t *up);
+
+static void up2_handle_closed(uv_handle_t *hd)
+{
+    up2_t *up = hd->data;
+    if (--up->handles > 0)
+        return;
+    sp_buf_free(&up->wbuf);
+    sp_buf_free(&up->hdrs);
+    free(up->rbuf);
+    free(up);
+}
+
+static void up2_close(up2_t *up)
+{
+    if (up->closing)
+        return;
+    up->closing = true;
+    if (up->cs) {
+        up->cs->up2 = NULL;
+        up->cs = NULL;
+    }
+    if (up->s) {
+        nghttp2_session_del(up->s);
+        up->s = NULL;
+    }
+    uv_close((uv_handle_t *)&up->tcp, up2_handle_closed);
+    uv_close((uv_handle_t *)&up->timer, up2_handle_closed);
+}
+
+/* The client side lets go: the sandbox's stream is reset (cancelled) and the connection
+ * closed, at once or, inside its own callbacks, as soon as they return. */
+static void up2_release(up2_t *up)
+{
+    if (up->cs) {
+        up->cs->up2 = NULL;
+        up->cs = NULL;
+    }
+    if (up->closing)
+        return;
+    if (up->s && up->sid > 0 && !up->ended) {
+        nghttp2_submit_rst_stream(up->s, NGHTTP2_FLAG_NONE, up->sid, NGHTTP2_CANCEL);
+        up->dead = true;
+        if (!up->in_recv && !up->flushing)
+            up2_flush(up); /* the RST goes out, then the connection closes */
+        return;
+    }
+    if (up->in_recv || up->flushing)
+        up->dead = true;
+    else
+        up2_close(up);
+}
+
+/* The exchange with the sandbox failed: a gRPC error (status) when nothing was answered yet,
+ * else the client stream is reset. */
+static void up2_fail(up2_t *up, sp_error_t err, int status, const char *msg)
+{
+    h2s_t *cs = up->cs;
+    up2_release(up);
+    if (!cs || !cs->r)
+        return;
+    sp_request_t *r = cs->r;
+    if (r->error == SP_ERR_NONE)
+        r->error = err;
+    sp_log(SP_LOG_WARN, "upstream error", "s:request_id", r->id, "s:upstream", r->upstream_addr,
+           "s:error", msg, "s:protocol", "h2c", NULL);
+    if (!r->resp_head_sent) {
+        sp_request_error_body(r, status, msg);
+        respond_local(cs);
+    } else {
+        stream_reset(cs, NGHTTP2_INTERNAL_ERROR);
+    }
+}
+
+static void up2_on_written(uv_write_t *wr, int status)
+{
+    up2_t *up = wr->data;
+    up->writing = false;
+    if (up->closing)
+        return;
+    if (status < 0) {
+        up2_fail(up, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
+        return;
+    }
+    up2_flush(up);
+}
+
+static void up2_flush(up2_t *up)
+{
+    if (up->closing || up->in_recv || !up->s)
+        return;
+    if (up->flushing) {
+        up->flush_again = true;
+        return;
+    }
+    up->flushing = true;
+    do {
+        up->flush_again = false;
+        if (up->writing)
+            break;
+        up->wbuf.len = 0;
+        while (up->wbuf.len < WRITE_CHUNK) {
+            const uint8_t *data;
+            ssize_t n = nghttp2_session_mem_send(up->s, &data);
+            if (n <= 0)
+                break;
+            sp_buf_add(&up->wbuf, data, (size_t)n);
+        }
+        if (!up->wbuf.len)
+            break;
+        uv_buf_t b = uv_buf_init(up->wbuf.p, (unsigned)up->wbuf.len);
+        int w = uv_try_write((uv_stream_t *)&up->tcp, &b, 1);
+        if (w == UV_EAGAIN || w == UV_ENOSYS)
+            w = 0;
+        if (w < 0) {
+            up->flushing = false;
+            up2_fail(up, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
+            return;
+        }
+        if ((size_t)w < b.len) {
+            b.base += w;
+            b.len -= (unsigned)w;
+            up->wreq.data = up;
+            if (uv_write(&up->wreq, (uv_stream_t *)&up->tcp, &b, 1, up2_on_written) < 0) {
+                up->flushing = false;
+                up2_fail(up, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
+                return;
+            }
+            up->writing = true;
+            break;
+        }
+        up->flush_again = true;
+    } while (up->flush_again && !up->closing);
+    up->flushing = false;
+    if (up->dead && !up->writing && !up->closing)
+        up2_close(up);
+}
+
+static void up2_consumed(up2_t *up, size_t n)
+{
+    if (up->closing || !up->s)
+        return;
+    nghttp2_session_consume(up->s, up->sid, n);
+    up2_flush(up);
+}
+
+static void up2_pump(up2_t *up)
+{
+    if (up->closing || !up->s || up->sid <= 0)
+        return;
+    nghttp2_session_resume_data(up->s, up->sid);
+    up2_flush(up);
+}
+
+/* The request body for the sandbox: taken from the client stream's buffer, which gives the
+ * client its window back. */
+static ssize_t up2_body_read(nghttp2_session *session, int32_t id, uint8_t *buf, size_t length,
+                             uint32_t *flags, nghttp2_data_source *source, void *ud)
+{
+    SP_UNUSED(session);
+    SP_UNUSED(id);
+    SP_UNUSED(source);
+    up2_t *up = ud;
+    h2s_t *cs = up->cs;
+    if (!cs) {
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+        return 0;
+    }
+    size_t n = cs->in_len < length ? cs->in_len : length;
+    if (n) {
+        memcpy(buf, cs->in, n);
+        memmove(cs->in, cs->in + n, cs->in_len - n);
+        cs->in_len -= n;
+        give_back(cs, n);
+        cs->h->flush_again = true;
+        cs->r->body_forwarded += n;
+    }
+    if (cs->in_end && cs->in_len == 0) {
+        *flags |= NGHTTP2_DATA_FLAG_EOF;
+        cs->r->body_done = true;
+        return (ssize_t)n;
+    }
+    return n ? (ssize_t)n : NGHTTP2_ERR_DEFERRED;
+}
+
+static int up2_on_header(nghttp2_session *session, const nghttp2_frame *frame,
+                         const uint8_t *name, size_t namelen, const uint8_t *value,
+                         size_t valuelen, uint8_t flags, void *ud)
+{
+    SP_UNUSED(session);
+    SP_UNUSED(flags);
+    up2_t *up = ud;
+    if (frame->hd.type != NGHTTP2_HEADERS || !up->cs)
+        return 0;
+    const char *n = (const char *)name;
+    if (conn_specific(n, namelen))
+        return 0;
+    sp_buf_t *b = frame->headers.cat == NGHTTP2_HCAT_HEADERS ? &up->cs->trailers : &up->hdrs;
+    if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE && up->hdrs.len == 0 && b == &up->hdrs)
+        up->hdrs.len = 0;
+    sp_buf_add(b, name, namelen);
+    sp_buf_addc(b, '\0');
+    sp_buf_add(b, value, valuelen);
+    sp_buf_addc(b, '\0');
+    if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE && namelen == 7 &&
+        memcmp(name, ":status", 7) == 0) {
+        int st = 0;
+        for (size_t i = 0; i < valuelen; i++)
+            st = st * 10 + (value[i] - '0');
+        if (up->cs->r)
+            up->cs->r->resp_status = st;
+    }
+    return 0;
+}
+
+/* Submits the sandbox's response head (up->hdrs) on the client stream. */
+static void up2_head(up2_t *up, bool end_stream)
+{
+    h2s_t *cs = up->cs;
+    sp_request_t *r = cs->r;
+    size_t cnt = 1;
+    for (size_t i = 0; i < up->hdrs.len; i++)
+        cnt += up->hdrs.p[i] == '\0';
+    nghttp2_nv *nv = sp_calloc(cnt / 2 + 2, sizeof *nv);
+    size_t k = 0;
+    for (size_t i = 0; i < up->hdrs.len;) {
+        char *nm = up->hdrs.p + i;
+        size_t nl = strlen(nm);
+        char *v = nm + nl + 1;
+        size_t vl = strlen(v);
+        if (!(nl == 12 && memcmp(nm, "x-request-id", 12) == 0))
+            nv[k++] = (nghttp2_nv){(uint8_t *)nm, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE};
+        i += nl + 1 + vl + 1;
+    }
+    nv[k++] = (nghttp2_nv){(uint8_t *)"x-request-id", (uint8_t *)r->id, 12, r->id_len,
+                           NGHTTP2_NV_FLAG_NONE};
+    nghttp2_data_provider prd = {.source.ptr = cs, .read_callback = data_read};
+    r->t_first_byte = uv_hrtime();
+    r->resp_head_sent = true;
+    int rv = nghttp2_submit_response(cs->h->s, cs->id, nv, k, end_stream ? NULL : &prd);
+    free(nv);
+    if (rv != 0) {
+        stream_reset(cs, NGHTTP2_INTERNAL_ERROR);
+        return;
+    }
+    cs->submitted = true;
+    if (end_stream)
+        cs->out_end = cs->sent_end = true;
+}
+
+static int up2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *ud)
+{
+    SP_UNUSED(session);
+    up2_t *up = ud;
+    h2s_t *cs = up->cs;
+    if (!cs || !cs->r || frame->hd.stream_id != up->sid)
+        return 0;
+    bool end = (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
+    if (frame->hd.type == NGHTTP2_HEADERS) {
+        if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE) {
+            const char *st = up->hdrs.len > 8 ? up->hdrs.p + 8 : "";
+            if (st[0] == '1')
+                up->hdrs.len = 0; /* an interim response: the real one follows */
+            else {
+                up->got_head = true;
+                if (up->deadline <= 0)
+                    uv_timer_stop(&up->timer); /* the first-byte timeout; a deadline stays */
+                up2_head(up, end);
+            }
+        } else if (end) {
+            cs->has_trailers = true;
+            cs->out_end = true;
+            resume(cs);
+        }
+    } else if (frame->hd.type == NGHTTP2_DATA && end) {
+        cs->out_end = true;
+        resume(cs);
+    }
+    if (end)
+        up->ended = true;
+    return 0;
+}
+
+static int up2_on_data(nghttp2_session *session, uint8_t flags, int32_t id, const uint8_t *data,
+                       size_t len, void *ud)
+{
+    SP_UNUSED(flags);
+    up2_t *up = ud;
+    h2s_t *cs = up->cs;
+    if (!cs || !cs->r || !cs->submitted) {
+        nghttp2_session_consume(session, id, len);
+        return 0;
+    }
+    sp_buf_add(&cs->out, data, len); /* consumed as the client takes it (data_read) */
+    cs->r->bytes_out += len;
+    resume(cs);
+    return 0;
+}
+
+static int up2_on_stream_close(nghttp2_session *session, int32_t id, uint32_t code, void *ud)
+{
+    SP_UNUSED(session);
+    SP_UNUSED(id);
+    up2_t *up = ud;
+    h2s_t *cs = up->cs;
+    if (cs && cs->r && !(up->ended && code == NGHTTP2_NO_ERROR)) {
+        up->dead = true;
+        if (!cs->r->resp_head_sent) {
+            sp_request_t *r = cs->r;
+            if (r->error == SP_ERR_NONE)
+                r->error = SP_ERR_UPSTREAM_CLOSED;
+            sp_request_error_body(r, 502, "upstream reset the stream");
+            respond_local(cs);
+        } else {
+            stream_reset(cs, code == NGHTTP2_NO_ERROR ? NGHTTP2_INTERNAL_ERROR : code);
+        }
+    }
+    up->dead = true; /* one stream per connection: it closes once this frame round is over */
+    return 0;
+}
+
+static void up2_alloc(uv_handle_t *hd, size_t suggested, uv_buf_t *buf)
+{
+    SP_UNUSED(suggested);
+    up2_t *up = hd->data;
+    if (!up->rbuf)
+        up->rbuf = sp_malloc(UP2_RBUF);
+    *buf = uv_buf_init(up->rbuf, UP2_RBUF);
+}
+
+static void up2_on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
+{
+    up2_t *up = st->data;
+    if (up->closing || nread == 0)
+        return;
+    if (nread < 0) {
+        if (up->ended) {
+            up2_close(up);
+            return;
+        }
+        up2_fail(up, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
+        return;
+    }
+    sp_h2_t *h = up->cs ? up->cs->h : NULL; /* the stream may end meanwhile, not its connection */
+    up->in_recv = true;
+    ssize_t n = nghttp2_session_mem_recv(up->s, (const uint8_t *)buf->base, (size_t)nread);
+    up->in_recv = false;
+    if (n < 0) {
+        up2_fail(up, SP_ERR_UPSTREAM_PROTOCOL, 502, "bad HTTP/2 from the sandbox");
+        return;
+    }
+    if (up->dead && !up->cs) {
+        up2_close(up);
+    } else {
+        up2_flush(up);
+    }
+    if (h && !h->closed)
+        h2_flush(h);
+}
+
+static void up2_on_timer(uv_timer_t *t)
+{
+    up2_t *up = t->data;
+    if (up->closing)
+        return;
+    if (!up->s)
+        up2_fail(up, SP_ERR_CONNECT_TIMEOUT, 504, "upstream connect timeout");
+    else
+        up2_fail(up, SP_ERR_FIRST_BYTE_TIMEOUT, 504, "deadline exceeded (grpc-timeout)");
+}
+
+static void up2_add(sp_buf_t *b, const char *n, size_t nl, const char *v, size_t vl)
+{
+    for (size_t i = 0; i < nl; i++)
+        sp_buf_addc(b, (n[i] >= 'A' && n[i] <= 'Z') ? (char)(n[i] + 32) : n[i]);
+    sp_buf_addc(b, '\0');
+    sp_buf_add(b, v, vl);
+    sp_buf_addc(b, '\0');
+}
+
+static bool up2_edited(const sp_request_t *r, const char *n, size_t l)
+{
+    for (size_t i = 0; i < r->extra.len;) {
+        char op = r->extra.p[i];
+        const char *name = r->extra.p + i + 1;
+        size_t nlen = strlen(name);
+        const char *val = name + nlen + 1;
+        if ((op == '-' || op == '=') && nlen == l && strncasecmp(name, n, l) == 0)
+            return true;
+        i += 1 + nlen + 1 + strlen(val) + 1;
+    }
+    return false;
+}
+
+static void up2_on_connect(uv_connect_t *cr, int status)
+{
+    up2_t *up = cr->data;
+    if (up->closing)
+        return;
+    h2s_t *cs = up->cs;
+    if (!cs || !cs->r) {
+        up2_close(up);
+        return;
+    }
+    sp_request_t *r = cs->r;
+    if (status < 0) {
+        up2_fail(up, SP_ERR_CONNECT, 502, "upstream connect failed");
+        return;
+    }
+    r->t_connected = uv_hrtime();
+    uv_tcp_nodelay(&up->tcp, 1);
+    uv_timer_stop(&up->timer);
+    nghttp2_session_callbacks *cb;
+    nghttp2_session_callbacks_new(&cb);
+    nghttp2_session_callbacks_set_on_header_callback(cb, up2_on_header);
+    nghttp2_session_callbacks_set_on_frame_recv_callback(cb, up2_on_frame_recv);
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, up2_on_data);
+    nghttp2_session_callbacks_set_on_stream_close_callback(cb, up2_on_stream_close);
+    nghttp2_option *opt;
+    nghttp2_option_new(&opt);
+    nghttp2_option_set_no_auto_window_update(opt, 1);
+    nghttp2_option_set_max_outbound_ack(opt, (size_t)sp_cfg.h2_max_outbound_ack);
+    int rv = nghttp2_session_client_new2(&up->s, cb, up, opt);
+    nghttp2_option_del(opt);
+    nghttp2_session_callbacks_del(cb);
+    if (rv != 0) {
+        up->s = NULL;
+        up2_fail(up, SP_ERR_CONNECT, 502, "upstream connect failed");
+        return;
+    }
+    nghttp2_settings_entry iv[] = {
+        {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, (uint32_t)sp_cfg.h2_stream_buffer},
+    };
+    nghttp2_submit_settings(up->s, NGHTTP2_FLAG_NONE, iv, SP_ARRAY_LEN(iv));
+    /* the request: pseudo-headers, the client's headers (hop-by-hop and edited ones out), the
+     * proxy's own, the script's additions; every string in one buffer, pointed at after */
+    sp_buf_t b = {0};
+    size_t hl = 0;
+    const char *host = sp_request_header(r, "host", 4, &hl);
+    const char *m = llhttp_method_name((llhttp_method_t)r->method);
+    up2_add(&b, ":method", 7, m, strlen(m));
+    up2_add(&b, ":scheme", 7, "http", 4);
+    up2_add(&b, ":path", 5, r->up_path.p, r->up_path.len);
+    if (host)
+        up2_add(&b, ":authority", 10, host, hl);
+    for (uint32_t i = 0; i < r->nhdrs; i++) {
+        const sp_hdr_t *h = &r->hdrs[i];
+        const char *n = r->head.p + h->name_off;
+        size_t l = h->name_len;
+        if (conn_specific(n, l) || sp_ieq(n, l, "host") || sp_ieq(n, l, "x-request-id") ||
+            (r->header_edits && up2_edited(r, n, l)))
+            continue;
+        up2_add(&b, n, l, r->head.p + h->value_off, h->value_len);
+    }
+    up2_add(&b, "te", 2, "trailers", 8);
+    up2_add(&b, "x-forwarded-for", 15, r->client_ip, strlen(r->client_ip));
+    up2_add(&b, "x-forwarded-proto", 17, "http", 4);
+    up2_add(&b, "x-request-id", 12, r->id, r->id_len);
+    for (size_t i = 0; i < r->extra.len;) {
+        char op = r->extra.p[i];
+        const char *name = r->extra.p + i + 1;
+        size_t nlen = strlen(name);
+        const char *val = name + nlen + 1;
+        size_t vlen = strlen(val);
+        if (op == '+' || op == '=')
+            up2_add(&b, name, nlen, val, vlen);
+        i += 1 + nlen + 1 + vlen + 1;
+    }
+    size_t cnt = 0;
+    for (size_t i = 0; i < b.len; i++)
+        cnt += b.p[i] == '\0';
+    nghttp2_nv *nv = sp_calloc(cnt / 2 + 1, sizeof *nv);
+    size_t k = 0;
+    for (size_t i = 0; i < b.len;) {
+        char *nm = b.p + i;
+        size_t nl = strlen(nm);
+        char *v = nm + nl + 1;
+        size_t vl = strlen(v);
+        nv[k++] = (nghttp2_nv){(uint8_t *)nm, (uint8_t *)v, nl, vl, NGHTTP2_NV_FLAG_NONE};
+        i += nl + 1 + vl + 1;
+    }
+    nghttp2_data_provider prd = {.read_callback = up2_body_read};
+    up->sid = nghttp2_submit_request(up->s, NULL, nv, k, r->has_body ? &prd : NULL, NULL);
+    free(nv);
+    sp_buf_free(&b);
+    if (up->sid < 0) {
+        up2_fail(up, SP_ERR_UPSTREAM_PROTOCOL, 502, "upstream request refused");
+        return;
+    }
+    r->up_sent = true;
+    r->head_sent = true;
+    if (up->deadline > 0) {
+        uint64_t ms = (uint64_t)(up->deadline * 1000.0);
+        uv_timer_start(&up->timer, up2_on_timer, ms ? ms : 1, 0);
+    } else {
+        double fb = r->to_first_byte > 0 ? r->to_first_byte : sp_cfg.first_byte_timeout;
+        uv_timer_start(&up->timer, up2_on_timer, (uint64_t)(fb * 1000.0), 0);
+    }
+    uv_read_start((uv_stream_t *)&up->tcp, up2_alloc, up2_on_read);
+    up2_flush(up);
+}
+
+/* grpc-timeout ("<digits><unit>", units H M S m u n) in seconds, or 0. */
+static double grpc_timeout(const sp_request_t *r)
+{
+    size_t n;
+    const char *v = sp_request_header(r, "grpc-timeout", 12, &n);
+    if (!v || n < 2 || n > 9)
+        return 0;
+    double x = 0;
+    for (size_t i = 0; i + 1 < n; i++) {
+        if (v[i] < '0' || v[i] > '9')
+            return 0;
+        x = x * 10 + (v[i] - '0');
+    }
+    switch (v[n - 1]) {
+    case 'H': return x * 3600;
+    case 'M': return x * 60;
+    case 'S': return x;
+    case 'm': return x / 1e3;
+    case 'u': return x / 1e6;
+    case 'n': return x / 1e9;
+    default: return 0;
+    }
+}
+
+static bool up2_wanted(const sp_request_t *r)
+{
+    return is_grpc(r);
+}
+
+static void up2_start(h2s_t *s)
+{
+    sp_request_t *r = s->r;
+    sp_worker_t *w = r->w;
+    r->up_tried = true;
+    r->t_forward = uv_hrtime();
+    snprintf(r->upstream_addr, sizeof r->upstream_addr, "%.50s:%d", r->up_host, r->up_port);
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    char host[256];
+    size_t hl = strlen(r->up_host);
+    if (hl > 2 && r->up_host[0] == '[' && r->up_host[hl - 1] == ']')
+        snprintf(host, sizeof host, "%.*s", (int)(hl - 2), r->up_host + 1);
+    else
+        snprintf(host, sizeof host, "%s", r->up_host);
+    if (uv_ip4_addr(host, r->up_port, (struct sockaddr_in *)&ss) != 0 &&
+        uv_ip6_addr(host, r->up_port, (struct sockaddr_in6 *)&ss) != 0) {
+        r->error = SP_ERR_CONNECT;
+        sp_request_error_body(r, 502, "h2c to a sandbox needs an IP address (not a name) for now");
+        respond_local(s);
+        return;
+    }
+    const char *why = sp_addr_refusal((struct sockaddr *)&ss, sp_cfg.allow_loopback_sandboxes);
+    if (why) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "sandbox address refused: %s", why);
+        sp_log(SP_LOG_WARN, "sandbox address refused", "s:request_id", r->id, "s:upstream",
+               r->upstream_addr, "s:reason", why, NULL);
+        r->error = SP_ERR_ADDRESS_REFUSED;
+        sp_request_error_body(r, 503, msg);
+        respond_local(s);
+        return;
+    }
+    up2_t *up = sp_calloc(1, sizeof *up);
+    uv_tcp_init(&w->loop, &up->tcp);
+    uv_timer_init(&w->loop, &up->timer);
+    up->tcp.data = up->timer.data = up;
+    up->handles = 2;
+    up->cs = s;
+    s->up2 = up;
+    up->deadline = grpc_timeout(r);
+    up->creq.data = up;
+    if (uv_tcp_connect(&up->creq, &up->tcp, (struct sockaddr *)&ss, up2_on_connect) < 0) {
+        up2_fail(up, SP_ERR_CONNECT, 502, "upstream connect failed");
+        return;
+    }
+    double ct = r->to_connect > 0 ? r->to_connect : sp_cfg.connect_timeout;
+    uv_timer_start(&up->timer, up2_on_timer, (uint64_t)(ct * 1000.0), 0);
 }
