@@ -1,18 +1,18 @@
 /*
  * fuzz_h2.c: libFuzzer harness for the HTTP/2 server side: the fuzzer's bytes follow the client
  * preface on a connection to the real server, so they reach nghttp2's frame and HPACK decoding
- * and the proxy's stream handling (runtime/h2.c: headers into requests, limits, request bodies,
+ * and the proxy's stream handling (runtime/http/h2.c: headers into requests, limits, request bodies,
  * resets, the response path) with the real default scripts on a real worker loop, over a
  * socketpair. Routes point at a port where nothing listens. Anything that crashes, leaks or
  * trips a sanitizer is a finding.
  */
-#include "http.h"
-#include "worker.h"
-#include "config.h"
-#include "log.h"
-#include "lua_vm.h"
-#include "routes.h"
-#include "shdict.h"
+#include "http/http.h"
+#include "http/worker.h"
+#include "base/config.h"
+#include "base/log.h"
+#include "lua/lua_vm.h"
+#include "state/routes.h"
+#include "state/shdict.h"
 
 #include <fcntl.h>
 #include <stdio.h>
