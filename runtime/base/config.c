@@ -87,6 +87,10 @@ static const knob_t knobs[] = {
     {"h2_max_continuations", K_INT, O(h2_max_continuations), "8", 1, 10000,
      "CONTINUATION frames after one HTTP/2 HEADERS frame (CONTINUATION floods; a connection "
      "error beyond)"},
+    {"h2c_upstream_ports", K_STR, O(h2c_upstream_ports), NULL, 0, 0,
+     "comma-separated sandbox ports that speak h2c (HTTP/2 without TLS, e.g. sandboxd's gRPC "
+     "port 9090): every request from an HTTP/2 client to such a port is relayed over h2c, not "
+     "only gRPC ones (unset: only requests with content-type application/grpc)"},
     {"header_timeout", K_DOUBLE, O(header_timeout), "10", 0.01, 3600,
      "seconds to receive a whole request head (408 and close beyond)"},
     {"keepalive_timeout", K_DOUBLE, O(keepalive_timeout), "75", 0.01, 86400,

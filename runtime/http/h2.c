@@ -1642,9 +1642,32 @@ static double grpc_timeout(const sp_request_t *r)
     }
 }
 
+/* True when the port is listed in h2c_upstream_ports. */
+static bool h2c_port(int port)
+{
+    const char *p = sp_cfg.h2c_upstream_ports;
+    while (p && *p) {
+        while (*p == ',' || *p == ' ')
+            p++;
+        int v = 0;
+        bool digits = false;
+        while (*p >= '0' && *p <= '9') {
+            v = v * 10 + (*p++ - '0');
+            digits = true;
+            if (v > 65535)
+                break;
+        }
+        if (digits && v == port)
+            return true;
+        while (*p && *p != ',')
+            p++;
+    }
+    return false;
+}
+
 static bool up2_wanted(const sp_request_t *r)
 {
-    return is_grpc(r);
+    return is_grpc(r) || h2c_port(r->up_port);
 }
 
 static void up2_start(h2s_t *s)

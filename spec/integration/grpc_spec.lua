@@ -7,7 +7,8 @@
 -- -port); unary, server streaming of 10,000 messages to a slow reader with the proxy's memory
 -- bounded, a 100 MB client-streaming upload, bidirectional streaming, status and trailers
 -- relayed, a deadline the proxy enforces itself (grpc-timeout), a client cancel that reaches
--- the server, and the proxy's own refusals as gRPC statuses (NOT_FOUND, UNAVAILABLE,
+-- the server, any request to a port listed in h2c_upstream_ports relayed over h2c, and the
+-- proxy's own refusals as gRPC statuses (NOT_FOUND, UNAVAILABLE,
 -- UNAUTHENTICATED).
 local H = require "spec.helpers.proxy"
 local process = require "spec.helpers.process"
@@ -167,6 +168,22 @@ describe("gRPC", function()
         H.net.wait_until(function()
             return (process.read_file(events) or ""):find("cancelled client-cancel", 1, true)
         end, 10)
+    end)
+
+    it("relays any HTTP/2 request to a port listed in h2c_upstream_ports over h2c", function()
+        if not need() then return end
+        -- a plain GET (not gRPC): over h2c the gRPC server itself answers it (its own error);
+        -- over HTTP/1.1 (the port not listed) the gRPC server cannot answer it: 502
+        local function get(port)
+            return sh(("curl -sS -i --http2-prior-knowledge -H 'x-sandbox-id: b' -H 'x-sandbox-port: %d' "
+                .. "http://127.0.0.1:%d/spx.Proc/Run"):format(gport, port))
+        end
+        local px2 = H.start{ sandboxes = { H.sandbox("a", "b", gport) },
+            set = { h2c_upstream_ports = "9090," .. gport } }
+        local via_h2c = get(px2.port)
+        assert.matches("^HTTP/2 200", via_h2c)
+        assert.matches("grpc%-message: Bad method header", via_h2c)
+        assert.matches("^HTTP/2 502", get(px.port))
     end)
 
     it("answers the proxy's own refusals as gRPC statuses", function()
