@@ -598,6 +598,32 @@ static void add_header(sp_request_t *r, const char *n, size_t nl, const char *v,
     sp_buf_add(&r->head, v, vl);
 }
 
+/* HTTP/2 clients may split Cookie into one field per cookie; an HTTP/1.1 sandbox gets them as
+ * one header, joined with "; " (RFC 9113 8.2.3). */
+static void merge_cookies(sp_request_t *r)
+{
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < r->nhdrs; i++)
+        n += sp_ieq(r->head.p + r->hdrs[i].name_off, r->hdrs[i].name_len, "cookie");
+    if (n < 2)
+        return;
+    sp_buf_t v = {0};
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < r->nhdrs; i++) {
+        const sp_hdr_t *h = &r->hdrs[i];
+        if (sp_ieq(r->head.p + h->name_off, h->name_len, "cookie")) {
+            if (v.len)
+                sp_buf_lit(&v, "; ");
+            sp_buf_add(&v, r->head.p + h->value_off, h->value_len);
+        } else {
+            r->hdrs[k++] = *h;
+        }
+    }
+    r->nhdrs = k;
+    add_header(r, "cookie", 6, v.p, v.len);
+    sp_buf_free(&v);
+}
+
 /* The request head is complete: the same checks and the same hook as an HTTP/1.1 request. */
 static void head_done(h2s_t *s, bool end_stream)
 {
@@ -609,6 +635,7 @@ static void head_done(h2s_t *s, bool end_stream)
     r->t_head = uv_hrtime();
     if (!s->has_host && s->authority.len && !s->bad)
         add_header(r, "host", 4, s->authority.p, s->authority.len);
+    merge_cookies(r);
     sp_buf_free(&s->authority);
     r->path_len = r->url_len;
     for (uint32_t i = 0; i < r->url_len; i++)

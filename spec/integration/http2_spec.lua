@@ -109,6 +109,19 @@ describe("HTTP/2 (h2c, prior knowledge)", function()
         assert.are.equal(cjson.decode(shabody).sha256, sha_hex(b2))
     end)
 
+    it("joins cookies sent as separate fields into one Cookie header for the sandbox", function()
+        local res = h2client(px, "streams --req /a/b/echo --header cookie=a=1 --header x-m=2 "
+            .. "--header cookie=b=2")
+        local e = cjson.decode(res[1].body)
+        local cookies = {}
+        for _, h in ipairs(e.headers) do
+            if h[1]:lower() == "cookie" then
+                cookies[#cookies + 1] = h[2]
+            end
+        end
+        assert.are.same({ "a=1; b=2" }, cookies)
+    end)
+
     it("answers the proxy's own responses (404, /health) over HTTP/2", function()
         local status, headers, body = curl(px, "/nobody/none/x")
         assert.are.equal(404, status)
