@@ -12,6 +12,7 @@
 #include <llhttp.h>
 #include "base/sp.h"
 #include "base/buf.h"
+#include "base/deadline.h"
 
 typedef struct sp_worker sp_worker_t;
 typedef struct sp_conn sp_conn_t;
@@ -258,11 +259,7 @@ struct sp_conn {
     uint32_t rlen, rpos, rcap;
     int state;
     sp_request_t *req;
-    uv_timer_t timer;      /* armed lazily: see conn_timer in server.c */
-    int timer_kind;
-    uint64_t timer_ms;
-    uint64_t timer_start;  /* uv_now ms when timer_kind was set */
-    uint64_t last_active;  /* uv_now ms */
+    sp_deadline_t dl;      /* the one timeout (T_* kinds in server.c), armed lazily */
     uv_write_t wreq;
     uv_shutdown_t sreq;
     char peer_ip[48];
@@ -290,11 +287,7 @@ struct sp_upconn {
     llhttp_t parser;
     char *buf;
     uint32_t len, pos, cap;
-    uv_timer_t timer;      /* armed lazily: see up_timer in upstream.c */
-    int timer_kind;
-    uint64_t timer_ms;
-    uint64_t timer_start;
-    uint64_t last_active;
+    sp_deadline_t dl;      /* the one timeout (UT_* kinds in upstream.c), armed lazily */
     uv_connect_t creq;
     uv_write_t wreq;
     uv_getaddrinfo_t gai;

@@ -434,25 +434,13 @@ int sp_request_forward(sp_request_t *r, const char *host, size_t hlen, int port,
 
 /* ---------------------------------------------------------------- timers */
 
-static uint64_t now_ms(sp_conn_t *c) { return uv_now(&c->w->loop); }
-
-static void on_conn_timer(uv_timer_t *t)
+/* Inactivity timeouts (keep-alive, body) count from the last read; the others from when they
+ * were set. The send timeout is set anew for each write the client has to make room for: bytes
+ * the client sends meanwhile are no progress (a client that trickles them while reading nothing
+ * would otherwise hold its connection and its sandbox connection for ever). */
+static void on_conn_timer(sp_deadline_t *d, int kind)
 {
-    sp_conn_t *c = t->data;
-    uint64_t now = now_ms(c);
-    int kind = c->timer_kind;
-    if (kind == T_NONE)
-        return; /* cleared since it was armed */
-    /* Inactivity timeouts count from the last read; the others from when they were set. The
-     * send timeout is set anew for each write the client has to make room for: bytes the client
-     * sends meanwhile are no progress (a client that trickles them while reading nothing would
-     * otherwise hold its connection and its sandbox connection for ever). */
-    bool idle_kind = kind == T_KEEPALIVE || kind == T_BODY;
-    uint64_t deadline = (idle_kind ? c->last_active : c->timer_start) + c->timer_ms;
-    if (now < deadline) {
-        uv_timer_start(&c->timer, on_conn_timer, deadline - now, 0);
-        return;
-    }
+    sp_conn_t *c = d->timer.data;
     switch (kind) {
     case T_HEADER:
         sp_log(SP_LOG_INFO, "client header timeout", "s:client", c->peer_ip, NULL);
@@ -490,29 +478,19 @@ static void on_conn_timer(uv_timer_t *t)
     }
 }
 
-/* Sets the connection's one timeout. The libuv timer is armed lazily: clearing it or moving
- * its deadline later only records the change, and the timer, when it fires, re-arms itself for
- * the real deadline or does nothing. A keep-alive exchange then touches no timer heap at all;
- * only a deadline earlier than the armed one re-arms. */
+/* Sets the connection's one timeout (base/deadline.h: armed lazily). */
 static void conn_timer(sp_conn_t *c, int kind, double secs)
 {
-    c->timer_kind = kind;
     if (kind == T_NONE)
-        return;
-    c->timer_ms = (uint64_t)(secs * 1000.0);
-    if (c->timer_ms == 0)
-        c->timer_ms = 1;
-    uint64_t now = now_ms(c);
-    c->last_active = c->timer_start = now;
-    if (uv_is_active((uv_handle_t *)&c->timer) && uv_timer_get_due_in(&c->timer) <= c->timer_ms)
-        return;
-    uv_timer_start(&c->timer, on_conn_timer, c->timer_ms, 0);
+        sp_deadline_clear(&c->dl);
+    else
+        sp_deadline_set(&c->dl, kind, secs, kind == T_KEEPALIVE || kind == T_BODY);
 }
 
 void sp_conn_write_done(sp_conn_t *c)
 {
     c->writing = false;
-    if (c->timer_kind == T_SEND)
+    if (c->dl.kind == T_SEND)
         conn_timer(c, T_NONE, 0);
 }
 
@@ -520,7 +498,7 @@ void sp_conn_idle_timer(sp_conn_t *c, bool on)
 {
     if (on)
         conn_timer(c, T_KEEPALIVE, sp_cfg.keepalive_timeout);
-    else if (c->timer_kind == T_KEEPALIVE)
+    else if (c->dl.kind == T_KEEPALIVE)
         conn_timer(c, T_NONE, 0);
 }
 
@@ -612,7 +590,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     if (nread == 0)
         return;
-    c->last_active = now_ms(c);
+    sp_deadline_touch(&c->dl);
     if (c->state == CS_LINGER) {
         c->rpos = c->rlen = 0; /* discard */
         return;
@@ -1480,7 +1458,7 @@ static void step_body(sp_conn_t *c)
     if (c->rpos == c->rlen) {
         c->rpos = c->rlen = 0;
         sp_conn_read_start(c);
-        if (c->timer_kind != T_BODY)
+        if (c->dl.kind != T_BODY)
             conn_timer(c, T_BODY, sp_cfg.body_timeout);
         return;
     }
@@ -1506,7 +1484,7 @@ static void step_body(sp_conn_t *c)
             return; /* upstream.c has handled the failure */
     }
     if (r->body_done) {
-        if (c->timer_kind == T_BODY)
+        if (c->dl.kind == T_BODY)
             conn_timer(c, T_NONE, 0);
         /* Keep reading pipelined bytes into the free space, to notice a vanished client. */
         sp_conn_read_start(c);
@@ -1528,7 +1506,7 @@ unsigned sp_conn_take_body(sp_conn_t *c)
         r->niov = 0; /* the error stays in the parser: step_body reports it after the head */
         return 0;
     }
-    if (r->body_done && c->timer_kind == T_BODY)
+    if (r->body_done && c->dl.kind == T_BODY)
         conn_timer(c, T_NONE, 0);
     return r->niov;
 }
@@ -1542,7 +1520,7 @@ void sp_conn_resume_body(sp_conn_t *c)
         sp_conn_read_start(c);
         return;
     }
-    c->last_active = now_ms(c);
+    sp_deadline_touch(&c->dl);
     conn_process(c);
 }
 
@@ -1573,7 +1551,7 @@ static void step_read_body(sp_conn_t *c)
     if (!r->body_done && (!c->rbuf || c->rpos == c->rlen)) {
         c->rpos = c->rlen = 0;
         sp_conn_read_start(c);
-        if (c->timer_kind != T_BODY)
+        if (c->dl.kind != T_BODY)
             conn_timer(c, T_BODY, sp_cfg.body_timeout);
         return;
     }
@@ -1764,9 +1742,8 @@ void sp_conn_close(sp_conn_t *c)
     if (c->h2)
         sp_h2_closed(c);
     sp_conn_read_stop(c);
-    uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
-    uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+    sp_deadline_close(&c->dl, on_conn_handle_closed);
 }
 
 static void on_shutdown(uv_shutdown_t *sr, int status)
@@ -1910,8 +1887,7 @@ static void conn_start(sp_conn_t *c)
 {
     sp_worker_t *w = c->w;
     int open = atomic_fetch_add(&sp_open_connections, 1) + 1;
-    uv_timer_init(&w->loop, &c->timer);
-    c->timer.data = c;
+    sp_deadline_init(&c->dl, &w->loop, on_conn_timer, c);
     c->handles = 2;
     c->next = w->conns;
     if (w->conns)

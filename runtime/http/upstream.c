@@ -38,6 +38,7 @@ static void up_close(sp_upconn_t *u);
 static void up_connect_start(sp_upconn_t *u);
 static void up_send_head(sp_upconn_t *u);
 static void up_timer(sp_upconn_t *u, int kind, double secs);
+static void on_up_timer(sp_deadline_t *d, int kind);
 
 /* ---------------------------------------------------------------- pool keys */
 
@@ -148,11 +149,10 @@ static void up_close(sp_upconn_t *u)
     up_detach(u);
     if (u->state == US_IDLE && u->key && (u->prev || u->next || u->key->idle == u))
         idle_unlink(u);
-    uv_timer_stop(&u->timer);
     if (u->state == US_RESOLVING)
         uv_cancel((uv_req_t *)&u->gai); /* its callback still runs and drops the last ref */
     uv_close((uv_handle_t *)&u->tcp, on_up_handle_closed);
-    uv_close((uv_handle_t *)&u->timer, on_up_handle_closed);
+    sp_deadline_close(&u->dl, on_up_handle_closed);
 }
 
 static sp_upconn_t *up_new(sp_worker_t *w, sp_upkey_t *key)
@@ -161,9 +161,8 @@ static sp_upconn_t *up_new(sp_worker_t *w, sp_upkey_t *key)
     u->w = w;
     u->key = key;
     uv_tcp_init(&w->loop, &u->tcp);
-    uv_timer_init(&w->loop, &u->timer);
+    sp_deadline_init(&u->dl, &w->loop, on_up_timer, u);
     u->tcp.data = u;
-    u->timer.data = u;
     u->handles = 2;
     u->state = US_NEW;
     return u;
@@ -236,20 +235,11 @@ static double req_timeout(const sp_request_t *r, double per_request, double def)
     return per_request > 0 ? per_request : def;
 }
 
-static void on_up_timer(uv_timer_t *t)
+/* Inactivity timeouts (idle, tunnel, first byte) count from the last read; the others from
+ * when they were set. */
+static void on_up_timer(sp_deadline_t *d, int kind)
 {
-    sp_upconn_t *u = t->data;
-    uint64_t now = uv_now(&u->w->loop);
-    int kind = u->timer_kind;
-    if (kind == UT_NONE)
-        return; /* cleared since it was armed */
-    /* Inactivity timeouts count from the last read; the others from when they were set. */
-    bool idle_kind = kind == UT_IDLE || kind == UT_TUNNEL || kind == UT_FIRST_BYTE;
-    uint64_t deadline = (idle_kind ? u->last_active : u->timer_start) + u->timer_ms;
-    if (now < deadline) {
-        uv_timer_start(&u->timer, on_up_timer, deadline - now, 0);
-        return;
-    }
+    sp_upconn_t *u = d->timer.data;
     switch (kind) {
     case UT_CONNECT: up_fail(u, SP_ERR_CONNECT_TIMEOUT, 504); break;
     case UT_FIRST_BYTE: up_fail(u, SP_ERR_FIRST_BYTE_TIMEOUT, 504); break;
@@ -261,20 +251,15 @@ static void on_up_timer(uv_timer_t *t)
     }
 }
 
-/* The connection's one timeout, armed lazily like the client side's (conn_timer in server.c):
- * no timer heap work per request unless a deadline moves earlier. */
+/* The connection's one timeout (base/deadline.h: armed lazily, no timer heap work per request
+ * unless a deadline moves earlier). */
 static void up_timer(sp_upconn_t *u, int kind, double secs)
 {
-    u->timer_kind = kind;
     if (kind == UT_NONE)
-        return;
-    u->timer_ms = (uint64_t)(secs * 1000.0);
-    if (u->timer_ms == 0)
-        u->timer_ms = 1;
-    u->last_active = u->timer_start = uv_now(&u->w->loop);
-    if (uv_is_active((uv_handle_t *)&u->timer) && uv_timer_get_due_in(&u->timer) <= u->timer_ms)
-        return;
-    uv_timer_start(&u->timer, on_up_timer, u->timer_ms, 0);
+        sp_deadline_clear(&u->dl);
+    else
+        sp_deadline_set(&u->dl, kind, secs,
+                        kind == UT_IDLE || kind == UT_TUNNEL || kind == UT_FIRST_BYTE);
 }
 
 /* ---------------------------------------------------------------- connecting */
@@ -737,7 +722,7 @@ static void on_body_written(uv_write_t *wr, int status)
         up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
         return;
     }
-    u->last_active = uv_now(&u->w->loop);
+    sp_deadline_touch(&u->dl);
     if (u->req->client)
         u->req->cops->resume_body(u->req);
 }
@@ -749,7 +734,7 @@ int sp_upstream_write_body(sp_request_t *r)
         return -1;
     for (unsigned i = 0; i < r->niov; i++)
         r->body_forwarded += r->iov[i].len;
-    u->last_active = uv_now(&u->w->loop);
+    sp_deadline_touch(&u->dl);
     int rc = up_write(u, r->iov, r->niov, on_body_written);
     if (rc < 0) {
         up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
@@ -777,7 +762,7 @@ int sp_upstream_tunnel_write(sp_request_t *r, uv_buf_t *bufs, unsigned n)
     sp_upconn_t *u = r->up;
     if (!u)
         return -1;
-    u->last_active = uv_now(&u->w->loop);
+    sp_deadline_touch(&u->dl);
     int rc = up_write(u, bufs, n, on_tunnel_up_written);
     if (rc < 0) {
         up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
@@ -1117,7 +1102,7 @@ void sp_upstream_client_written(sp_request_t *r)
     sp_upconn_t *u = r->up;
     if (!u)
         return;
-    u->last_active = uv_now(&u->w->loop);
+    sp_deadline_touch(&u->dl);
     if (u->state != US_TUNNEL && (u->rflags & RESP_MSG_DONE)) {
         up_complete(u);
         return;
@@ -1342,7 +1327,7 @@ static void up_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     u->len += (uint32_t)nread;
     u->got_bytes = true;
-    u->last_active = uv_now(&u->w->loop);
+    sp_deadline_touch(&u->dl);
     if (u->len == u->cap)
         up_read_stop(u);
     up_process(u);

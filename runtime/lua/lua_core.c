@@ -258,6 +258,7 @@ static int c_read_body(lua_State *L)
         return 2;
     }
     t->wait = &sp_vm_body_wait;
+    t->on_abort = sp_vm_body_abort;
     return lua_yield(L, 0);
 }
 
@@ -385,36 +386,26 @@ static int f_stat(lua_State *L)
 }
 
 typedef struct fswatch {
+    sp_owned_t owned; /* first: the state's list holds watches by this */
     sp_fswatch_t *fw;
     sp_vm_t *vm;
     int fn_ref;
     char *path;
-    struct fswatch *next;
 } fswatch_t;
-
-static fswatch_t *watches_of(sp_vm_t *vm, fswatch_t *set, bool assign)
-{
-    static char key;
-    lua_State *L = vm->L;
-    lua_pushlightuserdata(L, &key);
-    if (assign) {
-        lua_pushlightuserdata(L, set);
-        lua_rawset(L, LUA_REGISTRYINDEX);
-        return set;
-    }
-    lua_rawget(L, LUA_REGISTRYINDEX);
-    fswatch_t *w = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    return w;
-}
 
 static void fw_close(fswatch_t *w)
 {
+    sp_vm_disown(&w->owned);
     sp_fswatch_stop(w->fw); /* no callback after this */
     luaL_unref(w->vm->L, LUA_REGISTRYINDEX, w->fn_ref);
     free(w->path);
     free(w);
 }
+
+static void fw_owned_close(sp_owned_t *o) { fw_close((fswatch_t *)o); }
+
+/* A reload ends the watch: the new state makes its own. */
+static const sp_owned_ops_t fswatch_ops = {"fs.watch", fw_owned_close, fw_owned_close};
 
 /* The path itself (links followed): the directory watch also fires for its neighbours. */
 static uint64_t fw_sig(void *ud)
@@ -437,14 +428,8 @@ static int fw_cancel(lua_State *L)
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_getfield(L, 1, "_w");
     fswatch_t *w = lua_touserdata(L, -1);
-    sp_vm_t *vm = sp_vm_of(L);
-    fswatch_t *head = watches_of(vm, NULL, false);
-    for (fswatch_t *x = head, *prev = NULL; x; prev = x, x = x->next)
-        if (x == w) {
-            if (prev)
-                prev->next = x->next;
-            else
-                watches_of(vm, x->next, true);
+    SP_VM_EACH_OWNED(sp_vm_of(L), o)
+        if (o == &w->owned) {
             fw_close(w);
             lua_pushboolean(L, 1);
             return 1;
@@ -478,25 +463,13 @@ static int f_watch(lua_State *L)
     const char *dirs[1] = {dir};
     w->fw = sp_fswatch_start(&vm->w->loop, dirs, 1, 100, (unsigned)(poll_s * 1000), fw_sig,
                              fw_fire, w);
-    w->next = watches_of(vm, NULL, false);
-    watches_of(vm, w, true);
+    sp_vm_own(vm, &w->owned, &fswatch_ops);
     lua_createtable(L, 0, 2);
     lua_pushlightuserdata(L, w);
     lua_setfield(L, -2, "_w");
     lua_pushcfunction(L, fw_cancel);
     lua_setfield(L, -2, "cancel");
     return 1;
-}
-
-void sp_fs_close_all(sp_vm_t *vm)
-{
-    fswatch_t *w = watches_of(vm, NULL, false);
-    while (w) {
-        fswatch_t *n = w->next;
-        fw_close(w);
-        w = n;
-    }
-    watches_of(vm, NULL, true);
 }
 
 /* ---------------------------------------------------------------- fs.json_list
