@@ -59,6 +59,38 @@ static const knob_t knobs[] = {
     {"max_header_size", K_INT, O(max_header_size), "16384", 512, 1048576,
      "total bytes of request line and headers (431 beyond)"},
     {"max_headers", K_INT, O(max_headers), "100", 4, 10000, "request header count (431 beyond)"},
+    {"http2", K_BOOL, O(http2), "true", 0, 0,
+     "serve HTTP/2 with prior knowledge (h2c: a connection that opens with the HTTP/2 preface) "
+     "on the same listeners as HTTP/1.1"},
+    {"h2_max_concurrent_streams", K_INT, O(h2_max_concurrent_streams), "100", 1, 100000,
+     "HTTP/2 streams a client connection may have open at once (more are refused with "
+     "REFUSED_STREAM)"},
+    {"h2_stream_window", K_INT, O(h2_stream_window), "262144", 65535, 2147483647,
+     "bytes of an HTTP/2 request body held per stream (its flow-control window: given back only "
+     "as the bytes go to the sandbox)"},
+    {"h2_connection_window", K_INT, O(h2_connection_window), "1048576", 65535, 2147483647,
+     "bytes of HTTP/2 request bodies held per connection, all streams together (the connection "
+     "flow-control window)"},
+    {"h2_stream_buffer", K_INT, O(h2_stream_buffer), "65536", 4096, 16777216,
+     "bytes of an HTTP/2 response held per stream for a client that reads slowly; beyond it the "
+     "sandbox is not read (at most this plus upstream_buffer_size per stream)"},
+    {"h2_max_outbound_ack", K_INT, O(h2_max_outbound_ack), "1000", 1, 1000000,
+     "HTTP/2 SETTINGS/PING acknowledgements queued for a client that does not read; beyond it "
+     "the connection ends with ENHANCE_YOUR_CALM (SETTINGS and PING floods)"},
+    {"h2_max_settings", K_INT, O(h2_max_settings), "32", 1, 65536,
+     "entries in one HTTP/2 SETTINGS frame (a connection error beyond)"},
+    {"h2_reset_burst", K_INT, O(h2_reset_burst), "1000", 1, 1000000,
+     "HTTP/2 streams a client may reset in a burst (rapid reset, CVE-2023-44487); beyond it and "
+     "h2_reset_rate the connection ends"},
+    {"h2_reset_rate", K_INT, O(h2_reset_rate), "33", 1, 1000000,
+     "HTTP/2 stream resets per second a client may sustain after the burst"},
+    {"h2_max_continuations", K_INT, O(h2_max_continuations), "8", 1, 10000,
+     "CONTINUATION frames after one HTTP/2 HEADERS frame (CONTINUATION floods; a connection "
+     "error beyond)"},
+    {"h2c_upstream_ports", K_STR, O(h2c_upstream_ports), NULL, 0, 0,
+     "comma-separated sandbox ports that speak h2c (HTTP/2 without TLS, e.g. sandboxd's gRPC "
+     "port 9090): every request from an HTTP/2 client to such a port is relayed over h2c, not "
+     "only gRPC ones (unset: only requests with content-type application/grpc)"},
     {"header_timeout", K_DOUBLE, O(header_timeout), "10", 0.01, 3600,
      "seconds to receive a whole request head (408 and close beyond)"},
     {"keepalive_timeout", K_DOUBLE, O(keepalive_timeout), "75", 0.01, 86400,

@@ -35,6 +35,17 @@ typedef struct sp_config {
     int max_url_size;
     int max_header_size;
     int max_headers;
+    bool http2;
+    int h2_max_concurrent_streams;
+    int h2_stream_window;
+    int h2_connection_window;
+    int h2_stream_buffer;
+    int h2_max_outbound_ack;
+    int h2_max_settings;
+    int h2_reset_burst;
+    int h2_reset_rate;
+    int h2_max_continuations;
+    char *h2c_upstream_ports;
     double header_timeout;
     double keepalive_timeout;
     double body_timeout;

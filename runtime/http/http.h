@@ -19,6 +19,8 @@ typedef struct sp_conn sp_conn_t;
 typedef struct sp_upconn sp_upconn_t;
 typedef struct sp_request sp_request_t;
 typedef struct sp_listener sp_listener_t;
+typedef struct sp_client_ops sp_client_ops_t;
+typedef struct sp_h2 sp_h2_t;
 
 /* The most iovecs one forwarding step collects (body spans plus chunk framing). */
 #define SP_MAX_IOV 96
@@ -121,7 +123,10 @@ struct sp_request {
     /* ---- the exchange: everything from `conn` to the end starts at zero for each request
      * (sp_request_acquire clears it at once), so a field added here cannot leak from one
      * request into the next; a field that must survive goes above. */
-    sp_conn_t *conn;      /* NULL once the client connection is gone */
+    sp_conn_t *conn;      /* the HTTP/1.1 connection; NULL once gone, and for HTTP/2 streams */
+    void *client;         /* the client side: the sp_conn_t, or an HTTP/2 stream (h2.c); NULL
+                           * once it is gone */
+    const sp_client_ops_t *cops; /* how the request machinery talks to `client` */
     uint32_t nhdrs, nrhdrs;
     bool script_busy;     /* the scripting layer still runs code for this request */
     bool core_done;       /* the core has finished with it (response sent or connection lost) */
@@ -209,6 +214,40 @@ struct sp_request {
     int wake_status;       /* the refused PATCH's HTTP status (outcome "failed"; 0: none) */
 };
 
+/*
+ * The client side of a request, as the request machinery (upstream.c) sees it: an HTTP/1.1
+ * connection (server.c) or an HTTP/2 stream (h2.c). Every op takes a request whose `client`
+ * is not NULL.
+ */
+struct sp_client_ops {
+    /* Sends response bytes. With `head`, bufs[0] is the response head as HTTP/1.1 text (built in
+     * r->out; an HTTP/2 stream turns it into a HEADERS frame); the other buffers are body bytes
+     * (de-chunked for an HTTP/2 stream: r->resp_decode). Returns 0 when the caller may go on at
+     * once (the bytes are written or copied), 1 when it must wait for
+     * sp_upstream_client_written, or a negative code when the client is gone (it has been
+     * closed; the request is over on the client side). */
+    int (*send)(sp_request_t *r, uv_buf_t *bufs, unsigned n, bool head);
+    /* A send is still pending (the caller waits for sp_upstream_client_written). */
+    bool (*busy)(const sp_request_t *r);
+    /* The response is complete: end it and finish the exchange. */
+    void (*finish)(sp_request_t *r);
+    /* The exchange failed: an error response (status, JSON message) when no response head has
+     * gone out, else the client side is cut (connection closed, stream reset). */
+    void (*fail)(sp_request_t *r, int status, const char *msg);
+    /* Cuts the client side now (a write failed, a tunnel ended). */
+    void (*close)(sp_request_t *r);
+    /* The upstream side can take request body bytes (the head went, or a body write completed). */
+    void (*resume_body)(sp_request_t *r);
+    /* Body bytes already received, as r->iov slices, to go out with the upstream head (0: none);
+     * they stay put until the head is written (hold_body stops anything moving them). */
+    unsigned (*take_body)(sp_request_t *r);
+    void (*hold_body)(sp_request_t *r);
+    /* The client connection ends after this exchange (HTTP/1.1 only; false for a stream). */
+    bool (*last_exchange)(const sp_request_t *r);
+    /* The upstream answered 101: relay raw bytes both ways (HTTP/1.1 only). */
+    void (*start_tunnel)(sp_request_t *r);
+};
+
 /* The scripting layer's entry points; the core calls them, never Lua directly. */
 typedef struct sp_hooks {
     /* The head of `req` is parsed. Decide now (return 1) or later (return 0, then call
@@ -251,6 +290,7 @@ struct sp_conn {
     bool in_process;
     bool process_again;
     bool counted_ip;
+    sp_h2_t *h2;           /* the HTTP/2 session once the connection switched to it (h2.c) */
     struct sp_conn *next, *prev; /* worker's list of open connections */
 };
 
@@ -291,6 +331,17 @@ struct sp_listener {
 
 /* server.c */
 extern const llhttp_settings_t sp_request_settings;
+/* The core is done with r (the client side has let go of it): gives back its held counters,
+ * aborts its upstream exchange if any, runs the log phase once and releases the slot when the
+ * scripting layer is done too. */
+void sp_request_end(sp_request_t *r);
+/* Records a local error response: the JSON error body (status, message, request id, and the
+ * agent-sandbox router's "detail" when set), keeping only the script's response headers. */
+void sp_request_error_body(sp_request_t *r, int status, const char *msg);
+/* Builds the head of the local response (r->status, r->body) as HTTP/1.1 text into r->out. */
+void sp_request_local_head(sp_request_t *r);
+/* Starts or stops the connection's idle (keep-alive) timeout. */
+void sp_conn_idle_timer(sp_conn_t *c, bool on);
 void sp_server_on_connection(uv_stream_t *server, int status);
 /* Serves an already connected stream socket (fuzzing and tests: a socketpair). Returns 0 or a
  * negative libuv error. */
@@ -362,6 +413,8 @@ void sp_conn_write_done(sp_conn_t *c);
 
 /* upstream.c */
 void sp_upstream_start(sp_request_t *req);
+/* The client side took the bytes of a send that returned 1: continue the response. */
+void sp_upstream_client_written(sp_request_t *r);
 /* The client side has body bytes collected in req->iov to write upstream. Returns 0 if
  * written, 1 if pending (the client side is resumed later), <0 on error. */
 int sp_upstream_write_body(sp_request_t *req);
@@ -376,5 +429,21 @@ void sp_upstream_pool_destroy(sp_worker_t *w);
 void sp_upstream_close_idle(sp_worker_t *w);
 
 const char *sp_status_reason(int status);
+
+/* h2.c: HTTP/2 (h2c with prior knowledge) on a client connection */
+extern const sp_client_ops_t sp_h2_client_ops;
+/* 1: buf starts with the whole HTTP/2 client preface; 0: buf is a strict prefix of it (wait
+ * for more); -1: it is not HTTP/2. */
+int sp_h2_preface(const char *buf, size_t len);
+/* Switches the connection to HTTP/2 (its read buffer holds the preface). 0 or -ENOMEM. */
+int sp_h2_start(sp_conn_t *c);
+/* Feeds the bytes in the connection's read buffer to the session. */
+void sp_h2_input(sp_conn_t *c);
+/* The connection is closing: every stream ends (logged, upstream aborted). */
+void sp_h2_closed(sp_conn_t *c);
+/* Draining: GOAWAY (streams in flight finish), then the connection closes when they have. */
+void sp_h2_drain(sp_conn_t *c);
+void sp_h2_decided(sp_request_t *r);
+int sp_h2_read_body(sp_request_t *r, uint64_t limit);
 
 #endif

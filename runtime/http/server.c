@@ -27,6 +27,7 @@ enum {
     CS_UPSTREAM,  /* forwarding (upstream.c drives the response) */
     CS_TUNNEL,    /* upgraded: raw bytes both ways */
     CS_LINGER,    /* response sent, waiting for the client to close */
+    CS_H2,        /* HTTP/2: h2.c owns the connection's bytes */
 };
 
 enum { T_NONE, T_HEADER, T_KEEPALIVE, T_BODY, T_SEND, T_LINGER };
@@ -352,6 +353,8 @@ static void build_local_head(sp_request_t *r, int status)
     sp_buf_lit(o, "\r\n");
 }
 
+void sp_request_local_head(sp_request_t *r) { build_local_head(r, r->status); }
+
 int sp_request_respond(sp_request_t *r, int status, const char *ctype, size_t ctlen,
                        const char *body, size_t blen)
 {
@@ -453,6 +456,14 @@ void sp_conn_write_done(sp_conn_t *c)
 {
     c->writing = false;
     if (c->dl.kind == T_SEND)
+        conn_timer(c, T_NONE, 0);
+}
+
+void sp_conn_idle_timer(sp_conn_t *c, bool on)
+{
+    if (on)
+        conn_timer(c, T_KEEPALIVE, sp_cfg.keepalive_timeout);
+    else if (c->dl.kind == T_KEEPALIVE)
         conn_timer(c, T_NONE, 0);
 }
 
@@ -564,6 +575,71 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     conn_process(c);
 }
 
+/* ---------------------------------------------------------------- the client side ops */
+
+/* An HTTP/1.1 connection as the client side of its current request (sp_client_ops_t). */
+static void h1_written(uv_write_t *wr, int status)
+{
+    sp_conn_t *c = wr->data;
+    sp_conn_write_done(c);
+    if (c->closing)
+        return;
+    if (status < 0) {
+        if (c->req)
+            c->req->error = SP_ERR_CLIENT_ABORT;
+        sp_conn_close(c);
+        return;
+    }
+    if (c->req)
+        sp_upstream_client_written(c->req);
+}
+
+static int h1_send(sp_request_t *r, uv_buf_t *bufs, unsigned n, bool head)
+{
+    SP_UNUSED(head);
+    sp_conn_t *c = r->client;
+    int rc = sp_conn_write(c, bufs, n, h1_written);
+    if (rc < 0) {
+        r->error = SP_ERR_CLIENT_ABORT;
+        sp_conn_close(c);
+    }
+    return rc;
+}
+
+static bool h1_busy(const sp_request_t *r) { return ((const sp_conn_t *)r->client)->writing; }
+static void h1_finish(sp_request_t *r) { sp_conn_finish_request(r->client); }
+static void h1_close(sp_request_t *r) { sp_conn_close(r->client); }
+static void h1_resume_body(sp_request_t *r) { sp_conn_resume_body(r->client); }
+static unsigned h1_take_body(sp_request_t *r) { return sp_conn_take_body(r->client); }
+static void h1_hold_body(sp_request_t *r) { sp_conn_read_stop(r->client); }
+static void h1_start_tunnel(sp_request_t *r) { sp_conn_start_tunnel(r->client); }
+
+static bool h1_last_exchange(const sp_request_t *r)
+{
+    return sp_conn_last_exchange(r->client);
+}
+
+static void h1_fail(sp_request_t *r, int status, const char *msg)
+{
+    if (r->resp_head_sent)
+        sp_conn_close(r->client);
+    else
+        sp_conn_error_response(r->client, status, msg);
+}
+
+static const sp_client_ops_t h1_ops = {
+    .send = h1_send,
+    .busy = h1_busy,
+    .finish = h1_finish,
+    .fail = h1_fail,
+    .close = h1_close,
+    .resume_body = h1_resume_body,
+    .take_body = h1_take_body,
+    .hold_body = h1_hold_body,
+    .last_exchange = h1_last_exchange,
+    .start_tunnel = h1_start_tunnel,
+};
+
 /* ---------------------------------------------------------------- parser callbacks */
 
 static int cb_message_begin(llhttp_t *p)
@@ -573,6 +649,8 @@ static int cb_message_begin(llhttp_t *p)
         return 0;
     c->req = sp_request_acquire(c->w);
     c->req->conn = c;
+    c->req->client = c;
+    c->req->cops = &h1_ops;
     c->req->bytes_in = c->rlen - c->rpos;
     memcpy(c->req->client_ip, c->peer_ip, sizeof c->peer_ip);
     c->req->client_port = c->peer_port;
@@ -876,20 +954,26 @@ static void release_holds(sp_request_t *r)
     r->nholds = 0;
 }
 
+void sp_request_end(sp_request_t *r)
+{
+    release_holds(r);
+    r->conn = NULL;
+    r->client = NULL;
+    if (r->up)
+        sp_upstream_abort(r);
+    run_log(r);
+    r->core_done = true;
+    sp_request_maybe_release(r);
+}
+
 /* The core is done with the request: log it and release the slot (if the script is too). */
 static void request_done(sp_conn_t *c)
 {
     sp_request_t *r = c->req;
     if (!r)
         return;
-    release_holds(r);
     c->req = NULL;
-    r->conn = NULL;
-    if (r->up)
-        sp_upstream_abort(r);
-    run_log(r);
-    r->core_done = true;
-    sp_request_maybe_release(r);
+    sp_request_end(r);
 }
 
 bool sp_conn_last_exchange(const sp_conn_t *c)
@@ -997,6 +1081,12 @@ void sp_conn_error_response(sp_conn_t *c, int status, const char *msg)
         sp_conn_close(c);
         return;
     }
+    sp_request_error_body(r, status, msg);
+    send_local(c);
+}
+
+void sp_request_error_body(sp_request_t *r, int status, const char *msg)
+{
     r->body.len = 0;
     sp_buf_addc(&r->body, '{');
     if (r->up_tried && r->err_subject[0]) {
@@ -1030,7 +1120,6 @@ void sp_conn_error_response(sp_conn_t *c, int status, const char *msg)
     add_hdr_entry(&r->extra, '>', "Content-Type", 12, "application/json", 16);
     r->status = status;
     r->decision = SP_DECIDE_RESPOND;
-    send_local(c);
 }
 
 /* ---------------------------------------------------------------- the request hook */
@@ -1064,6 +1153,10 @@ static void act_on_decision(sp_conn_t *c)
 
 void sp_request_decided(sp_request_t *r)
 {
+    if (r->cops == &sp_h2_client_ops) {
+        sp_h2_decided(r);
+        return;
+    }
     sp_conn_t *c = r->conn;
     if (!c || c->closing || c->req != r || c->state != CS_SCRIPT) {
         sp_request_maybe_release(r);
@@ -1210,6 +1303,8 @@ static void bad_request(sp_conn_t *c, llhttp_errno_t e)
     if (!c->req) {
         c->req = sp_request_acquire(c->w);
         c->req->conn = c;
+        c->req->client = c;
+        c->req->cops = &h1_ops;
         memcpy(c->req->client_ip, c->peer_ip, sizeof c->peer_ip);
         c->req->client_port = c->peer_port;
         c->req->listener = c->listener->name;
@@ -1252,6 +1347,23 @@ static void step_head(sp_conn_t *c)
             release_rbuf_if_empty(c);
         sp_conn_read_start(c);
         return;
+    }
+    if (c->state == CS_IDLE && c->nrequests == 0 && sp_cfg.http2) {
+        /* HTTP/2 with prior knowledge: the client preface instead of a first request */
+        int pre = sp_h2_preface(c->rbuf + c->rpos, c->rlen - c->rpos);
+        if (pre == 0) {
+            sp_conn_read_start(c);
+            return;
+        }
+        if (pre > 0) {
+            if (sp_h2_start(c) < 0) {
+                sp_conn_close(c);
+                return;
+            }
+            c->state = CS_H2;
+            c->process_again = true;
+            return;
+        }
     }
     const char *chunk = c->rbuf + c->rpos;
     size_t chunk_len = c->rlen - c->rpos;
@@ -1430,6 +1542,8 @@ static void step_read_body(sp_conn_t *c)
 
 int sp_request_read_body(sp_request_t *r, uint64_t limit)
 {
+    if (r->cops == &sp_h2_client_ops)
+        return sp_h2_read_body(r, limit);
     sp_conn_t *c = r->conn;
     if (!c || c->closing || c->state != CS_SCRIPT || c->req != r)
         return -ENOTCONN;
@@ -1517,6 +1631,9 @@ static void conn_step(sp_conn_t *c)
     case CS_READ_BODY:
         step_read_body(c);
         break;
+    case CS_H2:
+        sp_h2_input(c);
+        break;
     case CS_SCRIPT:
         /* Keep reading while there is room, to notice a client that goes away. */
         if (c->rbuf && c->rlen == c->rcap)
@@ -1553,6 +1670,7 @@ static void on_conn_handle_closed(uv_handle_t *h)
     sp_worker_t *w = c->w;
     if (c->rbuf)
         sp_pool_put(&w->client_bufs, c->rbuf);
+    free(c->h2); /* sp_h2_closed emptied it */
     if (c->prev)
         c->prev->next = c->next;
     else
@@ -1586,6 +1704,8 @@ void sp_conn_close(sp_conn_t *c)
             atomic_fetch_sub(&sp_open_tunnels, 1), r->tunnel = false;
     }
     request_done(c);
+    if (c->h2)
+        sp_h2_closed(c);
     sp_conn_read_stop(c);
     uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
     sp_deadline_close(&c->dl, on_conn_handle_closed);

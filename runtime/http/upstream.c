@@ -203,15 +203,11 @@ static void up_fail_msg(sp_upconn_t *u, sp_error_t err, int status, const char *
         SP_STAT_ADD(w->stats.upstream_connect_errors, 1);
     if (err == SP_ERR_CONNECT_TIMEOUT || err == SP_ERR_FIRST_BYTE_TIMEOUT)
         SP_STAT_ADD(w->stats.upstream_timeouts, 1);
-    sp_conn_t *c = r->conn;
-    if (!c)
+    if (!r->client)
         return;
     sp_log(SP_LOG_WARN, "upstream error", "s:request_id", r->id, "s:upstream", r->upstream_addr,
            "s:error", sp_error_names[err], NULL);
-    if (r->resp_head_sent)
-        sp_conn_close(c);
-    else
-        sp_conn_error_response(c, status, msg);
+    r->cops->fail(r, status, msg);
 }
 
 /* Refuses (503, one log line, nothing dialled) an address no sandbox may have: unspecified,
@@ -672,8 +668,8 @@ static void after_head_sent(sp_upconn_t *u)
     }
     up_timer(u, UT_FIRST_BYTE, req_timeout(r, r->to_first_byte, sp_cfg.first_byte_timeout));
     up_read_start(u);
-    if (r->conn)
-        sp_conn_resume_body(r->conn); /* stream the body, if any */
+    if (r->client)
+        r->cops->resume_body(r); /* stream the body, if any */
 }
 
 static void on_head_written(uv_write_t *wr, int status)
@@ -705,14 +701,14 @@ static void up_send_head(sp_upconn_t *u)
     if (r->body_buffered) {
         if (r->body.len)
             b[nb++] = uv_buf_init(r->body.p, (unsigned)r->body.len);
-    } else if (r->body_in_head || (r->conn && sp_conn_take_body(r->conn) > 0)) {
+    } else if (r->body_in_head || (r->client && r->cops->take_body(r) > 0)) {
         r->body_in_head = true;
         for (unsigned i = 0; i < r->niov; i++)
             b[nb++] = r->iov[i];
     }
     int rc = up_write(u, b, nb, on_head_written);
-    if (rc != 0 && r->body_in_head && r->conn)
-        sp_conn_read_stop(r->conn); /* the buffer under the slices stays put (write, retry) */
+    if (rc != 0 && r->body_in_head && r->client)
+        r->cops->hold_body(r); /* the buffer under the slices stays put (write, retry) */
     if (rc == 0) {
         after_head_sent(u);
     } else if (rc < 0) {
@@ -732,8 +728,8 @@ static void on_body_written(uv_write_t *wr, int status)
         return;
     }
     sp_deadline_touch(&u->dl);
-    if (u->req->conn)
-        sp_conn_resume_body(u->req->conn);
+    if (u->req->client)
+        u->req->cops->resume_body(u->req);
 }
 
 int sp_upstream_write_body(sp_request_t *r)
@@ -762,8 +758,8 @@ static void on_tunnel_up_written(uv_write_t *wr, int status)
         up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
         return;
     }
-    if (u->req->conn)
-        sp_conn_resume_body(u->req->conn);
+    if (u->req->client)
+        u->req->cops->resume_body(u->req);
 }
 
 int sp_upstream_tunnel_write(sp_request_t *r, uv_buf_t *bufs, unsigned n)
@@ -1094,14 +1090,14 @@ static void build_response_head(sp_upconn_t *u)
     bool upgrade = r->resp_status == 101;
     bool bodyless = r->method == HTTP_HEAD || r->resp_status == 204 || r->resp_status == 304 ||
                     upgrade;
-    if (!bodyless && chunked && client10)
-        r->resp_decode = true;
+    if (!bodyless && chunked && (client10 || r->vmajor == 2))
+        r->resp_decode = true; /* HTTP/1.0 and HTTP/2 clients get the body without chunking */
     if (!bodyless && llhttp_message_needs_eof(&u->parser))
         r->close_client = true;
     /* Say "Connection: close" whenever the client connection will end after this exchange:
      * the request cap, a drain, or a request body still unread when the answer comes. */
     if (r->resp_decode || !r->keepalive || r->w->draining ||
-        (r->conn && sp_conn_last_exchange(r->conn)) || (r->has_body && !r->body_done))
+        (r->client && r->cops->last_exchange(r)) || (r->has_body && !r->body_done))
         r->close_client = true;
     if (upgrade)
         r->close_client = false;
@@ -1211,7 +1207,6 @@ static void up_read_stop(sp_upconn_t *u)
 static void up_complete(sp_upconn_t *u)
 {
     sp_request_t *r = u->req;
-    sp_conn_t *c = r->conn;
     bool keep = llhttp_should_keep_alive(&u->parser) && r->body_done && u->pos == u->len &&
                 !r->tunnel && !u->closing && sp_cfg.upstream_keepalive > 0 &&
                 !r->w->draining && u->key->nidle < (uint32_t)sp_cfg.upstream_keepalive;
@@ -1234,32 +1229,23 @@ static void up_complete(sp_upconn_t *u)
     } else {
         up_close(u);
     }
-    if (c)
-        sp_conn_finish_request(c);
+    if (r->client)
+        r->cops->finish(r);
 }
 
-static void on_client_written(uv_write_t *wr, int status)
+void sp_upstream_client_written(sp_request_t *r)
 {
-    sp_conn_t *c = wr->data;
-    sp_conn_write_done(c);
-    if (c->closing)
-        return;
-    if (status < 0) {
-        if (c->req)
-            c->req->error = SP_ERR_CLIENT_ABORT;
-        sp_conn_close(c);
-        return;
-    }
-    sp_request_t *r = c->req;
-    if (!r || !r->up)
-        return;
     sp_upconn_t *u = r->up;
+    if (!u)
+        return;
     sp_deadline_touch(&u->dl);
     if (u->state != US_TUNNEL && (u->rflags & RESP_MSG_DONE)) {
         up_complete(u);
         return;
     }
-    u->pos = u->len = 0;
+    /* Bytes past u->pos were not parsed yet (a pause for iov room): they stay. */
+    if (u->pos == u->len)
+        u->pos = u->len = 0;
     up_process(u);
 }
 
@@ -1269,26 +1255,24 @@ void sp_upstream_client_drained(sp_request_t *r)
         up_process(r->up);
 }
 
-/* Sends r->iov[0..niov) to the client. Returns true if the caller may continue at once. */
-static bool up_send_client(sp_upconn_t *u)
+/* Sends r->iov[0..niov) to the client (iov[0] is the response head when `head`). Returns true
+ * if the caller may continue at once. */
+static bool up_send_client(sp_upconn_t *u, bool head)
 {
     sp_request_t *r = u->req;
-    sp_conn_t *c = r->conn;
-    if (!c) {
+    if (!r->client) {
         up_close(u);
         return false;
     }
     if (r->niov == 0)
         return true;
-    int rc = sp_conn_write(c, r->iov, r->niov, on_client_written);
+    unsigned n = r->niov;
     r->niov = 0;
+    int rc = r->cops->send(r, r->iov, n, head);
     if (rc == 0)
         return true;
-    if (rc < 0) {
-        r->error = SP_ERR_CLIENT_ABORT;
-        sp_conn_close(c); /* aborts u too */
-        return false;
-    }
+    if (rc < 0)
+        return false; /* the client side was closed, which aborted u */
     up_read_stop(u);
     return false;
 }
@@ -1302,7 +1286,7 @@ static void start_tunnel(sp_upconn_t *u)
     r->w->tunnels_open++;
     u->state = US_TUNNEL;
     up_timer(u, UT_TUNNEL, req_timeout(r, r->to_idle, sp_cfg.tunnel_idle_timeout));
-    sp_conn_start_tunnel(r->conn);
+    r->cops->start_tunnel(r);
 }
 
 static void up_step(sp_upconn_t *u)
@@ -1310,12 +1294,11 @@ static void up_step(sp_upconn_t *u)
     sp_request_t *r = u->req;
     if (!r)
         return;
-    sp_conn_t *c = r->conn;
-    if (!c) {
+    if (!r->client) {
         up_close(u);
         return;
     }
-    if (c->writing)
+    if (r->cops->busy(r))
         return; /* continue when the client has taken the previous bytes */
     if (u->state == US_TUNNEL) {
         if (u->pos == u->len) {
@@ -1326,7 +1309,7 @@ static void up_step(sp_upconn_t *u)
         r->iov[0] = uv_buf_init(u->buf + u->pos, u->len - u->pos);
         r->niov = 1;
         u->pos = u->len;
-        if (up_send_client(u)) {
+        if (up_send_client(u, false)) {
             u->pos = u->len = 0;
             up_read_start(u);
         }
@@ -1359,7 +1342,7 @@ static void up_step(sp_upconn_t *u)
                 u->pos = u->len;
             }
             start_tunnel(u);
-            if (up_send_client(u)) {
+            if (up_send_client(u, true)) {
                 u->pos = u->len = 0;
                 up_read_start(u);
             }
@@ -1410,7 +1393,7 @@ static void up_step(sp_upconn_t *u)
         u->pos = (uint32_t)(end - u->buf);
     }
     bool done = (u->rflags & RESP_MSG_DONE) != 0;
-    if (!up_send_client(u))
+    if (!up_send_client(u, head_now))
         return;
     if (done) {
         up_complete(u);
@@ -1459,8 +1442,8 @@ static void up_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (nread < 0) {
         up_read_stop(u);
         if (u->state == US_TUNNEL) {
-            if (r->conn)
-                sp_conn_close(r->conn);
+            if (r->client)
+                r->cops->close(r);
             else
                 up_close(u);
             return;
@@ -1472,9 +1455,9 @@ static void up_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             /* a body delimited by the end of the connection is complete */
             u->rflags |= RESP_MSG_DONE;
             r->close_client = true;
-            if (r->conn && !r->conn->writing)
+            if (r->client && !r->cops->busy(r))
                 up_complete(u);
-            return; /* else on_client_written completes it */
+            return; /* else sp_upstream_client_written completes it */
         }
         up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
         return;

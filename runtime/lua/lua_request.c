@@ -69,7 +69,7 @@ SP_EXPORT int sp_req_body_info(const sp_request_t *r, double *length)
 
 SP_EXPORT int sp_req_is_upgrade(const sp_request_t *r) { return r->upgrade; }
 
-SP_EXPORT int sp_req_connected(const sp_request_t *r) { return r->conn != NULL && !r->conn->closing; }
+SP_EXPORT int sp_req_connected(const sp_request_t *r) { return r->conn ? !r->conn->closing : r->client != NULL; }
 
 SP_EXPORT int sp_req_respond(sp_request_t *r, int status, const char *ct, size_t ctlen,
                              const char *body, size_t blen)

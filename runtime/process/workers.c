@@ -86,6 +86,11 @@ static void close_idle_conns(sp_worker_t *w)
     sp_conn_t *c = w->conns;
     while (c) {
         sp_conn_t *next = c->next;
+        if (c->h2) {
+            sp_h2_drain(c); /* GOAWAY; closes once its streams in flight are done */
+            c = next;
+            continue;
+        }
         if (!c->req && !c->closing && c->rpos == c->rlen &&
             (w->stopping || now - c->dl.last_active >= DRAIN_IDLE_MS))
             sp_conn_close(c);
