@@ -826,13 +826,17 @@ describe("metrics", function()
         local function d(exp, name, labels)
             return v(exp, name, labels) - v(base, name, labels)
         end
+        local T = "sandbox_proxy_requests_total"
+        -- a request is counted when its exchange ends, which may be just after its response
+        -- reached the client: wait until the last ones (the refused, the failed) are in too
         local exp = net.wait_until(function()
             scrapes = scrapes + 1
             local e = scrape()
             -- the 1 admitted tagged request is a GET 2xx too; each earlier scrape is one more
-            return get2xx(e) - get2xx(base) == N + 1 + scrapes and e
-        end, 5, 0.02, "GET 2xx counted")
-        local T = "sandbox_proxy_requests_total"
+            return get2xx(e) - get2xx(base) == N + 1 + scrapes
+                and d(e, T, { method = "GET", code = "4xx" }) >= M + limited
+                and d(e, T, { method = "GET", code = "5xx" }) >= 1 and e
+        end, 5, 0.02, "GET 2xx, 4xx and 5xx counted")
         assert.are.equal(M + limited, d(exp, T, { method = "GET", code = "4xx" }))
         assert.are.equal(1, d(exp, T, { method = "GET", code = "5xx" }))
         assert.are.equal(1, d(exp, T, { method = "POST", code = "2xx" }))
