@@ -25,6 +25,7 @@ local OWNED = {
     { pattern = "^openssl/", layer = "lua", what = "OpenSSL (sp.crypto)" },
     { pattern = "^curl/", layer = "kube", what = "libcurl" },
     { pattern = "^llhttp%.h$", layer = "http", what = "llhttp" },
+    { pattern = "^nghttp2/", layer = "http", what = "nghttp2" },
 }
 
 local function read(path)
