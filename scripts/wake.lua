@@ -26,11 +26,16 @@
 --
 -- Idle suspend (opt-in per sandbox): a Sandbox annotated `sandbox-proxy.dev/idle-timeout:
 -- "30m"` is suspended after that long with no request and no open tunnel through ANY replica.
--- Replicas coordinate through the API server only: each records its activity on the Sandbox
--- (annotation `sandbox-proxy.dev/last-activity`, written at most once per activity_interval),
--- and the suspend is a PATCH with the resourceVersion it last saw as a precondition, so a 409
--- means another replica acted first (or recorded activity) and this one backs off. Never
--- suspends with a request or WebSocket in flight on this replica.
+-- Replicas coordinate through the API server only, with a write rate bounded by replicas, not
+-- sandboxes: each publishes the sandboxes it served (and those with a request or tunnel open)
+-- in its own coordination.k8s.io Lease (annotation sandbox-proxy.dev/activity; sharded over
+-- several Leases past lease_bytes), written every activity_interval and within activity_flush
+-- of a sandbox becoming active; every replica watches all the Leases. An "open" report counts
+-- until its Lease expires (renewTime + leaseDurationSeconds), so a replica that is gone stops
+-- counting. The suspend is a PATCH with the resourceVersion it last saw as a precondition, so
+-- a 409 means another replica acted first and this one backs off. Never suspends with a
+-- request or WebSocket in flight on this replica, nor before the Leases are listed. The
+-- per-sandbox annotation sandbox-proxy.dev/last-activity of earlier versions is still read.
 --
 -- Off by default: waking needs `patch` on sandboxes (k8s/overlays/wake/rbac-wake.yaml), so it is
 -- enabled in the config together with that role. Config (section `wake`; defaults shown):
@@ -42,7 +47,12 @@
 --   patch_timeout = 15,         -- seconds for the PATCH to the API server
 --   idle_suspend = true,        -- honour the idle-timeout annotation (when enabled)
 --   check_interval = 5,         -- seconds between idle checks (worker 0)
---   activity_interval = 30,     -- at most one activity annotation write per sandbox per this
+--   activity_interval = 30,     -- seconds between this replica's Lease renewals
+--   activity_flush = 1,         -- a sandbox that becomes active is published within this
+--   lease_duration = 90,        -- leaseDurationSeconds (default 3 x activity_interval)
+--   lease_bytes = 200000,       -- annotation bytes per Lease before sharding
+--   lease_namespace = nil,      -- default $POD_NAMESPACE, the service account's, "default"
+--   replica = nil,              -- this replica's name: $POD_NAME, $HOSTNAME, else host + random
 local core = require "sp.core"
 local config = require "sp.config"
 local shared = require "sp.shared"
@@ -72,7 +82,6 @@ local ACTIVITY_INTERVAL = cfg.activity_interval or 30
 local PATCH_TIMEOUT = cfg.patch_timeout or 15
 
 local GROUP = "agents.x-k8s.io"
-local ACTIVITY_ANNOTATION = "sandbox-proxy.dev/last-activity"
 
 local dict = shared.dict("wake") or assert(shared.dict("sp"))
 local sp_dict = assert(shared.dict("sp"))
@@ -317,43 +326,314 @@ local function iso_to_epoch(s)
 end
 
 -- The router calls this for every request it forwards to a sandbox with an idle timeout:
--- it records this replica's activity and holds an in-flight slot for the exchange.
+-- it records this replica's activity and holds an in-flight slot for the exchange. A sandbox
+-- that becomes active after a quiet spell (no local activity for activity_interval) marks
+-- this replica's Leases dirty: worker 0 publishes them within activity_flush seconds.
 function M.activity(req, r)
     if not IDLE or not r.idle_timeout then
         return
     end
     local key = r.alias_of or r.key -- a claim's alias shares its sandbox's idle clock
     local now = core.now()
+    local prev = dict:get("act:" .. key)
     dict:set("act:" .. key, now)
     req:hold(DICT, "inflight:" .. key, 1e9)
-    local written = dict:get("written:" .. key) or 0
-    if now - written >= ACTIVITY_INTERVAL and dict:add("writing:" .. key, true, 10) then
-        core.post(0, "activity", key)
+    if not prev or now - prev >= ACTIVITY_INTERVAL then
+        dict:set("lease:dirty", true)
     end
 end
 
--- Worker 0: write this replica's last activity on the Sandbox.
-local function write_activity(key)
-    local r = routes.get(key)
-    local last = dict:get("act:" .. key)
-    if not r or not last then
-        dict:delete("writing:" .. key)
+-- ------------------------------------------------------------------ the activity Leases
+-- One coordination.k8s.io/v1 Lease per replica (per shard of it, when its activity does not
+-- fit one object), written once per activity_interval and, when a sandbox becomes active,
+-- within activity_flush: the write rate is bounded by replicas, not by sandboxes. Its
+-- annotation sandbox-proxy.dev/activity holds {"t":T,"a":{key:age,...},"o":[key,...]}: the
+-- sandboxes this replica served within their idle timeout (last at T - age) and those with a
+-- request or tunnel open at T ("o": active until the Lease expires, renewTime +
+-- leaseDurationSeconds). Every replica watches the Leases (one LIST + one WATCH) and keeps,
+-- per sandbox, the latest activity any replica reported.
+
+local bit = require "bit"
+
+local LEASE_GROUP_PATH = "/apis/coordination.k8s.io/v1/namespaces/"
+local LEASE_LABEL = "sandbox-proxy.dev/activity"
+local LEASE_ANNOTATION = "sandbox-proxy.dev/activity"
+
+local function read_file(path)
+    local f = io.open(path, "r")
+    if not f then
+        return nil
+    end
+    local s = f:read("*l")
+    f:close()
+    return s and s ~= "" and s or nil
+end
+
+-- This replica's name (in a pod: POD_NAME or HOSTNAME, which is the pod's name).
+local function replica_name()
+    local name = cfg.replica or os.getenv("POD_NAME") or os.getenv("HOSTNAME")
+    if not name then
+        -- outside a pod: the host's name and a random suffix (several proxies on one host)
+        local seed = core.now() * 1000 + (tonumber(tostring({}):match("0x(%x+)"), 16) or 0)
+        math.randomseed(math.floor(seed) % 2147483647)
+        name = (read_file("/etc/hostname") or "proxy") .. ("-%06x"):format(math.random(0, 0xffffff))
+    end
+    name = tostring(name):lower():gsub("[^a-z0-9.-]", "-"):gsub("^[^a-z0-9]+", "")
+        :gsub("[^a-z0-9]+$", "")
+    return name:sub(1, 200)
+end
+
+local REPLICA = IDLE and replica_name() or nil
+M.replica = REPLICA
+local LEASE_NS = cfg.lease_namespace or os.getenv("POD_NAMESPACE")
+    or read_file("/var/run/secrets/kubernetes.io/serviceaccount/namespace") or "default"
+local LEASE_PREFIX = "sandbox-proxy-activity-" .. (REPLICA or "") .. "-"
+local ACTIVITY_FLUSH = cfg.activity_flush or 1
+local LEASE_DURATION = math.max(1, math.ceil(cfg.lease_duration or 3 * ACTIVITY_INTERVAL))
+local LEASE_BYTES = cfg.lease_bytes or 200000 -- of the 256 KiB all annotations may hold
+local LEASE_GC_AFTER = 3600 -- seconds past its expiry before an abandoned Lease is deleted
+
+-- What the other replicas (and this one, through the watch) reported:
+local remote_last = {}      -- key -> latest activity (epoch seconds) any Lease reported
+local remote_open_until = {} -- key -> when the latest Lease reporting it open expires
+local leases_synced = false
+M.remote_last, M.remote_open_until = remote_last, remote_open_until
+
+local function micro_time(t)
+    -- MicroTime: RFC 3339 with exactly six fractional digits
+    local s = core.iso8601(t)
+    local base, ms = s:match("^(.-)%.(%d+)Z$")
+    if base then
+        return base .. "." .. (ms .. "000000"):sub(1, 6) .. "Z"
+    end
+    return (s:gsub("Z$", ".000000Z"))
+end
+
+local function shard_of(key, n)
+    local h = 5381
+    for i = 1, #key do
+        h = bit.band(bit.bxor(h * 33, key:byte(i)), 0x7fffffff)
+    end
+    return h % n
+end
+
+-- Reads one Lease (a watch event): merges what it reports into remote_last/remote_open_until.
+function M.lease_event(kind, obj)
+    if kind == "DELETED" or type(obj) ~= "table" then
         return
     end
-    local body = cjson.encode({ metadata = { annotations = {
-        [ACTIVITY_ANNOTATION] = core.iso8601(last) } } })
-    local path = sandbox_path(r)
-    local status = k8s.request{ method = "PATCH", path = path, body = body,
-        content_type = "application/merge-patch+json", timeout = PATCH_TIMEOUT }
-    if status and status >= 200 and status < 300 then
-        dict:set("written:" .. key, last)
+    local meta, spec = obj.metadata or {}, obj.spec or {}
+    local data = type(meta.annotations) == "table" and meta.annotations[LEASE_ANNOTATION]
+    local doc = type(data) == "string" and cjson.decode(data)
+    if type(doc) ~= "table" or type(doc.t) ~= "number" then
+        return
     end
-    dict:delete("writing:" .. key)
+    local renew = iso_to_epoch(spec.renewTime or "") or doc.t
+    local expires = renew + (tonumber(spec.leaseDurationSeconds) or 0)
+    if type(doc.a) == "table" then
+        for key, age in pairs(doc.a) do
+            local t = doc.t - (tonumber(age) or 0)
+            if t > (remote_last[key] or 0) then
+                remote_last[key] = t
+            end
+        end
+    end
+    if type(doc.o) == "table" then
+        for _, key in ipairs(doc.o) do
+            if type(key) == "string" and expires > (remote_open_until[key] or 0) then
+                remote_open_until[key] = expires
+            end
+            if type(key) == "string" and doc.t > (remote_last[key] or 0) then
+                remote_last[key] = doc.t
+            end
+        end
+    end
+    -- an abandoned Lease (its replica is gone) long past its expiry: delete it (best effort)
+    if meta.name and meta.name:sub(1, #LEASE_PREFIX) ~= LEASE_PREFIX
+        and core.now() - expires > LEASE_GC_AFTER then
+        timer.after(math.random() * 10, function()
+            k8s.request{ method = "DELETE", path = LEASE_GROUP_PATH .. LEASE_NS .. "/leases/"
+                .. meta.name, timeout = PATCH_TIMEOUT, retries = 0 }
+        end)
+    end
+end
+
+local lease_rv = {}     -- shard -> resourceVersion of our Lease (nil: unknown, create it)
+local shards_written = 0
+local last_write = 0
+local writing = false
+
+local function lease_object(i, doc)
+    return {
+        apiVersion = "coordination.k8s.io/v1", kind = "Lease",
+        metadata = { name = LEASE_PREFIX .. i, namespace = LEASE_NS,
+            resourceVersion = lease_rv[i],
+            labels = { [LEASE_LABEL] = "v1", ["sandbox-proxy.dev/replica"] = REPLICA:sub(1, 63)
+                :gsub("[^a-z0-9]+$", "") },
+            annotations = { [LEASE_ANNOTATION] = doc } },
+        spec = { holderIdentity = REPLICA, leaseDurationSeconds = LEASE_DURATION,
+            renewTime = micro_time(core.now()) },
+    }
+end
+
+local function rv_of(body)
+    local o = type(body) == "string" and cjson.decode(body)
+    return type(o) == "table" and type(o.metadata) == "table" and o.metadata.resourceVersion or nil
+end
+
+-- Writes shard i: PUT with the resourceVersion it last wrote (POST the first time); a 404
+-- creates it, a 409 (it changed, or exists already) reads it once and writes again.
+local function write_lease(i, doc)
+    local base = LEASE_GROUP_PATH .. LEASE_NS .. "/leases"
+    for _ = 1, 2 do
+        local status, body
+        if lease_rv[i] then
+            status, body = k8s.request{ method = "PUT", path = base .. "/" .. LEASE_PREFIX .. i,
+                body = cjson.encode(lease_object(i, doc)), content_type = "application/json",
+                timeout = PATCH_TIMEOUT, retries = 0 }
+        else
+            status, body = k8s.request{ method = "POST", path = base,
+                body = cjson.encode(lease_object(i, doc)), content_type = "application/json",
+                timeout = PATCH_TIMEOUT, retries = 0 }
+        end
+        if status and status >= 200 and status < 300 then
+            lease_rv[i] = rv_of(body)
+            sp_dict:incr("m:lease_writes", 1, 0)
+            return true
+        end
+        if status == 404 then
+            lease_rv[i] = nil
+        elseif status == 409 then
+            local st, got = k8s.request{ path = base .. "/" .. LEASE_PREFIX .. i,
+                timeout = PATCH_TIMEOUT, retries = 0 }
+            lease_rv[i] = st == 200 and rv_of(got) or nil
+        else
+            log.warn("cannot write the activity lease", { lease = LEASE_PREFIX .. i,
+                namespace = LEASE_NS, status = status or 0, hint = status == 403 and
+                "the proxy may not write leases: apply k8s/rbac-wake.yaml" or nil })
+            return false
+        end
+    end
+    return false
+end
+
+-- Keys the last successful write of each shard reported (a flush rewrites only the shards
+-- that gained a key).
+local published = {}
+
+-- Worker 0: publishes this replica's activity: every shard (renew = true), or only those
+-- that gained a key since their last write (a flush).
+function M.publish(renew)
+    if writing then
+        return
+    end
+    writing = true
+    dict:delete("lease:dirty")
+    local now = core.now()
+    local t = math.floor(now)
+    local entries, open, bytes = {}, {}, 0
+    for key in pairs(require("discovery").idle_keys) do
+        local last = dict:get("act:" .. key)
+        local r = last and routes.get(key)
+        local idle = r and tonumber(r.idle_timeout)
+        if last and idle then
+            local inflight = (dict:get("inflight:" .. key) or 0) > 0
+            if inflight then
+                -- a request or tunnel open now: active at every write
+                last = now
+                dict:set("act:" .. key, now)
+                open[#open + 1] = key
+            end
+            if now - last <= idle + ACTIVITY_INTERVAL then
+                entries[key] = math.max(0, t - math.floor(last))
+                bytes = bytes + #key + 8
+            end
+        end
+    end
+    local n = 1
+    while bytes / n > LEASE_BYTES - 1000 do
+        n = n * 2
+    end
+    local docs = {}
+    for i = 0, math.max(n, shards_written) - 1 do
+        docs[i] = { t = t, a = {}, o = {} }
+    end
+    for key, age in pairs(entries) do
+        docs[shard_of(key, n)].a[key] = age
+    end
+    for _, key in ipairs(open) do
+        local o = docs[shard_of(key, n)].o
+        o[#o + 1] = key
+    end
+    local ok = true
+    for i = 0, math.max(n, shards_written) - 1 do
+        local d = docs[i]
+        local gained = renew or n ~= shards_written or not published[i]
+        if not gained then
+            for key in pairs(d.a) do
+                if not published[i][key] then
+                    gained = true
+                    break
+                end
+            end
+        end
+        if gained then
+            if write_lease(i, cjson.encode(d)) then
+                published[i] = d.a
+            else
+                ok = false
+            end
+        end
+    end
+    shards_written = math.max(n, shards_written)
+    if renew then
+        last_write = now
+    end
+    if not ok then
+        dict:set("lease:dirty", true)
+    end
+    writing = false
+end
+
+-- Worker 0, every activity_flush: publish when a sandbox became active, or to renew.
+local function lease_tick()
+    if core.now() - last_write >= ACTIVITY_INTERVAL then
+        M.publish(true)
+    elseif dict:get("lease:dirty") then
+        M.publish(false)
+    end
+end
+
+local function watch_leases()
+    M.lease_watch = k8s.watch{
+        group = "coordination.k8s.io", version = "v1", resource = "leases",
+        namespace = LEASE_NS, label_selector = LEASE_LABEL,
+        on_event = M.lease_event,
+        on_synced = function(info)
+            leases_synced = true
+            log.info("activity leases synced", { namespace = LEASE_NS, replica = REPLICA,
+                relist = info.relist })
+        end,
+    }
+end
+
+-- Forgets what the Leases said about sandboxes that are gone (worker 0, now and then).
+local function prune_remote()
+    for key in pairs(remote_last) do
+        if not routes.get(key) then
+            remote_last[key] = nil
+            remote_open_until[key] = nil
+        end
+    end
 end
 
 -- Worker 0: suspend the idle sandboxes among the routes that carry an idle timeout
--- (discovery keeps the set of their keys, so a check costs nothing for the others).
+-- (discovery keeps the set of their keys, so a check costs nothing for the others). Never
+-- before the Leases are listed (a starting replica knows nothing of the others' traffic).
 function M.check_idle()
+    if not leases_synced then
+        return
+    end
     local now = core.now()
     for key in pairs(require("discovery").idle_keys) do
         local r = routes.get(key)
@@ -361,20 +641,18 @@ function M.check_idle()
         if idle and r.ready and r.mode ~= "Suspended" then
             local inflight = dict:get("inflight:" .. key) or 0
             local local_last = dict:get("act:" .. key) or 0
+            -- the per-sandbox annotation of earlier versions (a rolling upgrade) still counts
             local seen_last = iso_to_epoch(r.last_activity or "") or 0
             local first_seen = dict:get("seen:" .. key)
             if not first_seen then
                 first_seen = now
                 dict:set("seen:" .. key, now)
             end
-            local last = math.max(local_last, seen_last, first_seen)
-            if inflight > 0 then
+            local last = math.max(local_last, seen_last, first_seen, remote_last[key] or 0)
+            if inflight > 0 or (remote_open_until[key] or 0) > now then
                 last = now
             end
-            if local_last > seen_last + 1 and now - (dict:get("written:" .. key) or 0)
-                >= ACTIVITY_INTERVAL then
-                write_activity(key) -- tell the other replicas first
-            elseif now - last > idle and r.resource_version then
+            if now - last > idle and r.resource_version then
                 local path, version = sandbox_path(r)
                 local spec = version == "v1alpha1" and { replicas = 0 }
                     or { operatingMode = "Suspended" }
@@ -407,9 +685,11 @@ function M.start()
         return
     end
     core.on("wake", M.patch_running)
-    core.on("activity", write_activity)
     if IDLE then
+        watch_leases()
+        timer.every(ACTIVITY_FLUSH, lease_tick)
         timer.every(CHECK_INTERVAL, M.check_idle)
+        timer.every(LEASE_DURATION, prune_remote)
     end
 end
 

@@ -146,7 +146,7 @@ function M.start(opts)
             end
             local r = http.request{ port = port, path = ready_path, timeout = 1 }
             return r and r.status == 200
-        end, 20, 0.02, "proxy " .. ready_path)
+        end, opts.ready_wait or 20, 0.02, "proxy " .. ready_path)
         if not ok then
             error(tostring(err) .. "\nstderr:\n" .. tostring(p:read_stderr()), 2)
         end
