@@ -30,11 +30,17 @@
 -- sandboxes: each publishes the sandboxes it served (and those with a request or tunnel open)
 -- in its own coordination.k8s.io Lease (annotation sandbox-proxy.dev/activity; sharded over
 -- several Leases past lease_bytes), written every activity_interval and within activity_flush
--- of a sandbox becoming active; every replica watches all the Leases. An "open" report counts
--- until its Lease expires (renewTime + leaseDurationSeconds), so a replica that is gone stops
--- counting. The suspend is a PATCH with the resourceVersion it last saw as a precondition, so
--- a 409 means another replica acted first and this one backs off. Never suspends with a
--- request or WebSocket in flight on this replica, nor before the Leases are listed. The
+-- of a sandbox getting a request the Lease does not report open yet (or reports as last active
+-- more than min(activity_interval, idle/2) ago); every replica watches all the Leases. An
+-- "open" report counts until its Lease expires (renewTime + leaseDurationSeconds), so a
+-- replica that is gone stops counting. The decision is safe against late watches and slow
+-- replicas: a sandbox's idle clock starts again when it starts running (a wake through any
+-- replica is activity everywhere); a request held for a wake is open from its arrival and the
+-- waker's Lease says so before its wake PATCH is sent; a replica about to suspend re-reads
+-- every Lease (a LIST, not its watch's view) and its own requests right before the PATCH,
+-- which carries the resourceVersion it last saw as a precondition (a 409 means another
+-- replica acted first and this one backs off). Never suspends with a request or WebSocket in
+-- flight on this replica, nor before the Leases are listed. The
 -- per-sandbox annotation sandbox-proxy.dev/last-activity of earlier versions is still read.
 --
 -- Off by default: waking needs `patch` on sandboxes (k8s/overlays/wake/rbac-wake.yaml), so it is
@@ -175,6 +181,12 @@ function M.patch_running(key)
         dict:delete("patching:" .. key)
         return
     end
+    if IDLE and r.idle_timeout and (dict:get("inflight:" .. (r.alias_of or key)) or 0) > 0
+        and not M.publish_open(r.alias_of or key) then
+        -- the wake goes ahead; another replica may suspend it again before this one's Lease
+        -- says the request is open (it sees the wake as activity for one idle timeout)
+        log.warn("waking before the activity lease reports the request", { key = key })
+    end
     local path, version = sandbox_path(r)
     local body = version == "v1alpha1" and '{"spec":{"replicas":1}}'
         or '{"spec":{"operatingMode":"Running"}}'
@@ -225,6 +237,9 @@ function M.handle(req, r, forward)
         waking(req, key)
         return true
     end
+    -- a held request is activity, open from now on: the waker's Lease reports it before the
+    -- wake PATCH goes out (patch_running), so no replica sees the sandbox running without it
+    M.activity(req, r)
     local deadline = core.monotonic() + min(MAX_WAIT, req.ctx.deadline or MAX_WAIT)
     while true do
         if action == "wake" and dict:add("patching:" .. key, true, WAKE_TTL) then
@@ -302,6 +317,9 @@ function M.route_changed(key)
     if M.enabled then
         update_marks(key)
     end
+    if IDLE then
+        M.idle_clock(key)
+    end
     if (dict:get("held:" .. key) or 0) > 0 then
         core.post(-1, "route", key)
     end
@@ -309,11 +327,31 @@ end
 
 -- ------------------------------------------------------------------ activity and idle suspend
 
+-- Keys whose route was last seen running (ready, spec not suspended), on worker 0.
+local running = {}
+
+-- Worker 0 (route_changed): a sandbox's idle clock starts again whenever it starts running
+-- with an idle timeout (first seen, woken by a request through any replica, restarted,
+-- annotated): running:<key> is when this replica saw that. A wake is activity on every
+-- replica, whether or not the waker's Lease has been read yet.
+function M.idle_clock(key)
+    local r = routes.get(key)
+    local up = r and r.idle_timeout and r.ready and r.mode ~= "Suspended" and true or nil
+    if up and not running[key] then
+        dict:set("running:" .. key, core.now())
+    elseif not up then
+        dict:delete("running:" .. key)
+    end
+    running[key] = up
+end
+
 local function iso_to_epoch(s)
-    local y, mo, d, h, mi, sec = tostring(s):match("^(%d+)%-(%d+)%-(%d+)T(%d+):(%d+):(%d+)")
+    local y, mo, d, h, mi, sec, frac =
+        tostring(s):match("^(%d+)%-(%d+)%-(%d+)T(%d+):(%d+):(%d+)(%.?%d*)")
     if not y then
         return tonumber(s)
     end
+    frac = tonumber("0" .. frac) or 0 -- MicroTime's fraction (renewTime) counts
     -- days from civil (Howard Hinnant's algorithm), UTC
     y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
     y = mo <= 2 and y - 1 or y
@@ -322,23 +360,35 @@ local function iso_to_epoch(s)
     local doy = math.floor((153 * (mo + (mo > 2 and -3 or 9)) + 2) / 5) + d - 1
     local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
     local days = era * 146097 + doe - 719468
-    return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec)
+    return days * 86400 + tonumber(h) * 3600 + tonumber(mi) * 60 + tonumber(sec) + frac
 end
 
--- The router calls this for every request it forwards to a sandbox with an idle timeout:
--- it records this replica's activity and holds an in-flight slot for the exchange. A sandbox
--- that becomes active after a quiet spell (no local activity for activity_interval) marks
--- this replica's Leases dirty: worker 0 publishes them within activity_flush seconds.
+-- The router calls this for every request it forwards to a sandbox with an idle timeout (and
+-- wake.handle for a request it holds): it records this replica's activity and holds an
+-- in-flight slot for the exchange (once per request). This replica's Leases are marked dirty
+-- (worker 0 publishes them within activity_flush seconds) when the sandbox is not reported
+-- open yet (a request or tunnel that stays open is published open at once, not at the next
+-- renewal) or what was last published of it is older than min(activity_interval, half its
+-- idle timeout) (another replica must see the request well before the timeout runs out).
 function M.activity(req, r)
     if not IDLE or not r.idle_timeout then
         return
     end
     local key = r.alias_of or r.key -- a claim's alias shares its sandbox's idle clock
+    local ctx = rawget(req, "ctx")
+    if ctx and ctx.activity_key == key then
+        return -- held for a wake, now forwarded: counted once
+    end
+    if ctx then
+        ctx.activity_key = key
+    end
     local now = core.now()
-    local prev = dict:get("act:" .. key)
     dict:set("act:" .. key, now)
     req:hold(DICT, "inflight:" .. key, 1e9)
-    if not prev or now - prev >= ACTIVITY_INTERVAL then
+    local published = dict:get("pub:" .. key)
+    local idle = tonumber(r.idle_timeout) or ACTIVITY_INTERVAL
+    if not published or not dict:get("pubopen:" .. key)
+        or now - published >= min(ACTIVITY_INTERVAL, idle / 2) then
         dict:set("lease:dirty", true)
     end
 end
@@ -417,9 +467,10 @@ local function shard_of(key, n)
     return h % n
 end
 
--- Reads one Lease (a watch event): merges what it reports into remote_last/remote_open_until.
-function M.lease_event(kind, obj)
-    if kind == "DELETED" or type(obj) ~= "table" then
+-- Merges what one Lease reports into remote_last/remote_open_until; returns its metadata and
+-- when it expires (nil if it reports nothing).
+local function merge_lease(obj)
+    if type(obj) ~= "table" then
         return
     end
     local meta, spec = obj.metadata or {}, obj.spec or {}
@@ -447,6 +498,18 @@ function M.lease_event(kind, obj)
                 remote_last[key] = doc.t
             end
         end
+    end
+    return meta, expires
+end
+
+-- Reads one Lease (a watch event): merges what it reports.
+function M.lease_event(kind, obj)
+    if kind == "DELETED" then
+        return
+    end
+    local meta, expires = merge_lease(obj)
+    if not meta then
+        return
     end
     -- an abandoned Lease (its replica is gone) long past its expiry: delete it (best effort)
     if meta.name and meta.name:sub(1, #LEASE_PREFIX) ~= LEASE_PREFIX
@@ -517,12 +580,45 @@ local function write_lease(i, doc)
     return false
 end
 
--- Keys the last successful write of each shard reported (a flush rewrites only the shards
--- that gained a key).
+-- What the last successful write of each shard reported: published[i] = { a = {key = the
+-- activity time reported}, o = {key = true} } (a flush rewrites only the shards that need it).
+-- The shared dict mirrors it per key for M.activity: pub:<key> (the activity time last
+-- published) and pubopen:<key> (reported open by the last write).
 local published = {}
 
+-- Whether shard i must be written now (a flush): it reports a sandbox the last write did not,
+-- one as open that was not, or an activity time the last write had too old (older than
+-- min(activity_interval, half the sandbox's idle timeout) behind).
+local function shard_stale(i, d, last_of)
+    local p = published[i]
+    if not p then
+        return true
+    end
+    for _, key in ipairs(d.o) do
+        if not p.o[key] then
+            return true
+        end
+    end
+    for key in pairs(d.a) do
+        local before = p.a[key]
+        if not before then
+            return true
+        end
+        if not p.o[key] then -- (an open report stands until its Lease expires)
+            local r = routes.get(key)
+            local idle = r and tonumber(r.idle_timeout) or ACTIVITY_INTERVAL
+            if last_of[key] - before >= min(ACTIVITY_INTERVAL, idle / 2) then
+                return true
+            end
+        end
+    end
+    return false
+end
+
 -- Worker 0: publishes this replica's activity: every shard (renew = true), or only those
--- that gained a key since their last write (a flush).
+-- that need it (a flush: see shard_stale). Reported times are never earlier than the real
+-- ones (t is exact, ages are rounded down), so another replica never sees activity older
+-- than it was.
 function M.publish(renew)
     if writing then
         return
@@ -530,8 +626,8 @@ function M.publish(renew)
     writing = true
     dict:delete("lease:dirty")
     local now = core.now()
-    local t = math.floor(now)
-    local entries, open, bytes = {}, {}, 0
+    local t = math.floor(now * 1000) / 1000
+    local entries, last_of, open, bytes = {}, {}, {}, 0
     for key in pairs(require("discovery").idle_keys) do
         local last = dict:get("act:" .. key)
         local r = last and routes.get(key)
@@ -540,12 +636,13 @@ function M.publish(renew)
             local inflight = (dict:get("inflight:" .. key) or 0) > 0
             if inflight then
                 -- a request or tunnel open now: active at every write
-                last = now
+                last = t
                 dict:set("act:" .. key, now)
                 open[#open + 1] = key
             end
             if now - last <= idle + ACTIVITY_INTERVAL then
-                entries[key] = math.max(0, t - math.floor(last))
+                entries[key] = math.max(0, math.floor(t - last))
+                last_of[key] = t - entries[key]
                 bytes = bytes + #key + 8
             end
         end
@@ -568,19 +665,27 @@ function M.publish(renew)
     local ok = true
     for i = 0, math.max(n, shards_written) - 1 do
         local d = docs[i]
-        local gained = renew or n ~= shards_written or not published[i]
-        if not gained then
-            for key in pairs(d.a) do
-                if not published[i][key] then
-                    gained = true
-                    break
-                end
-            end
-        end
-        if gained then
+        if renew or n ~= shards_written or shard_stale(i, d, last_of) then
+            local before = published[i]
             if write_lease(i, cjson.encode(d)) then
-                published[i] = d.a
+                local p = { a = {}, o = {} }
+                for key in pairs(d.a) do
+                    p.a[key] = last_of[key]
+                    dict:set("pub:" .. key, last_of[key])
+                end
+                for _, key in ipairs(d.o) do
+                    p.o[key] = true
+                    dict:set("pubopen:" .. key, true)
+                end
+                for key in pairs(before and before.o or {}) do
+                    if not p.o[key] then
+                        dict:delete("pubopen:" .. key)
+                    end
+                end
+                published[i] = p
             else
+                -- written again at the next tick, whatever it reports
+                published[i] = nil
                 ok = false
             end
         end
@@ -593,6 +698,21 @@ function M.publish(renew)
         dict:set("lease:dirty", true)
     end
     writing = false
+    core.signal("lease:written")
+end
+
+-- Worker 0: makes sure this replica's Leases report key open (a request held for a wake of
+-- it) before the caller goes on: waits for a write under way, then flushes. Bounded by
+-- patch_timeout; returns whether the Lease reports it.
+function M.publish_open(key)
+    local deadline = core.monotonic() + PATCH_TIMEOUT
+    while writing and core.monotonic() < deadline do
+        core.wait("lease:written", deadline - core.monotonic())
+    end
+    if not writing and not dict:get("pubopen:" .. key) then
+        M.publish(false)
+    end
+    return dict:get("pubopen:" .. key) == true
 end
 
 -- Worker 0, every activity_flush: publish when a sandbox became active, or to renew.
@@ -627,51 +747,132 @@ local function prune_remote()
     end
 end
 
--- Worker 0: suspend the idle sandboxes among the routes that carry an idle timeout
--- (discovery keeps the set of their keys, so a check costs nothing for the others). Never
--- before the Leases are listed (a starting replica knows nothing of the others' traffic).
+-- The idle verdict on key from what this replica knows now: how long it has been idle (and
+-- its route) when that is past its idle timeout, else nil. Activity: this replica's requests
+-- (any open one: never idle), what any Lease reported (open until that Lease expires), the
+-- annotation of earlier versions, and the moment this replica saw it start running.
+local function idle_verdict(key, now)
+    local r = routes.get(key)
+    local idle = r and tonumber(r.idle_timeout)
+    if not idle or not r.ready or r.mode == "Suspended" or not r.resource_version then
+        return nil
+    end
+    if (dict:get("inflight:" .. key) or 0) > 0 or (remote_open_until[key] or 0) > now then
+        return nil
+    end
+    local since = dict:get("running:" .. key)
+    if not since then
+        since = now
+        dict:set("running:" .. key, now)
+    end
+    -- the per-sandbox annotation of earlier versions (a rolling upgrade) still counts
+    local annotated = iso_to_epoch(r.last_activity or "") or 0
+    local served = dict:get("act:" .. key)
+    local last = math.max(served or 0, annotated, since, remote_last[key] or 0)
+    if now - last > idle then
+        return now - last, r, { served_here = served, running_since = since,
+            served_elsewhere = remote_last[key], open_elsewhere_until = remote_open_until[key] }
+    end
+end
+
+local function urlencode(s)
+    return (s:gsub("[^%w%-%._~]", function(c)
+        return ("%%%02X"):format(c:byte())
+    end))
+end
+
+-- Reads every activity Lease from the API server (a LIST, not the watch's view, which may lag
+-- behind) and merges what they report. Returns true, or false and the status.
+local function reread_leases()
+    local base = LEASE_GROUP_PATH .. LEASE_NS .. "/leases?labelSelector="
+        .. urlencode(LEASE_LABEL) .. "&limit=500"
+    local cont
+    for _ = 1, 1000 do
+        local status, body = k8s.request{ path = base .. (cont and ("&continue="
+            .. urlencode(cont)) or ""), timeout = PATCH_TIMEOUT, retries = 0 }
+        local list = status == 200 and cjson.decode(body)
+        if type(list) ~= "table" then
+            return false, status or 0
+        end
+        for _, item in ipairs(type(list.items) == "table" and list.items or {}) do
+            merge_lease(item)
+        end
+        cont = type(list.metadata) == "table" and list.metadata["continue"]
+        if type(cont) ~= "string" or cont == "" then
+            return true
+        end
+    end
+    return false, 0
+end
+
+local checking = false
+local reread_failed = false
+
+local function suspend(key, r, idle_for, why)
+    local path, version = sandbox_path(r)
+    local spec = version == "v1alpha1" and { replicas = 0 } or { operatingMode = "Suspended" }
+    local body = cjson.encode({ metadata = { resourceVersion = r.resource_version },
+        spec = spec })
+    local status = k8s.request{ method = "PATCH", path = path, body = body,
+        content_type = "application/merge-patch+json", timeout = PATCH_TIMEOUT, retries = 0 }
+    if status and status >= 200 and status < 300 then
+        sp_dict:incr("m:idle_suspends", 1, 0)
+        log.info("suspended an idle sandbox", { key = key, idle_for = idle_for,
+            served_here = why.served_here, served_elsewhere = why.served_elsewhere,
+            open_elsewhere_until = why.open_elsewhere_until, running_since = why.running_since })
+    elseif status == 409 then
+        log.info("idle suspend skipped: the sandbox changed meanwhile (another "
+            .. "replica acted)", { key = key })
+    else
+        log.warn("cannot suspend the idle sandbox", { key = key, status = status })
+    end
+end
+
+local function check_idle()
+    local now = core.now()
+    local due = {}
+    for key in pairs(require("discovery").idle_keys) do
+        if idle_verdict(key, now) then
+            due[#due + 1] = key
+        end
+    end
+    local listed = nil
+    for _, key in ipairs(due) do
+        -- decided on fresh data: the Leases re-read (again when the last read is older than
+        -- activity_flush), then this replica's own state, right before the PATCH
+        if not listed or core.now() - listed > ACTIVITY_FLUSH then
+            local ok, status = reread_leases()
+            if not ok then
+                if not reread_failed then
+                    log.warn("idle suspend deferred: cannot read the activity leases",
+                        { namespace = LEASE_NS, status = status, sandboxes = #due })
+                end
+                reread_failed = true
+                return
+            end
+            reread_failed = false
+            listed = core.now()
+        end
+        local idle_for, r, why = idle_verdict(key, core.now())
+        if idle_for then
+            suspend(key, r, idle_for, why)
+        end
+    end
+end
+
+-- Worker 0, every check_interval: suspend the idle sandboxes among the routes that carry an
+-- idle timeout (discovery keeps the set of their keys, so a check costs nothing for the
+-- others). Never before the Leases are listed (a starting replica knows nothing of the
+-- others' traffic); one check at a time.
 function M.check_idle()
-    if not leases_synced then
+    if not leases_synced or checking then
         return
     end
-    local now = core.now()
-    for key in pairs(require("discovery").idle_keys) do
-        local r = routes.get(key)
-        local idle = r and tonumber(r.idle_timeout)
-        if idle and r.ready and r.mode ~= "Suspended" then
-            local inflight = dict:get("inflight:" .. key) or 0
-            local local_last = dict:get("act:" .. key) or 0
-            -- the per-sandbox annotation of earlier versions (a rolling upgrade) still counts
-            local seen_last = iso_to_epoch(r.last_activity or "") or 0
-            local first_seen = dict:get("seen:" .. key)
-            if not first_seen then
-                first_seen = now
-                dict:set("seen:" .. key, now)
-            end
-            local last = math.max(local_last, seen_last, first_seen, remote_last[key] or 0)
-            if inflight > 0 or (remote_open_until[key] or 0) > now then
-                last = now
-            end
-            if now - last > idle and r.resource_version then
-                local path, version = sandbox_path(r)
-                local spec = version == "v1alpha1" and { replicas = 0 }
-                    or { operatingMode = "Suspended" }
-                local body = cjson.encode({ metadata = { resourceVersion = r.resource_version },
-                    spec = spec })
-                local status = k8s.request{ method = "PATCH", path = path, body = body,
-                    content_type = "application/merge-patch+json", timeout = PATCH_TIMEOUT,
-                    retries = 0 }
-                if status and status >= 200 and status < 300 then
-                    sp_dict:incr("m:idle_suspends", 1, 0)
-                    log.info("suspended an idle sandbox", { key = key, idle_for = now - last })
-                elseif status == 409 then
-                    log.info("idle suspend skipped: the sandbox changed meanwhile (another "
-                        .. "replica acted)", { key = key })
-                else
-                    log.warn("cannot suspend the idle sandbox", { key = key, status = status })
-                end
-            end
-        end
+    checking = true
+    local ok, err = pcall(check_idle)
+    checking = false
+    if not ok then
+        error(err, 0)
     end
 end
 

@@ -10,8 +10,14 @@
 -- never woken; starting sandboxes waited for only with wait_starting; v1alpha1; idle suspend
 -- after the timeout and never with a tunnel open; replicas coordinating through their activity
 -- Leases (coordination.k8s.io, served by the stand-in): two replicas suspending once, only when
--- both idle; a tunnel on one replica keeping the others from suspending; a replica that stops
--- renewing no longer counting; Lease writes bounded per replica and interval, not per sandbox.
+-- both idle; a tunnel on one replica keeping the others from suspending, also when that
+-- tunnel's request woke the sandbox (the race that once suspended it: the other replica's idle
+-- clock ignored the wake and the waker published the held request only after the start) and
+-- when it opens right after a request the Lease already reported (published open at once, not
+-- at the next renewal); a replica that stops renewing no longer counting; Lease writes bounded
+-- per replica and interval, not per sandbox. The sandboxes of the multi-replica specs get their
+-- idle timeout once every replica routes them (arm_idle), so that a slow start (ASan) does not
+-- suspend them before the traffic under test.
 local H = require "spec.helpers.proxy"
 local K = require "spec.helpers.kube"
 local ws = require "spec.helpers.ws"
@@ -424,6 +430,67 @@ describe("idle suspend", function()
         return api:call("GET", "/objects/default/" .. name).spec.operatingMode
     end
 
+    -- Gives the sandbox (put earlier at port 1, without an idle timeout, so that nothing is
+    -- suspended while the replicas start) its idle timeout and the upstream's port; returns
+    -- once every replica routes it so (its idle clock starts then).
+    local function arm_idle(api, pxs, user, name, timeout)
+        api:put(idle_sandbox(user, name, timeout))
+        H.net.wait_until(function()
+            for _, px in ipairs(pxs) do
+                if view(px, name).port ~= up.port then
+                    return false
+                end
+            end
+            return true
+        end, 15, 0.02, "every replica to see the idle timeout of " .. name)
+    end
+
+    -- What replica r's Lease says of sandbox key: "open", "served" (in "a" only) or nil.
+    local function reported(api, r, key)
+        local state
+        for _, l in ipairs(leases(api)) do
+            if l.spec.holderIdentity == r then
+                local doc = cjson.decode(l.metadata.annotations["sandbox-proxy.dev/activity"])
+                for _, k in ipairs(doc.o or {}) do
+                    if k == key then
+                        return "open"
+                    end
+                end
+                if (doc.a or {})[key] then
+                    state = "served"
+                end
+            end
+        end
+        return state
+    end
+
+    -- Fails if the sandbox is not Running (the replicas' logs of suspends, wakes and Leases
+    -- attached).
+    local function assert_running(api, name, pxs, level)
+        local mode = mode_of(api, name)
+        if mode ~= "Running" then
+            local lines = {}
+            for r, px in pairs(pxs) do
+                for _, l in ipairs(px:log_lines()) do
+                    if l.msg:find("suspend") or l.msg:find("wak") or l.msg:find("lease") then
+                        lines[#lines + 1] = r .. ": " .. cjson.encode(l)
+                    end
+                end
+            end
+            error(name .. " is " .. tostring(mode) .. ":\n" .. table.concat(lines, "\n"),
+                (level or 1) + 1)
+        end
+    end
+
+    -- Fails at once if the sandbox leaves Running within `seconds`.
+    local function stays_running(api, name, seconds, pxs)
+        local until_t = socket.gettime() + seconds
+        while socket.gettime() < until_t do
+            assert_running(api, name, pxs, 2)
+            socket.sleep(0.1) -- observing over time is the point of these tests
+        end
+    end
+
     it("suspends a sandbox after its idle timeout", function()
         local api = K.start{}
         api:put(idle_sandbox("hank", "nap", "2s"))
@@ -450,14 +517,15 @@ describe("idle suspend", function()
 
     it("is decided through the API server: two replicas suspend once, only when both are idle", function()
         local api = K.start{}
-        api:put(idle_sandbox("jo", "shared", "2s"))
+        api:put(H.sandbox("jo", "shared", 1))
         local a = api:proxy{ config = wake_config{ replica = "a" } }
         local b = api:proxy{ config = wake_config{ replica = "b" } }
+        arm_idle(api, { a, b }, "jo", "shared", "2s")
         -- replica a keeps the sandbox busy for a while; replica b sees no traffic at all
         local busy_until = socket.gettime() + 4
         while socket.gettime() < busy_until do
             assert.are.equal(200, assert(a:get("/jo/shared/echo")).status)
-            assert.are.equal("Running", mode_of(api, "shared"))
+            assert_running(api, "shared", { a = a, b = b })
             socket.sleep(0.25) -- the traffic pattern under test
         end
         H.net.wait_until(function() return mode_of(api, "shared") == "Suspended" end, 15)
@@ -487,11 +555,12 @@ describe("idle suspend", function()
     it("keeps every replica from suspending while one has a tunnel open (reported open until "
         .. "its Lease expires)", function()
         local api = K.start{}
-        api:put(idle_sandbox("kay", "tun", "1s"))
+        api:put(H.sandbox("kay", "tun", 1))
         -- a renews rarely (every 3 s): between renewals only the "open" mark keeps b waiting
         local a = api:proxy{ config = wake_config{ replica = "a", activity_interval = 3,
             lease_duration = 9 } }
         local b = api:proxy{ config = wake_config{ replica = "b" } }
+        arm_idle(api, { a, b }, "kay", "tun", "1s")
         local c = assert(ws.connect{ host = "127.0.0.1", port = a.port, path = "/kay/tun/ws" })
         H.net.wait_until(function()
             for _, l in ipairs(leases(api)) do
@@ -501,21 +570,83 @@ describe("idle suspend", function()
                 end
             end
         end, 15, 0.05, "replica a to report the tunnel open")
-        local until_t = socket.gettime() + 4
-        while socket.gettime() < until_t do
-            assert.are.equal("Running", mode_of(api, "tun"))
-            socket.sleep(0.2) -- observing over time is the point of this test
-        end
+        stays_running(api, "tun", 4, { a = a, b = b })
         c:close()
         H.net.wait_until(function() return mode_of(api, "tun") == "Suspended" end, 30)
         assert.is_truthy(b) -- b ran throughout (teardown checks that it is alive)
     end)
 
+    it("never suspends a sandbox that a tunnel on another replica woke, through several idle "
+        .. "periods (the wake is activity on every replica)", function()
+        local api = K.start{}
+        api:put(idle_sandbox("kit", "woke", "1s"))
+        -- a long lease_duration: a slow replica's open tunnel stays trusted between renewals
+        local a = api:proxy{ config = wake_config{ replica = "a", lease_duration = 6 } }
+        local b = api:proxy{ config = wake_config{ replica = "b", lease_duration = 6 } }
+        -- suspended (and seen so by a, which then wakes it rather than forwarding at once)
+        local function asleep()
+            return mode_of(api, "woke") == "Suspended" and view(a, "woke").ready == false
+        end
+        -- nobody serves it: suspended after 1 s (both replicas have it on their idle clocks)
+        H.net.wait_until(asleep, 30)
+        for round = 1, 2 do
+            -- the tunnel's request wakes it through a and is held until it is ready
+            local c = assert(ws.connect{ host = "127.0.0.1", port = a.port, path = "/kit/woke/ws",
+                timeout = 30 })
+            finally(function() c:close() end)
+            stays_running(api, "woke", 3, { a = a, b = b })
+            c:close()
+            H.net.wait_until(asleep, 30, 0.1,
+                "the sandbox to be suspended after the tunnel closed (round " .. round .. ")")
+        end
+    end)
+
+    it("never suspends while another replica has a tunnel open that it opened right after "
+        .. "serving a request (an open tunnel is published at once, not at the next renewal)",
+        function()
+        local api = K.start{}
+        -- port 1 and no idle timeout while the replicas start (nothing to suspend yet)
+        for i = 1, 3 do
+            api:put(H.sandbox("kim", "chat" .. i, 1))
+        end
+        -- a renews once at its start, then not within this test (every 30 s): only what it
+        -- flushes reaches the other replica
+        local a = api:proxy{ config = wake_config{ replica = "a", activity_interval = 30,
+            lease_duration = 90 } }
+        local b = api:proxy{ config = wake_config{ replica = "b" } }
+        -- a sandbox a has served and reported as served, never as open (a request caught in
+        -- flight by a write is reported open, and the other replica then trusts that report
+        -- until the Lease expires: such a sandbox could not show the race; try the next one)
+        local name
+        for i = 1, 3 do
+            local n = "chat" .. i
+            arm_idle(api, { a, b }, "kim", n, "1s")
+            assert.are.equal(200, assert(a:get("/kim/" .. n .. "/echo")).status)
+            local state
+            H.net.wait_until(function()
+                state = reported(api, "a", "kim/" .. n)
+                return state
+            end, 15, 0.02, "replica a to publish the request it served")
+            if state == "served" and mode_of(api, n) == "Running" then
+                name = n
+                break
+            end
+        end
+        assert.is_truthy(name, "no sandbox was reported served only (see the comment above)")
+        local c = assert(ws.connect{ host = "127.0.0.1", port = a.port,
+            path = "/kim/" .. name .. "/ws" })
+        finally(function() c:close() end)
+        stays_running(api, name, 4, { a = a, b = b })
+        assert.are.equal("open", reported(api, "a", "kim/" .. name))
+        c:close()
+    end)
+
     it("stops counting a replica that stops renewing its Lease", function()
         local api = K.start{}
-        api:put(idle_sandbox("lou", "gone", "1s"))
+        api:put(H.sandbox("lou", "gone", 1))
         local a = api:proxy{ config = wake_config{ replica = "a", lease_duration = 2 } }
         local b = api:proxy{ config = wake_config{ replica = "b" } }
+        arm_idle(api, { a, b }, "lou", "gone", "1s")
         local c = assert(ws.connect{ host = "127.0.0.1", port = a.port, path = "/lou/gone/ws" })
         H.net.wait_until(function()
             for _, l in ipairs(leases(api)) do
