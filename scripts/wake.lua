@@ -573,7 +573,7 @@ local function write_lease(i, doc)
         else
             log.warn("cannot write the activity lease", { lease = LEASE_PREFIX .. i,
                 namespace = LEASE_NS, status = status or 0, hint = status == 403 and
-                "the proxy may not write leases: apply k8s/rbac-wake.yaml" or nil })
+                "the proxy may not write leases: apply k8s/overlays/wake (rbac-wake.yaml)" or nil })
             return false
         end
     end
