@@ -641,6 +641,25 @@ describe("idle suspend", function()
         c:close()
     end)
 
+    it("decides on the API server's Leases, not on a Lease watch that lags behind (another "
+        .. "replica's open tunnel, reported before the timeout, arrives by the watch after it)",
+        function()
+        local api = K.start{}
+        api:put(H.sandbox("lee", "lag", 1))
+        local a = api:proxy{ config = wake_config{ replica = "a" } }
+        local b = api:proxy{ config = wake_config{ replica = "b" } }
+        -- every Lease watch delivers each write 5 s late from now on (LIST and GET stay current)
+        api:call("POST", "/leases/watch-delay", { seconds = 5 })
+        arm_idle(api, { a, b }, "lee", "lag", "2s")
+        local c = assert(ws.connect{ host = "127.0.0.1", port = a.port, path = "/lee/lag/ws" })
+        finally(function() c:close() end)
+        H.net.wait_until(function() return reported(api, "a", "lee/lag") == "open" end, 15,
+            0.02, "replica a to report the tunnel open")
+        stays_running(api, "lag", 4, { a = a, b = b })
+        c:close()
+        H.net.wait_until(function() return mode_of(api, "lag") == "Suspended" end, 30)
+    end)
+
     it("stops counting a replica that stops renewing its Lease", function()
         local api = K.start{}
         api:put(H.sandbox("lou", "gone", 1))
