@@ -14,7 +14,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "sp.h"
+#include "base/sp.h"
 
 extern int g_tests, g_checks, g_failures;
 

@@ -3,14 +3,15 @@
  */
 #include "test.h"
 
-#include "buf.h"
-#include "config.h"
-#include "http.h"
-#include "log.h"
-#include "netaddr.h"
-#include "routes.h"
-#include "shdict.h"
-#include "sp.h"
+#include "base/buf.h"
+#include "base/config.h"
+#include "lua/lua_config.h"
+#include "http/http.h"
+#include "base/log.h"
+#include "base/netaddr.h"
+#include "state/routes.h"
+#include "state/shdict.h"
+#include "base/sp.h"
 
 #include <errno.h>
 #include <math.h>

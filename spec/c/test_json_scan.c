@@ -7,8 +7,8 @@
  */
 #include "test.h"
 
-#include "buf.h"
-#include "json_scan.h"
+#include "base/buf.h"
+#include "base/json_scan.h"
 
 #include <stdlib.h>
 

@@ -4,13 +4,13 @@
  */
 #include "test.h"
 
-#include "buf.h"
-#include "config.h"
-#include "http.h"
-#include "log.h"
-#include "routes.h"
-#include "shdict.h"
-#include "sp.h"
+#include "base/buf.h"
+#include "base/config.h"
+#include "http/http.h"
+#include "base/log.h"
+#include "state/routes.h"
+#include "state/shdict.h"
+#include "base/sp.h"
 
 #include <errno.h>
 #include <math.h>

@@ -5,13 +5,13 @@
  * Routes point at a port where nothing listens, so forwarding is exercised up to the upstream
  * connect. Anything that crashes, leaks or trips a sanitizer is a finding.
  */
-#include "http.h"
-#include "worker.h"
-#include "config.h"
-#include "log.h"
-#include "lua_vm.h"
-#include "routes.h"
-#include "shdict.h"
+#include "http/http.h"
+#include "http/worker.h"
+#include "base/config.h"
+#include "base/log.h"
+#include "lua/lua_vm.h"
+#include "state/routes.h"
+#include "state/shdict.h"
 
 #include <fcntl.h>
 #include <stdio.h>

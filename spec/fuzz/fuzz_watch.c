@@ -4,8 +4,8 @@
  * first bytes and fed as a watch stream, then read as a LIST page. Events are checked to be
  * delivered as complete JSON values.
  */
-#include "kwatch.h"
-#include "json_scan.h"
+#include "kube/kwatch.h"
+#include "base/json_scan.h"
 
 #include <stdlib.h>
 #include <string.h>

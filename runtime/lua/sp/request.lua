@@ -64,6 +64,7 @@ int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char *k1, cons
                       const char *k2, const char *v2, const char *k3, const char *v3,
                       const char *k4, const char *v4, const char *k5, const char *v5,
                       const char *k6, const char *v6);
+int sp_req_log_field(int i, const char **name, uint32_t *bit);
 ]]
 ffi.cdef(CDEF)
 -- Resolve every symbol now: the first lookup of a C function inside a trace aborts it
@@ -405,19 +406,27 @@ function Req:worker()
     return C.sp_req_worker(live(self))
 end
 
--- The access-log line, the one list of its fields in line order (access_log.lua, the test
--- kit's formatter and the specs read it). { name, bit }: a field the runtime writes itself,
--- selected by req:access_log's mask (bit and order are runtime/lua_request.c's LF_*, which
--- must follow this table); { name }: a field only the scripts know, passed as a name/value
--- pair, which the runtime writes after "error", before "worker".
-M.LOG_LINE = {
-    { "time", 1 }, { "request_id", 2 }, { "client", 4 }, { "method", 8 }, { "path", 16 },
-    { "query", 32 }, { "status", 64 }, { "bytes_in", 128 }, { "bytes_out", 256 },
-    { "duration", 512 }, { "upstream_connect", 1024 }, { "upstream_first_byte", 2048 },
-    { "upstream", 4096 }, { "trace_id", 32768 }, { "error", 8192 },
-    { "user" }, { "sandbox" }, { "ratelimit" },
-    { "worker", 16384 },
-}
+-- The access-log line's fields in line order (access_log.lua, the test kit's formatter and the
+-- specs read it), from the runtime's one table (lua_request.c LOG_LINE): { name, bit } for a
+-- field the runtime writes itself, selected by req:access_log's mask; in the place the runtime
+-- keeps for the scripts' name/value pairs (after "error", before "worker"), { name } for each
+-- field only the scripts know.
+local SCRIPT_FIELDS = { "user", "sandbox", "ratelimit" }
+M.LOG_LINE = {}
+do
+    local name, bit = ffi.new("const char *[1]"), ffi.new("uint32_t[1]")
+    local i = 0
+    while C.sp_req_log_field(i, name, bit) == 1 do
+        if name[0] == nil then
+            for _, f in ipairs(SCRIPT_FIELDS) do
+                M.LOG_LINE[#M.LOG_LINE + 1] = { f }
+            end
+        else
+            M.LOG_LINE[#M.LOG_LINE + 1] = { ffi_string(name[0]), tonumber(bit[0]) }
+        end
+        i = i + 1
+    end
+end
 -- Derived from it: the runtime's fields as bits, and their order.
 M.LOG_FIELDS, M.LOG_ORDER = {}, {}
 for _, f in ipairs(M.LOG_LINE) do

@@ -1,0 +1,1850 @@
+/*
+ * server.c: client connections. Accepts, parses requests with llhttp (strict mode), enforces
+ * the client-side limits and timeouts, hands each parsed head to the scripting layer through
+ * the worker's hooks, writes local responses, streams request bodies towards upstream.c,
+ * answers pipelined requests in order and closes connections gracefully. It does not decide
+ * anything about routing and does not talk to upstreams itself (upstream.c does).
+ */
+#include "http/http.h"
+#include "http/worker.h"
+#include "http/trace.h"
+#include "base/config.h"
+#include "base/log.h"
+#include "base/netaddr.h"
+#include "state/shdict.h"
+
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+enum {
+    CS_IDLE,      /* between requests */
+    CS_HEAD,      /* reading a request head */
+    CS_SCRIPT,    /* the script is deciding */
+    CS_READ_BODY, /* the script is waiting for the whole body (req:read_body) */
+    CS_RESPOND,   /* writing a local response */
+    CS_DISCARD,   /* reading and dropping the rest of a body after a local response */
+    CS_UPSTREAM,  /* forwarding (upstream.c drives the response) */
+    CS_TUNNEL,    /* upgraded: raw bytes both ways */
+    CS_LINGER,    /* response sent, waiting for the client to close */
+};
+
+enum { T_NONE, T_HEADER, T_KEEPALIVE, T_BODY, T_SEND, T_LINGER };
+
+atomic_int sp_open_connections;
+atomic_int sp_open_tunnels;
+
+const double sp_latency_bounds[SP_LAT_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                  0.25,  0.5,    1,     2.5,  5,     10};
+const char *const sp_method_names[SP_M_COUNT] = {"GET",   "HEAD",   "POST",    "PUT",
+                                                 "PATCH", "DELETE", "OPTIONS", "OTHER"};
+
+const char *const sp_error_names[] = {
+    "", "upstream connect failed", "upstream connect timeout", "upstream first byte timeout",
+    "upstream idle timeout", "upstream closed connection", "upstream protocol error",
+    "client aborted", "client timeout", "script error", "request body too large", "draining",
+    "sandbox address refused",
+};
+
+static void conn_process(sp_conn_t *c);
+static void conn_linger_close(sp_conn_t *c);
+static void release_holds(sp_request_t *r);
+static void ip_release(const char *ip);
+static void conn_timer(sp_conn_t *c, int kind, double secs);
+
+/* ---------------------------------------------------------------- request slots */
+
+sp_request_t *sp_request_acquire(sp_worker_t *w)
+{
+    sp_request_t *r;
+    if (w->nfree) {
+        r = w->free_slots[--w->nfree];
+    } else {
+        r = sp_calloc(1, sizeof *r);
+        r->w = w;
+        if (w->nslots == w->slots_cap) {
+            w->slots_cap = w->slots_cap ? w->slots_cap * 2 : 64;
+            w->slots = sp_realloc(w->slots, w->slots_cap * sizeof *w->slots);
+            w->free_slots = sp_realloc(w->free_slots, w->slots_cap * sizeof *w->free_slots);
+        }
+        r->slot = w->nslots;
+        w->slots[w->nslots++] = r;
+    }
+    r->gen++;
+    r->conn = NULL;
+    r->script_busy = false;
+    r->core_done = false;
+    r->logged = false;
+    r->head.len = 0;
+    r->url_len = r->path_len = 0;
+    r->nhdrs = 0;
+    r->in_value = false;
+    r->keepalive = r->chunked = r->has_body = r->upgrade = r->expect_continue = false;
+    r->body_done = false;
+    r->body_buffered = false;
+    r->body_limit = 0;
+    r->content_length = 0;
+    r->body_bytes = 0;
+    r->decision = SP_DECIDE_NONE;
+    r->status = 0;
+    r->out.len = 0;
+    r->body.len = 0;
+    r->extra.len = 0;
+    r->header_edits = false;
+    r->up_host[0] = '\0';
+    r->up_port = 0;
+    r->up_path.len = 0;
+    r->to_connect = r->to_first_byte = r->to_idle = 0;
+    r->err_subject[0] = '\0';
+    r->up_tried = r->up_sent = false;
+    r->up = NULL;
+    r->connect_tries = 0;
+    r->head_sent = r->sent_continue = false;
+    r->body_forwarded = 0;
+    r->body_in_head = false;
+    r->resp_head_sent = r->resp_done = r->resp_decode = r->close_client = r->tunnel = false;
+    r->resp_head.len = 0;
+    r->nrhdrs = 0;
+    r->rin_value = false;
+    r->reason_len = 0;
+    r->niov = r->nframes = 0;
+    r->chunk_left = 0;
+    r->chunk_ext_bytes = 0;
+    r->resp_status = 0;
+    r->bytes_in = r->bytes_out = 0;
+    r->t_start = uv_hrtime();
+    r->t_head = r->t_connected = r->t_first_byte = r->t_end = r->t_forward = 0;
+    r->trace_ready = false;
+    r->upstream_addr[0] = '\0';
+    r->error = SP_ERR_NONE;
+    r->nholds = 0;
+    r->client_ip[0] = '\0';
+    r->client_port = 0;
+    r->listener = "";
+    uint64_t n = ++w->req_counter;
+    /* id = the worker's 6 hex digits, then the request counter in 10 (no printf per request) */
+    static const char hex[] = "0123456789abcdef";
+    memcpy(r->id, w->id_prefix, 6);
+    for (int i = 15; i >= 6; i--, n >>= 4)
+        r->id[i] = hex[n & 15];
+    r->id[16] = '\0';
+    r->id_len = 16;
+    SP_STAT_ADD(w->active_requests, 1);
+    return r;
+}
+
+static void trim_buf(sp_buf_t *b, size_t keep)
+{
+    if (b->cap > keep) {
+        sp_buf_free(b);
+    }
+}
+
+void sp_request_maybe_release(sp_request_t *r)
+{
+    if (!r->core_done || r->script_busy)
+        return;
+    release_holds(r); /* a script still running when the exchange ended may have taken some */
+    sp_worker_t *w = r->w;
+    if (w->hooks && w->hooks->release)
+        w->hooks->release(r);
+    r->gen++;
+    /* Keep the buffers' capacity for the next request unless one grew unusually large. */
+    trim_buf(&r->head, 65536);
+    trim_buf(&r->out, 262144);
+    trim_buf(&r->body, 262144);
+    trim_buf(&r->extra, 16384);
+    trim_buf(&r->resp_head, 131072);
+    trim_buf(&r->up_path, 16384);
+    SP_STAT_ADD(w->active_requests, (uint64_t)-1);
+    w->free_slots[w->nfree++] = r;
+}
+
+/* ---------------------------------------------------------------- helpers */
+
+const char *sp_status_reason(int s)
+{
+    switch (s) {
+    case 100: return "Continue";
+    case 101: return "Switching Protocols";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 206: return "Partial Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 303: return "See Other";
+    case 304: return "Not Modified";
+    case 307: return "Temporary Redirect";
+    case 308: return "Permanent Redirect";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 410: return "Gone";
+    case 411: return "Length Required";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 415: return "Unsupported Media Type";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return "Unknown";
+    }
+}
+
+/* Byte classes for header names and values a script supplies: 1 = a token character
+ * (RFC 9110 tchar, allowed in names), 2 = allowed in values (anything but CR, LF and NUL). */
+#define HC_TCHAR(c)                                                                              \
+    (((c) >= '0' && (c) <= '9') || ((c) >= 'a' && (c) <= 'z') || ((c) >= 'A' && (c) <= 'Z') ||  \
+     (c) == '!' || (c) == '#' || (c) == '$' || (c) == '%' || (c) == '&' || (c) == '\'' ||        \
+     (c) == '*' || (c) == '+' || (c) == '-' || (c) == '.' || (c) == '^' || (c) == '_' ||          \
+     (c) == '`' || (c) == '|' || (c) == '~')
+#define HC(c) (uint8_t)((HC_TCHAR(c) ? 1 : 0) | (((c) == '\r' || (c) == '\n' || (c) == 0) ? 0 : 2))
+#define HC4(c) HC(c), HC((c) + 1), HC((c) + 2), HC((c) + 3)
+#define HC16(c) HC4(c), HC4((c) + 4), HC4((c) + 8), HC4((c) + 12)
+#define HC64(c) HC16(c), HC16((c) + 16), HC16((c) + 32), HC16((c) + 48)
+static const uint8_t hdr_class[256] = {HC64(0), HC64(64), HC64(128), HC64(192)};
+
+static bool header_bytes_ok(const char *s, size_t n, bool name)
+{
+    uint8_t want = name ? 1 : 2;
+    for (size_t i = 0; i < n; i++)
+        if (!(hdr_class[(unsigned char)s[i]] & want))
+            return false;
+    return !name || n > 0;
+}
+
+/* ---------------------------------------------------------------- framing checks */
+
+void sp_fold_skip(sp_fold_t *f, const char *to)
+{
+    if (!f->mark || to <= f->mark)
+        return;
+    for (const char *q = f->mark; q < to; q++) {
+        if (f->lf)
+            f->after_lf = true;
+        if (*q == '\n')
+            f->lf = true;
+    }
+    f->gap += (uint32_t)(to - f->mark);
+    f->mark = to;
+}
+
+void sp_fold_field(sp_fold_t *f, const char *end)
+{
+    f->mark = end;
+    f->gap = 0;
+    f->lf = f->after_lf = false;
+}
+
+bool sp_fold_value(sp_fold_t *f, const char *at, size_t len, bool continuation)
+{
+    sp_fold_skip(f, at);
+    /* Before a value's first piece llhttp skips ":" and spaces, and for an empty value the line
+     * end (a zero-length piece at the start of the next line); a byte skipped after a LF is a
+     * continuation line. A later piece of the same value follows the earlier one directly. */
+    bool fold = continuation ? f->gap > 0 : f->after_lf;
+    f->mark = at + len;
+    if (len) {
+        f->gap = 0;
+        f->lf = f->after_lf = false;
+    }
+    return fold;
+}
+
+bool sp_framing_header(const char *n, size_t l)
+{
+    return sp_ieq(n, l, "content-length") || sp_ieq(n, l, "transfer-encoding") ||
+           sp_ieq(n, l, "host");
+}
+
+const char *sp_connection_lists_framing(const char *base, const sp_hdr_t *hdrs, uint32_t n,
+                                        size_t *len)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        if (!sp_ieq(base + hdrs[i].name_off, hdrs[i].name_len, "connection"))
+            continue;
+        const char *v = base + hdrs[i].value_off, *t;
+        size_t pos = 0, tl;
+        while ((tl = sp_next_token(v, hdrs[i].value_len, &pos, &t)) > 0)
+            if (sp_framing_header(t, tl)) {
+                *len = tl;
+                return t;
+            }
+    }
+    return NULL;
+}
+
+const char *sp_request_header(const sp_request_t *r, const char *name, size_t nlen, size_t *vlen)
+{
+    for (uint32_t i = 0; i < r->nhdrs; i++) {
+        const sp_hdr_t *h = &r->hdrs[i];
+        if (h->name_len != nlen)
+            continue;
+        const char *hn = r->head.p + h->name_off;
+        size_t k = 0;
+        while (k < nlen) {
+            char a = hn[k], b = name[k];
+            if (a >= 'A' && a <= 'Z')
+                a = (char)(a + 32);
+            if (b >= 'A' && b <= 'Z')
+                b = (char)(b + 32);
+            if (a != b)
+                break;
+            k++;
+        }
+        if (k == nlen) {
+            *vlen = h->value_len;
+            return r->head.p + h->value_off;
+        }
+    }
+    return NULL;
+}
+
+static void add_hdr_entry(sp_buf_t *extra, char op, const char *name, size_t nlen, const char *val,
+                          size_t vlen)
+{
+    sp_buf_addc(extra, op);
+    sp_buf_add(extra, name, nlen);
+    sp_buf_addc(extra, '\0');
+    sp_buf_add(extra, val, vlen);
+    sp_buf_addc(extra, '\0');
+}
+
+int sp_request_add_header(sp_request_t *r, const char *name, size_t nlen, const char *val,
+                          size_t vlen)
+{
+    if (!header_bytes_ok(name, nlen, true) || !header_bytes_ok(val, vlen, false))
+        return -EINVAL;
+    add_hdr_entry(&r->extra, '>', name, nlen, val, vlen);
+    return 0;
+}
+
+int sp_request_edit_header(sp_request_t *r, char op, const char *name, size_t nlen,
+                           const char *val, size_t vlen)
+{
+    if (!header_bytes_ok(name, nlen, true) || (op != '-' && !header_bytes_ok(val, vlen, false)))
+        return -EINVAL;
+    add_hdr_entry(&r->extra, op, name, nlen, op == '-' ? "" : val, op == '-' ? 0 : vlen);
+    if (op == '-' || op == '=')
+        r->header_edits = true;
+    return 0;
+}
+
+void sp_request_emit_response_headers(const sp_request_t *r, sp_buf_t *o)
+{
+    size_t i = 0;
+    while (i < r->extra.len) {
+        char op = r->extra.p[i];
+        const char *name = r->extra.p + i + 1;
+        size_t nlen = strlen(name);
+        const char *val = name + nlen + 1;
+        size_t vlen = strlen(val);
+        if (op == '>') {
+            sp_buf_add(o, name, nlen);
+            sp_buf_lit(o, ": ");
+            sp_buf_add(o, val, vlen);
+            sp_buf_lit(o, "\r\n");
+        }
+        i += 1 + nlen + 1 + vlen + 1;
+    }
+}
+
+/* Builds the head of a local response into r->out; the body is r->body. */
+static void build_local_head(sp_request_t *r, int status)
+{
+    sp_buf_t *o = &r->out;
+    o->len = 0;
+    sp_buf_lit(o, "HTTP/1.1 ");
+    sp_buf_addu(o, (uint64_t)status);
+    sp_buf_addc(o, ' ');
+    sp_buf_adds(o, sp_status_reason(status));
+    sp_buf_lit(o, "\r\n");
+    if (status >= 200 && status != 204 && status != 304) {
+        sp_buf_lit(o, "Content-Length: ");
+        sp_buf_addu(o, r->body.len);
+        sp_buf_lit(o, "\r\n");
+    }
+    sp_buf_lit(o, "X-Request-Id: ");
+    sp_buf_add(o, r->id, r->id_len);
+    sp_buf_lit(o, "\r\n");
+    sp_request_emit_response_headers(r, o);
+    if (r->close_client)
+        sp_buf_lit(o, "Connection: close\r\n");
+    else if (r->vmajor == 1 && r->vminor == 0)
+        sp_buf_lit(o, "Connection: keep-alive\r\n");
+    sp_buf_lit(o, "\r\n");
+}
+
+int sp_request_respond(sp_request_t *r, int status, const char *ctype, size_t ctlen,
+                       const char *body, size_t blen)
+{
+    if (r->decision != SP_DECIDE_NONE)
+        return -EINVAL;
+    if (status < 200 || status > 599 || !header_bytes_ok(ctype, ctlen, false))
+        return -EINVAL;
+    r->decision = SP_DECIDE_RESPOND;
+    r->status = status;
+    if (ctlen)
+        add_hdr_entry(&r->extra, '>', "Content-Type", 12, ctype, ctlen);
+    r->body.len = 0;
+    sp_buf_add(&r->body, body, blen); /* copied: the script's string may not outlive this */
+    return 0;
+}
+
+int sp_request_forward(sp_request_t *r, const char *host, size_t hlen, int port, const char *path,
+                       size_t plen)
+{
+    if (r->decision != SP_DECIDE_NONE)
+        return -EINVAL;
+    if (hlen == 0 || hlen >= sizeof r->up_host || port <= 0 || port > 65535)
+        return -EINVAL;
+    for (size_t i = 0; i < hlen; i++) {
+        unsigned char ch = (unsigned char)host[i];
+        if (ch <= ' ' || ch >= 0x7f || ch == '/' || ch == '@' || ch == '?' || ch == '#')
+            return -EINVAL;
+    }
+    if (plen == 0 || path[0] != '/' || !header_bytes_ok(path, plen, false))
+        return -EINVAL;
+    for (size_t i = 0; i < plen; i++)
+        if (path[i] == ' ' || path[i] == '\t')
+            return -EINVAL;
+    memcpy(r->up_host, host, hlen);
+    r->up_host[hlen] = '\0';
+    r->up_port = port;
+    r->up_path.len = 0;
+    sp_buf_add(&r->up_path, path, plen);
+    r->decision = SP_DECIDE_FORWARD;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- timers */
+
+static uint64_t now_ms(sp_conn_t *c) { return uv_now(&c->w->loop); }
+
+static void on_conn_timer(uv_timer_t *t)
+{
+    sp_conn_t *c = t->data;
+    uint64_t now = now_ms(c);
+    int kind = c->timer_kind;
+    if (kind == T_NONE)
+        return; /* cleared since it was armed */
+    /* Inactivity timeouts count from the last read; the others from when they were set. The
+     * send timeout is set anew for each write the client has to make room for: bytes the client
+     * sends meanwhile are no progress (a client that trickles them while reading nothing would
+     * otherwise hold its connection and its sandbox connection for ever). */
+    bool idle_kind = kind == T_KEEPALIVE || kind == T_BODY;
+    uint64_t deadline = (idle_kind ? c->last_active : c->timer_start) + c->timer_ms;
+    if (now < deadline) {
+        uv_timer_start(&c->timer, on_conn_timer, deadline - now, 0);
+        return;
+    }
+    switch (kind) {
+    case T_HEADER:
+        sp_log(SP_LOG_INFO, "client header timeout", "s:client", c->peer_ip, NULL);
+        if (c->req && c->state == CS_HEAD) {
+            c->req->error = SP_ERR_CLIENT_TIMEOUT;
+            sp_conn_error_response(c, 408, "request header timeout");
+        } else {
+            sp_conn_close(c);
+        }
+        break;
+    case T_BODY:
+        if (c->req)
+            c->req->error = SP_ERR_CLIENT_TIMEOUT;
+        if (c->state == CS_READ_BODY) {
+            sp_conn_close(c); /* the waiting script is told by the abort hook */
+        } else if (c->req && !c->req->resp_head_sent && c->state != CS_DISCARD) {
+            sp_upstream_abort(c->req);
+            sp_conn_error_response(c, 408, "request body timeout");
+        } else {
+            sp_conn_close(c);
+        }
+        break;
+    case T_SEND:
+        sp_log(SP_LOG_INFO, "client send timeout", "s:client", c->peer_ip, "s:request_id",
+               c->req ? c->req->id : NULL, "d:send_timeout", sp_cfg.send_timeout, NULL);
+        if (c->req)
+            c->req->error = SP_ERR_CLIENT_TIMEOUT;
+        sp_conn_close(c);
+        break;
+    case T_KEEPALIVE:
+    case T_LINGER:
+    default:
+        sp_conn_close(c);
+        break;
+    }
+}
+
+/* Sets the connection's one timeout. The libuv timer is armed lazily: clearing it or moving
+ * its deadline later only records the change, and the timer, when it fires, re-arms itself for
+ * the real deadline or does nothing. A keep-alive exchange then touches no timer heap at all;
+ * only a deadline earlier than the armed one re-arms. */
+static void conn_timer(sp_conn_t *c, int kind, double secs)
+{
+    c->timer_kind = kind;
+    if (kind == T_NONE)
+        return;
+    c->timer_ms = (uint64_t)(secs * 1000.0);
+    if (c->timer_ms == 0)
+        c->timer_ms = 1;
+    uint64_t now = now_ms(c);
+    c->last_active = c->timer_start = now;
+    if (uv_is_active((uv_handle_t *)&c->timer) && uv_timer_get_due_in(&c->timer) <= c->timer_ms)
+        return;
+    uv_timer_start(&c->timer, on_conn_timer, c->timer_ms, 0);
+}
+
+void sp_conn_write_done(sp_conn_t *c)
+{
+    c->writing = false;
+    if (c->timer_kind == T_SEND)
+        conn_timer(c, T_NONE, 0);
+}
+
+/* ---------------------------------------------------------------- reading */
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    SP_UNUSED(suggested);
+    sp_conn_t *c = h->data;
+    if (!c->rbuf) {
+        /* An idle connection owns no buffer: read into the worker's scratch and take a buffer
+         * only if bytes came (on_read). A close of 10,000 idle connections then allocates
+         * nothing. */
+        buf->base = c->w->read_scratch;
+        buf->len = c->w->client_bufs.block_size;
+        return;
+    }
+    if (c->rpos == c->rlen) {
+        c->rpos = c->rlen = 0;
+    }
+    buf->base = c->rbuf + c->rlen;
+    buf->len = c->rcap - c->rlen;
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+
+void sp_conn_read_start(sp_conn_t *c)
+{
+    if (c->reading || c->closing)
+        return;
+    if (c->rbuf && c->rlen == c->rcap) {
+        if (c->rpos == 0 || c->writing)
+            return; /* full: the parser must consume first */
+        memmove(c->rbuf, c->rbuf + c->rpos, c->rlen - c->rpos);
+        c->rlen -= c->rpos;
+        c->rpos = 0;
+    }
+    if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
+        c->reading = true;
+}
+
+void sp_conn_read_stop(sp_conn_t *c)
+{
+    if (!c->reading)
+        return;
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = false;
+}
+
+static void release_rbuf_if_empty(sp_conn_t *c)
+{
+    if (c->rbuf && c->rpos == c->rlen && !c->writing) {
+        sp_pool_put(&c->w->client_bufs, c->rbuf);
+        c->rbuf = NULL;
+        c->rlen = c->rpos = c->rcap = 0;
+    }
+}
+
+static void on_client_eof(sp_conn_t *c)
+{
+    c->eof = true;
+    sp_conn_read_stop(c);
+    switch (c->state) {
+    case CS_IDLE:
+        sp_conn_close(c);
+        break;
+    case CS_RESPOND:
+        /* finish writing what we have; then close */
+        if (c->req)
+            c->req->close_client = true;
+        break;
+    case CS_TUNNEL:
+        sp_conn_close(c);
+        break;
+    default:
+        if (c->req && c->req->error == SP_ERR_NONE)
+            c->req->error = SP_ERR_CLIENT_ABORT;
+        sp_conn_close(c);
+        break;
+    }
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    sp_conn_t *c = s->data;
+    if (nread < 0) {
+        on_client_eof(c);
+        return;
+    }
+    if (nread == 0)
+        return;
+    c->last_active = now_ms(c);
+    if (c->state == CS_LINGER) {
+        c->rpos = c->rlen = 0; /* discard */
+        return;
+    }
+    if (buf->base == c->w->read_scratch) {
+        /* the bytes are in the worker's scratch (on_alloc): move them to a buffer of our own */
+        c->rbuf = sp_pool_get(&c->w->client_bufs);
+        c->rcap = (uint32_t)c->w->client_bufs.block_size;
+        memcpy(c->rbuf, buf->base, (size_t)nread);
+        c->rpos = c->rlen = 0;
+    }
+    c->rlen += (uint32_t)nread;
+    if (c->req)
+        c->req->bytes_in += (uint64_t)nread;
+    if (c->rlen == c->rcap)
+        sp_conn_read_stop(c); /* resumed when the parser has consumed */
+    conn_process(c);
+}
+
+/* ---------------------------------------------------------------- parser callbacks */
+
+static int cb_message_begin(llhttp_t *p)
+{
+    sp_conn_t *c = p->data;
+    if (c->state != CS_IDLE)
+        return 0;
+    c->req = sp_request_acquire(c->w);
+    c->req->conn = c;
+    c->req->bytes_in = c->rlen - c->rpos;
+    memcpy(c->req->client_ip, c->peer_ip, sizeof c->peer_ip);
+    c->req->client_port = c->peer_port;
+    c->req->listener = c->listener->name;
+    c->state = CS_HEAD;
+    conn_timer(c, T_HEADER, sp_cfg.header_timeout);
+    return 0;
+}
+
+static int head_limit(sp_conn_t *c, size_t add)
+{
+    sp_request_t *r = c->req;
+    if (r->head.len + add + (size_t)r->nhdrs * 4 > (size_t)sp_cfg.max_header_size) {
+        c->err_status = 431;
+        llhttp_set_error_reason(&c->parser, "request header fields too large");
+        return HPE_USER;
+    }
+    return 0;
+}
+
+static int cb_url(llhttp_t *p, const char *at, size_t len)
+{
+    sp_conn_t *c = p->data;
+    sp_request_t *r = c->req;
+    if (r->url_len + len > (size_t)sp_cfg.max_url_size) {
+        c->err_status = 414;
+        llhttp_set_error_reason(p, "request target too long");
+        return HPE_USER;
+    }
+    if (head_limit(c, len))
+        return HPE_USER;
+    sp_buf_add(&r->head, at, len);
+    r->url_len += (uint32_t)len;
+    return 0;
+}
+
+static int cb_header_field(llhttp_t *p, const char *at, size_t len)
+{
+    sp_conn_t *c = p->data;
+    sp_request_t *r = c->req;
+    if (head_limit(c, len))
+        return HPE_USER;
+    if (r->nhdrs == 0 || r->in_value) {
+        if (r->nhdrs >= (uint32_t)sp_cfg.max_headers) {
+            c->err_status = 431;
+            llhttp_set_error_reason(p, "too many request headers");
+            return HPE_USER;
+        }
+        if (r->nhdrs == r->hdrs_cap) {
+            r->hdrs_cap = r->hdrs_cap ? r->hdrs_cap * 2 : 16;
+            r->hdrs = sp_realloc(r->hdrs, r->hdrs_cap * sizeof *r->hdrs);
+        }
+        sp_hdr_t *h = &r->hdrs[r->nhdrs++];
+        h->name_off = (uint32_t)r->head.len;
+        h->name_len = 0;
+        h->value_off = 0;
+        h->value_len = 0;
+        r->in_value = false;
+    }
+    sp_hdr_t *h = &r->hdrs[r->nhdrs - 1];
+    sp_buf_add(&r->head, at, len);
+    h->name_len += (uint32_t)len;
+    sp_fold_field(&c->fold, at + len);
+    return 0;
+}
+
+static int cb_header_field_complete(llhttp_t *p)
+{
+    sp_conn_t *c = p->data;
+    sp_request_t *r = c->req;
+    r->in_value = true; /* the next field starts a new header, even if the value is empty */
+    sp_hdr_t *h = &r->hdrs[r->nhdrs - 1];
+    h->value_off = (uint32_t)r->head.len;
+    return 0;
+}
+
+static int cb_header_value(llhttp_t *p, const char *at, size_t len)
+{
+    sp_conn_t *c = p->data;
+    sp_request_t *r = c->req;
+    if (head_limit(c, len))
+        return HPE_USER;
+    /* llhttp accepts obsolete line folding (also after an empty first line); RFC 9112 lets a
+     * server reject it: we do, in every form (sp_fold_value). */
+    if (sp_fold_value(&c->fold, at, len, r->hdrs[r->nhdrs - 1].value_len > 0)) {
+        llhttp_set_error_reason(p, "obsolete line folding in a header");
+        return HPE_USER;
+    }
+    sp_hdr_t *h = &r->hdrs[r->nhdrs - 1];
+    if (h->value_len == 0)
+        h->value_off = (uint32_t)r->head.len;
+    sp_buf_add(&r->head, at, len);
+    h->value_len += (uint32_t)len;
+    return 0;
+}
+
+static int cb_headers_complete(llhttp_t *p)
+{
+    sp_conn_t *c = p->data;
+    sp_request_t *r = c->req;
+    r->method = (uint8_t)llhttp_get_method(p);
+    r->vmajor = llhttp_get_http_major(p);
+    r->vminor = llhttp_get_http_minor(p);
+    r->keepalive = llhttp_should_keep_alive(p) != 0;
+    r->chunked = (p->flags & F_CHUNKED) != 0;
+    r->content_length = (p->flags & F_CONTENT_LENGTH) ? p->content_length : 0;
+    r->has_body = r->chunked || r->content_length > 0;
+    r->upgrade = p->upgrade != 0;
+    r->t_head = uv_hrtime();
+    return HPE_PAUSED;
+}
+
+static int cb_body(llhttp_t *p, const char *at, size_t len)
+{
+    sp_conn_t *c = p->data;
+    sp_request_t *r = c->req;
+    r->body_bytes += len;
+    if (sp_cfg.max_body_size > 0 && (double)r->body_bytes > sp_cfg.max_body_size) {
+        c->err_status = 413;
+        llhttp_set_error_reason(p, "request body too large");
+        return HPE_USER;
+    }
+    if (c->state == CS_UPSTREAM) {
+        r->iov[r->niov++] = uv_buf_init((char *)at, (unsigned)len);
+    } else if (c->state == CS_READ_BODY) {
+        if (r->body.len + len > r->body_limit) {
+            c->err_status = 413;
+            llhttp_set_error_reason(p, "request body too large for the script");
+            return HPE_USER;
+        }
+        sp_buf_add(&r->body, at, len);
+    }
+    return 0;
+}
+
+static int cb_chunk_header(llhttp_t *p)
+{
+    sp_conn_t *c = p->data;
+    sp_request_t *r = c->req;
+    if (c->state != CS_UPSTREAM)
+        return 0;
+    r->chunk_left = p->content_length;
+    if (r->chunk_left == 0)
+        return 0; /* the last chunk: framed at message complete */
+    char *f = r->frames[r->nframes++];
+    int n = snprintf(f, 20, "%llx\r\n", (unsigned long long)r->chunk_left);
+    r->iov[r->niov++] = uv_buf_init(f, (unsigned)n);
+    return 0;
+}
+
+/* Chunk extensions are never forwarded (bodies are re-framed), but a client could send
+ * megabytes of them: count and cap them. */
+static int cb_chunk_ext(llhttp_t *p, const char *at, size_t len)
+{
+    SP_UNUSED(at);
+    sp_conn_t *c = p->data;
+    sp_request_t *r = c->req;
+    r->chunk_ext_bytes += (uint32_t)len;
+    if (r->chunk_ext_bytes > (uint32_t)sp_cfg.max_chunk_extension_size) {
+        llhttp_set_error_reason(p, "chunk extensions too long");
+        return HPE_USER;
+    }
+    return 0;
+}
+
+static int cb_chunk_complete(llhttp_t *p)
+{
+    sp_conn_t *c = p->data;
+    sp_request_t *r = c->req;
+    if (c->state != CS_UPSTREAM || r->chunk_left == 0)
+        return 0;
+    r->iov[r->niov++] = uv_buf_init("\r\n", 2);
+    r->chunk_left = 0;
+    /* Leave room for the next chunk (header, body, CRLF) and the final frame. */
+    if (r->niov + 5 >= SP_MAX_IOV || r->nframes + 2 >= SP_MAX_IOV)
+        return HPE_PAUSED;
+    return 0;
+}
+
+static int cb_message_complete(llhttp_t *p)
+{
+    sp_conn_t *c = p->data;
+    sp_request_t *r = c->req;
+    r->body_done = true;
+    if (c->state == CS_UPSTREAM && r->chunked)
+        r->iov[r->niov++] = uv_buf_init("0\r\n\r\n", 5);
+    return HPE_PAUSED;
+}
+
+const llhttp_settings_t sp_request_settings = {
+    .on_message_begin = cb_message_begin,
+    .on_url = cb_url,
+    .on_header_field = cb_header_field,
+    .on_header_field_complete = cb_header_field_complete,
+    .on_header_value = cb_header_value,
+    .on_headers_complete = cb_headers_complete,
+    .on_body = cb_body,
+    .on_chunk_header = cb_chunk_header,
+    .on_chunk_complete = cb_chunk_complete,
+    .on_chunk_extension_name = cb_chunk_ext,
+    .on_chunk_extension_value = cb_chunk_ext,
+    .on_message_complete = cb_message_complete,
+};
+
+/* ---------------------------------------------------------------- writing */
+
+int sp_conn_write(sp_conn_t *c, uv_buf_t *bufs, unsigned n, uv_write_cb cb)
+{
+    if (c->closing)
+        return UV_ECANCELED;
+    size_t total = 0;
+    for (unsigned i = 0; i < n; i++)
+        total += bufs[i].len;
+    if (c->req)
+        c->req->bytes_out += total;
+    int w = uv_try_write((uv_stream_t *)&c->tcp, bufs, n);
+    if (w == UV_EAGAIN || w == UV_ENOSYS)
+        w = 0;
+    if (w < 0)
+        return w;
+    if ((size_t)w == total)
+        return 0;
+    size_t skip = (size_t)w;
+    unsigned k = 0;
+    while (k < n && skip >= bufs[k].len) {
+        skip -= bufs[k].len;
+        k++;
+    }
+    if (k < n && skip) {
+        bufs[k].base += skip;
+        bufs[k].len -= skip;
+    }
+    c->wreq.data = c;
+    int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, bufs + k, n - k, cb);
+    if (rc < 0)
+        return rc;
+    c->writing = true;
+    conn_timer(c, T_SEND, sp_cfg.send_timeout);
+    return 1;
+}
+
+/* ---------------------------------------------------------------- finishing */
+
+static void run_log(sp_request_t *r)
+{
+    if (r->logged)
+        return;
+    r->logged = true;
+    if (!r->t_end)
+        r->t_end = uv_hrtime();
+    sp_worker_t *w = r->w;
+    SP_STAT_ADD(w->stats.requests, 1);
+    int cls = r->resp_status / 100;
+    if (cls < 0 || cls > 5)
+        cls = 0;
+    int m;
+    switch (r->method) {
+    case HTTP_GET: m = SP_M_GET; break;
+    case HTTP_HEAD: m = SP_M_HEAD; break;
+    case HTTP_POST: m = SP_M_POST; break;
+    case HTTP_PUT: m = SP_M_PUT; break;
+    case HTTP_PATCH: m = SP_M_PATCH; break;
+    case HTTP_DELETE: m = SP_M_DELETE; break;
+    case HTTP_OPTIONS: m = SP_M_OPTIONS; break;
+    default: m = SP_M_OTHER; break;
+    }
+    SP_STAT_ADD(w->stats.by_method_class[m][cls], 1);
+    double secs = (double)(r->t_end - r->t_start) / 1e9;
+    int b = 0;
+    while (b < SP_LAT_BUCKETS && secs > sp_latency_bounds[b])
+        b++;
+    SP_STAT_ADD(w->stats.latency[b], 1);
+    SP_STAT_ADD(w->stats.latency_sum_us, (uint64_t)(secs * 1e6));
+    if (w->hooks && w->hooks->log)
+        w->hooks->log(r);
+    if (w->tracer)
+        w->tracer->request_done(w->tracer, r);
+}
+
+int sp_request_hold(sp_request_t *r, sp_shdict_t *d, const char *key, size_t klen, double limit)
+{
+    if (r->nholds >= SP_ARRAY_LEN(r->holds) || klen >= sizeof r->holds[0].key || r->core_done)
+        return -E2BIG;
+    if (!sp_shdict_acquire(d, key, klen, limit))
+        return 0;
+    r->holds[r->nholds].dict = d;
+    memcpy(r->holds[r->nholds].key, key, klen);
+    r->holds[r->nholds].klen = (uint8_t)klen;
+    r->nholds++;
+    return 1;
+}
+
+/* Gives back the counters the exchange held: this runs however the exchange ends. */
+static void release_holds(sp_request_t *r)
+{
+    for (unsigned i = 0; i < r->nholds; i++) {
+        double left;
+        sp_shdict_incr(r->holds[i].dict, r->holds[i].key, r->holds[i].klen, -1, false, 0, 0,
+                       &left);
+    }
+    r->nholds = 0;
+}
+
+/* The core is done with the request: log it and release the slot (if the script is too). */
+static void request_done(sp_conn_t *c)
+{
+    sp_request_t *r = c->req;
+    if (!r)
+        return;
+    release_holds(r);
+    c->req = NULL;
+    r->conn = NULL;
+    if (r->up)
+        sp_upstream_abort(r);
+    run_log(r);
+    r->core_done = true;
+    sp_request_maybe_release(r);
+}
+
+bool sp_conn_last_exchange(const sp_conn_t *c)
+{
+    return c->nrequests + 1 >= (uint32_t)sp_cfg.keepalive_requests || c->w->draining;
+}
+
+void sp_conn_finish_request(sp_conn_t *c)
+{
+    sp_request_t *r = c->req;
+    bool close = r->close_client || !r->keepalive || r->upgrade || sp_conn_last_exchange(c) ||
+                 (r->has_body && !r->body_done);
+    c->nrequests++;
+    request_done(c);
+    if (close) {
+        conn_linger_close(c);
+        return;
+    }
+    c->state = CS_IDLE;
+    conn_timer(c, T_KEEPALIVE, sp_cfg.keepalive_timeout);
+    sp_conn_read_start(c);
+    conn_process(c); /* a pipelined request may already be buffered */
+}
+
+static void on_local_written(uv_write_t *wr, int status)
+{
+    sp_conn_t *c = wr->data;
+    sp_conn_write_done(c);
+    if (c->closing)
+        return;
+    if (status < 0) {
+        if (c->req)
+            c->req->error = SP_ERR_CLIENT_ABORT;
+        sp_conn_close(c);
+        return;
+    }
+    conn_timer(c, T_NONE, 0);
+    sp_request_t *r = c->req;
+    if (r && r->has_body && !r->body_done && !r->close_client) {
+        c->state = CS_DISCARD;
+        conn_timer(c, T_BODY, sp_cfg.body_timeout);
+        sp_conn_read_start(c);
+        conn_process(c);
+        return;
+    }
+    sp_conn_finish_request(c);
+}
+
+/* Sends the local response (head in r->out, body in r->body) and continues when written. */
+static void send_local(sp_conn_t *c)
+{
+    sp_request_t *r = c->req;
+    if (sp_conn_last_exchange(c))
+        r->close_client = true; /* the response says the connection ends */
+    build_local_head(r, r->status);
+    c->state = CS_RESPOND;
+    r->resp_status = r->status;
+    r->resp_head_sent = true;
+    uv_buf_t b[2] = {uv_buf_init(r->out.p, (unsigned)r->out.len),
+                     uv_buf_init(r->body.p, (unsigned)r->body.len)};
+    unsigned n = (r->method == HTTP_HEAD || r->body.len == 0) ? 1 : 2;
+    int rc = sp_conn_write(c, b, n, on_local_written);
+    if (rc == 0) {
+        c->wreq.data = c;
+        on_local_written(&c->wreq, 0);
+    } else if (rc < 0) {
+        r->error = SP_ERR_CLIENT_ABORT;
+        sp_conn_close(c);
+    }
+}
+
+/* Sends the response the script decided. */
+static void respond_decided(sp_conn_t *c)
+{
+    sp_request_t *r = c->req;
+    /* A body the client holds back (Expect: 100-continue) will not come: close after. */
+    if (r->has_body && !r->body_done && r->expect_continue && !r->sent_continue)
+        r->close_client = true;
+    send_local(c);
+}
+
+/* Drops everything from r->extra but the script's response headers (rate-limit headers stay
+ * on a 502), and any Content-Type among them (the error body is JSON). */
+static void keep_response_headers(sp_request_t *r)
+{
+    size_t i = 0, o = 0;
+    while (i < r->extra.len) {
+        char op = r->extra.p[i];
+        const char *name = r->extra.p + i + 1;
+        size_t nlen = strlen(name);
+        size_t n = 1 + nlen + 1 + strlen(name + nlen + 1) + 1;
+        if (op == '>' && !sp_ieq(name, nlen, "content-type")) {
+            memmove(r->extra.p + o, r->extra.p + i, n);
+            o += n;
+        }
+        i += n;
+    }
+    r->extra.len = o;
+}
+
+void sp_conn_error_response(sp_conn_t *c, int status, const char *msg)
+{
+    sp_request_t *r = c->req;
+    if (!r || r->resp_head_sent) {
+        sp_conn_close(c);
+        return;
+    }
+    r->body.len = 0;
+    sp_buf_addc(&r->body, '{');
+    if (r->up_tried && r->err_subject[0]) {
+        /* the agent-sandbox router's error shape (req:set_error_detail) */
+        const char *what = r->error == SP_ERR_CONNECT ? "Could not connect to the backend sandbox"
+                           : (r->error == SP_ERR_CONNECT_TIMEOUT ||
+                              r->error == SP_ERR_FIRST_BYTE_TIMEOUT ||
+                              r->error == SP_ERR_UPSTREAM_IDLE)
+                               ? "Timed out waiting for the backend sandbox"
+                               : "Lost the connection to the backend sandbox";
+        char detail[160];
+        int n = snprintf(detail, sizeof detail, "%s: %s", what, r->err_subject);
+        sp_buf_lit(&r->body, "\"detail\":");
+        sp_buf_json_str(&r->body, detail, n > 0 && (size_t)n < sizeof detail ? (size_t)n : 0);
+        sp_buf_addc(&r->body, ',');
+    }
+    sp_buf_lit(&r->body, "\"error\":");
+    sp_buf_json_str(&r->body, msg, strlen(msg));
+    if (r->up_tried) {
+        /* did any byte of the request reach the sandbox? false: retrying cannot run it twice */
+        if (r->up_sent)
+            sp_buf_lit(&r->body, ",\"delivered\":true");
+        else
+            sp_buf_lit(&r->body, ",\"delivered\":false");
+    }
+    sp_buf_lit(&r->body, ",\"request_id\":");
+    sp_buf_json_str(&r->body, r->id, r->id_len);
+    sp_buf_lit(&r->body, "}");
+    r->close_client = true;
+    keep_response_headers(r);
+    add_hdr_entry(&r->extra, '>', "Content-Type", 12, "application/json", 16);
+    r->status = status;
+    r->decision = SP_DECIDE_RESPOND;
+    send_local(c);
+}
+
+/* ---------------------------------------------------------------- the request hook */
+
+static bool path_ok(const sp_request_t *r)
+{
+    return r->url_len > 0 && r->head.p[0] == '/';
+}
+
+static void act_on_decision(sp_conn_t *c)
+{
+    sp_request_t *r = c->req;
+    switch (r->decision) {
+    case SP_DECIDE_RESPOND:
+        respond_decided(c);
+        break;
+    case SP_DECIDE_FORWARD:
+        c->state = CS_UPSTREAM;
+        sp_upstream_start(r);
+        break;
+    default:
+        if (r->error != SP_ERR_SCRIPT) { /* a script error was logged with its traceback */
+            r->error = SP_ERR_SCRIPT;
+            SP_STAT_ADD(c->w->stats.script_errors, 1);
+            sp_log(SP_LOG_ERROR, "request hook made no decision", "s:request_id", r->id, NULL);
+        }
+        sp_conn_error_response(c, 500, "internal error");
+        break;
+    }
+}
+
+void sp_request_decided(sp_request_t *r)
+{
+    sp_conn_t *c = r->conn;
+    if (!c || c->closing || c->req != r || c->state != CS_SCRIPT) {
+        sp_request_maybe_release(r);
+        return;
+    }
+    act_on_decision(c);
+}
+
+static void bad_request(sp_conn_t *c, llhttp_errno_t e);
+
+/* Validates the body bytes that arrived with the head, with a silent copy of the parser, so a
+ * malformed body that is already here is refused before anything reaches the sandbox. */
+static int probe_ext(llhttp_t *p, const char *at, size_t len)
+{
+    SP_UNUSED(at);
+    uint32_t *n = p->data;
+    *n += (uint32_t)len;
+    return *n > (uint32_t)sp_cfg.max_chunk_extension_size ? HPE_USER : 0;
+}
+
+static bool body_lookahead_ok(sp_conn_t *c)
+{
+    static const llhttp_settings_t probe_settings = {
+        .on_chunk_extension_name = probe_ext,
+        .on_chunk_extension_value = probe_ext,
+    };
+    uint32_t ext = 0;
+    llhttp_t probe = c->parser;
+    probe.settings = (void *)&probe_settings;
+    probe.data = &ext;
+    llhttp_errno_t e = llhttp_execute(&probe, c->rbuf + c->rpos, c->rlen - c->rpos);
+    if (e == HPE_OK || e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE)
+        return true;
+    llhttp_set_error_reason(&c->parser, e == HPE_USER ? "chunk extensions too long"
+                                                      : llhttp_get_error_reason(&probe));
+    return false;
+}
+
+static void start_request(sp_conn_t *c)
+{
+    sp_request_t *r = c->req;
+    r->path_len = r->url_len;
+    for (uint32_t i = 0; i < r->url_len; i++)
+        if (r->head.p[i] == '?') {
+            r->path_len = i;
+            break;
+        }
+    conn_timer(c, T_NONE, 0);
+    /* Framing and form checks the parser leaves to us. */
+    size_t vlen;
+    const char *v;
+    if (r->vmajor != 1) {
+        sp_conn_error_response(c, 400, "unsupported HTTP version");
+        return;
+    }
+    if (!path_ok(r) || r->method == HTTP_CONNECT) {
+        sp_conn_error_response(c, 400, "bad request target: expected /{user}/{sandbox}/{path}");
+        return;
+    }
+    if (r->vmajor == 1 && r->vminor == 1 && !sp_request_header(r, "host", 4, &vlen)) {
+        sp_conn_error_response(c, 400, "missing Host header");
+        return;
+    }
+    int hosts = 0;
+    for (uint32_t i = 0; i < r->nhdrs; i++)
+        if (sp_ieq(r->head.p + r->hdrs[i].name_off, r->hdrs[i].name_len, "host"))
+            hosts++;
+    if (hosts > 1) {
+        sp_conn_error_response(c, 400, "duplicate Host header");
+        return;
+    }
+    size_t fl;
+    const char *framing = sp_connection_lists_framing(r->head.p, r->hdrs, r->nhdrs, &fl);
+    if (framing) {
+        /* Dropping it as hop-by-hop while the body is still framed by it would let the body
+         * reach the sandbox as a second request: refuse the request instead. */
+        sp_log(SP_LOG_WARN, "request refused: Connection lists a framing header", "s:client",
+               c->peer_ip, "S:header", framing, SP_MIN(fl, (size_t)64), "s:request_id", r->id,
+               NULL);
+        sp_conn_error_response(c, 400, "Connection header lists a framing header");
+        return;
+    }
+    if ((c->parser.flags & F_TRANSFER_ENCODING) && !r->chunked) {
+        /* RFC 9112 6.3: a request whose final transfer coding is not chunked is refused */
+        sp_conn_error_response(c, 400, "unsupported Transfer-Encoding");
+        return;
+    }
+    if (sp_cfg.max_body_size > 0 && (double)r->content_length > sp_cfg.max_body_size) {
+        r->error = SP_ERR_BODY_TOO_LARGE;
+        sp_conn_error_response(c, 413, "request body too large");
+        return;
+    }
+    v = sp_request_header(r, "expect", 6, &vlen);
+    if (v) {
+        if (sp_ieq(v, vlen, "100-continue"))
+            r->expect_continue = r->has_body;
+        else {
+            sp_conn_error_response(c, 417, "unsupported expectation");
+            return;
+        }
+    }
+    if (r->upgrade && r->has_body) {
+        sp_conn_error_response(c, 400, "upgrade request with a body");
+        return;
+    }
+    if (r->upgrade && sp_cfg.max_tunnels > 0 &&
+        atomic_load(&sp_open_tunnels) >= sp_cfg.max_tunnels) {
+        sp_conn_error_response(c, 503, "too many open tunnels");
+        return;
+    }
+    if (r->has_body && c->rpos < c->rlen && !body_lookahead_ok(c)) {
+        bad_request(c, HPE_INVALID_CHUNK_SIZE);
+        return;
+    }
+    c->state = CS_SCRIPT;
+    /* Keep reading (into the rest of the buffer) so a client that goes away is noticed. */
+    sp_conn_read_start(c);
+    r->script_busy = true;
+    int decided = c->w->hooks->request(r);
+    if (decided) {
+        r->script_busy = false;
+        if (c->closing || c->req != r)
+            return;
+        act_on_decision(c);
+    }
+}
+
+/* ---------------------------------------------------------------- the driver */
+
+static int parse_error_status(sp_conn_t *c, llhttp_errno_t e)
+{
+    if (e == HPE_USER && c->err_status)
+        return c->err_status;
+    return 400;
+}
+
+static void bad_request(sp_conn_t *c, llhttp_errno_t e)
+{
+    int status = parse_error_status(c, e);
+    SP_STAT_ADD(c->w->stats.parse_errors, 1);
+    const char *reason = llhttp_get_error_reason(&c->parser);
+    sp_log(SP_LOG_INFO, "bad request", "s:client", c->peer_ip, "i:status", (int64_t)status,
+           "s:error", llhttp_errno_name(e), "s:reason", reason ? reason : "", NULL);
+    if (!c->req) {
+        c->req = sp_request_acquire(c->w);
+        c->req->conn = c;
+        memcpy(c->req->client_ip, c->peer_ip, sizeof c->peer_ip);
+        c->req->client_port = c->peer_port;
+        c->req->listener = c->listener->name;
+    }
+    if (status == 413)
+        c->req->error = SP_ERR_BODY_TOO_LARGE;
+    char msg[160];
+    if (status == 400)
+        snprintf(msg, sizeof msg, "malformed request: %s",
+                 reason && *reason ? reason : llhttp_errno_name(e));
+    else
+        snprintf(msg, sizeof msg, "%s", reason && *reason ? reason : sp_status_reason(status));
+    c->state = CS_HEAD; /* nothing further is parsed on this connection */
+    sp_conn_error_response(c, status, msg);
+}
+
+/* Runs the parser over buffered bytes. Returns the llhttp result and advances rpos. */
+static llhttp_errno_t parse_some(sp_conn_t *c)
+{
+    const char *start = c->rbuf + c->rpos;
+    sp_fold_run(&c->fold, start);
+    llhttp_errno_t e = llhttp_execute(&c->parser, start, c->rlen - c->rpos);
+    if (e == HPE_OK) {
+        if (c->state == CS_HEAD)
+            sp_fold_skip(&c->fold, c->rbuf + c->rlen); /* a fold may continue in the next read */
+        c->rpos = c->rlen;
+    } else if (e == HPE_PAUSED) {
+        c->rpos = (uint32_t)(llhttp_get_error_pos(&c->parser) - c->rbuf);
+        llhttp_resume(&c->parser);
+    } else if (e == HPE_PAUSED_UPGRADE) {
+        c->rpos = (uint32_t)(llhttp_get_error_pos(&c->parser) - c->rbuf);
+    }
+    return e;
+}
+
+static void step_head(sp_conn_t *c)
+{
+    if (!c->rbuf || c->rpos == c->rlen) {
+        if (c->state == CS_IDLE)
+            release_rbuf_if_empty(c);
+        sp_conn_read_start(c);
+        return;
+    }
+    const char *chunk = c->rbuf + c->rpos;
+    size_t chunk_len = c->rlen - c->rpos;
+    llhttp_errno_t e = parse_some(c);
+    if (e == HPE_OK && c->state == CS_HEAD && c->parser.http_major == 0 && c->req &&
+        c->req->url_len && memchr(chunk, '\n', chunk_len)) {
+        /* a request line ended without " HTTP/x.y": HTTP/0.9, which we do not speak */
+        llhttp_set_error_reason(&c->parser, "HTTP/0.9 is not supported");
+        bad_request(c, HPE_INVALID_VERSION);
+        return;
+    }
+    if (e == HPE_OK) {
+        /* Everything consumed (the head bytes were copied); the buffer can be reused. */
+        c->rpos = c->rlen = 0;
+        sp_conn_read_start(c);
+        return;
+    }
+    if (e == HPE_PAUSED && c->req && c->state == CS_HEAD) {
+        if (!c->req->has_body) {
+            /* Let the parser complete a bodyless message now, so its end is not seen later
+             * while the next request is being parsed. */
+            sp_fold_run(&c->fold, c->rbuf + c->rpos);
+            llhttp_errno_t e2 = llhttp_execute(&c->parser, c->rbuf + c->rpos, 0);
+            if (e2 == HPE_PAUSED)
+                llhttp_resume(&c->parser);
+        }
+        start_request(c);
+        c->process_again = true;
+        return;
+    }
+    bad_request(c, e);
+}
+
+static void step_body(sp_conn_t *c)
+{
+    sp_request_t *r = c->req;
+    if (r->head_sent && r->body_done && !c->writing && !(r->up && r->up->writing)) {
+        /* the body went (perhaps with the head): keep reading to notice a vanished client */
+        sp_conn_read_start(c);
+        return;
+    }
+    if (!r->head_sent || r->body_done || c->writing || (r->up && r->up->writing))
+        return;
+    if (!r->has_body)
+        return;
+    if (!r->sent_continue && r->expect_continue && c->rpos == c->rlen) {
+        /* The client waits for permission before sending the body. */
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        r->sent_continue = true;
+        uv_buf_t b = uv_buf_init((char *)cont, sizeof cont - 1);
+        int rc = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+        if (rc != (int)b.len) {
+            sp_conn_close(c);
+            return;
+        }
+    }
+    if (c->rpos == c->rlen) {
+        c->rpos = c->rlen = 0;
+        sp_conn_read_start(c);
+        if (c->timer_kind != T_BODY)
+            conn_timer(c, T_BODY, sp_cfg.body_timeout);
+        return;
+    }
+    r->niov = 0;
+    r->nframes = 0;
+    llhttp_errno_t e = parse_some(c);
+    if (e != HPE_OK && e != HPE_PAUSED) {
+        /* A malformed body (bad chunk): the upstream exchange cannot continue. */
+        sp_upstream_abort(r);
+        if (!r->resp_head_sent)
+            bad_request(c, e);
+        else
+            sp_conn_close(c);
+        return;
+    }
+    if (r->niov) {
+        int rc = sp_upstream_write_body(r);
+        if (rc == 1) {
+            sp_conn_read_stop(c);
+            return; /* sp_conn_resume_body continues */
+        }
+        if (rc < 0)
+            return; /* upstream.c has handled the failure */
+    }
+    if (r->body_done) {
+        if (c->timer_kind == T_BODY)
+            conn_timer(c, T_NONE, 0);
+        /* Keep reading pipelined bytes into the free space, to notice a vanished client. */
+        sp_conn_read_start(c);
+        return;
+    }
+    c->process_again = true;
+}
+
+unsigned sp_conn_take_body(sp_conn_t *c)
+{
+    sp_request_t *r = c->req;
+    if (!r || !r->has_body || r->body_done || r->body_buffered || c->state != CS_UPSTREAM ||
+        !c->rbuf || c->rpos == c->rlen || c->writing || (r->expect_continue && !r->sent_continue))
+        return 0;
+    r->niov = 0;
+    r->nframes = 0;
+    llhttp_errno_t e = parse_some(c);
+    if (e != HPE_OK && e != HPE_PAUSED) {
+        r->niov = 0; /* the error stays in the parser: step_body reports it after the head */
+        return 0;
+    }
+    if (r->body_done && c->timer_kind == T_BODY)
+        conn_timer(c, T_NONE, 0);
+    return r->niov;
+}
+
+void sp_conn_resume_body(sp_conn_t *c)
+{
+    if (c->closing || !c->req)
+        return;
+    if (c->state == CS_TUNNEL) {
+        c->rpos = c->rlen = 0;
+        sp_conn_read_start(c);
+        return;
+    }
+    c->last_active = now_ms(c);
+    conn_process(c);
+}
+
+static void step_discard(sp_conn_t *c)
+{
+    if (!c->rbuf || c->rpos == c->rlen) {
+        sp_conn_read_start(c);
+        return;
+    }
+    llhttp_errno_t e = parse_some(c);
+    if (e == HPE_OK) {
+        c->rpos = c->rlen = 0;
+        sp_conn_read_start(c);
+        return;
+    }
+    if (e == HPE_PAUSED && c->req->body_done) {
+        conn_timer(c, T_NONE, 0);
+        sp_conn_finish_request(c);
+        return;
+    }
+    sp_conn_close(c);
+}
+
+/* Parses body bytes into req->body for a script waiting in req:read_body. */
+static void step_read_body(sp_conn_t *c)
+{
+    sp_request_t *r = c->req;
+    if (!r->body_done && (!c->rbuf || c->rpos == c->rlen)) {
+        c->rpos = c->rlen = 0;
+        sp_conn_read_start(c);
+        if (c->timer_kind != T_BODY)
+            conn_timer(c, T_BODY, sp_cfg.body_timeout);
+        return;
+    }
+    llhttp_errno_t e = r->body_done ? HPE_PAUSED : parse_some(c);
+    if (e == HPE_OK) {
+        c->rpos = c->rlen = 0;
+        sp_conn_read_start(c);
+        return;
+    }
+    c->state = CS_SCRIPT;
+    conn_timer(c, T_NONE, 0);
+    int err = 0;
+    if (e == HPE_PAUSED && r->body_done) {
+        r->body_buffered = true;
+    } else {
+        /* over the limit or malformed: the script hears it; the connection closes after */
+        err = (e == HPE_USER && c->err_status == 413) ? -E2BIG : -EINVAL;
+        r->close_client = true;
+        r->body.len = 0;
+    }
+    c->w->hooks->body_ready(r, err);
+}
+
+int sp_request_read_body(sp_request_t *r, uint64_t limit)
+{
+    sp_conn_t *c = r->conn;
+    if (!c || c->closing || c->state != CS_SCRIPT || c->req != r)
+        return -ENOTCONN;
+    if (r->body_buffered || !r->has_body) {
+        if (!r->has_body)
+            r->body.len = 0;
+        return 1;
+    }
+    if (!r->chunked && r->content_length > limit)
+        return -E2BIG;
+    r->body_limit = limit;
+    r->body.len = 0;
+    if (r->expect_continue && !r->sent_continue) {
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        uv_buf_t b = uv_buf_init((char *)cont, sizeof cont - 1);
+        r->sent_continue = true;
+        if (uv_try_write((uv_stream_t *)&c->tcp, &b, 1) != (int)b.len)
+            return -ENOTCONN;
+    }
+    c->state = CS_READ_BODY;
+    /* Parse what is buffered now; if that completes the body, answer at once. */
+    if (c->rbuf && c->rpos < c->rlen) {
+        llhttp_errno_t e = parse_some(c);
+        if (e == HPE_PAUSED && r->body_done) {
+            c->state = CS_SCRIPT;
+            r->body_buffered = true;
+            return 1;
+        } else if (e != HPE_OK && e != HPE_PAUSED) {
+            c->state = CS_SCRIPT;
+            r->close_client = true;
+            r->body.len = 0;
+            return (e == HPE_USER && c->err_status == 413) ? -E2BIG : -EINVAL;
+        } else {
+            c->rpos = c->rlen = 0;
+        }
+    }
+    sp_conn_read_start(c);
+    conn_timer(c, T_BODY, sp_cfg.body_timeout);
+    return 0;
+}
+
+static void step_tunnel(sp_conn_t *c)
+{
+    if (!c->rbuf || c->rpos == c->rlen || c->writing)
+        return;
+    if (c->req->up && c->req->up->writing)
+        return;
+    uv_buf_t b = uv_buf_init(c->rbuf + c->rpos, c->rlen - c->rpos);
+    c->rpos = c->rlen;
+    int rc = sp_upstream_tunnel_write(c->req, &b, 1);
+    if (rc == 1) {
+        sp_conn_read_stop(c);
+        return;
+    }
+    if (rc < 0)
+        return;
+    c->rpos = c->rlen = 0;
+    sp_conn_read_start(c);
+}
+
+void sp_conn_start_tunnel(sp_conn_t *c)
+{
+    c->state = CS_TUNNEL;
+    conn_timer(c, T_NONE, 0);
+    sp_conn_read_start(c);
+    conn_process(c);
+}
+
+static void conn_step(sp_conn_t *c)
+{
+    switch (c->state) {
+    case CS_IDLE:
+    case CS_HEAD:
+        step_head(c);
+        break;
+    case CS_UPSTREAM:
+        step_body(c);
+        break;
+    case CS_DISCARD:
+        step_discard(c);
+        break;
+    case CS_TUNNEL:
+        step_tunnel(c);
+        break;
+    case CS_READ_BODY:
+        step_read_body(c);
+        break;
+    case CS_SCRIPT:
+        /* Keep reading while there is room, to notice a client that goes away. */
+        if (c->rbuf && c->rlen == c->rcap)
+            sp_conn_read_stop(c);
+        break;
+    default:
+        break;
+    }
+}
+
+static void conn_process(sp_conn_t *c)
+{
+    if (c->in_process) {
+        c->process_again = true;
+        return;
+    }
+    c->in_process = true;
+    do {
+        c->process_again = false;
+        if (c->closing)
+            break;
+        conn_step(c);
+    } while (c->process_again && !c->closing);
+    c->in_process = false;
+}
+
+/* ---------------------------------------------------------------- closing */
+
+static void on_conn_handle_closed(uv_handle_t *h)
+{
+    sp_conn_t *c = h->data;
+    if (--c->handles > 0)
+        return;
+    sp_worker_t *w = c->w;
+    if (c->rbuf)
+        sp_pool_put(&w->client_bufs, c->rbuf);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        w->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    w->nconns--;
+    atomic_fetch_sub(&sp_open_connections, 1);
+    if (c->counted_ip)
+        ip_release(c->peer_ip);
+    free(c);
+}
+
+void sp_conn_close(sp_conn_t *c)
+{
+    if (c->closing)
+        return;
+    /* Closing from here on: the abort hook below resumes a waiting script, which may decide
+     * (or fail to) at once; that decision must find the connection closing rather than answer
+     * on it and close it a second time. */
+    c->closing = true;
+    sp_request_t *r = c->req;
+    if (r) {
+        if ((c->state == CS_SCRIPT || c->state == CS_READ_BODY) && r->script_busy) {
+            if (r->error == SP_ERR_NONE)
+                r->error = SP_ERR_CLIENT_ABORT;
+            if (c->w->hooks->abort)
+                c->w->hooks->abort(r);
+        }
+        if (r->tunnel)
+            atomic_fetch_sub(&sp_open_tunnels, 1), r->tunnel = false;
+    }
+    request_done(c);
+    sp_conn_read_stop(c);
+    uv_timer_stop(&c->timer);
+    uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
+    uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+}
+
+static void on_shutdown(uv_shutdown_t *sr, int status)
+{
+    SP_UNUSED(status);
+    sp_conn_t *c = sr->data;
+    if (c->closing)
+        return;
+    if (status < 0 || c->eof)
+        sp_conn_close(c);
+}
+
+/* Sends FIN after pending writes, then drains the client's input until it closes or the
+ * lingering timeout passes, so an error response is not destroyed by a TCP reset. */
+static void conn_linger_close(sp_conn_t *c)
+{
+    if (c->closing)
+        return;
+    if (c->req)
+        request_done(c);
+    if (sp_cfg.lingering_timeout <= 0 || c->eof) {
+        sp_conn_close(c);
+        return;
+    }
+    c->state = CS_LINGER;
+    c->rpos = c->rlen = 0;
+    conn_timer(c, T_LINGER, sp_cfg.lingering_timeout);
+    c->sreq.data = c;
+    if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown) < 0) {
+        sp_conn_close(c);
+        return;
+    }
+    sp_conn_read_start(c);
+}
+
+/* ---------------------------------------------------------------- connections per address */
+
+/* A process-wide count of open connections per client address (max_connections_per_ip). */
+typedef struct ipcount {
+    struct ipcount *next;
+    int n;
+    char ip[48];
+} ipcount_t;
+
+#define IP_BUCKETS 4096
+static ipcount_t *ip_buckets[IP_BUCKETS];
+static uv_mutex_t ip_mu;
+static uv_once_t ip_once = UV_ONCE_INIT;
+
+static void ip_init(void) { uv_mutex_init(&ip_mu); }
+
+static unsigned ip_hash(const char *s)
+{
+    return (unsigned)(sp_hash(s, strlen(s)) % IP_BUCKETS);
+}
+
+/* Counts one more connection from ip. Returns false (and counts nothing) past the limit. */
+static bool ip_acquire(const char *ip, int limit)
+{
+    uv_once(&ip_once, ip_init);
+    unsigned h = ip_hash(ip);
+    bool ok = true;
+    uv_mutex_lock(&ip_mu);
+    ipcount_t *e = ip_buckets[h];
+    while (e && strcmp(e->ip, ip) != 0)
+        e = e->next;
+    if (!e) {
+        e = sp_calloc(1, sizeof *e);
+        snprintf(e->ip, sizeof e->ip, "%s", ip);
+        e->next = ip_buckets[h];
+        ip_buckets[h] = e;
+    }
+    if (e->n >= limit)
+        ok = false;
+    else
+        e->n++;
+    uv_mutex_unlock(&ip_mu);
+    return ok;
+}
+
+static void ip_release(const char *ip)
+{
+    unsigned h = ip_hash(ip);
+    uv_mutex_lock(&ip_mu);
+    ipcount_t **pp = &ip_buckets[h];
+    while (*pp && strcmp((*pp)->ip, ip) != 0)
+        pp = &(*pp)->next;
+    if (*pp && --(*pp)->n == 0) {
+        ipcount_t *e = *pp;
+        *pp = e->next;
+        free(e);
+    }
+    uv_mutex_unlock(&ip_mu);
+}
+
+/* ---------------------------------------------------------------- accepting */
+
+static void conn_start(sp_conn_t *c);
+
+void sp_server_on_connection(uv_stream_t *server, int status)
+{
+    sp_listener_t *l = server->data;
+    sp_worker_t *w = l->w;
+    if (status < 0) {
+        sp_log(SP_LOG_WARN, "accept failed", "s:error", uv_strerror(status), NULL);
+        return;
+    }
+    sp_conn_t *c = sp_calloc(1, sizeof *c);
+    c->w = w;
+    c->listener = l;
+    uv_tcp_init(&w->loop, &c->tcp);
+    c->tcp.data = c;
+    c->handles = 1;
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
+        uv_close((uv_handle_t *)&c->tcp, (uv_close_cb)free);
+        return;
+    }
+    conn_start(c);
+}
+
+int sp_server_adopt(sp_listener_t *l, int fd)
+{
+    sp_worker_t *w = l->w;
+    sp_conn_t *c = sp_calloc(1, sizeof *c);
+    c->w = w;
+    c->listener = l;
+    uv_tcp_init(&w->loop, &c->tcp);
+    c->tcp.data = c;
+    c->handles = 1;
+    int rc = uv_tcp_open(&c->tcp, fd);
+    if (rc < 0) {
+        uv_close((uv_handle_t *)&c->tcp, (uv_close_cb)free);
+        return rc;
+    }
+    conn_start(c);
+    return 0;
+}
+
+/* A new client connection: counted, limited, then reading. */
+static void conn_start(sp_conn_t *c)
+{
+    sp_worker_t *w = c->w;
+    int open = atomic_fetch_add(&sp_open_connections, 1) + 1;
+    uv_timer_init(&w->loop, &c->timer);
+    c->timer.data = c;
+    c->handles = 2;
+    c->next = w->conns;
+    if (w->conns)
+        w->conns->prev = c;
+    w->conns = c;
+    w->nconns++;
+    if (open > sp_cfg.max_connections || w->draining) {
+        static _Atomic uint64_t last_warn;
+        uint64_t now = uv_now(&w->loop);
+        if (now - atomic_load(&last_warn) > 1000) {
+            atomic_store(&last_warn, now);
+            sp_log(SP_LOG_WARN, w->draining ? "connection refused: draining"
+                                            : "connection refused: max_connections reached",
+                   "i:open", (int64_t)open, NULL);
+        }
+        c->eof = true;
+        sp_conn_close(c);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    struct sockaddr_storage ss;
+    ss.ss_family = AF_UNSPEC;
+    int len = sizeof ss;
+    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &len) == 0) {
+        if (ss.ss_family == AF_INET) {
+            struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+            uv_ip4_name(a, c->peer_ip, sizeof c->peer_ip);
+            c->peer_port = ntohs(a->sin_port);
+        } else if (ss.ss_family == AF_INET6) {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+            uv_ip6_name(a, c->peer_ip, sizeof c->peer_ip);
+            c->peer_port = ntohs(a->sin6_port);
+        }
+    }
+    /* A trusted proxy (a load balancer) carries many clients: only max_connections bounds it. */
+    if (sp_cfg.max_connections_per_ip > 0 &&
+        !sp_cidrs_contain(sp_cfg.trusted_nets, sp_cfg.ntrusted, (struct sockaddr *)&ss)) {
+        if (!ip_acquire(c->peer_ip, sp_cfg.max_connections_per_ip)) {
+            static _Atomic uint64_t last_ip_warn;
+            uint64_t now = uv_now(&w->loop);
+            if (now - atomic_load(&last_ip_warn) > 1000) {
+                atomic_store(&last_ip_warn, now);
+                sp_log(SP_LOG_WARN, "connection refused: max_connections_per_ip reached",
+                       "s:client", c->peer_ip, "i:limit", (int64_t)sp_cfg.max_connections_per_ip,
+                       NULL);
+            }
+            c->eof = true;
+            sp_conn_close(c);
+            return;
+        }
+        c->counted_ip = true;
+    }
+    llhttp_init(&c->parser, HTTP_REQUEST, &sp_request_settings);
+    c->parser.data = c;
+    c->state = CS_IDLE;
+    conn_timer(c, T_KEEPALIVE, sp_cfg.header_timeout);
+    sp_conn_read_start(c);
+}
