@@ -375,7 +375,7 @@ function M.activity(req, r)
         return
     end
     local key = r.alias_of or r.key -- a claim's alias shares its sandbox's idle clock
-    local ctx = rawget(req, "ctx")
+    local ctx = req.ctx
     if ctx and ctx.activity_key == key then
         return -- held for a wake, now forwarded: counted once
     end
