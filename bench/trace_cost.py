@@ -11,8 +11,9 @@ worker pinned to CPU 0 (wrk and the backend on CPU 1), and the OTLP receiver of 
   export       + otlp_endpoint=<the receiver>            (two spans per request, POSTed every 1 s)
 a wrk run of `--duration` seconds (default 5) with `--connections` (default 50). It prints
 req/s and the proxy's CPU time per request (user + system, from /proc) per mode: medians of
-the repeats. The access log is on (to a file), and the rate limiter is raised out of reach as
-in bench/run. Needs nginx, wrk, taskset and build/sandbox-proxy. Every process is stopped on exit.
+the repeats. The access log is on (to a file), the rate limiter is raised out of reach as in
+bench/run, and loopback sandboxes are allowed (the backend is on 127.0.0.1). Needs nginx, wrk,
+taskset and build/sandbox-proxy. Every process is stopped on exit.
 """
 import argparse
 import json
@@ -128,8 +129,9 @@ http { access_log off; keepalive_requests 1000000;
                            "conditions": [{"type": "Ready", "status": "True"}]}}]}, f)
         cfile = os.path.join(tmp, "config.lua")
         with open(cfile, "w") as f:
-            f.write('return { ratelimit = { limits = { { name = "client", key = "unauthenticated",'
-                    ' rate = 1e9, burst = 1e9 } } } }\n')
+            # the backend is on 127.0.0.1: a guard refuses loopback sandboxes unless allowed
+            f.write('return { allow_loopback_sandboxes = true, ratelimit = { limits = { {'
+                    ' name = "client", key = "unauthenticated", rate = 1e9, burst = 1e9 } } } }\n')
         modes = [("off", ["--set", "trace_propagation=false"]), ("propagation", []),
                  ("export", ["--set", "otlp_endpoint=http://127.0.0.1:%d/v1/traces" % rport])]
         results = {m: [] for m, _ in modes}

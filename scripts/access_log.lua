@@ -59,7 +59,7 @@ function M.record(req)
             end
         end
     end
-    if out.query == "" then
+    if out.query == "" or (ctx and ctx.secret_query) then
         out.query = nil
     end
     return out
@@ -75,6 +75,7 @@ for f in pairs(fields) do
     mask = mask + (LOG_FIELDS[f] or 0)
 end
 M.mask = mask
+local mask_secret = fields.query and mask - LOG_FIELDS.query or mask
 local want_user, want_sandbox, want_ratelimit = fields.user, fields.sandbox, fields.ratelimit
 
 function M.write(req)
@@ -83,7 +84,8 @@ function M.write(req)
     end
     local ctx = rawget(req, "ctx")
     local route = ctx and ctx.route
-    req:access_log(mask,
+    -- a query string that carried a credential (browser.lua's login) is never written
+    req:access_log(ctx and ctx.secret_query and mask_secret or mask,
         "user", want_user and route and route.user or nil,
         "sandbox", want_sandbox and route and route.name or nil,
         "ratelimit", want_ratelimit and ctx and ctx.ratelimit or nil)

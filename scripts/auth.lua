@@ -15,6 +15,10 @@
 --     percent-decoding): no case folding, no prefix, no trimming;
 --   * /sandboxes lists only what the caller may reach; /metrics needs an admin;
 --   * /health, /ready, /live stay open (probes).
+-- Browsers (browser.lua): a credential in the `sp_token` query parameter becomes a cookie
+-- scoped to that sandbox (302); the cookie then counts as the credential when no header carries
+-- one, with an Origin check for requests that change state or upgrade (403); the cookie is
+-- removed from what the sandbox gets.
 -- Missing or wrong credentials: 401 {"error":...} with WWW-Authenticate. The proxy's own
 -- credential header is always removed before forwarding. Credentials are never logged.
 --
@@ -49,6 +53,7 @@ local routes = require "sp.routes"
 local cjson = require "cjson.safe"
 local sandbox_path = require "sandbox_path"
 local tokenreview = require "tokenreview"
+local browser = require "browser"
 
 local type = type
 local lower = string.lower
@@ -59,6 +64,7 @@ local tostring = tostring
 local cfg = config.auth or {}
 local settings = core.settings()
 local M = {}
+browser.auth = M -- browser.lua's login checks a query credential with identify_credential
 
 -- The shortest HS256 secret accepted, in bytes (RFC 7518 3.2: a key of at least the hash size).
 M.MIN_SECRET = 32
@@ -395,12 +401,10 @@ local function credential(req)
     return v:match("^%s*(%S+)%s*$")
 end
 
--- The identity behind a request: { user, admin, method } or nil and a reason.
-function M.identify(req)
-    local cred = credential(req)
-    if not cred then
-        return nil, "authentication required"
-    end
+-- The identity behind a credential (an API key, a JWT, a ServiceAccount token): { user, admin,
+-- method } or nil, a reason and (503) when no review could be made. browser.lua checks the
+-- credential of a query string with it.
+function M.identify_credential(cred)
     local id = by_key(cred)
     if id then
         return id
@@ -418,6 +422,22 @@ function M.identify(req)
         return tokenreview.identify(cred) -- identity | nil, why, 401 or 503 (no review possible)
     end
     return nil, "invalid credentials"
+end
+
+-- The identity behind a request: { user, admin, method } or nil and a reason. The credential
+-- is the header's, else (browser auth) the proxy's cookie: req.ctx.via_cookie is then set.
+function M.identify(req)
+    local cred = credential(req)
+    if not cred and browser.enabled then
+        cred = browser.cookie_credential(req)
+        if cred then
+            req.ctx.via_cookie = true
+        end
+    end
+    if not cred then
+        return nil, "authentication required"
+    end
+    return M.identify_credential(cred)
 end
 
 -- Identifies the caller once per request, answering nothing: leaves req.ctx.identity (or
@@ -465,6 +485,14 @@ function M.authenticate(req)
         return false
     end
     req:remove_header(HEADER)
+    if browser.enabled then
+        browser.strip_cookie(req)
+        if req.ctx.via_cookie and not browser.origin_ok(req) then
+            req:respond(403, { error = "forbidden: a cookie-authenticated request that changes "
+                .. "state or opens a WebSocket needs an Origin of this host" })
+            return false
+        end
+    end
     return true
 end
 

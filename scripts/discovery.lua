@@ -18,6 +18,9 @@
 --              says why, a warning is logged; loopback, link-local... are refused by the core)
 --              (never an invented <name>.<ns>.svc name: warm-pool sandboxes have no Service)
 --   port     = annotation "sandbox-proxy.dev/port" if set, else config discovery.port (8888)
+--   ports    = annotation "sandbox-proxy.dev/ports" ("3000,5173"): more ports path and host
+--              routing may reach (router.lua); prefix = annotation "sandbox-proxy.dev/prefix"
+--              ("strip" | "keep": path routing's prefix mode, router.lua)
 --   mode     = spec.operatingMode (v1beta1), or "Suspended"/"Running" from spec.replicas
 -- Two sandboxes with the same key in different namespaces: the oldest (creationTimestamp, then
 -- namespace name) wins; the others are listed in the winner's `conflict` field and logged.
@@ -65,6 +68,8 @@ local CLAIMS = cfg.claims == nil and "auto" or cfg.claims
 local ASSIGNED_ANNOTATION = "agents.x-k8s.io/sandbox-name"
 local DEFAULT_USER = cfg.default_user or "default"
 local PORT_ANNOTATION = "sandbox-proxy.dev/port"
+local PORTS_ANNOTATION = "sandbox-proxy.dev/ports"
+local PREFIX_ANNOTATION = "sandbox-proxy.dev/prefix"
 local IDLE_ANNOTATION = "sandbox-proxy.dev/idle-timeout"
 local ACTIVITY_ANNOTATION = "sandbox-proxy.dev/last-activity"
 
@@ -108,6 +113,30 @@ local function port_of(meta)
         return p
     end
     return M.default_port or DEFAULT_PORT
+end
+
+-- More ports the sandbox serves: annotation sandbox-proxy.dev/ports ("3000,5173", commas or
+-- spaces), normalized to "3000,5173"; entries that are not ports 1..65535 are left out.
+local function ports_of(meta)
+    local ann = type(meta.annotations) == "table" and meta.annotations[PORTS_ANNOTATION]
+    if type(ann) ~= "string" then
+        return nil
+    end
+    local out = {}
+    for d in ann:gmatch("[^,%s]+") do
+        local p = d:match("^%d%d?%d?%d?%d?$") and tonumber(d)
+        if p and p >= 1 and p <= 65535 then
+            out[#out + 1] = tostring(p)
+        end
+    end
+    return out[1] and concat(out, ",") or nil
+end
+
+-- Path routing's prefix mode: annotation sandbox-proxy.dev/prefix, "strip" or "keep"; else nil
+-- (router.prefix decides).
+local function prefix_of(meta)
+    local ann = type(meta.annotations) == "table" and meta.annotations[PREFIX_ANNOTATION]
+    return (ann == "strip" or ann == "keep") and ann or nil
 end
 
 -- Parses a duration ("30m", "1h", "90s", "900") into seconds, or nil.
@@ -189,6 +218,8 @@ function M.to_route(obj)
         user = owner,
         address = address,
         port = port_of(meta),
+        ports = ports_of(meta),
+        prefix = prefix_of(meta),
         ready = ready,
         reason = reason,
         service = service,
@@ -638,7 +669,7 @@ function M.replace_all(items)
     end
     local i = 0
     local since = can_yield and monotonic() or 0
-    while true do
+    while true do -- sp.lint: ok, ends when the items do
         local obj, why = nextf()
         if obj == nil then
             break
@@ -916,7 +947,7 @@ M.claims_state = "off"
 -- a 404 or a group without v1beta1 means no. Returns true, or false and why.
 local function discover_claims()
     local attempt = 0
-    while true do
+    while true do -- sp.lint: ok, yields: k8s.request, timer.sleep
         local status, body, headers = k8s.request{ path = "/apis/" .. CLAIM_GROUP, retries = 0 }
         if status == 200 then
             local doc = cjson.decode(body)

@@ -9,7 +9,10 @@
 --                     credentials are limited too), identified callers per user
 --                  4. /sandboxes (authenticated; lists what the caller may see) and /metrics
 --                     (admin only when auth is on)
---                  5. auth.authenticate (401), then router (X-Sandbox-* header routing, else
+--                  (a request whose Host names a sandbox, sandbox_path.lua's host routing,
+--                  skips 2. and 4.: every path of it belongs to the sandbox)
+--                  5. browser.login (a credential in the query string -> cookie + 302), then
+--                     auth.authenticate (401; a cookie's Origin check, 403), then router (X-Sandbox-* header routing, else
 --                     path routing: 403 when the path's user is not the caller's, 404 / 503,
 --                     or forward to the sandbox)
 --   on_log(r)      after each exchange: the access log (access_log.lua)
@@ -28,11 +31,14 @@ local router = require "router"
 local demo_sandbox = require "demo_sandbox"
 local wake = require "wake"
 local sandbox_headers = require "sandbox_headers"
+local sandbox_path = require "sandbox_path"
+local browser = require "browser"
 
 local M = {}
 
 local settings = core.settings()
 local metrics_own_listener = settings.metrics_listen ~= nil
+local host_routing = sandbox_path.host_routing
 
 -- The access log was named log.lua before 0.2. An override of that name in the --scripts
 -- directory still applies (in place of access_log.lua), with a warning each time the scripts load.
@@ -123,7 +129,9 @@ function M.on_request(req)
         end
     end
     local path = req:path()
-    local open = open_endpoints[path]
+    -- a sandbox's own host (host routing) reaches the sandbox only, never the proxy's endpoints
+    local hosted = host_routing and sandbox_path.of(req) and req.ctx.target_host
+    local open = not hosted and open_endpoints[path]
     if open then
         return open(req)
     end
@@ -133,9 +141,12 @@ function M.on_request(req)
     if not ratelimit.admit(req) then
         return
     end
-    local handler = endpoints[path]
+    local handler = not hosted and endpoints[path]
     if handler then
         return handler(req)
+    end
+    if auth.enabled and browser.login(req) then
+        return
     end
     if not auth.authenticate(req) then
         return

@@ -4,6 +4,13 @@
 -- scrape costs the same whatever the traffic, and a request costs nothing extra.
 --   sandbox_proxy_requests_total{method,code}     requests by method and status class (2xx..)
 --   sandbox_proxy_request_duration_seconds        histogram of request durations
+--   sandbox_proxy_upstream_connect_seconds        histogram: new connections to sandboxes, from
+--                                                 the start of forwarding to connected (retries
+--                                                 of a refused connect included; a pooled
+--                                                 connection is not a connect)
+--   sandbox_proxy_upstream_first_byte_seconds     histogram: forwarded requests, from the start
+--                                                 of forwarding to the response head (connect
+--                                                 included; wake and routing are not)
 --   sandbox_proxy_upstream_connect_errors_total, sandbox_proxy_upstream_timeouts_total
 --   sandbox_proxy_ratelimited_total{kind="rate"|"concurrency"}
 --   sandbox_proxy_open_connections, sandbox_proxy_open_tunnels, sandbox_proxy_active_requests
@@ -101,16 +108,29 @@ function M.render()
         end
     end
 
-    metric("sandbox_proxy_request_duration_seconds", "histogram",
-        "Time from the first request byte to the end of the response.")
-    local cum = 0
-    for _, b in ipairs(st.latency_buckets) do
-        cum = cum + b[2]
-        local le = b[1] == "+Inf" and "+Inf" or num(b[1])
-        sample("sandbox_proxy_request_duration_seconds_bucket", format('{le="%s"}', le), cum)
+    -- a histogram from the runtime's buckets ({le, n} per bucket, "+Inf" last)
+    local function histogram(name, help, buckets, sum)
+        metric(name, "histogram", help)
+        local cum = 0
+        for _, b in ipairs(buckets) do
+            cum = cum + b[2]
+            local le = b[1] == "+Inf" and "+Inf" or num(b[1])
+            sample(name .. "_bucket", format('{le="%s"}', le), cum)
+        end
+        sample(name .. "_sum", nil, sum)
+        sample(name .. "_count", nil, cum)
     end
-    sample("sandbox_proxy_request_duration_seconds_sum", nil, st.latency_sum)
-    sample("sandbox_proxy_request_duration_seconds_count", nil, cum)
+
+    histogram("sandbox_proxy_request_duration_seconds",
+        "Time from the first request byte to the end of the response.",
+        st.latency_buckets, st.latency_sum)
+    histogram("sandbox_proxy_upstream_connect_seconds",
+        "Time to connect to a sandbox from the start of forwarding (new connections only, "
+            .. "refused-connect retries included).",
+        st.upstream_connect_buckets, st.upstream_connect_sum)
+    histogram("sandbox_proxy_upstream_first_byte_seconds",
+        "Time from the start of forwarding to the sandbox's response head (connect included).",
+        st.upstream_first_byte_buckets, st.upstream_first_byte_sum)
 
     metric("sandbox_proxy_upstream_connect_errors_total", "counter",
         "Connections to sandboxes that failed (after retries).")

@@ -1,6 +1,8 @@
--- router.lua: maps {METHOD} /{user}/{sandbox}/{rest} to the sandbox's route and forwards
--- /{rest} with the query string exactly as received.
+-- router.lua: maps {METHOD} /{user}/{sandbox}/{rest} (or a sandbox host, see sandbox_path.lua)
+-- to the sandbox's route and forwards.
 --   unknown sandbox          -> 404 {"error":"sandbox not found","path":"user/sandbox"}
+--   a port not allowed       -> 403 {"error":"port not allowed","path":..,"port":N,"allowed":[..]}
+--                               (never dialled; checked before readiness and wake)
 --   known, not ready         -> 503 {"error":"sandbox not ready","path":..,"reason":..} + Retry-After
 --   ready, no address        -> 503 {"error":"sandbox has no address","path":..,"reason":..}
 --                               + Retry-After (reason: e.g. a podIPs entry that is not an IP)
@@ -15,9 +17,27 @@
 -- A request with an X-Sandbox-ID header is routed by its headers instead (sandbox_headers.lua,
 -- the agent-sandbox router's contract): headers win over the path, which then goes to the
 -- sandbox untouched.
--- The path is read by sandbox_path.lua (percent-decoded user and sandbox; unsafe segments are
+-- The target is read by sandbox_path.lua (percent-decoded user and sandbox; unsafe segments are
 -- refused, so encoded tricks cannot reach another prefix).
--- Config (config file section `router`): retry_after (seconds, default 2).
+--
+-- Ports: /{user}/{sandbox}:{port}/... (or a host with {port}) reaches another port of the
+-- sandbox's address. Allowed: the route's own port (discovery: annotation sandbox-proxy.dev/port,
+-- else discovery.port 8888), the route's `ports` (annotation sandbox-proxy.dev/ports:
+-- "3000,5173"), and `ports` here (every sandbox).
+--
+-- Prefix modes (path routing; per sandbox the annotation sandbox-proxy.dev/prefix, else
+-- `prefix` here):
+--   "strip" (default): the sandbox gets /{rest} and `X-Forwarded-Prefix: /{user}/{sandbox}`
+--            (or /{user}/{sandbox}:{port}, exactly as the client wrote it); with
+--            rewrite_response_headers (default true) the runtime puts a Location and a
+--            Set-Cookie Path of the response back under that prefix (req:set_response_prefix;
+--            headers only, never a body)
+--   "keep":  the sandbox gets the whole target, for apps told their base URL (Jupyter
+--            base_url=/{user}/{sandbox}/); no X-Forwarded-Prefix, nothing rewritten
+-- Host routing forwards the target untouched, no prefix. A client's own X-Forwarded-Prefix
+-- never reaches the sandbox.
+-- Config (section `router`; defaults shown):
+--   retry_after = 2, ports = {}, prefix = "strip", rewrite_response_headers = true
 local routes = require "sp.routes"
 local config = require "sp.config"
 
@@ -29,11 +49,61 @@ local wake = require "wake"
 local cfg = config.router or {}
 local RETRY_AFTER = tostring(cfg.retry_after or 2)
 
+local type = type
+local tonumber = tonumber
+local gmatch = string.gmatch
+
+local PREFIX = cfg.prefix or "strip"
+assert(PREFIX == "strip" or PREFIX == "keep", "router.prefix must be \"strip\" or \"keep\"")
+local REWRITE = cfg.rewrite_response_headers ~= false
+
+local PORTS = {}
+assert(cfg.ports == nil or type(cfg.ports) == "table", "router.ports must be a list of ports")
+for _, p in ipairs(cfg.ports or {}) do
+    assert(type(p) == "number" and p >= 1 and p <= 65535 and p % 1 == 0,
+        "router.ports: " .. tostring(p) .. " is not a port")
+    PORTS[p] = true
+end
+
 local M = {}
+M.config = { prefix = PREFIX, rewrite_response_headers = REWRITE, ports = PORTS }
+
+-- The ports of a route's `ports` field ("3000,5173"), cached per route table (routes.get hands
+-- out the same table while the route is unchanged).
+local route_ports = setmetatable({}, { __mode = "k" })
+local function ports_of(route)
+    local set = route_ports[route]
+    if not set then
+        set = {}
+        for d in gmatch(route.ports or "", "%d+") do
+            set[tonumber(d)] = true
+        end
+        route_ports[route] = set
+    end
+    return set
+end
+
+-- May a client reach `port` of route's sandbox?
+function M.port_allowed(route, port)
+    return port == route.port or PORTS[port] == true or ports_of(route)[port] == true
+end
+
+-- The sorted list of the ports a route allows (for the 403's body).
+function M.allowed_ports(route)
+    local seen, list = { [route.port] = true }, { route.port }
+    for p in pairs(PORTS) do
+        if not seen[p] then seen[p] = true; list[#list + 1] = p end
+    end
+    for p in pairs(ports_of(route)) do
+        if not seen[p] then seen[p] = true; list[#list + 1] = p end
+    end
+    table.sort(list)
+    return list
+end
 
 local BAD_PATH = {
     error = "bad request path",
-    expected = "/{user}/{sandbox}/{path}",
+    expected = "/{user}/{sandbox}/{path} or /{user}/{sandbox}:{port}/{path}",
 }
 
 -- Sends req to the route's sandbox (a plain function, not a closure per request: the routing
@@ -42,7 +112,32 @@ local function forward(req, route)
     local ctx = req.ctx
     ctx.route = route
     wake.activity(req, route)
-    req:forward(route.address, route.port, ctx.target_rest)
+    local path = ctx.target_rest
+    local prefix = ctx.target_prefix
+    local mode = route.prefix
+    if mode == nil or mode == "" then
+        mode = PREFIX
+    end
+    if prefix and mode == "strip" then
+        -- added, or replacing the client's (a replacing edit makes the runtime check every
+        -- header of the request against it: only when the client sent one)
+        if req:header("x-forwarded-prefix") then
+            req:set_header("X-Forwarded-Prefix", prefix)
+        else
+            req:add_header("X-Forwarded-Prefix", prefix)
+        end
+        if REWRITE then
+            req:set_response_prefix(prefix)
+        end
+    else
+        if prefix then
+            path = req:target() -- keep: the whole target
+        end
+        if req:header("x-forwarded-prefix") then
+            req:remove_header("X-Forwarded-Prefix")
+        end
+    end
+    req:forward(route.address, ctx.target_port or route.port, path)
 end
 
 function M.handle(req)
@@ -59,6 +154,11 @@ function M.handle(req)
     end
     if not r then
         return req:respond(404, { error = "sandbox not found", path = key })
+    end
+    local port = req.ctx.target_port
+    if port and port ~= r.port and not M.port_allowed(r, port) then
+        return req:respond(403, { error = "port not allowed", path = key, port = port,
+            allowed = M.allowed_ports(r) })
     end
     if not r.ready then
         -- a suspended sandbox is woken, a starting one waited for (wake.lua)

@@ -240,37 +240,48 @@ function M.handle(req, r, forward)
     -- a held request is activity, open from now on: the waker's Lease reports it before the
     -- wake PATCH goes out (patch_running), so no replica sees the sandbox running without it
     M.activity(req, r)
+    -- the hold is the trace's "wake" span (req:wake_begin / req:wake_end: C marks, exported
+    -- only with otlp_endpoint); patched: this request's wake sent the PATCH
+    req:wake_begin()
+    local patched = false
     local deadline = core.monotonic() + min(MAX_WAIT, req.ctx.deadline or MAX_WAIT)
-    while true do
+    while true do -- sp.lint: ok, yields in core.wait; ends at the deadline
         if action == "wake" and dict:add("patching:" .. key, true, WAKE_TTL) then
             dict:set("waking:" .. key, true, WAKE_TTL)
             dict:set("wakestart:" .. key, core.now(), WAKE_TTL) -- for the duration metric
             core.post(0, "wake", key)
+            patched = true
         end
         local left = deadline - core.monotonic()
         if left <= 0 then
+            req:wake_end("timeout", patched)
             waking(req, key)
             return true
         end
         -- wake up at least every 2 s (a lost signal costs at most that)
         local ok, err = core.wait("route:" .. key, min(left, 2))
         if not ok and err and err:find("ECONNRESET", 1, true) then
+            req:wake_end("client_gone", patched)
             return true -- the client went away: nothing to answer
         end
         local failed = dict:get("wakefail:" .. key)
         if failed then
+            req:wake_end("failed", patched, failed)
             wake_failed(req, key, failed)
             return true
         end
         r = routes.get(key)
         if not r then
+            req:wake_end("deleted", patched)
             return false -- deleted meanwhile: the caller answers 404
         end
         if r.ready and r.address and r.address ~= "" then
+            req:wake_end("ready", patched)
             forward(req, r)
             return true
         end
         if TERMINAL[r.reason] then
+            req:wake_end("terminal", patched)
             return false
         end
         -- once held, held through the whole start (whatever the status says meanwhile);

@@ -8,6 +8,8 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#define SP_FSWATCH_SETTLE_MAX 10
+
 struct sp_fswatch {
     uv_fs_event_t ev[SP_FSWATCH_MAX_DIRS];
     uv_timer_t debounce;
@@ -16,6 +18,7 @@ struct sp_fswatch {
     int handles;   /* open handles; freed at 0 */
     bool stopped;
     unsigned debounce_ms;
+    uint64_t burst_start; /* uv_now ms of the first event of the burst being settled */
     uint64_t last;
     sp_fswatch_sig_fn sig;
     sp_fswatch_fn changed;
@@ -39,8 +42,10 @@ static void on_settled(uv_timer_t *t) { check(t->data); }
 static void on_poll(uv_timer_t *t)
 {
     sp_fswatch_t *w = t->data;
-    if (!w->stopped && !uv_is_active((uv_handle_t *)&w->debounce) && w->sig(w->ud) != w->last)
+    if (!w->stopped && !uv_is_active((uv_handle_t *)&w->debounce) && w->sig(w->ud) != w->last) {
+        w->burst_start = uv_now(t->loop);
         uv_timer_start(&w->debounce, on_settled, w->debounce_ms, 0);
+    }
 }
 
 static void on_event(uv_fs_event_t *h, const char *file, int events, int status)
@@ -49,7 +54,15 @@ static void on_event(uv_fs_event_t *h, const char *file, int events, int status)
     SP_UNUSED(events);
     SP_UNUSED(status);
     sp_fswatch_t *w = h->data;
-    if (!w->stopped) /* changes come in bursts (a ConfigMap update is several renames) */
+    if (w->stopped)
+        return;
+    /* Changes come in bursts (a ConfigMap update is several renames): each event moves the
+     * check later, but a burst that never ends (a log file written in the same directory) is
+     * checked SP_FSWATCH_SETTLE_MAX times debounce_ms after it began. */
+    uint64_t now = uv_now(h->loop);
+    if (!uv_is_active((uv_handle_t *)&w->debounce))
+        w->burst_start = now;
+    if (now - w->burst_start < (uint64_t)w->debounce_ms * SP_FSWATCH_SETTLE_MAX)
         uv_timer_start(&w->debounce, on_settled, w->debounce_ms, 0);
 }
 

@@ -1,9 +1,10 @@
 /*
  * fswatch.h: the one change watcher (fswatch.c) behind the script/config reload (process/main.c)
  * and fs.watch (lua/lua_core.c). inotify on directories says "something may have changed"; a
- * burst of events settles for debounce_ms; then a signature of what is watched (the caller's
- * function, typically sp_stat_sig over the files) decides: only a different value calls the
- * callback. A timer re-checks the signature every poll_ms as the backstop for changes inotify
+ * burst of events settles for debounce_ms (a burst that goes on is checked 10 x debounce_ms
+ * after it began: a log file written in the same directory must not postpone it for ever);
+ * then a signature of what is watched (the caller's function, typically sp_stat_sig over the
+ * files) decides: only a different value calls the callback. A timer re-checks the signature every poll_ms as the backstop for changes inotify
  * does not report (some volume types, a directory created later); what it finds settles too.
  */
 #ifndef SP_FSWATCH_H

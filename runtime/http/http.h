@@ -12,6 +12,7 @@
 #include <llhttp.h>
 #include "base/sp.h"
 #include "base/buf.h"
+#include "base/deadline.h"
 
 typedef struct sp_worker sp_worker_t;
 typedef struct sp_conn sp_conn_t;
@@ -90,22 +91,45 @@ extern const char *const sp_error_names[];
  * the request ended) is detected. Buffers keep their capacity between uses.
  */
 struct sp_request {
+    /* ---- the slot: kept from one exchange to the next (its identity, and storage it reuses:
+     * buffers keep their capacity, arrays are governed by counts in the exchange part) */
     sp_worker_t *w;
-    sp_conn_t *conn;      /* NULL once the client connection is gone */
     uint32_t gen;
     uint32_t slot;
     void *script;         /* the scripting layer's per-slot data (the running task) */
     void *script_vm;      /* the Lua state that decided it (its log hook runs there too) */
+    sp_buf_t head;
+    sp_hdr_t *hdrs;
+    uint32_t hdrs_cap;
+    sp_buf_t out;         /* respond: the response head; forward: the upstream request head */
+    sp_buf_t body;        /* respond: the response body */
+    sp_buf_t extra;       /* header edits "<op>name\0value\0": '>' response header; '=' set, '+' add,
+                           * '-' remove on the upstream request */
+    sp_buf_t up_path;
+    sp_buf_t resp_head;   /* the upstream response head as parsed */
+    sp_hdr_t *rhdrs;
+    uint32_t rhdrs_cap;
+    uv_buf_t iov[SP_MAX_IOV];
+    char frames[SP_MAX_IOV][20];
+    /* counters held for the life of the exchange (req:hold), given back when it ends */
+    struct {
+        struct sp_shdict *dict;
+        char key[128];
+        uint8_t klen;
+    } holds[4];
+
+    /* ---- the exchange: everything from `conn` to the end starts at zero for each request
+     * (sp_request_acquire clears it at once), so a field added here cannot leak from one
+     * request into the next; a field that must survive goes above. */
+    sp_conn_t *conn;      /* NULL once the client connection is gone */
+    uint32_t nhdrs, nrhdrs;
     bool script_busy;     /* the scripting layer still runs code for this request */
     bool core_done;       /* the core has finished with it (response sent or connection lost) */
     bool logged;
 
     /* parsed request head: bytes of the URL and the headers live in `head` */
-    sp_buf_t head;
     uint32_t url_len;     /* the URL starts at head.p[0] */
     uint32_t path_len;    /* bytes before '?' */
-    sp_hdr_t *hdrs;
-    uint32_t nhdrs, hdrs_cap;
     bool in_value;
     uint8_t method;
     uint8_t vmajor, vminor;
@@ -128,14 +152,11 @@ struct sp_request {
     /* the decision */
     sp_decision_t decision;
     int status;           /* respond: the status */
-    sp_buf_t out;         /* respond: the response head; forward: the upstream request head */
-    sp_buf_t body;        /* respond: the response body */
-    sp_buf_t extra;       /* header edits "<op>name\0value\0": '>' response header; '=' set, '+' add,
-                           * '-' remove on the upstream request */
     bool header_edits;    /* extra holds a '=' or '-' edit (only then is each header checked) */
+    bool resp_prefix;     /* extra holds a 'P' entry: the prefix Location and Set-Cookie Path of the
+                           * proxied response are put back under (req:set_response_prefix) */
     char up_host[256];
     int up_port;
-    sp_buf_t up_path;
     double to_connect, to_first_byte, to_idle; /* per-request timeouts (s), 0: defaults */
     char err_subject[64]; /* req:set_error_detail: the upstream error bodies get a "detail" naming
                            * it (the agent-sandbox router's shape); "" for the plain shape */
@@ -155,24 +176,13 @@ struct sp_request {
     bool resp_decode;     /* forward decoded body (HTTP/1.0 client, chunked upstream) */
     bool close_client;    /* close the client connection after this response */
     bool tunnel;
-    sp_buf_t resp_head;   /* the upstream response head as parsed */
-    sp_hdr_t *rhdrs;
-    uint32_t nrhdrs, rhdrs_cap;
     bool rin_value;
     uint32_t reason_len;  /* reason phrase at resp_head.p[0] */
-    uv_buf_t iov[SP_MAX_IOV];
     unsigned niov;
-    char frames[SP_MAX_IOV][20];
     unsigned nframes;
     uint64_t chunk_left;  /* the current request chunk's size, to frame it */
     uint32_t chunk_ext_bytes; /* chunk-extension bytes seen in the request body */
 
-    /* counters held for the life of the exchange (req:hold), given back when it ends */
-    struct {
-        struct sp_shdict *dict;
-        char key[128];
-        uint8_t klen;
-    } holds[4];
     uint8_t nholds;
 
     /* the record of the exchange */
@@ -191,6 +201,12 @@ struct sp_request {
     char span_id[16];      /* the proxy's request span */
     char up_span_id[16];   /* the proxy's upstream span: the sandbox's parent */
     uint64_t t_forward;    /* uv_hrtime when forwarding began (0: not forwarded) */
+    /* the wake span (req:wake_begin / req:wake_end, wake.lua): the request was held while its
+     * sandbox woke or started; 0: never held */
+    uint64_t t_wake_start, t_wake_end;
+    char wake_outcome[16]; /* "ready", "timeout", "failed", ... ("" while held) */
+    bool wake_patched;     /* this request's wake sent the PATCH */
+    int wake_status;       /* the refused PATCH's HTTP status (outcome "failed"; 0: none) */
 };
 
 /* The scripting layer's entry points; the core calls them, never Lua directly. */
@@ -219,11 +235,7 @@ struct sp_conn {
     uint32_t rlen, rpos, rcap;
     int state;
     sp_request_t *req;
-    uv_timer_t timer;      /* armed lazily: see conn_timer in server.c */
-    int timer_kind;
-    uint64_t timer_ms;
-    uint64_t timer_start;  /* uv_now ms when timer_kind was set */
-    uint64_t last_active;  /* uv_now ms */
+    sp_deadline_t dl;      /* the one timeout (T_* kinds in server.c), armed lazily */
     uv_write_t wreq;
     uv_shutdown_t sreq;
     char peer_ip[48];
@@ -250,11 +262,7 @@ struct sp_upconn {
     llhttp_t parser;
     char *buf;
     uint32_t len, pos, cap;
-    uv_timer_t timer;      /* armed lazily: see up_timer in upstream.c */
-    int timer_kind;
-    uint64_t timer_ms;
-    uint64_t timer_start;
-    uint64_t last_active;
+    sp_deadline_t dl;      /* the one timeout (UT_* kinds in upstream.c), armed lazily */
     uv_connect_t creq;
     uv_write_t wreq;
     uv_getaddrinfo_t gai;
@@ -294,6 +302,14 @@ int sp_request_respond(sp_request_t *req, int status, const char *ctype, size_t 
                        const char *body, size_t blen);
 /* Appends the script's response headers (op '>') to a response head being built. */
 void sp_request_emit_response_headers(const sp_request_t *req, sp_buf_t *o);
+/* The prefix a script asked the proxied response's Location and Set-Cookie Path to be put back
+ * under (req:set_response_prefix), or NULL: nothing to rewrite. */
+const char *sp_request_response_prefix(const sp_request_t *req, size_t *plen);
+/* Appends the value of response header n (l bytes) to o: a Location or Set-Cookie rewritten
+ * under pre (from sp_request_response_prefix; NULL: as it is). Every response path that relays
+ * a sandbox's headers (HTTP/1.1 in upstream.c) writes their values through it. */
+void sp_response_header_value(const sp_request_t *req, const char *pre, size_t plen, const char *n,
+                              size_t l, const char *v, size_t vl, sp_buf_t *o);
 /* Adds a header to the response sent to the client, local or proxied. -EINVAL on bad bytes. */
 int sp_request_add_header(sp_request_t *req, const char *name, size_t nlen, const char *val,
                           size_t vlen);

@@ -36,6 +36,18 @@ atomic_int sp_open_tunnels;
 
 const double sp_latency_bounds[SP_LAT_BUCKETS] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                                   0.25,  0.5,    1,     2.5,  5,     10};
+#define MS(x) ((uint64_t)((x) * 1000000.0))
+/* connect: a pod network connect takes well under a millisecond; refused-connect retries add
+ * 0.2, 0.4, 0.8 s; connect_timeout is 5 s */
+const uint64_t sp_upconnect_bounds_ns[SP_UPC_BUCKETS] = {
+    MS(0.25), MS(0.5), MS(1), MS(2.5), MS(5), MS(10), MS(25), MS(50), MS(100), MS(250), MS(500),
+    MS(1000), MS(2500), MS(5000)};
+/* first byte: the request durations' bounds, then up to first_byte_timeout (180 s): a command
+ * may run for minutes before its answer */
+const uint64_t sp_upfirst_bounds_ns[SP_UPF_BUCKETS] = {
+    MS(1),    MS(2.5),   MS(5),     MS(10),    MS(25),    MS(50),    MS(100),   MS(250),
+    MS(500),  MS(1000),  MS(2500),  MS(5000),  MS(10000), MS(30000), MS(60000), MS(180000)};
+#undef MS
 const char *const sp_method_names[SP_M_COUNT] = {"GET",   "HEAD",   "POST",    "PUT",
                                                  "PATCH", "DELETE", "OPTIONS", "OTHER"};
 
@@ -71,55 +83,10 @@ sp_request_t *sp_request_acquire(sp_worker_t *w)
         w->slots[w->nslots++] = r;
     }
     r->gen++;
-    r->conn = NULL;
-    r->script_busy = false;
-    r->core_done = false;
-    r->logged = false;
-    r->head.len = 0;
-    r->url_len = r->path_len = 0;
-    r->nhdrs = 0;
-    r->in_value = false;
-    r->keepalive = r->chunked = r->has_body = r->upgrade = r->expect_continue = false;
-    r->body_done = false;
-    r->body_buffered = false;
-    r->body_limit = 0;
-    r->content_length = 0;
-    r->body_bytes = 0;
-    r->decision = SP_DECIDE_NONE;
-    r->status = 0;
-    r->out.len = 0;
-    r->body.len = 0;
-    r->extra.len = 0;
-    r->header_edits = false;
-    r->up_host[0] = '\0';
-    r->up_port = 0;
-    r->up_path.len = 0;
-    r->to_connect = r->to_first_byte = r->to_idle = 0;
-    r->err_subject[0] = '\0';
-    r->up_tried = r->up_sent = false;
-    r->up = NULL;
-    r->connect_tries = 0;
-    r->head_sent = r->sent_continue = false;
-    r->body_forwarded = 0;
-    r->body_in_head = false;
-    r->resp_head_sent = r->resp_done = r->resp_decode = r->close_client = r->tunnel = false;
-    r->resp_head.len = 0;
-    r->nrhdrs = 0;
-    r->rin_value = false;
-    r->reason_len = 0;
-    r->niov = r->nframes = 0;
-    r->chunk_left = 0;
-    r->chunk_ext_bytes = 0;
-    r->resp_status = 0;
-    r->bytes_in = r->bytes_out = 0;
+    /* the slot's storage is reused (buffers keep their capacity); the exchange starts at zero */
+    r->head.len = r->out.len = r->body.len = r->extra.len = r->up_path.len = r->resp_head.len = 0;
+    memset(&r->conn, 0, sizeof *r - offsetof(sp_request_t, conn));
     r->t_start = uv_hrtime();
-    r->t_head = r->t_connected = r->t_first_byte = r->t_end = r->t_forward = 0;
-    r->trace_ready = false;
-    r->upstream_addr[0] = '\0';
-    r->error = SP_ERR_NONE;
-    r->nholds = 0;
-    r->client_ip[0] = '\0';
-    r->client_port = 0;
     r->listener = "";
     uint64_t n = ++w->req_counter;
     /* id = the worker's 6 hex digits, then the request counter in 10 (no printf per request) */
@@ -429,25 +396,13 @@ int sp_request_forward(sp_request_t *r, const char *host, size_t hlen, int port,
 
 /* ---------------------------------------------------------------- timers */
 
-static uint64_t now_ms(sp_conn_t *c) { return uv_now(&c->w->loop); }
-
-static void on_conn_timer(uv_timer_t *t)
+/* Inactivity timeouts (keep-alive, body) count from the last read; the others from when they
+ * were set. The send timeout is set anew for each write the client has to make room for: bytes
+ * the client sends meanwhile are no progress (a client that trickles them while reading nothing
+ * would otherwise hold its connection and its sandbox connection for ever). */
+static void on_conn_timer(sp_deadline_t *d, int kind)
 {
-    sp_conn_t *c = t->data;
-    uint64_t now = now_ms(c);
-    int kind = c->timer_kind;
-    if (kind == T_NONE)
-        return; /* cleared since it was armed */
-    /* Inactivity timeouts count from the last read; the others from when they were set. The
-     * send timeout is set anew for each write the client has to make room for: bytes the client
-     * sends meanwhile are no progress (a client that trickles them while reading nothing would
-     * otherwise hold its connection and its sandbox connection for ever). */
-    bool idle_kind = kind == T_KEEPALIVE || kind == T_BODY;
-    uint64_t deadline = (idle_kind ? c->last_active : c->timer_start) + c->timer_ms;
-    if (now < deadline) {
-        uv_timer_start(&c->timer, on_conn_timer, deadline - now, 0);
-        return;
-    }
+    sp_conn_t *c = d->timer.data;
     switch (kind) {
     case T_HEADER:
         sp_log(SP_LOG_INFO, "client header timeout", "s:client", c->peer_ip, NULL);
@@ -485,29 +440,19 @@ static void on_conn_timer(uv_timer_t *t)
     }
 }
 
-/* Sets the connection's one timeout. The libuv timer is armed lazily: clearing it or moving
- * its deadline later only records the change, and the timer, when it fires, re-arms itself for
- * the real deadline or does nothing. A keep-alive exchange then touches no timer heap at all;
- * only a deadline earlier than the armed one re-arms. */
+/* Sets the connection's one timeout (base/deadline.h: armed lazily). */
 static void conn_timer(sp_conn_t *c, int kind, double secs)
 {
-    c->timer_kind = kind;
     if (kind == T_NONE)
-        return;
-    c->timer_ms = (uint64_t)(secs * 1000.0);
-    if (c->timer_ms == 0)
-        c->timer_ms = 1;
-    uint64_t now = now_ms(c);
-    c->last_active = c->timer_start = now;
-    if (uv_is_active((uv_handle_t *)&c->timer) && uv_timer_get_due_in(&c->timer) <= c->timer_ms)
-        return;
-    uv_timer_start(&c->timer, on_conn_timer, c->timer_ms, 0);
+        sp_deadline_clear(&c->dl);
+    else
+        sp_deadline_set(&c->dl, kind, secs, kind == T_KEEPALIVE || kind == T_BODY);
 }
 
 void sp_conn_write_done(sp_conn_t *c)
 {
     c->writing = false;
-    if (c->timer_kind == T_SEND)
+    if (c->dl.kind == T_SEND)
         conn_timer(c, T_NONE, 0);
 }
 
@@ -599,7 +544,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     if (nread == 0)
         return;
-    c->last_active = now_ms(c);
+    sp_deadline_touch(&c->dl);
     if (c->state == CS_LINGER) {
         c->rpos = c->rlen = 0; /* discard */
         return;
@@ -1366,7 +1311,7 @@ static void step_body(sp_conn_t *c)
     if (c->rpos == c->rlen) {
         c->rpos = c->rlen = 0;
         sp_conn_read_start(c);
-        if (c->timer_kind != T_BODY)
+        if (c->dl.kind != T_BODY)
             conn_timer(c, T_BODY, sp_cfg.body_timeout);
         return;
     }
@@ -1392,7 +1337,7 @@ static void step_body(sp_conn_t *c)
             return; /* upstream.c has handled the failure */
     }
     if (r->body_done) {
-        if (c->timer_kind == T_BODY)
+        if (c->dl.kind == T_BODY)
             conn_timer(c, T_NONE, 0);
         /* Keep reading pipelined bytes into the free space, to notice a vanished client. */
         sp_conn_read_start(c);
@@ -1414,7 +1359,7 @@ unsigned sp_conn_take_body(sp_conn_t *c)
         r->niov = 0; /* the error stays in the parser: step_body reports it after the head */
         return 0;
     }
-    if (r->body_done && c->timer_kind == T_BODY)
+    if (r->body_done && c->dl.kind == T_BODY)
         conn_timer(c, T_NONE, 0);
     return r->niov;
 }
@@ -1428,7 +1373,7 @@ void sp_conn_resume_body(sp_conn_t *c)
         sp_conn_read_start(c);
         return;
     }
-    c->last_active = now_ms(c);
+    sp_deadline_touch(&c->dl);
     conn_process(c);
 }
 
@@ -1459,7 +1404,7 @@ static void step_read_body(sp_conn_t *c)
     if (!r->body_done && (!c->rbuf || c->rpos == c->rlen)) {
         c->rpos = c->rlen = 0;
         sp_conn_read_start(c);
-        if (c->timer_kind != T_BODY)
+        if (c->dl.kind != T_BODY)
             conn_timer(c, T_BODY, sp_cfg.body_timeout);
         return;
     }
@@ -1642,9 +1587,8 @@ void sp_conn_close(sp_conn_t *c)
     }
     request_done(c);
     sp_conn_read_stop(c);
-    uv_timer_stop(&c->timer);
     uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
-    uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+    sp_deadline_close(&c->dl, on_conn_handle_closed);
 }
 
 static void on_shutdown(uv_shutdown_t *sr, int status)
@@ -1788,8 +1732,7 @@ static void conn_start(sp_conn_t *c)
 {
     sp_worker_t *w = c->w;
     int open = atomic_fetch_add(&sp_open_connections, 1) + 1;
-    uv_timer_init(&w->loop, &c->timer);
-    c->timer.data = c;
+    sp_deadline_init(&c->dl, &w->loop, on_conn_timer, c);
     c->handles = 2;
     c->next = w->conns;
     if (w->conns)

@@ -51,6 +51,8 @@ static void random_id(char out[16])
     }
 }
 
+void sp_trace_random_id(char out[16]) { random_id(out); }
+
 static bool lower_hex(const char *p, size_t n)
 {
     for (size_t i = 0; i < n; i++)

@@ -38,6 +38,7 @@ static void up_close(sp_upconn_t *u);
 static void up_connect_start(sp_upconn_t *u);
 static void up_send_head(sp_upconn_t *u);
 static void up_timer(sp_upconn_t *u, int kind, double secs);
+static void on_up_timer(sp_deadline_t *d, int kind);
 
 /* ---------------------------------------------------------------- pool keys */
 
@@ -148,11 +149,10 @@ static void up_close(sp_upconn_t *u)
     up_detach(u);
     if (u->state == US_IDLE && u->key && (u->prev || u->next || u->key->idle == u))
         idle_unlink(u);
-    uv_timer_stop(&u->timer);
     if (u->state == US_RESOLVING)
         uv_cancel((uv_req_t *)&u->gai); /* its callback still runs and drops the last ref */
     uv_close((uv_handle_t *)&u->tcp, on_up_handle_closed);
-    uv_close((uv_handle_t *)&u->timer, on_up_handle_closed);
+    sp_deadline_close(&u->dl, on_up_handle_closed);
 }
 
 static sp_upconn_t *up_new(sp_worker_t *w, sp_upkey_t *key)
@@ -161,9 +161,8 @@ static sp_upconn_t *up_new(sp_worker_t *w, sp_upkey_t *key)
     u->w = w;
     u->key = key;
     uv_tcp_init(&w->loop, &u->tcp);
-    uv_timer_init(&w->loop, &u->timer);
+    sp_deadline_init(&u->dl, &w->loop, on_up_timer, u);
     u->tcp.data = u;
-    u->timer.data = u;
     u->handles = 2;
     u->state = US_NEW;
     return u;
@@ -240,20 +239,11 @@ static double req_timeout(const sp_request_t *r, double per_request, double def)
     return per_request > 0 ? per_request : def;
 }
 
-static void on_up_timer(uv_timer_t *t)
+/* Inactivity timeouts (idle, tunnel, first byte) count from the last read; the others from
+ * when they were set. */
+static void on_up_timer(sp_deadline_t *d, int kind)
 {
-    sp_upconn_t *u = t->data;
-    uint64_t now = uv_now(&u->w->loop);
-    int kind = u->timer_kind;
-    if (kind == UT_NONE)
-        return; /* cleared since it was armed */
-    /* Inactivity timeouts count from the last read; the others from when they were set. */
-    bool idle_kind = kind == UT_IDLE || kind == UT_TUNNEL || kind == UT_FIRST_BYTE;
-    uint64_t deadline = (idle_kind ? u->last_active : u->timer_start) + u->timer_ms;
-    if (now < deadline) {
-        uv_timer_start(&u->timer, on_up_timer, deadline - now, 0);
-        return;
-    }
+    sp_upconn_t *u = d->timer.data;
     switch (kind) {
     case UT_CONNECT: up_fail(u, SP_ERR_CONNECT_TIMEOUT, 504); break;
     case UT_FIRST_BYTE: up_fail(u, SP_ERR_FIRST_BYTE_TIMEOUT, 504); break;
@@ -265,20 +255,15 @@ static void on_up_timer(uv_timer_t *t)
     }
 }
 
-/* The connection's one timeout, armed lazily like the client side's (conn_timer in server.c):
- * no timer heap work per request unless a deadline moves earlier. */
+/* The connection's one timeout (base/deadline.h: armed lazily, no timer heap work per request
+ * unless a deadline moves earlier). */
 static void up_timer(sp_upconn_t *u, int kind, double secs)
 {
-    u->timer_kind = kind;
     if (kind == UT_NONE)
-        return;
-    u->timer_ms = (uint64_t)(secs * 1000.0);
-    if (u->timer_ms == 0)
-        u->timer_ms = 1;
-    u->last_active = u->timer_start = uv_now(&u->w->loop);
-    if (uv_is_active((uv_handle_t *)&u->timer) && uv_timer_get_due_in(&u->timer) <= u->timer_ms)
-        return;
-    uv_timer_start(&u->timer, on_up_timer, u->timer_ms, 0);
+        sp_deadline_clear(&u->dl);
+    else
+        sp_deadline_set(&u->dl, kind, secs,
+                        kind == UT_IDLE || kind == UT_TUNNEL || kind == UT_FIRST_BYTE);
 }
 
 /* ---------------------------------------------------------------- connecting */
@@ -296,6 +281,9 @@ static void on_connect(uv_connect_t *cr, int status)
     if (status == 0) {
         u->state = US_ACTIVE;
         r->t_connected = uv_hrtime();
+        if (r->t_forward && r->t_connected >= r->t_forward)
+            sp_stat_observe(u->w->stats.upconnect, sp_upconnect_bounds_ns, SP_UPC_BUCKETS,
+                            &u->w->stats.upconnect_sum_us, r->t_connected - r->t_forward);
         uv_tcp_nodelay(&u->tcp, 1);
         up_timer(u, UT_NONE, 0);
         up_send_head(u);
@@ -307,6 +295,8 @@ static void on_connect(uv_connect_t *cr, int status)
         double delay = sp_cfg.connect_retry_delay;
         for (int i = 1; i < r->connect_tries; i++)
             delay *= 2;
+        sp_log(SP_LOG_DEBUG, "upstream connect refused: retrying", "s:upstream",
+               r->upstream_addr, "i:try", (int64_t)r->connect_tries, "d:delay", delay, NULL);
         sp_upconn_t *n = up_new(u->w, u->key);
         up_detach(u);
         up_close(u);
@@ -741,7 +731,7 @@ static void on_body_written(uv_write_t *wr, int status)
         up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
         return;
     }
-    u->last_active = uv_now(&u->w->loop);
+    sp_deadline_touch(&u->dl);
     if (u->req->conn)
         sp_conn_resume_body(u->req->conn);
 }
@@ -753,7 +743,7 @@ int sp_upstream_write_body(sp_request_t *r)
         return -1;
     for (unsigned i = 0; i < r->niov; i++)
         r->body_forwarded += r->iov[i].len;
-    u->last_active = uv_now(&u->w->loop);
+    sp_deadline_touch(&u->dl);
     int rc = up_write(u, r->iov, r->niov, on_body_written);
     if (rc < 0) {
         up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
@@ -781,7 +771,7 @@ int sp_upstream_tunnel_write(sp_request_t *r, uv_buf_t *bufs, unsigned n)
     sp_upconn_t *u = r->up;
     if (!u)
         return -1;
-    u->last_active = uv_now(&u->w->loop);
+    sp_deadline_touch(&u->dl);
     int rc = up_write(u, bufs, n, on_tunnel_up_written);
     if (rc < 0) {
         up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
@@ -964,7 +954,136 @@ static const llhttp_settings_t response_settings = {
     .on_message_complete = rcb_message_complete,
 };
 
+/* ---------------------------------------------------------------- response prefix
+ * req:set_response_prefix(P) (path routing in strip mode): the sandbox answers as if it were
+ * served at "/", so its Location and Set-Cookie Path are put back under P. Headers only, never
+ * a body; nothing here runs unless the script asked. */
+
+const char *sp_request_response_prefix(const sp_request_t *r, size_t *plen)
+{
+    if (!r->resp_prefix)
+        return NULL;
+    const char *found = NULL;
+    size_t i = 0;
+    while (i < r->extra.len) {
+        char op = r->extra.p[i];
+        const char *name = r->extra.p + i + 1;
+        size_t nlen = strlen(name);
+        const char *val = name + nlen + 1;
+        size_t vlen = strlen(val);
+        if (op == 'P') {
+            found = val;
+            *plen = vlen;
+        }
+        i += 1 + nlen + 1 + vlen + 1;
+    }
+    return found;
+}
+
+/* True when path p is already under the prefix: equal to it, or it followed by '/', '?', '#'. */
+static bool under_prefix(const char *p, size_t l, const char *pre, size_t pl)
+{
+    return l >= pl && memcmp(p, pre, pl) == 0 &&
+           (l == pl || p[pl] == '/' || p[pl] == '?' || p[pl] == '#');
+}
+
+/* Location: a path-absolute reference ("/x"; not "//host") or an absolute http(s) URL whose
+ * authority is the request's own Host gets the prefix in front of its path. False: relay the
+ * value as it is (relative references resolve under the prefix by themselves). */
+static bool emit_location(const sp_request_t *r, sp_buf_t *o, const char *v, size_t vl,
+                          const char *pre, size_t pl)
+{
+    size_t at;
+    if (vl >= 1 && v[0] == '/') {
+        if (vl >= 2 && (v[1] == '/' || v[1] == '\\'))
+            return false;
+        at = 0;
+    } else {
+        size_t s = (vl > 7 && strncasecmp(v, "http://", 7) == 0)    ? 7
+                   : (vl > 8 && strncasecmp(v, "https://", 8) == 0) ? 8
+                                                                   : 0;
+        if (!s)
+            return false;
+        size_t e = s;
+        while (e < vl && v[e] != '/' && v[e] != '?' && v[e] != '#')
+            e++;
+        size_t hl = 0;
+        const char *host = sp_request_header(r, "host", 4, &hl);
+        if (!host || hl != e - s || strncasecmp(host, v + s, hl) != 0)
+            return false;
+        at = e;
+    }
+    if (under_prefix(v + at, vl - at, pre, pl))
+        return false;
+    sp_buf_add(o, v, at);
+    sp_buf_add(o, pre, pl);
+    if (at == vl || v[at] != '/')
+        sp_buf_addc(o, '/');
+    sp_buf_add(o, v + at, vl - at);
+    return true;
+}
+
+static bool is_ows(char c) { return c == ' ' || c == '\t'; }
+
+/* Set-Cookie: every Path attribute that starts with '/' and is not under the prefix gets it
+ * in front ("Path=/" becomes "Path=<prefix>"); the rest of the value is relayed as it is. */
+static void emit_set_cookie(sp_buf_t *o, const char *v, size_t vl, const char *pre, size_t pl)
+{
+    size_t done = 0, i = 0;
+    const char *semi;
+    while (i < vl && (semi = memchr(v + i, ';', vl - i)) != NULL) {
+        size_t a = (size_t)(semi - v) + 1;
+        while (a < vl && is_ows(v[a]))
+            a++;
+        size_t end = a;
+        while (end < vl && v[end] != ';')
+            end++;
+        i = end;
+        if (end - a < 5 || strncasecmp(v + a, "path", 4) != 0)
+            continue;
+        size_t k = a + 4;
+        while (k < end && is_ows(v[k]))
+            k++;
+        if (k == end || v[k] != '=')
+            continue;
+        k++;
+        while (k < end && is_ows(v[k]))
+            k++;
+        size_t ve = end;
+        while (ve > k && is_ows(v[ve - 1]))
+            ve--;
+        if (ve == k || v[k] != '/' || under_prefix(v + k, ve - k, pre, pl))
+            continue;
+        sp_buf_add(o, v + done, k - done);
+        sp_buf_add(o, pre, pl);
+        if (ve - k > 1)
+            sp_buf_add(o, v + k, ve - k);
+        done = ve;
+    }
+    sp_buf_add(o, v + done, vl - done);
+}
+
+void sp_response_header_value(const sp_request_t *r, const char *pre, size_t plen, const char *n,
+                              size_t l, const char *v, size_t vl, sp_buf_t *o)
+{
+    if (pre && l == 10 && sp_ieq(n, l, "set-cookie"))
+        emit_set_cookie(o, v, vl, pre, plen);
+    else if (!(pre && l == 8 && sp_ieq(n, l, "location") && emit_location(r, o, v, vl, pre, plen)))
+        sp_buf_add(o, v, vl);
+}
+
 /* Builds the client's response head from the parsed upstream head into r->out. */
+/* The final response head (or a 101) is in: the time to first byte, in the record and in the
+ * upstream_first_byte histogram (from the moment forwarding began). */
+static void mark_first_byte(sp_upconn_t *u)
+{
+    sp_request_t *r = u->req;
+    r->t_first_byte = uv_hrtime();
+    if (r->t_forward && r->t_first_byte >= r->t_forward)
+        sp_stat_observe(u->w->stats.upfirst, sp_upfirst_bounds_ns, SP_UPF_BUCKETS,
+                        &u->w->stats.upfirst_sum_us, r->t_first_byte - r->t_forward);
+}
+
 static void build_response_head(sp_upconn_t *u)
 {
     sp_request_t *r = u->req;
@@ -1007,6 +1126,8 @@ static void build_response_head(sp_upconn_t *u)
     /* RFC 9112 6.1, 6.2: no Content-Length (nor Transfer-Encoding) on a 204; a 304 and a
      * response to HEAD keep their Content-Length (it describes the body a GET would get). */
     bool no_length = r->resp_decode || r->resp_status == 204;
+    size_t plen = 0;
+    const char *pre = sp_request_response_prefix(r, &plen);
     for (uint32_t i = 0; i < r->nrhdrs; i++) {
         const sp_hdr_t *h = &r->rhdrs[i];
         const char *n = r->resp_head.p + h->name_off;
@@ -1020,7 +1141,7 @@ static void build_response_head(sp_upconn_t *u)
             continue; /* ours is added below: one id per exchange */
         sp_buf_add(o, n, l);
         sp_buf_lit(o, ": ");
-        sp_buf_add(o, r->resp_head.p + h->value_off, h->value_len);
+        sp_response_header_value(r, pre, plen, n, l, r->resp_head.p + h->value_off, h->value_len, o);
         sp_buf_lit(o, "\r\n");
     }
     if (upgrade) {
@@ -1133,7 +1254,7 @@ static void on_client_written(uv_write_t *wr, int status)
     if (!r || !r->up)
         return;
     sp_upconn_t *u = r->up;
-    u->last_active = uv_now(&u->w->loop);
+    sp_deadline_touch(&u->dl);
     if (u->state != US_TUNNEL && (u->rflags & RESP_MSG_DONE)) {
         up_complete(u);
         return;
@@ -1230,6 +1351,7 @@ static void up_step(sp_upconn_t *u)
         }
         if (e == HPE_PAUSED_UPGRADE && r->resp_status == 101 && r->upgrade) {
             u->pos = (uint32_t)(llhttp_get_error_pos(&u->parser) - u->buf);
+            mark_first_byte(u);
             build_response_head(u);
             r->iov[r->niov++] = uv_buf_init(r->out.p, (unsigned)r->out.len);
             if (u->pos < u->len) {
@@ -1256,7 +1378,7 @@ static void up_step(sp_upconn_t *u)
             u->process_again = true; /* an interim (1xx) response was skipped */
             return;
         }
-        r->t_first_byte = uv_hrtime();
+        mark_first_byte(u);
         build_response_head(u);
         r->resp_head_sent = true;
         r->iov[r->niov++] = uv_buf_init(r->out.p, (unsigned)r->out.len);
@@ -1359,7 +1481,7 @@ static void up_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     u->len += (uint32_t)nread;
     u->got_bytes = true;
-    u->last_active = uv_now(&u->w->loop);
+    sp_deadline_touch(&u->dl);
     if (u->len == u->cap)
         up_read_stop(u);
     up_process(u);

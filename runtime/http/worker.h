@@ -29,6 +29,13 @@ enum { SP_M_GET, SP_M_HEAD, SP_M_POST, SP_M_PUT, SP_M_PATCH, SP_M_DELETE, SP_M_O
        SP_M_OTHER, SP_M_COUNT };
 #define SP_LAT_BUCKETS 13
 extern const double sp_latency_bounds[SP_LAT_BUCKETS];
+/* Upstream timing histograms (upper bounds in ns, +Inf last): connect (a new connection,
+ * refused-connect retries included) and first byte (the response head), both measured from
+ * the moment forwarding began (r->t_forward). */
+#define SP_UPC_BUCKETS 14
+#define SP_UPF_BUCKETS 16
+extern const uint64_t sp_upconnect_bounds_ns[SP_UPC_BUCKETS];
+extern const uint64_t sp_upfirst_bounds_ns[SP_UPF_BUCKETS];
 extern const char *const sp_method_names[SP_M_COUNT];
 
 typedef struct sp_worker_stats {
@@ -38,12 +45,28 @@ typedef struct sp_worker_stats {
     sp_counter_t latency_sum_us;
     sp_counter_t upstream_connect_errors;
     sp_counter_t upstream_timeouts;
+    sp_counter_t upconnect[SP_UPC_BUCKETS + 1]; /* new upstream connections by connect time */
+    sp_counter_t upconnect_sum_us;
+    sp_counter_t upfirst[SP_UPF_BUCKETS + 1];   /* forwarded requests by time to response head */
+    sp_counter_t upfirst_sum_us;
     sp_counter_t script_errors;
     sp_counter_t parse_errors;
     sp_counter_t accesslog_dropped;
     sp_counter_t trace_spans_exported; /* spans the OTLP receiver accepted */
     sp_counter_t trace_spans_dropped;  /* spans dropped: queue full or a failed export */
 } sp_worker_stats_t;
+
+/* Adds one observation of ns nanoseconds to a histogram of n bounds (buckets[n]: +Inf). A few
+ * integer compares and two relaxed stores: no lock, no allocation. */
+static inline void sp_stat_observe(sp_counter_t *buckets, const uint64_t *bounds_ns, int n,
+                                   sp_counter_t *sum_us, uint64_t ns)
+{
+    int b = 0;
+    while (b < n && ns > bounds_ns[b])
+        b++;
+    SP_STAT_ADD(buckets[b], 1);
+    SP_STAT_ADD(*sum_us, ns / 1000);
+}
 
 struct sp_worker {
     int id;

@@ -155,15 +155,40 @@ static int c_settings(lua_State *L)
     return 1;
 }
 
+/* A histogram's buckets as { {le, n}, ..., {"+Inf", n} } (n per bucket, not cumulative), and
+ * its sum in seconds as field sum_name. */
+static void push_histogram(lua_State *L, const uint64_t *bounds_ns, int n, const uint64_t *counts,
+                           uint64_t sum_us, const char *name, const char *sum_name)
+{
+    lua_createtable(L, n + 1, 0);
+    for (int b = 0; b <= n; b++) {
+        lua_createtable(L, 2, 0);
+        if (b < n)
+            lua_pushnumber(L, (double)bounds_ns[b] / 1e9);
+        else
+            lua_pushstring(L, "+Inf");
+        lua_rawseti(L, -2, 1);
+        lua_pushnumber(L, (double)counts[b]);
+        lua_rawseti(L, -2, 2);
+        lua_rawseti(L, -2, b + 1);
+    }
+    lua_setfield(L, -2, name);
+    lua_pushnumber(L, (double)sum_us / 1e6);
+    lua_setfield(L, -2, sum_name);
+}
+
 /* core.stats(): the counters of every worker added up, and the process-wide gauges:
  * { requests, by_method = { GET = { [1..5] = n, none = n }, ... }, latency_buckets = { {le, n} },
- *   latency_sum, upstream_connect_errors, upstream_timeouts, script_errors, parse_errors,
+ *   latency_sum, upstream_connect_buckets, upstream_connect_sum, upstream_first_byte_buckets,
+ *   upstream_first_byte_sum (the same shape), upstream_connect_errors, upstream_timeouts,
+ *   script_errors, parse_errors,
  *   accesslog_dropped, trace_spans_exported, trace_spans_dropped, open_connections, open_tunnels, lua_memory (this worker's state) } */
 static int c_stats(lua_State *L)
 {
     sp_vm_t *vm = sp_vm_of(L);
     uint64_t req = 0, mc[SP_M_COUNT][6] = {{0}}, lat[SP_LAT_BUCKETS + 1] = {0}, sum = 0;
     uint64_t ce = 0, to = 0, se = 0, pe = 0, drop = 0, active = 0, tx = 0, tdrop = 0;
+    uint64_t upc[SP_UPC_BUCKETS + 1] = {0}, upc_sum = 0, upf[SP_UPF_BUCKETS + 1] = {0}, upf_sum = 0;
     int n = sp_workers_count();
     for (int i = 0; i < n; i++) {
         sp_worker_t *w = sp_worker_get(i);
@@ -176,6 +201,12 @@ static int c_stats(lua_State *L)
         for (int b = 0; b <= SP_LAT_BUCKETS; b++)
             lat[b] += SP_STAT_GET(w->stats.latency[b]);
         sum += SP_STAT_GET(w->stats.latency_sum_us);
+        for (int b = 0; b <= SP_UPC_BUCKETS; b++)
+            upc[b] += SP_STAT_GET(w->stats.upconnect[b]);
+        upc_sum += SP_STAT_GET(w->stats.upconnect_sum_us);
+        for (int b = 0; b <= SP_UPF_BUCKETS; b++)
+            upf[b] += SP_STAT_GET(w->stats.upfirst[b]);
+        upf_sum += SP_STAT_GET(w->stats.upfirst_sum_us);
         ce += SP_STAT_GET(w->stats.upstream_connect_errors);
         to += SP_STAT_GET(w->stats.upstream_timeouts);
         se += SP_STAT_GET(w->stats.script_errors);
@@ -215,6 +246,10 @@ static int c_stats(lua_State *L)
     lua_setfield(L, -2, "latency_buckets");
     lua_pushnumber(L, (double)sum / 1e6);
     lua_setfield(L, -2, "latency_sum");
+    push_histogram(L, sp_upconnect_bounds_ns, SP_UPC_BUCKETS, upc, upc_sum,
+                   "upstream_connect_buckets", "upstream_connect_sum");
+    push_histogram(L, sp_upfirst_bounds_ns, SP_UPF_BUCKETS, upf, upf_sum,
+                   "upstream_first_byte_buckets", "upstream_first_byte_sum");
 #define F(name, v)                                                                                \
     lua_pushnumber(L, (double)(v));                                                               \
     lua_setfield(L, -2, name)
@@ -258,6 +293,7 @@ static int c_read_body(lua_State *L)
         return 2;
     }
     t->wait = &sp_vm_body_wait;
+    t->on_abort = sp_vm_body_abort;
     return lua_yield(L, 0);
 }
 
@@ -385,36 +421,26 @@ static int f_stat(lua_State *L)
 }
 
 typedef struct fswatch {
+    sp_owned_t owned; /* first: the state's list holds watches by this */
     sp_fswatch_t *fw;
     sp_vm_t *vm;
     int fn_ref;
     char *path;
-    struct fswatch *next;
 } fswatch_t;
-
-static fswatch_t *watches_of(sp_vm_t *vm, fswatch_t *set, bool assign)
-{
-    static char key;
-    lua_State *L = vm->L;
-    lua_pushlightuserdata(L, &key);
-    if (assign) {
-        lua_pushlightuserdata(L, set);
-        lua_rawset(L, LUA_REGISTRYINDEX);
-        return set;
-    }
-    lua_rawget(L, LUA_REGISTRYINDEX);
-    fswatch_t *w = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    return w;
-}
 
 static void fw_close(fswatch_t *w)
 {
+    sp_vm_disown(&w->owned);
     sp_fswatch_stop(w->fw); /* no callback after this */
     luaL_unref(w->vm->L, LUA_REGISTRYINDEX, w->fn_ref);
     free(w->path);
     free(w);
 }
+
+static void fw_owned_close(sp_owned_t *o) { fw_close((fswatch_t *)o); }
+
+/* A reload ends the watch: the new state makes its own. */
+static const sp_owned_ops_t fswatch_ops = {"fs.watch", fw_owned_close, fw_owned_close};
 
 /* The path itself (links followed): the directory watch also fires for its neighbours. */
 static uint64_t fw_sig(void *ud)
@@ -437,14 +463,8 @@ static int fw_cancel(lua_State *L)
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_getfield(L, 1, "_w");
     fswatch_t *w = lua_touserdata(L, -1);
-    sp_vm_t *vm = sp_vm_of(L);
-    fswatch_t *head = watches_of(vm, NULL, false);
-    for (fswatch_t *x = head, *prev = NULL; x; prev = x, x = x->next)
-        if (x == w) {
-            if (prev)
-                prev->next = x->next;
-            else
-                watches_of(vm, x->next, true);
+    SP_VM_EACH_OWNED(sp_vm_of(L), o)
+        if (o == &w->owned) {
             fw_close(w);
             lua_pushboolean(L, 1);
             return 1;
@@ -478,25 +498,13 @@ static int f_watch(lua_State *L)
     const char *dirs[1] = {dir};
     w->fw = sp_fswatch_start(&vm->w->loop, dirs, 1, 100, (unsigned)(poll_s * 1000), fw_sig,
                              fw_fire, w);
-    w->next = watches_of(vm, NULL, false);
-    watches_of(vm, w, true);
+    sp_vm_own(vm, &w->owned, &fswatch_ops);
     lua_createtable(L, 0, 2);
     lua_pushlightuserdata(L, w);
     lua_setfield(L, -2, "_w");
     lua_pushcfunction(L, fw_cancel);
     lua_setfield(L, -2, "cancel");
     return 1;
-}
-
-void sp_fs_close_all(sp_vm_t *vm)
-{
-    fswatch_t *w = watches_of(vm, NULL, false);
-    while (w) {
-        fswatch_t *n = w->next;
-        fw_close(w);
-        w = n;
-    }
-    watches_of(vm, NULL, true);
 }
 
 /* ---------------------------------------------------------------- fs.json_list

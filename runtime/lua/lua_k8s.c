@@ -17,6 +17,8 @@
 
 static sp_kube_t *g_kube;      /* the process's client */
 static sp_vm_t *g_owner;       /* the state (worker) that configured it */
+static sp_owned_t g_owned;     /* the client as a thing g_owner owns */
+static const sp_owned_ops_t client_ops;
 
 typedef struct lwatch {
     sp_kwatch_t *w;
@@ -98,6 +100,7 @@ static int k_configure(lua_State *L)
         return 2;
     }
     g_owner = vm;
+    sp_vm_own(vm, &g_owned, &client_ops);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -462,10 +465,11 @@ static int k_backoff(lua_State *L)
     return 1;
 }
 
-void sp_k8s_close_all(sp_vm_t *vm, bool resume)
+/* Ends the client with its watches and calls; resume: wake tasks waiting in k8s.request with
+ * ECANCELED (a reload); not at the state's end. */
+static void close_client(bool resume)
 {
-    if (vm != g_owner)
-        return;
+    sp_vm_disown(&g_owned);
     while (g_watches)
         lwatch_stop(g_watches);
     while (g_calls) {
@@ -487,6 +491,10 @@ void sp_k8s_close_all(sp_vm_t *vm, bool resume)
     g_kube = NULL;
     g_owner = NULL;
 }
+
+static void client_retire(sp_owned_t *o) { SP_UNUSED(o); close_client(true); }
+static void client_close(sp_owned_t *o) { SP_UNUSED(o); close_client(false); }
+static const sp_owned_ops_t client_ops = {"k8s client", client_retire, client_close};
 
 int luaopen_sp_k8s(lua_State *L)
 {

@@ -158,6 +158,33 @@ SP_EXPORT const char *sp_req_upstream_addr(const sp_request_t *r) { return r->up
 SP_EXPORT const char *sp_req_error(const sp_request_t *r) { return sp_error_names[r->error]; }
 SP_EXPORT int sp_req_worker(const sp_request_t *r) { return r->w->id; }
 
+/* The wake span: phase 0 marks the start of the hold (the first call only), phase 1 its end
+ * with the outcome (up to 15 bytes kept), whether this request's wake sent the PATCH, and the
+ * refused PATCH's status. Only wake.lua's held requests call it. */
+SP_EXPORT void sp_req_wake_mark(sp_request_t *r, int phase, const char *outcome, size_t olen,
+                                int patched, int status)
+{
+    if (phase == 0) {
+        if (!r->t_wake_start) {
+            r->t_wake_start = uv_hrtime();
+            r->t_wake_end = 0;
+            r->wake_outcome[0] = '\0';
+            r->wake_patched = false;
+            r->wake_status = 0;
+        }
+        return;
+    }
+    if (!r->t_wake_start)
+        return;
+    r->t_wake_end = uv_hrtime();
+    if (olen >= sizeof r->wake_outcome)
+        olen = sizeof r->wake_outcome - 1;
+    memcpy(r->wake_outcome, outcome, olen);
+    r->wake_outcome[olen] = '\0';
+    r->wake_patched = patched != 0;
+    r->wake_status = status;
+}
+
 /* The trace id (32 hex digits, not terminated) into out; 0 while tracing is off. */
 SP_EXPORT int sp_req_trace_id(sp_request_t *r, char *out)
 {
@@ -384,5 +411,30 @@ SP_EXPORT int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char
         sp_log_raw(1, b.p, b.len);
     }
     sp_buf_free(&b);
+    return 0;
+}
+
+/* req:set_response_prefix(prefix): the proxied response's Location (a path-absolute one, or an
+ * absolute URL on the request's own Host) and Set-Cookie Path get `prefix` put in front of
+ * their path unless it is already under it; "" turns it off. Kept as a 'P' entry of r->extra
+ * (no allocation of its own); the core looks at it only when resp_prefix is set. */
+SP_EXPORT int sp_req_set_response_prefix(sp_request_t *r, const char *p, size_t len)
+{
+    if (r->resp_head_sent || r->decision != SP_DECIDE_NONE)
+        return -EINVAL;
+    if (len == 0) {
+        r->resp_prefix = false;
+        return 0;
+    }
+    if (p[0] != '/' || p[len - 1] == '/' || len > 1024)
+        return -EINVAL;
+    for (size_t i = 0; i < len; i++)
+        if ((unsigned char)p[i] <= 0x20 || p[i] == 0x7f || p[i] == ';' || p[i] == ',')
+            return -EINVAL;
+    sp_buf_addc(&r->extra, 'P');
+    sp_buf_addc(&r->extra, '\0');
+    sp_buf_add(&r->extra, p, len);
+    sp_buf_addc(&r->extra, '\0');
+    r->resp_prefix = true;
     return 0;
 }

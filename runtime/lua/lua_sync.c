@@ -166,32 +166,14 @@ static int c_on(lua_State *L)
 /* ---------------------------------------------------------------- wait / signal */
 
 typedef struct waiter {
+    sp_owned_t owned; /* first: the state's list holds waiters by this */
     uv_timer_t timer;
     sp_task_t *task;
     sp_vm_t *vm;
     char *token;
     uint64_t seq;      /* registration order: a signal wakes only earlier waiters */
     bool done;
-    struct waiter *next, *prev;
 } waiter_t;
-
-static char waiters_key;
-
-static waiter_t **list_of(sp_vm_t *vm)
-{
-    lua_State *L = vm->L;
-    lua_pushlightuserdata(L, &waiters_key);
-    lua_rawget(L, LUA_REGISTRYINDEX);
-    waiter_t **head = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    if (!head) {
-        lua_pushlightuserdata(L, &waiters_key);
-        head = lua_newuserdata(L, sizeof *head);
-        *head = NULL;
-        lua_rawset(L, LUA_REGISTRYINDEX);
-    }
-    return head;
-}
 
 static void waiter_closed(uv_handle_t *h)
 {
@@ -202,26 +184,33 @@ static void waiter_closed(uv_handle_t *h)
 
 static void unlink_waiter(waiter_t *wt)
 {
-    waiter_t **head = list_of(wt->vm);
-    if (wt->prev)
-        wt->prev->next = wt->next;
-    else
-        *head = wt->next;
-    if (wt->next)
-        wt->next->prev = wt->prev;
+    sp_vm_disown(&wt->owned);
     wt->done = true;
     uv_timer_stop(&wt->timer);
     uv_close((uv_handle_t *)&wt->timer, waiter_closed);
 }
 
-char sp_sync_wait_marker;
+/* A waiter lives through a reload (its task finishes in the retired state); the state's end
+ * drops it without resuming. */
+static void waiter_owned_close(sp_owned_t *o) { unlink_waiter((waiter_t *)o); }
+
+static const sp_owned_ops_t waiter_ops = {"core.wait", NULL, waiter_owned_close};
+
+/* The request of a waiting task went away: wake it with ECONNRESET. */
+static void abort_wait(sp_task_t *task)
+{
+    unlink_waiter(task->wait);
+    lua_pushnil(task->co);
+    lua_pushstring(task->co, "ECONNRESET: the client went away");
+    sp_vm_resume(task, 2);
+}
+
 
 static void on_wait_timeout(uv_timer_t *t)
 {
     waiter_t *wt = t->data;
     sp_task_t *task = wt->task;
     unlink_waiter(wt);
-    task->wait = NULL;
     lua_pushnil(task->co);
     lua_pushstring(task->co, "ETIMEDOUT: nothing signalled in time");
     sp_vm_resume(task, 2);
@@ -249,15 +238,11 @@ static int c_wait(lua_State *L)
     wt->seq = __atomic_add_fetch(&next_seq, 1, __ATOMIC_RELAXED);
     uv_timer_init(&vm->w->loop, &wt->timer);
     wt->timer.data = wt;
-    waiter_t **head = list_of(vm);
-    wt->next = *head;
-    if (*head)
-        (*head)->prev = wt;
-    *head = wt;
+    sp_vm_own(vm, &wt->owned, &waiter_ops);
     if (timeout >= 0)
         uv_timer_start(&wt->timer, on_wait_timeout, (uint64_t)(timeout * 1000), 0);
-    task->wait = &sp_sync_wait_marker;
-    task->wait_handle = wt;
+    task->wait = wt;
+    task->on_abort = abort_wait; /* a held request (core.wait) is released at once */
     return lua_yield(L, 0);
 }
 
@@ -269,24 +254,26 @@ static int c_signal(lua_State *L)
     /* Wake the waiters registered before this call, in batches: a woken task may wait on the
      * same token again (a newer waiter, left for the next signal) or end other waits. */
     uint64_t horizon = 0;
-    for (waiter_t *wt = *list_of(vm); wt; wt = wt->next)
-        if (wt->seq > horizon)
-            horizon = wt->seq;
+    SP_VM_EACH_OWNED(vm, o)
+        if (o->ops == &waiter_ops && ((waiter_t *)o)->seq > horizon)
+            horizon = ((waiter_t *)o)->seq;
     waiter_t *ready[256];
     int n = 0, total = 0;
     for (;;) {
         n = 0;
-        for (waiter_t *wt = *list_of(vm); wt && n < (int)SP_ARRAY_LEN(ready); wt = wt->next)
-            if (!wt->done && wt->seq <= horizon && strlen(wt->token) == tl &&
-                memcmp(wt->token, token, tl) == 0)
+        SP_VM_EACH_OWNED(vm, o) {
+            if (n == (int)SP_ARRAY_LEN(ready))
+                break;
+            waiter_t *wt = (waiter_t *)o;
+            if (o->ops == &waiter_ops && !wt->done && wt->seq <= horizon &&
+                strlen(wt->token) == tl && memcmp(wt->token, token, tl) == 0)
                 ready[n++] = wt;
+        }
         if (n == 0)
             break;
         for (int i = 0; i < n; i++) {
             sp_task_t *task = ready[i]->task;
             unlink_waiter(ready[i]);
-            task->wait = NULL;
-            task->wait_handle = NULL;
             if (lua_isnoneornil(L, 2))
                 lua_pushboolean(task->co, 1);
             else {
@@ -299,28 +286,6 @@ static int c_signal(lua_State *L)
     }
     lua_pushinteger(L, total);
     return 1;
-}
-
-/* The request of a waiting task went away: wake it with ECONNRESET. */
-void sp_sync_abort_wait(sp_task_t *task)
-{
-    waiter_t *wt = task->wait_handle;
-    if (task->wait != &sp_sync_wait_marker || !wt)
-        return;
-    unlink_waiter(wt);
-    task->wait = NULL;
-    task->wait_handle = NULL;
-    lua_pushnil(task->co);
-    lua_pushstring(task->co, "ECONNRESET: the client went away");
-    sp_vm_resume(task, 2);
-}
-
-/* Drops every waiter of vm without resuming (state destruction). */
-void sp_sync_close_all(sp_vm_t *vm)
-{
-    waiter_t **head = list_of(vm);
-    while (*head)
-        unlink_waiter(*head);
 }
 
 /* core.in_task() -> true when the caller may wait (it runs in a hook's or timer's task) */

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 
 typedef struct ltimer {
+    sp_owned_t owned; /* first: the state's list holds timers by this */
     uv_timer_t h;
     sp_vm_t *vm;
     int fn_ref;      /* table {fn, args...} in the registry */
@@ -17,30 +18,7 @@ typedef struct ltimer {
     bool repeat;
     bool closed;
     sp_task_t *sleeper;
-    struct ltimer *next, *prev;
 } ltimer_t;
-
-typedef struct timer_list {
-    ltimer_t *head;
-} timer_list_t;
-
-static timer_list_t *list_of(sp_vm_t *vm)
-{
-    /* the list lives in the registry as a full userdata so it dies with the state */
-    static char key;
-    lua_State *L = vm->L;
-    lua_pushlightuserdata(L, &key);
-    lua_rawget(L, LUA_REGISTRYINDEX);
-    timer_list_t *tl = lua_touserdata(L, -1);
-    lua_pop(L, 1);
-    if (!tl) {
-        lua_pushlightuserdata(L, &key);
-        tl = lua_newuserdata(L, sizeof *tl);
-        tl->head = NULL;
-        lua_rawset(L, LUA_REGISTRYINDEX);
-    }
-    return tl;
-}
 
 static void on_closed(uv_handle_t *h) { free(h->data); }
 
@@ -50,13 +28,7 @@ static void timer_close(ltimer_t *t)
         return;
     t->closed = true;
     sp_vm_t *vm = t->vm;
-    timer_list_t *tl = list_of(vm);
-    if (t->prev)
-        t->prev->next = t->next;
-    else
-        tl->head = t->next;
-    if (t->next)
-        t->next->prev = t->prev;
+    sp_vm_disown(&t->owned);
     vm->ntimers--;
     if (t->fn_ref != LUA_NOREF)
         luaL_unref(vm->L, LUA_REGISTRYINDEX, t->fn_ref);
@@ -64,6 +36,18 @@ static void timer_close(ltimer_t *t)
     uv_timer_stop(&t->h);
     uv_close((uv_handle_t *)&t->h, on_closed);
 }
+
+/* A reload ends timer.after / timer.every timers and keeps sleeps (their tasks finish). */
+static void timer_retire(sp_owned_t *o)
+{
+    ltimer_t *t = (ltimer_t *)o;
+    if (!t->sleeper)
+        timer_close(t);
+}
+
+static void timer_owned_close(sp_owned_t *o) { timer_close((ltimer_t *)o); }
+
+static const sp_owned_ops_t timer_ops = {"timer", timer_retire, timer_owned_close};
 
 static ltimer_t *timer_new(lua_State *L, sp_vm_t *vm)
 {
@@ -76,11 +60,7 @@ static ltimer_t *timer_new(lua_State *L, sp_vm_t *vm)
     t->fn_ref = LUA_NOREF;
     uv_timer_init(&vm->w->loop, &t->h);
     t->h.data = t;
-    timer_list_t *tl = list_of(vm);
-    t->next = tl->head;
-    if (tl->head)
-        tl->head->prev = t;
-    tl->head = t;
+    sp_vm_own(vm, &t->owned, &timer_ops);
     vm->ntimers++;
     return t;
 }
@@ -156,8 +136,8 @@ static int handle_cancel(lua_State *L)
     lua_getfield(L, 1, "_t");
     ltimer_t *t = lua_touserdata(L, -1);
     sp_vm_t *vm = sp_vm_of(L);
-    for (ltimer_t *x = list_of(vm)->head; x; x = x->next)
-        if (x == t) {
+    SP_VM_EACH_OWNED(vm, o)
+        if (o == &t->owned) {
             timer_close(t);
             lua_pushboolean(L, 1);
             return 1;
@@ -182,25 +162,6 @@ static int l_sleep(lua_State *L)
     t->sleeper = task;
     uv_timer_start(&t->h, on_timer, ms, 0);
     return lua_yield(L, 0);
-}
-
-void sp_timer_close_all(sp_vm_t *vm)
-{
-    timer_list_t *tl = list_of(vm);
-    while (tl->head)
-        timer_close(tl->head);
-}
-
-void sp_timer_close_services(sp_vm_t *vm)
-{
-    timer_list_t *tl = list_of(vm);
-    ltimer_t *t = tl->head;
-    while (t) {
-        ltimer_t *n = t->next;
-        if (!t->sleeper)
-            timer_close(t);
-        t = n;
-    }
 }
 
 int luaopen_sp_timer(lua_State *L)

@@ -140,6 +140,7 @@ static sp_task_t *task_get(sp_vm_t *vm, sp_task_kind_t kind)
     t->aborted = false;
     t->running = true;
     t->wait = NULL;
+    t->on_abort = NULL;
     t->out_prev = NULL;
     t->out_next = vm->out;
     if (vm->out)
@@ -246,6 +247,8 @@ static int task_run(sp_task_t *t, int nargs, bool sync)
     sp_vm_t *vm = t->vm;
     sp_task_t *prev = vm->current;
     vm->current = t;
+    t->wait = NULL; /* whatever it waited on has ended */
+    t->on_abort = NULL;
     t->started_ns = uv_hrtime();
     if (vm->w)
         watch_begin(vm, t);
@@ -385,15 +388,15 @@ static void hook_body_ready(sp_request_t *r, int err)
     }
 }
 
+void sp_vm_body_abort(sp_task_t *t) { hook_body_ready(t->req, -ECONNRESET); }
+
 static void hook_abort(sp_request_t *r)
 {
     sp_task_t *t = r->script;
     if (t && t->req == r && t->req_gen == r->gen) {
         t->aborted = true;
-        if (t->wait == &sp_vm_body_wait)
-            hook_body_ready(r, -ECONNRESET);
-        else
-            sp_sync_abort_wait(t); /* a held request (core.wait) is released at once */
+        if (t->on_abort) /* a suspended wait ends at once (read_body, core.wait) */
+            t->on_abort(t);
     }
 }
 
@@ -545,6 +548,7 @@ sp_vm_t *sp_vm_create(sp_worker_t *w, const char *entry, char *err, size_t errle
 {
     sp_vm_t *vm = sp_calloc(1, sizeof *vm);
     vm->w = w;
+    vm->owned.next = vm->owned.prev = &vm->owned;
     vm->mem_limit = (size_t)sp_cfg.lua_memory_limit_mb * 1024 * 1024;
     vm->on_request_ref = vm->on_log_ref = vm->init_ref = LUA_NOREF;
     lua_State *L = luaL_newstate();
@@ -579,8 +583,7 @@ sp_vm_t *sp_vm_create(sp_worker_t *w, const char *entry, char *err, size_t errle
         lua_pushnil(L);
     if (lua_pcall(L, 1, entry ? 2 : 0, 1)) {
         snprintf(err, errlen, "%s", lua_tostring(L, -1));
-        lua_close(L);
-        free(vm);
+        sp_vm_destroy(vm); /* with whatever the scripts' loading started */
         return NULL;
     }
     if (!entry) {
@@ -671,13 +674,66 @@ int sp_vm_check(sp_vm_t *vm)
     return problems;
 }
 
+void sp_vm_own(sp_vm_t *vm, sp_owned_t *o, const sp_owned_ops_t *ops)
+{
+    o->ops = ops;
+    o->vm = vm;
+    o->retired = false;
+    o->prev = vm->owned.prev;
+    o->next = &vm->owned;
+    vm->owned.prev->next = o;
+    vm->owned.prev = o;
+}
+
+void sp_vm_disown(sp_owned_t *o)
+{
+    if (!o->next)
+        return;
+    o->prev->next = o->next;
+    o->next->prev = o->prev;
+    o->next = o->prev = NULL;
+}
+
+/* A retire may resume tasks, which may own new things or end others: each pass takes what is
+ * not yet retired into a list of its own and retires it one by one; things owned during a pass
+ * are retired by the next one. */
 void sp_vm_retire(sp_vm_t *vm)
 {
     vm->retiring = true;
     vm->retire_started = uv_hrtime();
-    sp_k8s_close_all(vm, true);
-    sp_timer_close_services(vm);
-    sp_fs_close_all(vm);
+    for (;;) {
+        sp_owned_t pending = {.next = &pending, .prev = &pending};
+        for (sp_owned_t *o = vm->owned.next, *n; o != &vm->owned; o = n) {
+            n = o->next;
+            if (o->retired)
+                continue;
+            sp_vm_disown(o);
+            o->prev = pending.prev;
+            o->next = &pending;
+            pending.prev->next = o;
+            pending.prev = o;
+        }
+        if (pending.next == &pending)
+            break;
+        while (pending.next != &pending) {
+            sp_owned_t *o = pending.next;
+            sp_vm_disown(o);
+            sp_vm_own(vm, o, o->ops);
+            o->retired = true;
+            if (o->ops->retire)
+                o->ops->retire(o);
+        }
+    }
+}
+
+/* Ends everything the state owns, without calling Lua. */
+static void close_owned(sp_vm_t *vm)
+{
+    while (vm->owned.next != &vm->owned) {
+        sp_owned_t *o = vm->owned.next;
+        sp_vm_disown(o);
+        o->ops->close(o);
+    }
 }
 
 bool sp_vm_idle(const sp_vm_t *vm) { return vm->nout == 0 && vm->nreq_refs == 0; }
@@ -713,10 +769,7 @@ void sp_vm_destroy(sp_vm_t *vm)
 {
     if (!vm)
         return;
-    sp_sync_close_all(vm);
-    sp_k8s_close_all(vm, false);
-    sp_timer_close_all(vm);
-    sp_fs_close_all(vm);
+    close_owned(vm);
     while (vm->out)
         task_put(vm->out, false);
     lua_close(vm->L);

@@ -29,14 +29,36 @@ struct sp_task {
     bool aborted;          /* the client went away */
     bool running;
     uint64_t started_ns;   /* when the current resume began (time budget) */
-    void *wait;            /* what the task is suspended on (timer, wake wait); owner-defined */
-    void *wait_handle;     /* core.wait's waiter */
+    void *wait;            /* what the task is suspended on (a waiter, a call); the binding's */
+    /* Called when the task's request goes away while it is suspended (the client aborted), so
+     * the binding ends the wait at once; NULL: the task runs on and sees `aborted`. Both are
+     * cleared whenever the task is resumed. */
+    void (*on_abort)(sp_task_t *t);
     char where[96];        /* a timer task's function ("file:line"), for the stuck report */
     struct sp_task *out_next, *out_prev; /* the vm's list of tasks out of the pool */
 };
 
+/* Something a Lua state owns on the loop: a timer, a file watch, a core.wait waiter, the
+ * Kubernetes client. Its binding embeds an sp_owned_t, links it with sp_vm_own and unlinks it
+ * with sp_vm_disown; the state then ends it however the state ends: ops->retire at a reload
+ * (NULL: it lives on until the state is destroyed) and ops->close at destruction (release
+ * without calling Lua). A new binding touches only its own file. */
+typedef struct sp_owned sp_owned_t;
+typedef struct sp_owned_ops {
+    const char *what;
+    void (*retire)(sp_owned_t *o);
+    void (*close)(sp_owned_t *o);
+} sp_owned_ops_t;
+struct sp_owned {
+    const sp_owned_ops_t *ops;
+    sp_vm_t *vm;
+    sp_owned_t *next, *prev; /* circular through vm->owned; NULL when not linked */
+    bool retired;
+};
+
 struct sp_vm {
     lua_State *L;
+    sp_owned_t owned;      /* the list head of what the state owns on the loop */
     sp_worker_t *w;        /* NULL for --check and test states */
     int on_request_ref;
     int on_log_ref;
@@ -88,6 +110,11 @@ extern const sp_hooks_t sp_vm_hooks;
 extern char sp_vm_body_wait;
 
 /* For bindings. */
+void sp_vm_own(sp_vm_t *vm, sp_owned_t *o, const sp_owned_ops_t *ops);
+void sp_vm_disown(sp_owned_t *o); /* idempotent */
+#define SP_VM_EACH_OWNED(vm, o) for (sp_owned_t *o = (vm)->owned.next; o != &(vm)->owned; o = o->next)
+/* The on_abort of a task suspended in req:read_body. */
+void sp_vm_body_abort(sp_task_t *t);
 sp_vm_t *sp_vm_of(lua_State *L);
 /* The task whose coroutine is L, or NULL when L is not a task's main function context. */
 sp_task_t *sp_vm_task_of(sp_vm_t *vm, lua_State *L);
@@ -114,18 +141,9 @@ int luaopen_sp_fs(lua_State *L);
 int luaopen_sp_k8s(lua_State *L);
 int luaopen_sp_crypto(lua_State *L);
 int luaopen_sp_yaml(lua_State *L);
-/* Stops loop services owned by the vm (timers, fs watches) at shutdown. */
-void sp_timer_close_all(sp_vm_t *vm);
-void sp_fs_close_all(sp_vm_t *vm);
-/* resume: wake tasks waiting in k8s.request with ECANCELED (reload); false at destruction */
-void sp_k8s_close_all(sp_vm_t *vm, bool resume);
 /* lua_sync.c: core.post/on/wait/signal */
 void sp_sync_register(lua_State *L);
 void sp_sync_drain_inbox(sp_worker_t *w);
-void sp_sync_abort_wait(sp_task_t *task);
-void sp_sync_close_all(sp_vm_t *vm);
-/* Closes timer.after / timer.every timers, keeping sleeps. */
-void sp_timer_close_services(sp_vm_t *vm);
 
 /* The embedded runtime Lua modules (generated at build time from runtime/lua/). */
 typedef struct sp_embedded {

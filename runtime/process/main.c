@@ -89,7 +89,18 @@ static const char script_defaults_text[] =
     "  wake.max_held_per_sandbox    100 held requests per sandbox (503 beyond)\n"
     "  wake.max_held                1000 held requests per process (503 beyond)\n"
     "  router                       404 unknown sandbox, 503 + Retry-After 2 not ready, 400 an\n"
-    "                               unsafe path (., .., encoded slash)\n";
+    "                               unsafe path (., .., encoded slash)\n"
+    "  router.ports                 none: only a sandbox's own port and its\n"
+    "                               sandbox-proxy.dev/ports annotation (403, never dialled)\n"
+    "  router.prefix                strip: the sandbox gets /{rest} and X-Forwarded-Prefix\n"
+    "                               (keep: the whole path; annotation sandbox-proxy.dev/prefix)\n"
+    "  router.rewrite_response_headers  true: in strip mode Location and Set-Cookie Path come\n"
+    "                               back under the prefix (never a body)\n"
+    "  browser                      on with auth: ?sp_token= on GET/HEAD -> 302 + a cookie scoped\n"
+    "                               to the sandbox; cookie requests that change state or upgrade\n"
+    "                               need a same-host Origin (403); the cookie never reaches it\n"
+    "  sandbox_path.base_domain     unset: host routing off; set: {port}-{sandbox}--{user}.DOMAIN\n"
+    "                               hosts go to that sandbox, never to the proxy's endpoints\n";
 
 static void usage_error(const char *fmt, const char *a, const char *b)
 {

@@ -161,6 +161,17 @@ static void attr_int(sp_buf_t *b, const char *key, uint64_t v)
     sp_buf_lit(b, "\"}}");
 }
 
+static void attr_bool(sp_buf_t *b, const char *key, bool v)
+{
+    sp_buf_lit(b, ",{\"key\":\"");
+    sp_buf_adds(b, key);
+    sp_buf_lit(b, "\",\"value\":{\"boolValue\":");
+    if (v)
+        sp_buf_lit(b, "true}}");
+    else
+        sp_buf_lit(b, "false}}");
+}
+
 static void span_head(sp_buf_t *b, const sp_request_t *r, const char *span, const char *parent,
                       const char *name, int kind, uint64_t t0, uint64_t t1, int64_t off)
 {
@@ -240,6 +251,21 @@ static void request_done(sp_span_sink_t *sink, sp_request_t *r)
         if (r->t_forward && r->t_forward > r->t_start)
             attr_int(b, "sandbox_proxy.before_upstream_ns", r->t_forward - r->t_start);
         span_status(b, err);
+    }
+    if (r->t_wake_start && room(t)) {
+        /* the hold while the sandbox woke or started: a child of the request span, before the
+         * upstream span */
+        sp_buf_t *b = &t->queue;
+        char id[16];
+        sp_trace_random_id(id);
+        uint64_t t1 = r->t_wake_end ? r->t_wake_end : (r->t_forward ? r->t_forward : t_end);
+        const char *outcome = r->t_wake_end ? r->wake_outcome : "unfinished";
+        span_head(b, r, id, r->span_id, "wake", 1, r->t_wake_start, t1, t->wall_offset_ns);
+        attr_str(b, "sandbox_proxy.wake.outcome", outcome, strlen(outcome), true);
+        attr_bool(b, "sandbox_proxy.wake.patched", r->wake_patched);
+        if (r->wake_status)
+            attr_int(b, "sandbox_proxy.wake.patch_status", (uint64_t)r->wake_status);
+        span_status(b, strcmp(outcome, "ready") != 0);
     }
     if (r->t_forward && room(t)) {
         sp_buf_t *b = &t->queue;

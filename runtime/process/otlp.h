@@ -1,6 +1,7 @@
 /*
  * otlp.h: the optional OpenTelemetry span export (otlp.c). With otlp_endpoint set, each sampled
- * request's spans (the request, and the upstream exchange as its child) are queued per worker
+ * request's spans (the request; as its children the wake of a held request, marked by
+ * req:wake_begin/_end, and the upstream exchange) are queued per worker
  * (otlp_queue_size; beyond: dropped and counted) and POSTed in one batch every
  * otlp_batch_interval seconds (at once when the queue is full and no POST is under way),
  * through the same libcurl-on-libuv transport as the Kubernetes client.

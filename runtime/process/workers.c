@@ -87,7 +87,7 @@ static void close_idle_conns(sp_worker_t *w)
     while (c) {
         sp_conn_t *next = c->next;
         if (!c->req && !c->closing && c->rpos == c->rlen &&
-            (w->stopping || now - c->last_active >= DRAIN_IDLE_MS))
+            (w->stopping || now - c->dl.last_active >= DRAIN_IDLE_MS))
             sp_conn_close(c);
         c = next;
     }

@@ -21,6 +21,7 @@ const char *const sp_route_field_names[SP_RF_COUNT] = {
     "namespace",   "name",        "user",         "address",          "reason",
     "service",     "conflict",    "mode",         "meta",             "api_version",
     "resource_version", "idle_timeout", "last_activity", "claim",          "alias_of",
+    "ports",       "prefix",
 };
 
 typedef struct shard {

@@ -26,6 +26,8 @@ typedef enum {
     SP_RF_LAST_ACTIVITY,
     SP_RF_CLAIM,
     SP_RF_ALIAS_OF,
+    SP_RF_PORTS,  /* more ports the sandbox serves ("3000,5173"; discovery: an annotation) */
+    SP_RF_PREFIX, /* path routing's prefix mode ("strip", "keep"; empty: the config's) */
     SP_RF_COUNT
 } sp_route_field_t;
 

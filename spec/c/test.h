@@ -119,5 +119,7 @@ void suite_shdict(void);
 void suite_config(void);
 void suite_log(void);
 void suite_json_scan(void);
+void suite_deadline(void);
+void suite_fswatch(void);
 
 #endif

@@ -8,12 +8,14 @@
 #include "base/config.h"
 #include "http/http.h"
 #include "http/trace.h"
+#include "http/worker.h"
 #include "base/log.h"
 #include "state/routes.h"
 #include "state/shdict.h"
 #include "base/sp.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -161,8 +163,111 @@ static void test_trace_parse(void)
     }
 }
 
+/* A slot reused for a new exchange starts with nothing of the last one: every byte of the
+ * exchange part is zero but the fields acquire sets (start time, listener, id), and the slot's
+ * buffers keep their storage with nothing in them. */
+static void test_request_reuse_clears_the_exchange(void)
+{
+    sp_worker_t w;
+    memset(&w, 0, sizeof w);
+    memcpy(w.id_prefix, "abcdef", 7);
+    sp_request_t *r = sp_request_acquire(&w);
+    sp_buf_adds(&r->head, "GET /a HTTP/1.1");
+    sp_buf_adds(&r->resp_head, "HTTP/1.1 200 OK");
+    char *head_storage = r->head.p;
+    uint32_t gen = r->gen;
+    /* the last exchange wrote every field, including any added later */
+    memset(&r->conn, 0xAB, sizeof *r - offsetof(sp_request_t, conn));
+    w.free_slots[w.nfree++] = r;
+    SP_STAT_ADD(w.active_requests, -1);
+    sp_request_t *r2 = sp_request_acquire(&w);
+    CHECK(r2 == r);
+    CHECK_INT(r2->gen, gen + 1);
+    CHECK(r2->head.p == head_storage);
+    CHECK_INT(r2->head.len, 0);
+    CHECK_INT(r2->resp_head.len, 0);
+    CHECK(r2->t_start > 0);
+    CHECK_STR(r2->listener, "");
+    CHECK_INT(r2->id_len, 16);
+    CHECK(memcmp(r2->id, "abcdef", 6) == 0);
+    /* everything else in the exchange part is zero */
+    sp_request_t expect;
+    memcpy(&expect, r2, sizeof expect);
+    expect.t_start = 0;
+    expect.listener = NULL;
+    memset(expect.id, 0, sizeof expect.id);
+    expect.id_len = 0;
+    const unsigned char *p = (const unsigned char *)&expect.conn;
+    size_t n = sizeof expect - offsetof(sp_request_t, conn), dirty = 0;
+    for (size_t i = 0; i < n; i++)
+        dirty += p[i] != 0;
+    CHECK_INT(dirty, 0);
+    sp_buf_free(&r->head);
+    sp_buf_free(&r->resp_head);
+    free(r);
+    free(w.slots);
+    free(w.free_slots);
+}
+
+/* One response header value through sp_response_header_value with prefix pre (NULL: none). */
+static char *rewritten(sp_request_t *r, const char *pre, const char *name, const char *value)
+{
+    static char out[512];
+    sp_buf_t o = {0};
+    sp_response_header_value(r, pre, pre ? strlen(pre) : 0, name, strlen(name), value,
+                             strlen(value), &o);
+    snprintf(out, sizeof out, "%.*s", (int)o.len, o.p ? o.p : "");
+    sp_buf_free(&o);
+    return out;
+}
+
+static void test_response_prefix(void)
+{
+    /* a request whose Host is proxy.test:8080 */
+    static const char head[] = "Hostproxy.test:8080";
+    sp_hdr_t h[1] = {{0, 4, 4, 15}};
+    sp_request_t r;
+    memset(&r, 0, sizeof r);
+    sp_buf_add(&r.head, head, sizeof head - 1);
+    r.hdrs = h;
+    r.nhdrs = 1;
+    size_t plen = 0;
+    CHECK(sp_request_response_prefix(&r, &plen) == NULL); /* nobody asked */
+    const char *P = "/alice/sb";
+    /* Location */
+    CHECK_STR(rewritten(&r, P, "Location", "/tree?"), "/alice/sb/tree?");
+    CHECK_STR(rewritten(&r, P, "LOCATION", "/"), "/alice/sb/");
+    CHECK_STR(rewritten(&r, P, "location", "http://proxy.test:8080/x?a=/b"),
+              "http://proxy.test:8080/alice/sb/x?a=/b");
+    CHECK_STR(rewritten(&r, P, "location", "HTTPS://PROXY.test:8080"), "HTTPS://PROXY.test:8080/alice/sb/");
+    CHECK_STR(rewritten(&r, P, "location", "https://proxy.test:8080?q"), "https://proxy.test:8080/alice/sb/?q");
+    static const char *const same[] = {"//evil.test/x", "/\\evil.test", "tree", "../x", "?q", "",
+                                       "http://other.test/x", "http://proxy.test/x",
+                                       "http://proxy.test:8080.evil/x", "ftp://proxy.test:8080/x",
+                                       "/alice/sb", "/alice/sb/", "/alice/sb?x", "/alice/sb#f"};
+    for (size_t i = 0; i < SP_ARRAY_LEN(same); i++)
+        CHECK_STR(rewritten(&r, P, "Location", same[i]), same[i]);
+    CHECK_STR(rewritten(&r, P, "Location", "/alice/sbx"), "/alice/sb/alice/sbx");
+    /* Set-Cookie: every Path attribute, nothing else */
+    CHECK_STR(rewritten(&r, P, "Set-Cookie", "a=1; Path=/"), "a=1; Path=/alice/sb");
+    CHECK_STR(rewritten(&r, P, "set-cookie", "a=1;path=/x;Path = /y ; HttpOnly"),
+              "a=1;path=/alice/sb/x;Path = /alice/sb/y ; HttpOnly");
+    CHECK_STR(rewritten(&r, P, "Set-Cookie", "Path=/v; Secure"), "Path=/v; Secure");
+    CHECK_STR(rewritten(&r, P, "Set-Cookie", "a=1; Path=/alice/sb/q; pathx=/z; Path=rel; Path="),
+              "a=1; Path=/alice/sb/q; pathx=/z; Path=rel; Path=");
+    CHECK_STR(rewritten(&r, P, "Set-Cookie", "a=1; Expires=Wed, 21 Oct 2026 07:28:00 GMT; Path=/"),
+              "a=1; Expires=Wed, 21 Oct 2026 07:28:00 GMT; Path=/alice/sb");
+    /* other headers, and no prefix: as they are */
+    CHECK_STR(rewritten(&r, P, "Content-Location", "/x"), "/x");
+    CHECK_STR(rewritten(&r, NULL, "Location", "/x"), "/x");
+    CHECK_STR(rewritten(&r, NULL, "Set-Cookie", "a=1; Path=/"), "a=1; Path=/");
+    sp_buf_free(&r.head);
+}
+
 void suite_http(void)
 {
+    RUN(test_request_reuse_clears_the_exchange);
+    RUN(test_response_prefix);
     RUN(test_trace_parse);
     RUN(test_http_obs_fold);
     RUN(test_http_connection_framing);

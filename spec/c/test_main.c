@@ -2,11 +2,6 @@
  * test_main.c: the C unit-test runner (ctest entry c-unit). Runs every module's suite
  * (spec/c/test_<module>.c), or only the ones named on the command line
  * (`test_core routes shdict`), and prints a summary; exits non-zero on any failure.
- *
- * Not here: the per-connection deadline timer (server.c's conn_timer, upstream.c's up_timer).
- * Both are static functions over a uv_timer_t inside a live connection, so they cannot run
- * without a loop and a connection; the integration specs (hostile_spec, streaming_spec) cover
- * them until the timer is its own module with a clock that can be driven by a test.
  */
 #include "test.h"
 
@@ -18,7 +13,8 @@ static const struct {
 } suites[] = {
     {"util", suite_util},     {"http", suite_http},     {"buf", suite_buf},
     {"json_scan", suite_json_scan}, {"routes", suite_routes}, {"shdict", suite_shdict},
-    {"config", suite_config}, {"log", suite_log},
+    {"config", suite_config}, {"log", suite_log}, {"deadline", suite_deadline},
+    {"fswatch", suite_fswatch},
 };
 
 int main(int argc, char **argv)

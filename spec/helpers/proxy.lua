@@ -87,7 +87,9 @@ Proxy.__index = Proxy
 --   sandboxes = { objects } (written to a file) | sandboxes_file = path
 --   args = { extra command-line arguments }, set = { knob = value }, workers = n (default 1)
 --   scripts = dir, config = Lua source of a config file, env = { ... }
---   ready_path = "/health" (polled until 200), wait = false to skip waiting
+--   ready_path = "/health" (polled until 200; with `sandboxes` and no ready_path, until its
+--   source reports synced too, so the sandboxes are routed when start returns), wait = false
+--   to skip waiting
 function M.start(opts)
     opts = opts or {}
     local dir = M.tmpdir()
@@ -145,7 +147,15 @@ function M.start(opts)
                 error("proxy exited: " .. tostring(p:read_stderr()))
             end
             local r = http.request{ port = port, path = ready_path, timeout = 1 }
-            return r and r.status == 200
+            if not (r and r.status == 200) then
+                return false
+            end
+            -- the sandboxes it was given are routed once the source has synced, which the
+            -- built-in /health reports (scripts that replace health.lua may not say)
+            if opts.sandboxes and not opts.ready_path then
+                return not r.body:find('"synced":false', 1, true)
+            end
+            return true
         end, opts.ready_wait or 20, 0.02, "proxy " .. ready_path)
         if not ok then
             error(tostring(err) .. "\nstderr:\n" .. tostring(p:read_stderr()), 2)
@@ -252,11 +262,12 @@ function Proxy:stop(timeout)
     return self.proc:stop(timeout or 10)
 end
 
--- Starts spec/fixtures/upstream.py. opts: name, listen_after_ms, wait (true).
+-- Starts spec/fixtures/upstream.py. opts: name, listen_after_ms, wait (true), port (default:
+-- a free one).
 function M.upstream(opts)
     opts = opts or {}
     local dir = M.tmpdir()
-    local port = assert(net.free_port())
+    local port = opts.port or assert(net.free_port())
     local cmd = { M.PYTHON, "-u", SOURCE_DIR .. "/spec/fixtures/upstream.py", "--listen",
         "127.0.0.1:" .. port, "--name", opts.name or "up" }
     if opts.listen_after_ms then

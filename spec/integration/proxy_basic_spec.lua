@@ -62,7 +62,8 @@ describe("proxying", function()
     it("answers 400 with the expected form for a path without user and sandbox", function()
         local r = assert(px:get("/justone"))
         assert.are.equal(400, r.status)
-        assert.are.equal("/{user}/{sandbox}/{path}", cjson.decode(r.body).expected)
+        assert.are.equal("/{user}/{sandbox}/{path} or /{user}/{sandbox}:{port}/{path}",
+            cjson.decode(r.body).expected)
     end)
 
     it("adds X-Forwarded-* and X-Request-Id and removes hop-by-hop request headers", function()

@@ -2,7 +2,8 @@
 -- client's trace or a new one, the proxy's span as parent, malformed values replaced), the
 -- trace id in the access log, and the OTLP/HTTP JSON span export to a receiver in this suite
 -- (spec/fixtures/otlp_receiver.py, Python standard library, run by the same python3 as the
--- fixture sandbox): the request and upstream spans linked by their parent ids, unsampled
+-- fixture sandbox): the request and upstream spans linked by their parent ids, the wake span
+-- of a request held while its sandbox woke (against the Kubernetes API stand-in), unsampled
 -- traces not exported, the queue bound, and a receiver that is down (spans dropped, counted in
 -- /metrics, one log line).
 local H = require "spec.helpers.proxy"
@@ -395,5 +396,154 @@ describe("OTLP span export limits", function()
         assert.are.equal(1, n) -- one line per failure streak, not one per batch
         -- the proxy itself is unaffected
         assert.are.equal(200, assert(px:get("/alice/s/echo")).status)
+    end)
+end)
+
+-- The wake span: a request held while its suspended sandbox wakes (wake.lua, against the
+-- Kubernetes API stand-in and its fake controller) gets a third span, "wake" (INTERNAL), a
+-- child of the request span that ends before the upstream span starts, with the outcome and
+-- whether this request's wake sent the PATCH.
+describe("the wake span", function()
+    local K = require "spec.helpers.kube"
+    local socket = require "socket"
+    local WAKE_CONFIG = "return { wake = { enabled = true, max_wait = %d }, "
+        .. "ratelimit = { enabled = false } }"
+
+    local function suspended(name, port)
+        return H.sandbox("alice", name, port, { ready = false, reason = "SandboxSuspended",
+            mode = "Suspended" })
+    end
+
+    local function start(api, rc, max_wait)
+        return api:proxy{ config = WAKE_CONFIG:format(max_wait or 20),
+            set = { otlp_endpoint = "http://127.0.0.1:" .. rc.port .. "/v1/traces",
+                otlp_batch_interval = 0.05 } }
+    end
+
+    -- the spans of a trace by kind: 2 the request, 1 the wake, 3 the upstream exchange
+    local function by_kind(spans)
+        local out = {}
+        for _, s in ipairs(spans) do
+            assert.is_nil(out[s.kind], "two spans of kind " .. s.kind)
+            out[s.kind] = s
+        end
+        return out[2], out[1], out[3]
+    end
+
+    local function bool_attr(span, key)
+        for _, a in ipairs(span.attributes) do
+            if a.key == key then
+                return a.value.boolValue
+            end
+        end
+    end
+
+    local function trace_of(i)
+        return ("%032x"):format(0xabc000 + i)
+    end
+
+    teardown(function()
+        H.stop_all()
+    end)
+
+    it("covers the hold from the request to Ready, before the upstream span, once per request",
+        function()
+        local up = H.upstream{ name = "woken" }
+        local rc = receiver()
+        local api = K.start{}
+        api:wake_config{ wake_never = true } -- Ready only when this spec says so
+        api:put(suspended("sleepy", up.port))
+        local px = start(api, rc)
+        -- two requests for the sleeping sandbox, each with its own sampled trace
+        local conns = {}
+        for i = 1, 2 do
+            local c = assert(px:connect{ timeout = 30 })
+            assert(c:send_raw("GET /alice/sleepy/echo HTTP/1.1\r\nHost: x\r\ntraceparent: 00-"
+                .. trace_of(i) .. "-" .. PARENT .. "-01\r\n\r\n"))
+            conns[i] = c
+        end
+        net.wait_until(function()
+            local exp = prom.assert_parse(assert(px:get("/metrics")).body)
+            return prom.value(exp, "sandbox_proxy_wake_held_requests") == 2
+        end, 10, 0.02, "both requests held")
+        local t_held = socket.gettime()
+        -- the controller's work, done by hand: the woken sandbox becomes ready
+        net.wait_until(function()
+            return api:stats().patches and next(api:stats().patches) ~= nil
+        end, 10, 0.02, "the wake PATCH")
+        local t_ready = socket.gettime()
+        api:put(H.sandbox("alice", "sleepy", up.port))
+        for _, c in ipairs(conns) do
+            assert.are.equal(200, assert(c:read_response{ timeout = 30 }).status)
+            c:close()
+        end
+        local patched = 0
+        for i = 1, 2 do
+            local req_span, wake, upstream = by_kind(rc.wait_trace(trace_of(i), 3))
+            assert.is_truthy(req_span and wake and upstream, "request, wake and upstream spans")
+            assert.are.equal("wake", wake.name)
+            assert.are.equal(req_span.spanId, wake.parentSpanId)
+            assert.are.equal(req_span.spanId, upstream.parentSpanId)
+            assert.are_not.equal(wake.spanId, req_span.spanId)
+            assert.are_not.equal(wake.spanId, upstream.spanId)
+            assert.are.equal("ready", attr(wake, "sandbox_proxy.wake.outcome"))
+            assert.are.equal(0, wake.status.code)
+            if bool_attr(wake, "sandbox_proxy.wake.patched") then
+                patched = patched + 1
+            end
+            local ws, we = tonumber(wake.startTimeUnixNano), tonumber(wake.endTimeUnixNano)
+            -- within the request span, before the upstream exchange
+            assert.is_true(tonumber(req_span.startTimeUnixNano) <= ws)
+            assert.is_true(we <= tonumber(upstream.startTimeUnixNano))
+            assert.is_true(tonumber(upstream.endTimeUnixNano) <= tonumber(req_span.endTimeUnixNano))
+            -- held from before both were seen held until after the sandbox was made ready
+            -- (10 ms for the two clocks: the span's is the proxy's CLOCK_REALTIME at start)
+            assert.is_true(ws / 1e9 <= t_held + 0.01, ("wake start %.3f, held seen %.3f")
+                :format(ws / 1e9, t_held))
+            assert.is_true(we / 1e9 >= t_ready - 0.01, ("wake end %.3f, made ready %.3f")
+                :format(we / 1e9, t_ready))
+        end
+        assert.are.equal(1, patched) -- one PATCH for both: the first request's wake sent it
+    end)
+
+    it("ends as an error with the refused PATCH's status, and no upstream span", function()
+        local up = H.upstream{ name = "denied" }
+        local rc = receiver()
+        local api = K.start{}
+        api:put(suspended("denied", up.port))
+        local px = start(api, rc)
+        api:faults{ status = 403, kinds = { "patch" }, count = 1 }
+        local trace = trace_of(10)
+        local r = assert(px:request{ path = "/alice/denied/echo", timeout = 20,
+            headers = { traceparent = "00-" .. trace .. "-" .. PARENT .. "-01" } })
+        assert.are.equal(503, r.status)
+        -- (a request's spans are queued together, so they arrive in one POST)
+        local req_span, wake, upstream = by_kind(rc.wait_trace(trace, 2))
+        assert.is_nil(upstream)
+        assert.are.equal(req_span.spanId, wake.parentSpanId)
+        assert.are.equal("failed", attr(wake, "sandbox_proxy.wake.outcome"))
+        assert.are.equal(403, attr(wake, "sandbox_proxy.wake.patch_status"))
+        assert.is_true(bool_attr(wake, "sandbox_proxy.wake.patched"))
+        assert.are.equal(2, wake.status.code)
+        assert.are.equal(503, attr(req_span, "http.response.status_code"))
+    end)
+
+    it("ends as an error at the deadline of a wake that never completes", function()
+        local up = H.upstream{ name = "stuck" }
+        local rc = receiver()
+        local api = K.start{}
+        api:wake_config{ wake_never = true }
+        api:put(suspended("stuck", up.port))
+        local px = start(api, rc, 1)
+        local trace = trace_of(20)
+        local r = assert(px:request{ path = "/alice/stuck/echo", timeout = 20,
+            headers = { traceparent = "00-" .. trace .. "-" .. PARENT .. "-01" } })
+        assert.are.equal(503, r.status)
+        local _, wake, upstream = by_kind(rc.wait_trace(trace, 2))
+        assert.is_nil(upstream)
+        assert.are.equal("timeout", attr(wake, "sandbox_proxy.wake.outcome"))
+        assert.are.equal(2, wake.status.code)
+        -- held to the deadline (max_wait = 1 s)
+        assert.is_true(tonumber(wake.endTimeUnixNano) - tonumber(wake.startTimeUnixNano) >= 0.99e9)
     end)
 end)

@@ -236,6 +236,9 @@ describe("the dashboard and the alert rules", function()
         assert.are.equal(1, prom.value(exp, "sandbox_proxy_watch_synced"))
         assert.is_true(prom.sum(exp, "sandbox_proxy_requests_total", { code = "2xx" }) >= 5)
         assert.are.equal(1, prom.value(exp, "sandbox_proxy_upstream_connect_errors_total"))
+        -- the five proxied answers were timed (one connection, pooled after)
+        assert.are.equal(5, prom.value(exp, "sandbox_proxy_upstream_first_byte_seconds_count"))
+        assert.is_true(prom.value(exp, "sandbox_proxy_upstream_connect_seconds_count") >= 1)
     end)
 
     teardown(function()
@@ -268,6 +271,25 @@ describe("the dashboard and the alert rules", function()
         assert.matches("histogram_quantile%(0%.99,.*sandbox_proxy_request_duration_seconds_bucket",
             (by_name.SandboxProxyHighLatencyP99:gsub("%s+", " ")))
         assert.matches("sandbox_proxy_wake_failures_total", by_name.SandboxProxyWakeFailures)
+    end)
+
+    it("show sandbox connect and first-byte times (the upstream histograms)", function()
+        local used = {}
+        for _, e in ipairs(dashboard_exprs(dash)) do
+            for _, name in ipairs(metric_names(e[2])) do
+                used[name] = (used[name] or "") .. e[1] .. "; "
+            end
+        end
+        for _, h in ipairs({ "sandbox_proxy_upstream_connect_seconds",
+            "sandbox_proxy_upstream_first_byte_seconds" }) do
+            assert.is_truthy(used[h .. "_bucket"], "no dashboard panel uses " .. h)
+            assert.are.equal("histogram", exp.families[h].type)
+        end
+        local alerts = {}
+        for _, e in ipairs(rule_exprs(rules)) do
+            alerts[#alerts + 1] = e[2]
+        end
+        assert.matches("sandbox_proxy_upstream_connect_seconds_bucket", table.concat(alerts, "\n"))
     end)
 
     it("would fail on a misspelled metric (the check itself can fail)", function()

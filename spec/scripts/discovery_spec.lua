@@ -189,6 +189,20 @@ describe("discovery.to_route", function()
         assert.are.equal(8888, discovery.to_route(obj).port)
     end)
 
+    it("reads the ports and prefix annotations (browser apps, router.lua)", function()
+        local obj = fixture("v1beta1-ready-with-service")
+        assert.is_nil(discovery.to_route(obj).ports)
+        assert.is_nil(discovery.to_route(obj).prefix)
+        obj.metadata.annotations["sandbox-proxy.dev/ports"] = " 3000, 5173 8080,0,65536,x,08 "
+        assert.are.equal("3000,5173,8080,8", discovery.to_route(obj).ports)
+        obj.metadata.annotations["sandbox-proxy.dev/ports"] = "none"
+        assert.is_nil(discovery.to_route(obj).ports)
+        for v, want in pairs({ keep = "keep", strip = "strip", KEEP = false, [""] = false }) do
+            obj.metadata.annotations["sandbox-proxy.dev/prefix"] = v
+            assert.are.equal(want or nil, discovery.to_route(obj).prefix, v)
+        end
+    end)
+
     it("uses discovery.default_port when set (demo mode)", function()
         discovery.default_port = 18888
         local obj = fixture("v1beta1-ready-with-service")

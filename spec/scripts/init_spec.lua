@@ -198,7 +198,8 @@ describe("init", function()
             for _, t in ipairs({ "/health/", "/healthz/", "/healthzx", "/HEALTH", "/sandboxes/", "/" }) do
                 local req = request(t)
                 assert.are.equal(400, req.response.status, t)
-                assert.are.same({ error = "bad request path", expected = "/{user}/{sandbox}/{path}" },
+                assert.are.same({ error = "bad request path",
+                    expected = "/{user}/{sandbox}/{path} or /{user}/{sandbox}:{port}/{path}" },
                     req.response.json, t)
             end
             local req = request("/health/sb")

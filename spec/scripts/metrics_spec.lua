@@ -237,28 +237,44 @@ describe("metrics.lua", function()
         assert.are.equal(5, prom.value(exp, "sandbox_proxy_shared_dict_used_bytes", { dict = odd }))
     end)
 
-    it("has a cumulative duration histogram matching core.stats()", function()
+    -- the request duration and the upstream connect / first-byte histograms
+    for _, h in ipairs({ { "sandbox_proxy_request_duration_seconds", "latency_buckets" },
+        { "sandbox_proxy_upstream_connect_seconds", "upstream_connect_buckets" },
+        { "sandbox_proxy_upstream_first_byte_seconds", "upstream_first_byte_buckets" } }) do
+        it("has a cumulative histogram " .. h[1] .. " matching core.stats()", function()
+            local st = core.stats()
+            local exp = prom.assert_parse(metrics.render())
+            local fam = exp.families[h[1]]
+            local buckets = {}
+            for _, s in ipairs(fam.samples) do
+                if s.suffix == "_bucket" then
+                    buckets[#buckets + 1] = s
+                end
+            end
+            assert.is_true(#st[h[2]] >= 10)
+            assert.are.equal(#st[h[2]], #buckets)
+            local cum = 0
+            for i, b in ipairs(st[h[2]]) do
+                cum = cum + b[2]
+                assert.are.equal(cum, buckets[i].value)
+                if b[1] == "+Inf" then
+                    assert.are.equal("+Inf", buckets[i].labels.le)
+                else
+                    assert.are.equal(b[1], tonumber(buckets[i].labels.le))
+                end
+            end
+            assert.are.equal(cum, prom.value(exp, h[1] .. "_count"))
+        end)
+    end
+
+    it("bounds the upstream histograms by the sandbox timeouts", function()
         local st = core.stats()
-        local exp = prom.assert_parse(metrics.render())
-        local fam = exp.families.sandbox_proxy_request_duration_seconds
-        local buckets = {}
-        for _, s in ipairs(fam.samples) do
-            if s.suffix == "_bucket" then
-                buckets[#buckets + 1] = s
-            end
-        end
-        assert.are.equal(#st.latency_buckets, #buckets)
-        local cum = 0
-        for i, b in ipairs(st.latency_buckets) do
-            cum = cum + b[2]
-            assert.are.equal(cum, buckets[i].value)
-            if b[1] == "+Inf" then
-                assert.are.equal("+Inf", buckets[i].labels.le)
-            else
-                assert.are.equal(b[1], tonumber(buckets[i].labels.le))
-            end
-        end
-        assert.are.equal(cum, prom.value(exp, "sandbox_proxy_request_duration_seconds_count"))
+        local connect, first = st.upstream_connect_buckets, st.upstream_first_byte_buckets
+        -- sub-millisecond connects resolved; the last finite bound covers connect_timeout (5 s)
+        assert.are.equal(0.00025, connect[1][1])
+        assert.are.equal(5, connect[#connect - 1][1])
+        -- the last finite first-byte bound is first_byte_timeout (180 s)
+        assert.are.equal(180, first[#first - 1][1])
     end)
 
     it("renders the runtime's counters (core.stats) faithfully", function()
@@ -272,6 +288,10 @@ describe("metrics.lua", function()
             }
             st.latency_buckets = { { 0.001, 2 }, { 0.0025, 0 }, { 0.01, 3 }, { "+Inf", 1 } }
             st.latency_sum = 0.123456789
+            st.upstream_connect_buckets = { { 0.00025, 4 }, { 0.0005, 1 }, { 5, 2 }, { "+Inf", 0 } }
+            st.upstream_connect_sum = 1.5
+            st.upstream_first_byte_buckets = { { 0.001, 0 }, { 0.5, 3 }, { 180, 1 }, { "+Inf", 2 } }
+            st.upstream_first_byte_sum = 400.25
             st.upstream_connect_errors = 4
             st.upstream_timeouts = 5
             st.script_errors = 6
@@ -302,6 +322,19 @@ describe("metrics.lua", function()
         assert.are.equal(6, prom.value(exp, H .. "_bucket", { le = "+Inf" }))
         assert.are.equal(6, prom.value(exp, H .. "_count"))
         assert.is_true(math.abs(prom.value(exp, H .. "_sum") - 0.123456789) < 1e-6)
+        local UC = "sandbox_proxy_upstream_connect_seconds"
+        assert.are.equal(4, prom.value(exp, UC .. "_bucket", { le = "0.00025" }))
+        assert.are.equal(5, prom.value(exp, UC .. "_bucket", { le = "0.0005" }))
+        assert.are.equal(7, prom.value(exp, UC .. "_bucket", { le = "5" }))
+        assert.are.equal(7, prom.value(exp, UC .. "_count"))
+        assert.are.equal(1.5, prom.value(exp, UC .. "_sum"))
+        local UF = "sandbox_proxy_upstream_first_byte_seconds"
+        assert.are.equal(0, prom.value(exp, UF .. "_bucket", { le = "0.001" }))
+        assert.are.equal(3, prom.value(exp, UF .. "_bucket", { le = "0.5" }))
+        assert.are.equal(4, prom.value(exp, UF .. "_bucket", { le = "180" }))
+        assert.are.equal(6, prom.value(exp, UF .. "_bucket", { le = "+Inf" }))
+        assert.are.equal(6, prom.value(exp, UF .. "_count"))
+        assert.are.equal(400.25, prom.value(exp, UF .. "_sum"))
         assert.are.equal(4, prom.value(exp, "sandbox_proxy_upstream_connect_errors_total"))
         assert.are.equal(5, prom.value(exp, "sandbox_proxy_upstream_timeouts_total"))
         assert.are.equal(6, prom.value(exp, "sandbox_proxy_script_errors_total"))

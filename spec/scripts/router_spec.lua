@@ -158,7 +158,8 @@ describe("router.handle", function()
             local req = handle(t)
             assert.are.equal(400, req.response.status, t)
             assert.are.equal("application/json", req.response.headers["Content-Type"])
-            assert.are.same({ error = "bad request path", expected = "/{user}/{sandbox}/{path}" },
+            assert.are.same({ error = "bad request path",
+                expected = "/{user}/{sandbox}/{path} or /{user}/{sandbox}:{port}/{path}" },
                 req.response.json, t)
             assert.is_nil(req.forwarded)
         end
@@ -223,8 +224,10 @@ describe("router.handle", function()
         assert.are.equal("10.0.0.7", req.forwarded.host)
         assert.are.equal(9000, req.forwarded.port)
         assert.are.equal("/files/a%2Fb?x=1&y=%2F", req.forwarded.path)
+        -- strip mode (the default): the prefix goes along, and comes back in the response
         assert.are.same({}, req.forwarded.set_headers)
-        assert.are.same({}, req.forwarded.add_headers)
+        assert.are.same({ { "X-Forwarded-Prefix", "/alice/sb" } }, req.forwarded.add_headers)
+        assert.are.equal("/alice/sb", req.response_prefix)
         assert.are.same({}, req.forwarded.removed_headers)
     end)
 

@@ -49,6 +49,7 @@ int sp_req_forward(sp_request_t *r, const char *host, size_t hl, int port, const
 void sp_req_set_timeouts(sp_request_t *r, double connect, double first_byte, double idle);
 int sp_req_decision(const sp_request_t *r);
 void sp_req_set_error_detail(sp_request_t *r, const char *s, size_t len);
+int sp_req_set_response_prefix(sp_request_t *r, const char *p, size_t len);
 int sp_req_delivered(const sp_request_t *r);
 int sp_req_status(const sp_request_t *r);
 double sp_req_bytes_in(const sp_request_t *r);
@@ -60,6 +61,8 @@ const char *sp_req_upstream_addr(const sp_request_t *r);
 const char *sp_req_error(const sp_request_t *r);
 int sp_req_worker(const sp_request_t *r);
 int sp_req_trace_id(sp_request_t *r, char *out);
+void sp_req_wake_mark(sp_request_t *r, int phase, const char *outcome, size_t olen, int patched,
+                      int status);
 int sp_req_access_log(const sp_request_t *r, uint32_t mask, const char *k1, const char *v1,
                       const char *k2, const char *v2, const char *k3, const char *v3,
                       const char *k4, const char *v4, const char *k5, const char *v5,
@@ -347,6 +350,23 @@ function Req:set_error_detail(subject)
     C.sp_req_set_error_detail(live(self), subject, #subject)
 end
 
+-- Asks the runtime to put the proxied response's `Location` and `Set-Cookie` Path back under
+-- `prefix` (path routing that strips the prefix: the sandbox answers as if served at "/"). A
+-- path-absolute Location ("/tree", not "//host") and an absolute http(s) URL on the request's
+-- own Host get the prefix in front of their path; a Set-Cookie `Path=/x` becomes
+-- `Path=<prefix>/x` (`Path=/`: `Path=<prefix>`); values already under the prefix, relative
+-- Locations and other hosts are left alone; bodies never. `prefix` starts with "/", does not
+-- end with one, holds no space, control byte, ";" or ","; "" turns it off. Call it before
+-- forward. Nothing runs per response unless a script asked.
+function Req:set_response_prefix(prefix)
+    if type(prefix) ~= "string" then
+        error("set_response_prefix(prefix): prefix must be a string", 2)
+    end
+    check_rc(C.sp_req_set_response_prefix(live(self), prefix, #prefix),
+        "set_response_prefix: already decided, or not a prefix (\"/a/b\": a leading \"/\", "
+            .. "no trailing one, no space, control byte, ';' or ',')")
+end
+
 -- Whether request bytes were handed to the sandbox's connection: false when the request was
 -- forwarded but nothing of it can have reached the sandbox (connect refused or timed out),
 -- true when the sandbox may have received it; nil when it was never forwarded.
@@ -404,6 +424,22 @@ end
 
 function Req:worker()
     return C.sp_req_worker(live(self))
+end
+
+-- The wake span (exported with otlp_endpoint: a child of the request span, named "wake"):
+-- req:wake_begin() when the request starts being held for its sandbox's start (later calls
+-- keep the first start), req:wake_end(outcome, patched, patch_status) when the hold ends:
+-- outcome a short word ("ready" when the request goes on to the sandbox; anything else marks
+-- the span as an error), patched whether this request's wake sent the PATCH, patch_status the
+-- refused PATCH's HTTP status (0 or nil: none). wake.lua calls them; cheap, no allocation.
+function Req:wake_begin()
+    C.sp_req_wake_mark(live(self), 0, "", 0, 0, 0)
+end
+
+function Req:wake_end(outcome, patched, patch_status)
+    outcome = tostring(outcome or "")
+    C.sp_req_wake_mark(live(self), 1, outcome, #outcome, patched and 1 or 0,
+        tonumber(patch_status) or 0)
 end
 
 -- The access-log line's fields in line order (access_log.lua, the test kit's formatter and the

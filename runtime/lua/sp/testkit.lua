@@ -212,6 +212,17 @@ function Fake:set_error_detail(subject)
     end
     self.error_detail = subject ~= "" and subject or nil
 end
+-- req:set_response_prefix: recorded in req.response_prefix (nil: off).
+function Fake:set_response_prefix(prefix)
+    if type(prefix) ~= "string" then
+        error("set_response_prefix(prefix): prefix must be a string", 2)
+    end
+    if prefix ~= "" and (prefix:sub(1, 1) ~= "/" or prefix:sub(-1) == "/"
+        or prefix:find("[%c%s;,]")) then
+        error("set_response_prefix: not a prefix", 2)
+    end
+    self.response_prefix = prefix ~= "" and prefix or nil
+end
 function Fake:set_timeouts(t)
     local to = edits(self).timeouts
     for k, v in pairs(t) do
@@ -284,6 +295,18 @@ function Fake:delivered()
 end
 -- opts.trace_id, or nil (as the real request while tracing is off)
 function Fake:trace_id() return self._trace_id end
+
+-- The wake span's marks, kept for specs: req.wake = { begun = true, outcome =, patched =,
+-- patch_status = } (outcome nil while held).
+function Fake:wake_begin()
+    self.wake = self.wake or { begun = true }
+end
+function Fake:wake_end(outcome, patched, patch_status)
+    self.wake = self.wake or { begun = false }
+    self.wake.outcome = tostring(outcome or "")
+    self.wake.patched = patched and true or false
+    self.wake.patch_status = tonumber(patch_status) or 0
+end
 
 function Fake:record()
     return {
@@ -409,6 +432,8 @@ function M.set_routes(map)
             service = r.service,
             conflict = r.conflict,
             mode = r.mode or "Running",
+            ports = r.ports,
+            prefix = r.prefix,
         })
     end
 end
