@@ -988,6 +988,9 @@ local function event_handler(upsert, remove, skipped)
     end
 end
 
+-- (defined below: it reads both watches' state)
+local publish_watch_state
+
 local function watch_claims(settings)
     M.claims_state = "watching"
     log.info("watching SandboxClaims", { group = CLAIM_GROUP, version = CLAIM_VERSION,
@@ -1001,7 +1004,7 @@ local function watch_claims(settings)
         on_synced = function(info)
             log.info("sandbox claims synced", { claims = M.claim_count(),
                 resource_version = info.resource_version, relist = info.relist })
-            M.publish_watch_state()
+            publish_watch_state()
         end,
         on_error = function(e)
             if e.status == 403 and M.claims_state == "watching" then
@@ -1014,12 +1017,12 @@ local function watch_claims(settings)
                 M.claim_watch = nil
                 timer.after(0, function() w:stop() end)
             end
-            M.publish_watch_state()
+            publish_watch_state()
         end,
     }
 end
 
-local function publish_watch_state()
+function publish_watch_state()
     local w = M.watch
     if not w then
         return

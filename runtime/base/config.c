@@ -176,6 +176,8 @@ static const knob_t knobs[] = {
     {"kube_page_size", K_INT, O(kube_page_size), "500", 1, 100000, "LIST page size"},
     {"kube_watch_timeout", K_INT, O(kube_watch_timeout), "300", 5, 86400,
      "base watch timeoutSeconds (jittered up to twice this)"},
+    {"kube_relist_jitter", K_DOUBLE, O(kube_relist_jitter), "2", 0, 300,
+     "a relist after 410 waits a random 0..this many seconds (spreads replicas' relists)"},
     {"kube_token_refresh", K_DOUBLE, O(kube_token_refresh), "60", 1, 3600,
      "seconds between re-reads of the token file (also re-read on 401)"},
     {"kube_serviceaccount_dir", K_STR, O(kube_serviceaccount_dir),

@@ -88,6 +88,7 @@ typedef struct sp_config {
     char *kube_label_selector;
     int kube_page_size;
     int kube_watch_timeout;
+    double kube_relist_jitter;
     double kube_token_refresh;
     char *kube_serviceaccount_dir;
     bool kube_compression;

@@ -32,6 +32,7 @@ struct sp_kwatch {
     uv_loop_t *loop_unused;
     char *group, *version, *resource, *ns, *label_selector, *field_selector;
     int page_size, timeout_base;
+    double relist_jitter;
     sp_kwatch_cbs_t cbs;
     void *ud;
     uv_timer_t timer;     /* backoff */
@@ -657,10 +658,15 @@ static void on_watch_done(sp_kreq_t *r, int code, const char *cerr, long status,
     }
     w->line.len = 0;
     if (w->relist_needed || status == 410) {
+        /* A 410 reaches every replica at once (a compaction, an API server restart): spread
+         * their relists over kube_relist_jitter seconds; routes keep serving meanwhile. */
         w->relist_needed = false;
         w->body.len = 0;
         set_str(&w->cont, NULL, 0);
-        start_list(w);
+        double d = w->relist_jitter * jitter();
+        w->mode = M_BACKOFF;
+        w->next_is_list = true;
+        uv_timer_start(&w->timer, on_backoff_timer, (uint64_t)(d * 1000), 0);
         return;
     }
     if (status == 200) {
@@ -793,6 +799,7 @@ sp_kwatch_t *sp_kwatch_start(sp_kube_t *k, const sp_kwatch_opts_t *o, const sp_k
     w->field_selector = dupz(o->field_selector);
     w->page_size = o->page_size > 0 ? o->page_size : 500;
     w->timeout_base = o->timeout_base > 0 ? o->timeout_base : 300;
+    w->relist_jitter = o->relist_jitter > 0 ? o->relist_jitter : 0;
     w->cbs = *cbs;
     w->ud = ud;
     w->nbuckets = 1024;

@@ -23,6 +23,7 @@ typedef struct sp_kwatch_opts {
     const char *field_selector;
     int page_size;
     int timeout_base;           /* watch timeoutSeconds is jittered in [base, 2*base) */
+    double relist_jitter;       /* a relist after 410 waits a random 0..this seconds */
 } sp_kwatch_opts_t;
 
 typedef struct sp_kwatch_cbs {

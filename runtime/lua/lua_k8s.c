@@ -267,7 +267,8 @@ static int w_state(lua_State *L)
 }
 
 /* k8s.watch{group=, version=, resource=, namespace=, label_selector=, field_selector=,
- * page_size=, timeout=, on_event=fn(type, obj), on_synced=fn(info), on_error=fn(err)} */
+ * page_size=, timeout=, relist_jitter=, on_event=fn(type, obj), on_synced=fn(info),
+ * on_error=fn(err)} */
 static int k_watch(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -286,7 +287,9 @@ static int k_watch(lua_State *L)
     o.page_size = (int)luaL_optinteger(L, -1, sp_cfg.kube_page_size);
     lua_getfield(L, 1, "timeout");
     o.timeout_base = (int)luaL_optinteger(L, -1, sp_cfg.kube_watch_timeout);
-    lua_pop(L, 2);
+    lua_getfield(L, 1, "relist_jitter");
+    o.relist_jitter = luaL_optnumber(L, -1, sp_cfg.kube_relist_jitter);
+    lua_pop(L, 3);
     lwatch_t *lw = sp_calloc(1, sizeof *lw);
     lw->vm = vm;
     lua_pushvalue(L, 1);

@@ -156,7 +156,7 @@ function M.start(opts)
                 return not r.body:find('"synced":false', 1, true)
             end
             return true
-        end, 20, 0.02, "proxy " .. ready_path)
+        end, opts.ready_wait or 20, 0.02, "proxy " .. ready_path)
         if not ok then
             error(tostring(err) .. "\nstderr:\n" .. tostring(p:read_stderr()), 2)
         end

@@ -104,6 +104,14 @@ describe("SandboxClaims", function()
         assert.are.equal("watching", h.source.claims.state)
         assert.is_true(h.source.claims.synced)
     end)
+
+    it("watches claims without a script error (the claims' on_synced publishes the state)",
+        function()
+        px:wait_log(function(l) return l.msg == "sandbox claims synced" end)
+        for _, l in ipairs(px:log_lines()) do
+            assert.are_not.equal("script error", l.msg, cjson.encode(l))
+        end
+    end)
 end)
 
 describe("a cluster without SandboxClaims", function()

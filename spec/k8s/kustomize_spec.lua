@@ -147,16 +147,36 @@ local function granted(docs)
     return rules
 end
 
--- The verbs on sandboxes.agents.x-k8s.io; fails on any grant beyond that resource.
-local function sandbox_verbs(docs)
+-- The verbs on sandboxes.agents.x-k8s.io; fails on any grant beyond that resource, except, with
+-- leases_ok (the wake overlay: idle-suspend coordination), exactly the activity Leases' verbs
+-- through a namespaced Role (granted by a RoleBinding in the proxy's namespace, never cluster-wide).
+local function sandbox_verbs(docs, leases_ok)
     local verbs = {}
+    local lease_rules = 0
     for _, r in ipairs(granted(docs)) do
+        if leases_ok and r.apiGroups[1] == "coordination.k8s.io" then
+            assert.are.same({ "coordination.k8s.io" }, r.apiGroups)
+            assert.are.same({ "leases" }, r.resources)
+            assert.are.same({ "create", "get", "update", "list", "watch", "delete" }, r.verbs)
+            lease_rules = lease_rules + 1
+            goto continue
+        end
         assert.are.same({ "agents.x-k8s.io" }, r.apiGroups)
         assert.are.same({ "sandboxes" }, r.resources)
         assert.is_nil(r.resourceNames)
         for _, v in ipairs(r.verbs) do
             assert.are_not.equal("*", v)
             verbs[v] = true
+        end
+        ::continue::
+    end
+    if leases_ok then
+        assert.are.equal(1, lease_rules, "the activity Leases' Role")
+        for _, rb in ipairs(all(docs, "ClusterRoleBinding")) do
+            local role = find(docs, "ClusterRole", rb.roleRef.name)
+            for _, r in ipairs(role and role.rules or {}) do
+                assert.are_not.same({ "leases" }, r.resources, "leases granted cluster-wide")
+            end
         end
     end
     local list = {}
@@ -277,7 +297,7 @@ describe("kustomize overlays", function()
             end)
 
             it("grants list and watch on sandboxes, and patch only in the wake overlay", function()
-                local verbs = sandbox_verbs(out[name])
+                local verbs = sandbox_verbs(out[name], name == "wake")
                 if name == "wake" then
                     assert.are.same({ "get", "list", "patch", "watch" }, verbs)
                 else

@@ -8,8 +8,16 @@
 -- replica held for; a refused PATCH answered 503 with its status; a wake that never completes
 -- (503 at the deadline); held-request limits; a client leaving while held; terminal reasons
 -- never woken; starting sandboxes waited for only with wait_starting; v1alpha1; idle suspend
--- after the timeout and never with a tunnel open; two replicas suspending once, only when both
--- idle.
+-- after the timeout and never with a tunnel open; replicas coordinating through their activity
+-- Leases (coordination.k8s.io, served by the stand-in): two replicas suspending once, only when
+-- both idle; a tunnel on one replica keeping the others from suspending, also when that
+-- tunnel's request woke the sandbox (the race that once suspended it: the other replica's idle
+-- clock ignored the wake and the waker published the held request only after the start) and
+-- when it opens right after a request the Lease already reported (published open at once, not
+-- at the next renewal); a replica that stops renewing no longer counting; Lease writes bounded
+-- per replica and interval, not per sandbox. The sandboxes of the multi-replica specs get their
+-- idle timeout once every replica routes them (arm_idle), so that a slow start (ASan) does not
+-- suspend them before the traffic under test.
 local H = require "spec.helpers.proxy"
 local K = require "spec.helpers.kube"
 local ws = require "spec.helpers.ws"
@@ -46,7 +54,11 @@ local function wake_config(extra)
         .. ", max_held_per_sandbox = " .. (extra.max_held_per_sandbox or 100)
         .. (extra.wait_starting ~= nil and (", wait_starting = " .. tostring(extra.wait_starting))
             or "")
-        .. ", check_interval = 0.2, activity_interval = 0.5 }, ratelimit = { enabled = false } }"
+        .. ", check_interval = 0.2, activity_interval = " .. (extra.activity_interval or 0.5)
+        .. ", activity_flush = 0.25"
+        .. (extra.lease_duration and (", lease_duration = " .. extra.lease_duration) or "")
+        .. (extra.replica and (", replica = '" .. extra.replica .. "'") or "")
+        .. " }, ratelimit = { enabled = false } }"
 end
 
 -- The proxy's view of one sandbox (its /sandboxes listing).
@@ -399,8 +411,84 @@ describe("idle suspend", function()
         return obj
     end
 
+    -- The activity Leases the stand-in holds, and the writes (create + update) of replica r.
+    local function leases(api)
+        return api:call("GET", "/leases").items
+    end
+
+    local function lease_writes(api, r)
+        local n = 0
+        for name, c in pairs(api:call("GET", "/leases").stats.writes_by_name) do
+            if name:match("^sandbox%-proxy%-activity%-" .. r .. "%-%d+$") then
+                n = n + c
+            end
+        end
+        return n
+    end
+
     local function mode_of(api, name)
         return api:call("GET", "/objects/default/" .. name).spec.operatingMode
+    end
+
+    -- Gives the sandbox (put earlier at port 1, without an idle timeout, so that nothing is
+    -- suspended while the replicas start) its idle timeout and the upstream's port; returns
+    -- once every replica routes it so (its idle clock starts then).
+    local function arm_idle(api, pxs, user, name, timeout)
+        api:put(idle_sandbox(user, name, timeout))
+        H.net.wait_until(function()
+            for _, px in ipairs(pxs) do
+                if view(px, name).port ~= up.port then
+                    return false
+                end
+            end
+            return true
+        end, 15, 0.02, "every replica to see the idle timeout of " .. name)
+    end
+
+    -- What replica r's Lease says of sandbox key: "open", "served" (in "a" only) or nil.
+    local function reported(api, r, key)
+        local state
+        for _, l in ipairs(leases(api)) do
+            if l.spec.holderIdentity == r then
+                local doc = cjson.decode(l.metadata.annotations["sandbox-proxy.dev/activity"])
+                for _, k in ipairs(doc.o or {}) do
+                    if k == key then
+                        return "open"
+                    end
+                end
+                if (doc.a or {})[key] then
+                    state = "served"
+                end
+            end
+        end
+        return state
+    end
+
+    -- Fails if the sandbox is not Running (the replicas' logs of suspends, wakes and Leases
+    -- attached).
+    local function assert_running(api, name, pxs, level)
+        local mode = mode_of(api, name)
+        if mode ~= "Running" then
+            local lines = {}
+            for r, px in pairs(pxs) do
+                for _, l in ipairs(px:log_lines()) do
+                    if l.msg:find("suspend") or l.msg:find("wak") or l.msg:find("lease") then
+                        lines[#lines + 1] = r .. ": " .. cjson.encode(l)
+                    end
+                end
+            end
+            error(name .. " is " .. tostring(mode) .. ":\n" .. table.concat(lines, "\n"),
+                (level or 1) + 1)
+        end
+    end
+
+    -- Fails at once if the sandbox leaves Running within `seconds`.
+    local function stays_running(api, name, seconds, pxs)
+        local until_t = socket.gettime() + seconds
+        while socket.gettime() < until_t do
+            assert_running(api, name, pxs, 2)
+            socket.sleep(0.1) -- observing over time is the point of these tests
+        end
     end
 
     it("suspends a sandbox after its idle timeout", function()
@@ -429,14 +517,15 @@ describe("idle suspend", function()
 
     it("is decided through the API server: two replicas suspend once, only when both are idle", function()
         local api = K.start{}
-        api:put(idle_sandbox("jo", "shared", "2s"))
-        local a = api:proxy{ config = wake_config() }
-        local b = api:proxy{ config = wake_config() }
+        api:put(H.sandbox("jo", "shared", 1))
+        local a = api:proxy{ config = wake_config{ replica = "a" } }
+        local b = api:proxy{ config = wake_config{ replica = "b" } }
+        arm_idle(api, { a, b }, "jo", "shared", "2s")
         -- replica a keeps the sandbox busy for a while; replica b sees no traffic at all
         local busy_until = socket.gettime() + 4
         while socket.gettime() < busy_until do
             assert.are.equal(200, assert(a:get("/jo/shared/echo")).status)
-            assert.are.equal("Running", mode_of(api, "shared"))
+            assert_running(api, "shared", { a = a, b = b })
             socket.sleep(0.25) -- the traffic pattern under test
         end
         H.net.wait_until(function() return mode_of(api, "shared") == "Suspended" end, 15)
@@ -458,5 +547,234 @@ describe("idle suspend", function()
         end, 5)
         socket.sleep(1.5) -- a window in which a second suspend would show up
         assert.are.equal(1, suspends())
+        -- the activity went through the Leases: the one PATCH of the sandbox is the suspend
+        assert.are.equal(1, patches(api, "shared"))
+        assert.is_true(lease_writes(api, "a") >= 1)
+    end)
+
+    it("keeps every replica from suspending while one has a tunnel open (reported open until "
+        .. "its Lease expires)", function()
+        local api = K.start{}
+        api:put(H.sandbox("kay", "tun", 1))
+        -- a renews rarely (every 3 s): between renewals only the "open" mark keeps b waiting
+        local a = api:proxy{ config = wake_config{ replica = "a", activity_interval = 3,
+            lease_duration = 9 } }
+        local b = api:proxy{ config = wake_config{ replica = "b" } }
+        arm_idle(api, { a, b }, "kay", "tun", "1s")
+        local c = assert(ws.connect{ host = "127.0.0.1", port = a.port, path = "/kay/tun/ws" })
+        H.net.wait_until(function()
+            for _, l in ipairs(leases(api)) do
+                local doc = cjson.decode(l.metadata.annotations["sandbox-proxy.dev/activity"])
+                if l.spec.holderIdentity == "a" and #(doc.o or {}) == 1 then
+                    return true
+                end
+            end
+        end, 15, 0.05, "replica a to report the tunnel open")
+        stays_running(api, "tun", 4, { a = a, b = b })
+        c:close()
+        H.net.wait_until(function() return mode_of(api, "tun") == "Suspended" end, 30)
+        assert.is_truthy(b) -- b ran throughout (teardown checks that it is alive)
+    end)
+
+    it("never suspends a sandbox that a tunnel on another replica woke, through several idle "
+        .. "periods (the wake is activity on every replica)", function()
+        local api = K.start{}
+        api:put(idle_sandbox("kit", "woke", "1s"))
+        -- a long lease_duration: a slow replica's open tunnel stays trusted between renewals
+        local a = api:proxy{ config = wake_config{ replica = "a", lease_duration = 6 } }
+        local b = api:proxy{ config = wake_config{ replica = "b", lease_duration = 6 } }
+        -- suspended (and seen so by a, which then wakes it rather than forwarding at once)
+        local function asleep()
+            return mode_of(api, "woke") == "Suspended" and view(a, "woke").ready == false
+        end
+        -- nobody serves it: suspended after 1 s (both replicas have it on their idle clocks)
+        H.net.wait_until(asleep, 30)
+        for round = 1, 2 do
+            -- the tunnel's request wakes it through a and is held until it is ready
+            local c = assert(ws.connect{ host = "127.0.0.1", port = a.port, path = "/kit/woke/ws",
+                timeout = 30 })
+            finally(function() c:close() end)
+            stays_running(api, "woke", 3, { a = a, b = b })
+            c:close()
+            H.net.wait_until(asleep, 30, 0.1,
+                "the sandbox to be suspended after the tunnel closed (round " .. round .. ")")
+        end
+    end)
+
+    it("never suspends while another replica has a tunnel open that it opened right after "
+        .. "serving a request (an open tunnel is published at once, not at the next renewal)",
+        function()
+        local api = K.start{}
+        -- port 1 and no idle timeout while the replicas start (nothing to suspend yet)
+        for i = 1, 3 do
+            api:put(H.sandbox("kim", "chat" .. i, 1))
+        end
+        -- a renews once at its start, then not within this test (every 30 s): only what it
+        -- flushes reaches the other replica
+        local a = api:proxy{ config = wake_config{ replica = "a", activity_interval = 30,
+            lease_duration = 90 } }
+        local b = api:proxy{ config = wake_config{ replica = "b" } }
+        -- a sandbox a has served and reported as served, never as open (a request caught in
+        -- flight by a write is reported open, and the other replica then trusts that report
+        -- until the Lease expires: such a sandbox could not show the race; try the next one)
+        local name
+        for i = 1, 3 do
+            local n = "chat" .. i
+            arm_idle(api, { a, b }, "kim", n, "1s")
+            assert.are.equal(200, assert(a:get("/kim/" .. n .. "/echo")).status)
+            local state
+            H.net.wait_until(function()
+                state = reported(api, "a", "kim/" .. n)
+                return state
+            end, 15, 0.02, "replica a to publish the request it served")
+            if state == "served" and mode_of(api, n) == "Running" then
+                name = n
+                break
+            end
+        end
+        assert.is_truthy(name, "no sandbox was reported served only (see the comment above)")
+        local c = assert(ws.connect{ host = "127.0.0.1", port = a.port,
+            path = "/kim/" .. name .. "/ws" })
+        finally(function() c:close() end)
+        stays_running(api, name, 4, { a = a, b = b })
+        assert.are.equal("open", reported(api, "a", "kim/" .. name))
+        c:close()
+    end)
+
+    it("decides on the API server's Leases, not on a Lease watch that lags behind (another "
+        .. "replica's open tunnel, reported before the timeout, arrives by the watch after it)",
+        function()
+        local api = K.start{}
+        api:put(H.sandbox("lee", "lag", 1))
+        local a = api:proxy{ config = wake_config{ replica = "a" } }
+        local b = api:proxy{ config = wake_config{ replica = "b" } }
+        -- every Lease watch delivers each write 5 s late from now on (LIST and GET stay current)
+        api:call("POST", "/leases/watch-delay", { seconds = 5 })
+        arm_idle(api, { a, b }, "lee", "lag", "2s")
+        local c = assert(ws.connect{ host = "127.0.0.1", port = a.port, path = "/lee/lag/ws" })
+        finally(function() c:close() end)
+        H.net.wait_until(function() return reported(api, "a", "lee/lag") == "open" end, 15,
+            0.02, "replica a to report the tunnel open")
+        stays_running(api, "lag", 4, { a = a, b = b })
+        c:close()
+        H.net.wait_until(function() return mode_of(api, "lag") == "Suspended" end, 30)
+    end)
+
+    it("stops counting a replica that stops renewing its Lease", function()
+        local api = K.start{}
+        api:put(H.sandbox("lou", "gone", 1))
+        local a = api:proxy{ config = wake_config{ replica = "a", lease_duration = 2 } }
+        local b = api:proxy{ config = wake_config{ replica = "b" } }
+        arm_idle(api, { a, b }, "lou", "gone", "1s")
+        local c = assert(ws.connect{ host = "127.0.0.1", port = a.port, path = "/lou/gone/ws" })
+        H.net.wait_until(function()
+            for _, l in ipairs(leases(api)) do
+                local doc = cjson.decode(l.metadata.annotations["sandbox-proxy.dev/activity"])
+                if l.spec.holderIdentity == "a" and #(doc.o or {}) == 1 then
+                    return true
+                end
+            end
+        end, 15, 0.05, "replica a to report the tunnel open")
+        -- a vanishes with the tunnel open (no clean close, no last write)
+        a.proc.signalled = true
+        a.proc:kill()
+        c:close()
+        -- b suspends once a's Lease has expired (2 s) and the idle timeout (1 s) has passed
+        H.net.wait_until(function() return mode_of(api, "gone") == "Suspended" end, 30)
+        b:wait_log(function(l) return l.msg == "suspended an idle sandbox" end)
+    end)
+
+    it("writes Leases per replica and interval, not per sandbox (50 active sandboxes, 3 "
+        .. "replicas)", function()
+        local api = K.start{}
+        local names = {}
+        for i = 1, 50 do
+            names[i] = "busy" .. i
+            api:put(idle_sandbox("mia", names[i], "60s"))
+        end
+        local pxs = {}
+        for i, r in ipairs({ "a", "b", "c" }) do
+            pxs[i] = api:proxy{ config = wake_config{ replica = r } }
+        end
+        api:call("POST", "/leases/reset-stats")
+        local t0 = socket.gettime()
+        -- every replica serves every sandbox, for about 3 s (bounded: 20 rounds)
+        for _ = 1, 20 do
+            for _, px in ipairs(pxs) do
+                for _, n in ipairs(names) do
+                    assert.are.equal(200, assert(px:get("/mia/" .. n .. "/echo")).status)
+                end
+            end
+            if socket.gettime() - t0 > 3 then
+                break
+            end
+        end
+        -- every replica reports all 50 (once its next write is in)
+        H.net.wait_until(function()
+            local seen = {}
+            for _, l in ipairs(leases(api)) do
+                local doc = cjson.decode(l.metadata.annotations["sandbox-proxy.dev/activity"])
+                for k in pairs(doc.a or {}) do
+                    seen[l.spec.holderIdentity .. " " .. k] = true
+                end
+            end
+            local n = 0
+            for _ in pairs(seen) do
+                n = n + 1
+            end
+            return n == 150
+        end, 15, 0.1, "every replica to report every sandbox")
+        local elapsed = socket.gettime() - t0
+        local writes = 0
+        for _, r in ipairs({ "a", "b", "c" }) do
+            writes = writes + lease_writes(api, r)
+        end
+        -- at most one write per activity_flush (0.25 s) per replica, plus one in flight each;
+        -- per sandbox it would be 50 x 3 per activity_interval
+        local bound = 3 * (math.ceil(elapsed / 0.25) + 1)
+        assert.is_true(writes <= bound, writes .. " Lease writes in " .. elapsed .. " s (bound "
+            .. bound .. ")")
+        for _, n in ipairs(names) do
+            assert.are.equal(0, patches(api, n)) -- no activity PATCH on the sandboxes
+        end
+    end)
+end)
+
+-- The RBAC idle suspend needs (k8s/overlays/wake/rbac-wake.yaml): a namespaced Role on the activity Leases,
+-- with every verb wake.lua uses, bound to the proxy's ServiceAccount in its own namespace.
+describe("the wake RBAC", function()
+    it("grants the verbs the activity Leases need, in the proxy's namespace", function()
+        local process = require "spec.helpers.process"
+        local kubeconn = require "sp.kubeconn"
+        local text = assert(process.read_file(H.SOURCE_DIR .. "/k8s/overlays/wake/rbac-wake.yaml"))
+        local docs = {}
+        for chunk in (text .. "\n---\n"):gmatch("(.-)\n%-%-%-[^\n]*\n") do
+            if chunk:gsub("#[^\n]*", ""):match("%S") then
+                docs[#docs + 1] = assert(kubeconn.parse_yaml(chunk))
+            end
+        end
+        local role, binding
+        for _, d in ipairs(docs) do
+            role = d.kind == "Role" and d or role
+            binding = d.kind == "RoleBinding" and d or binding
+        end
+        assert.is_truthy(role, "no Role in k8s/overlays/wake/rbac-wake.yaml")
+        assert.are.equal("agent-sandbox-system", role.metadata.namespace)
+        local verbs = {}
+        for _, rule in ipairs(role.rules) do
+            if rule.apiGroups[1] == "coordination.k8s.io" and rule.resources[1] == "leases" then
+                for _, v in ipairs(rule.verbs) do
+                    verbs[v] = true
+                end
+            end
+        end
+        -- what scripts/wake.lua sends: POST, PUT, GET (after a 409), LIST + WATCH, DELETE
+        for _, v in ipairs({ "create", "update", "get", "list", "watch", "delete" }) do
+            assert.is_true(verbs[v] == true, "the Role lacks " .. v .. " on leases")
+        end
+        assert.are.equal(role.metadata.name, binding.roleRef.name)
+        assert.are.equal("Role", binding.roleRef.kind)
+        assert.are.equal("sandbox-router", binding.subjects[1].name)
+        assert.are.equal(role.metadata.namespace, binding.subjects[1].namespace)
     end)
 end)
