@@ -52,6 +52,29 @@ void sp_fold_field(sp_fold_t *f, const char *end);
  * already has bytes (a later piece must follow the earlier one with no byte skipped). */
 bool sp_fold_value(sp_fold_t *f, const char *at, size_t len, bool continuation);
 
+/*
+ * Header accumulation from llhttp's header callbacks (headers.c), shared by the request parser
+ * (server.c) and the response parser (upstream.c): names and values are appended to a head
+ * buffer, each header an sp_hdr_t of offsets into it, the array grown as needed. The view points
+ * at the fields of one list in sp_request (SP_REQ_HDRS / SP_RESP_HDRS). Size limits stay with the
+ * callers; the fold check (sp_fold_*) runs inside.
+ */
+typedef struct sp_hdr_acc {
+    sp_hdr_t **hdrs;
+    uint32_t *n, *cap;
+    bool *in_value; /* the last piece was (part of) a value: the next field starts a new header */
+    sp_buf_t *head;
+} sp_hdr_acc_t;
+#define SP_REQ_HDRS(r) ((sp_hdr_acc_t){&(r)->hdrs, &(r)->nhdrs, &(r)->hdrs_cap, &(r)->in_value, &(r)->head})
+#define SP_RESP_HDRS(r)                                                                          \
+    ((sp_hdr_acc_t){&(r)->rhdrs, &(r)->nrhdrs, &(r)->rhdrs_cap, &(r)->rin_value, &(r)->resp_head})
+/* A piece of a header name. Returns false (nothing added) when it would start header max+1. */
+bool sp_hdrs_field(sp_hdr_acc_t *a, sp_fold_t *f, const char *at, size_t len, uint32_t max);
+/* The name is complete: the value starts here, even if it turns out empty. */
+void sp_hdrs_field_complete(sp_hdr_acc_t *a);
+/* A piece of a header value. Returns false (nothing added) when it follows an obsolete fold. */
+bool sp_hdrs_value(sp_hdr_acc_t *a, sp_fold_t *f, const char *at, size_t len);
+
 /* Headers that frame or route a message: never hop-by-hop, so a Connection header that lists one
  * is refused (400 for a request, 502 for a response) instead of the header being dropped while
  * the message is still framed by it (request smuggling, a response planted on a pooled

@@ -193,42 +193,6 @@ static bool header_bytes_ok(const char *s, size_t n, bool name)
 
 /* ---------------------------------------------------------------- framing checks */
 
-void sp_fold_skip(sp_fold_t *f, const char *to)
-{
-    if (!f->mark || to <= f->mark)
-        return;
-    for (const char *q = f->mark; q < to; q++) {
-        if (f->lf)
-            f->after_lf = true;
-        if (*q == '\n')
-            f->lf = true;
-    }
-    f->gap += (uint32_t)(to - f->mark);
-    f->mark = to;
-}
-
-void sp_fold_field(sp_fold_t *f, const char *end)
-{
-    f->mark = end;
-    f->gap = 0;
-    f->lf = f->after_lf = false;
-}
-
-bool sp_fold_value(sp_fold_t *f, const char *at, size_t len, bool continuation)
-{
-    sp_fold_skip(f, at);
-    /* Before a value's first piece llhttp skips ":" and spaces, and for an empty value the line
-     * end (a zero-length piece at the start of the next line); a byte skipped after a LF is a
-     * continuation line. A later piece of the same value follows the earlier one directly. */
-    bool fold = continuation ? f->gap > 0 : f->after_lf;
-    f->mark = at + len;
-    if (len) {
-        f->gap = 0;
-        f->lf = f->after_lf = false;
-    }
-    return fold;
-}
-
 bool sp_framing_header(const char *n, size_t l)
 {
     return sp_ieq(n, l, "content-length") || sp_ieq(n, l, "transfer-encoding") ||
@@ -693,37 +657,20 @@ static int cb_header_field(llhttp_t *p, const char *at, size_t len)
     sp_request_t *r = c->req;
     if (head_limit(c, len))
         return HPE_USER;
-    if (r->nhdrs == 0 || r->in_value) {
-        if (r->nhdrs >= (uint32_t)sp_cfg.max_headers) {
-            c->err_status = 431;
-            llhttp_set_error_reason(p, "too many request headers");
-            return HPE_USER;
-        }
-        if (r->nhdrs == r->hdrs_cap) {
-            r->hdrs_cap = r->hdrs_cap ? r->hdrs_cap * 2 : 16;
-            r->hdrs = sp_realloc(r->hdrs, r->hdrs_cap * sizeof *r->hdrs);
-        }
-        sp_hdr_t *h = &r->hdrs[r->nhdrs++];
-        h->name_off = (uint32_t)r->head.len;
-        h->name_len = 0;
-        h->value_off = 0;
-        h->value_len = 0;
-        r->in_value = false;
+    sp_hdr_acc_t a = SP_REQ_HDRS(r);
+    if (!sp_hdrs_field(&a, &c->fold, at, len, (uint32_t)sp_cfg.max_headers)) {
+        c->err_status = 431;
+        llhttp_set_error_reason(p, "too many request headers");
+        return HPE_USER;
     }
-    sp_hdr_t *h = &r->hdrs[r->nhdrs - 1];
-    sp_buf_add(&r->head, at, len);
-    h->name_len += (uint32_t)len;
-    sp_fold_field(&c->fold, at + len);
     return 0;
 }
 
 static int cb_header_field_complete(llhttp_t *p)
 {
     sp_conn_t *c = p->data;
-    sp_request_t *r = c->req;
-    r->in_value = true; /* the next field starts a new header, even if the value is empty */
-    sp_hdr_t *h = &r->hdrs[r->nhdrs - 1];
-    h->value_off = (uint32_t)r->head.len;
+    sp_hdr_acc_t a = SP_REQ_HDRS(c->req);
+    sp_hdrs_field_complete(&a);
     return 0;
 }
 
@@ -735,15 +682,11 @@ static int cb_header_value(llhttp_t *p, const char *at, size_t len)
         return HPE_USER;
     /* llhttp accepts obsolete line folding (also after an empty first line); RFC 9112 lets a
      * server reject it: we do, in every form (sp_fold_value). */
-    if (sp_fold_value(&c->fold, at, len, r->hdrs[r->nhdrs - 1].value_len > 0)) {
+    sp_hdr_acc_t a = SP_REQ_HDRS(r);
+    if (!sp_hdrs_value(&a, &c->fold, at, len)) {
         llhttp_set_error_reason(p, "obsolete line folding in a header");
         return HPE_USER;
     }
-    sp_hdr_t *h = &r->hdrs[r->nhdrs - 1];
-    if (h->value_len == 0)
-        h->value_off = (uint32_t)r->head.len;
-    sp_buf_add(&r->head, at, len);
-    h->value_len += (uint32_t)len;
     return 0;
 }
 

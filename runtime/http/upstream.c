@@ -822,51 +822,33 @@ static int rcb_status(llhttp_t *p, const char *at, size_t len)
 static int rcb_header_field(llhttp_t *p, const char *at, size_t len)
 {
     sp_upconn_t *u = p->data;
-    sp_request_t *r = u->req;
     if (resp_limit(u, len))
         return HPE_USER;
-    if (r->nrhdrs == 0 || r->rin_value) {
-        if (r->nrhdrs == r->rhdrs_cap) {
-            r->rhdrs_cap = r->rhdrs_cap ? r->rhdrs_cap * 2 : 16;
-            r->rhdrs = sp_realloc(r->rhdrs, r->rhdrs_cap * sizeof *r->rhdrs);
-        }
-        sp_hdr_t *h = &r->rhdrs[r->nrhdrs++];
-        h->name_off = (uint32_t)r->resp_head.len;
-        h->name_len = h->value_off = h->value_len = 0;
-        r->rin_value = false;
-    }
-    sp_buf_add(&r->resp_head, at, len);
-    r->rhdrs[r->nrhdrs - 1].name_len += (uint32_t)len;
-    sp_fold_field(&u->fold, at + len);
+    sp_hdr_acc_t a = SP_RESP_HDRS(u->req);
+    sp_hdrs_field(&a, &u->fold, at, len, UINT32_MAX); /* resp_limit bounds the count */
     return 0;
 }
 
 static int rcb_header_field_complete(llhttp_t *p)
 {
     sp_upconn_t *u = p->data;
-    sp_request_t *r = u->req;
-    r->rin_value = true;
-    r->rhdrs[r->nrhdrs - 1].value_off = (uint32_t)r->resp_head.len;
+    sp_hdr_acc_t a = SP_RESP_HDRS(u->req);
+    sp_hdrs_field_complete(&a);
     return 0;
 }
 
 static int rcb_header_value(llhttp_t *p, const char *at, size_t len)
 {
     sp_upconn_t *u = p->data;
-    sp_request_t *r = u->req;
     if (resp_limit(u, len))
         return HPE_USER;
-    sp_hdr_t *h = &r->rhdrs[r->nrhdrs - 1];
     /* obsolete line folding, in any form (sp_fold_value): refuse it (502) rather than pass a
      * folded header to the client */
-    if (sp_fold_value(&u->fold, at, len, h->value_len > 0)) {
+    sp_hdr_acc_t a = SP_RESP_HDRS(u->req);
+    if (!sp_hdrs_value(&a, &u->fold, at, len)) {
         llhttp_set_error_reason(p, "obsolete line folding in a response header");
         return HPE_USER;
     }
-    if (h->value_len == 0)
-        h->value_off = (uint32_t)r->resp_head.len;
-    sp_buf_add(&r->resp_head, at, len);
-    h->value_len += (uint32_t)len;
     return 0;
 }
 
