@@ -1,9 +1,11 @@
 /*
- * server.c: client connections. Accepts, parses requests with llhttp (strict mode), enforces
- * the client-side limits and timeouts, hands each parsed head to the scripting layer through
- * the worker's hooks, writes local responses, streams request bodies towards upstream.c,
- * answers pipelined requests in order and closes connections gracefully. It does not decide
- * anything about routing and does not talk to upstreams itself (upstream.c does).
+ * server.c: client connections (HTTP/1). Accepts, parses requests with llhttp (strict mode),
+ * enforces the client-side limits and timeouts, hands each parsed head to the scripting layer
+ * through the worker's hooks, writes local responses (built in request.c), streams request
+ * bodies towards upstream.c, answers pipelined requests in order and closes connections
+ * gracefully. What a request slot holds and what scripts do to it is request.c's; the count of
+ * connections per address conn_limit.c's. It does not decide anything about routing and does
+ * not talk to upstreams itself (upstream.c does).
  */
 #include "http/http.h"
 #include "http/worker.h"

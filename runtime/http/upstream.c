@@ -1,10 +1,10 @@
 /*
- * upstream.c: connections to sandboxes. Per worker, a keep-alive pool per host:port; connect
- * with retries of refused connects; the upstream request head (hop-by-hop headers removed,
- * X-Forwarded-* added, the script's header edits applied); the response parsed with llhttp
- * and streamed to the client as it arrives with backpressure (one read buffer per direction,
- * never more); 101 responses turned into a raw tunnel. Failures map to 502/504 before the
- * response head is sent, and to a closed client connection after it.
+ * upstream.c: connections to sandboxes. Takes a connection from the keep-alive pool
+ * (upstream_pool.c) or connects, with retries of refused connects; sends the request head
+ * (built in proxy_head.c) and streams the body; parses the response with llhttp and streams it
+ * to the client as it arrives with backpressure (one read buffer per direction, never more);
+ * turns 101 responses into a raw tunnel; puts a finished connection back in the pool. Failures
+ * map to 502/504 before the response head is sent, and to a closed client connection after it.
  */
 #include "http/http.h"
 #include "http/worker.h"
