@@ -2,7 +2,8 @@
  * headers.c: the header block of an HTTP/1 message as llhttp hands it over in pieces, for both
  * parsers (requests in server.c, responses in upstream.c): the obsolete line folding detector
  * (sp_fold_*) and the accumulation of names and values into a head buffer with an sp_hdr_t of
- * offsets per header (sp_hdrs_*). Limits on sizes and counts are the callers'.
+ * offsets per header (sp_hdrs_*), and the check that a Connection header names no framing
+ * header (sp_connection_lists_framing). Limits on sizes and counts are the callers'.
  */
 #include "http/http.h"
 
@@ -78,4 +79,29 @@ bool sp_hdrs_value(sp_hdr_acc_t *a, sp_fold_t *f, const char *at, size_t len)
     sp_buf_add(a->head, at, len);
     h->value_len += (uint32_t)len;
     return true;
+}
+
+/* ---------------------------------------------------------------- framing checks */
+
+bool sp_framing_header(const char *n, size_t l)
+{
+    return sp_ieq(n, l, "content-length") || sp_ieq(n, l, "transfer-encoding") ||
+           sp_ieq(n, l, "host");
+}
+
+const char *sp_connection_lists_framing(const char *base, const sp_hdr_t *hdrs, uint32_t n,
+                                        size_t *len)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        if (!sp_ieq(base + hdrs[i].name_off, hdrs[i].name_len, "connection"))
+            continue;
+        const char *v = base + hdrs[i].value_off, *t;
+        size_t pos = 0, tl;
+        while ((tl = sp_next_token(v, hdrs[i].value_len, &pos, &t)) > 0)
+            if (sp_framing_header(t, tl)) {
+                *len = tl;
+                return t;
+            }
+    }
+    return NULL;
 }

@@ -1,7 +1,7 @@
 /*
  * request.c: the request slot and what the scripting layer does to it, whichever protocol the
  * client speaks (HTTP/1 in server.c, HTTP/2 in h2.c): acquiring and releasing slots, status
- * texts, the header checks and edits a script makes (request headers to send upstream,
+ * texts, the header lookups, checks and edits a script makes (request headers to send upstream,
  * response headers to add), the decisions (respond locally, forward), the counters held for
  * the exchange (sp_request_hold), building local and error responses, and the end of an
  * exchange (its log line and metrics). It does no I/O.
@@ -143,31 +143,6 @@ static bool header_bytes_ok(const char *s, size_t n, bool name)
         if (!(hdr_class[(unsigned char)s[i]] & want))
             return false;
     return !name || n > 0;
-}
-
-/* ---------------------------------------------------------------- framing checks */
-
-bool sp_framing_header(const char *n, size_t l)
-{
-    return sp_ieq(n, l, "content-length") || sp_ieq(n, l, "transfer-encoding") ||
-           sp_ieq(n, l, "host");
-}
-
-const char *sp_connection_lists_framing(const char *base, const sp_hdr_t *hdrs, uint32_t n,
-                                        size_t *len)
-{
-    for (uint32_t i = 0; i < n; i++) {
-        if (!sp_ieq(base + hdrs[i].name_off, hdrs[i].name_len, "connection"))
-            continue;
-        const char *v = base + hdrs[i].value_off, *t;
-        size_t pos = 0, tl;
-        while ((tl = sp_next_token(v, hdrs[i].value_len, &pos, &t)) > 0)
-            if (sp_framing_header(t, tl)) {
-                *len = tl;
-                return t;
-            }
-    }
-    return NULL;
 }
 
 const char *sp_request_header(const sp_request_t *r, const char *name, size_t nlen, size_t *vlen)
