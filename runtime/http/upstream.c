@@ -748,12 +748,7 @@ static void up_complete(sp_upconn_t *u)
         u->rflags = 0;
         u->nrequests++;
         up_release_buf(u);
-        u->next = k->idle;
-        u->prev = NULL;
-        if (k->idle)
-            k->idle->prev = u;
-        k->idle = u;
-        k->nidle++;
+        sp_up_idle_put(k, u);
         up_timer(u, UT_KEEPALIVE, sp_cfg.upstream_keepalive_timeout);
         up_read_start(u); /* to notice the sandbox closing it (a no-op if still reading) */
     } else {

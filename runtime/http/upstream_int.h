@@ -18,9 +18,11 @@ typedef struct sp_upkey {
 /* upstream.c */
 void sp_up_close(sp_upconn_t *u);
 
-/* upstream_pool.c: the key of host:port (created on first use); unlinking a connection from
- * its key's idle list; true if nothing arrived on an idle pooled connection. */
+/* upstream_pool.c: the key of host:port (created on first use); putting a connection on (the
+ * front of) its key's idle list and unlinking it; true if nothing arrived on an idle pooled
+ * connection. */
 sp_upkey_t *sp_up_key_get(sp_worker_t *w, const char *host, int port);
+void sp_up_idle_put(sp_upkey_t *k, sp_upconn_t *u);
 void sp_up_idle_unlink(sp_upconn_t *u);
 bool sp_up_idle_quiet(sp_upconn_t *u);
 

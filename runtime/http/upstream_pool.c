@@ -54,6 +54,16 @@ void sp_up_idle_unlink(sp_upconn_t *u)
     k->nidle--;
 }
 
+void sp_up_idle_put(sp_upkey_t *k, sp_upconn_t *u)
+{
+    u->next = k->idle;
+    u->prev = NULL;
+    if (k->idle)
+        k->idle->prev = u;
+    k->idle = u;
+    k->nidle++;
+}
+
 void sp_upstream_close_idle(sp_worker_t *w)
 {
     if (!w->upkeys)
