@@ -1,5 +1,6 @@
-# sandbox-proxy image: built from Debian bookworm packages only (the same lists .ci/run
-# installs: .ci/packages to build and test, .ci/packages.runtime to run), running as non-root.
+# sandbox-proxy image: built from Debian bookworm packages only (the lists .ci/run installs:
+# the build part of .ci/packages, the lines above its `#:end-build` marker, to build; not its
+# test tools; .ci/packages.runtime to run), running as non-root.
 #   docker build -t sandbox-proxy .
 #   docker run -p 8080:8080 sandbox-proxy            # local demo (no cluster)
 # Without Docker or a registry: .ci/image (mmdebstrap bases, podman build, then checks the image).
@@ -10,7 +11,8 @@
 FROM debian:bookworm AS build
 COPY .ci/packages .ci/packages.runtime /tmp/
 RUN apt-get update \
- && sed 's/#.*//' /tmp/packages /tmp/packages.runtime | awk 'NF { print $1 }' \
+ && { sed '/^#:end-build/,$d' /tmp/packages; cat /tmp/packages.runtime; } \
+    | sed 's/#.*//' | awk 'NF { print $1 }' \
     | xargs apt-get install -y --no-install-recommends \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
