@@ -7,9 +7,10 @@
 -- -port); unary, server streaming of 10,000 messages to a slow reader with the proxy's memory
 -- bounded, a 100 MB client-streaming upload, bidirectional streaming, status and trailers
 -- relayed, a deadline the proxy enforces itself (grpc-timeout), a client cancel that reaches
--- the server, any request to a port listed in h2c_upstream_ports relayed over h2c, and the
--- proxy's own refusals as gRPC statuses (NOT_FOUND, UNAVAILABLE,
--- UNAUTHENTICATED).
+-- the server, any request to a port listed in h2c_upstream_ports relayed over h2c, host
+-- routing (a call whose :authority is {port}-{sandbox}--{user}.{base_domain} reaches that
+-- port, with auth and the owner check), and the proxy's own refusals as gRPC statuses
+-- (NOT_FOUND, UNAVAILABLE, UNAUTHENTICATED, PERMISSION_DENIED).
 local H = require "spec.helpers.proxy"
 local process = require "spec.helpers.process"
 local crypto = require "sp.crypto"
@@ -184,6 +185,47 @@ describe("gRPC", function()
         assert.matches("^HTTP/2 200", via_h2c)
         assert.matches("grpc%-message: Bad method header", via_h2c)
         assert.matches("^HTTP/2 502", get(px.port))
+    end)
+
+    it("routes a call by its :authority (host routing) to that sandbox's port, with auth", function()
+        if not need() then return end
+        -- the sandbox's own port is dead and its annotation allows the gRPC server's port: only
+        -- the port named in the host reaches the server; no x-sandbox-* metadata is sent
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/keys.json", cjson.encode({ keys = {
+            { user = "a", sha256 = crypto.hex(crypto.sha256("a-key-1")) },
+            { user = "z", sha256 = crypto.hex(crypto.sha256("z-key-1")) } } })))
+        local dead = assert(H.net.free_port())
+        local sb = H.sandbox("a", "b", dead)
+        sb.metadata.annotations["sandbox-proxy.dev/ports"] = tostring(gport)
+        local pxh = H.start{ sandboxes = { sb }, config = ([[return {
+            auth = { keys_file = %q }, sandbox_path = { base_domain = "sbx.test" } }]])
+            :format(dir .. "/keys.json") }
+        local host = ("%d-b--a.sbx.test"):format(gport)
+        local function hcall(key, authority)
+            local m = key and (" --meta 'authorization=Bearer %s'"):format(key) or ""
+            local out = sh(("%s %s call --port %d --authority %s%s unary"):format(PY, FIXTURE,
+                pxh.port, authority or host, m))
+            local line = assert(out:match("(%b{})%s*$"), out)
+            return cjson.decode(line)
+        end
+        local r = hcall("a-key-1")
+        assert.is_true(r.ok, r.details)
+        local md = cjson.decode(r.text)
+        assert.is_nil(md.authorization) -- the credential stays with the proxy
+        local line = pxh:wait_log(function(l) return l.request_id == md["x-request-id"] end, 10,
+            "stdout")
+        assert.are.equal("/spx.Proc/Run", line.path)
+        assert.are.equal("a", line.user)
+        assert.are.equal("b", line.sandbox)
+        assert.are.equal("127.0.0.1:" .. gport, line.upstream)
+        -- auth holds on a sandbox host: none, a wrong one, another user's
+        assert.are.equal("UNAUTHENTICATED", hcall(false).code)
+        assert.are.equal("UNAUTHENTICATED", hcall("not-a-key").code)
+        assert.are.equal("PERMISSION_DENIED", hcall("z-key-1").code)
+        -- the sandbox's own host reaches its own (dead) port; a port not allowed is refused
+        assert.are.equal("UNAVAILABLE", hcall("a-key-1", "b--a.sbx.test").code)
+        assert.are.equal("PERMISSION_DENIED", hcall("a-key-1", "1-b--a.sbx.test").code)
     end)
 
     it("answers the proxy's own refusals as gRPC statuses", function()
