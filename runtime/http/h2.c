@@ -1127,6 +1127,7 @@ void sp_h2_drain(sp_conn_t *c)
 struct up2 {
     uv_tcp_t tcp;
     uv_timer_t timer;       /* connect timeout, then the call's grpc-timeout */
+    uv_getaddrinfo_t gai;   /* resolving the sandbox's name (a serviceFQDN) */
     uv_connect_t creq;
     uv_write_t wreq;
     h2s_t *cs;              /* the client stream; NULL once it let go */
@@ -1136,7 +1137,8 @@ struct up2 {
     sp_buf_t hdrs;          /* the response head, "name\0value\0" */
     char *rbuf;
     double deadline;        /* seconds of grpc-timeout, 0: none */
-    int handles;
+    int handles;            /* the two handles, and the name lookup while it runs */
+    bool resolving;
     bool in_recv, flushing, flush_again, writing, dead, closing, got_head, ended;
 };
 
@@ -1144,9 +1146,8 @@ struct up2 {
 
 static void up2_flush(up2_t *up);
 
-static void up2_handle_closed(uv_handle_t *hd)
+static void up2_unref(up2_t *up)
 {
-    up2_t *up = hd->data;
     if (--up->handles > 0)
         return;
     sp_buf_free(&up->wbuf);
@@ -1154,6 +1155,8 @@ static void up2_handle_closed(uv_handle_t *hd)
     free(up->rbuf);
     free(up);
 }
+
+static void up2_handle_closed(uv_handle_t *hd) { up2_unref(hd->data); }
 
 static void up2_close(up2_t *up)
 {
@@ -1164,6 +1167,8 @@ static void up2_close(up2_t *up)
         up->cs->up2 = NULL;
         up->cs = NULL;
     }
+    if (up->resolving)
+        uv_cancel((uv_req_t *)&up->gai); /* its callback still runs and drops its reference */
     if (up->s) {
         nghttp2_session_del(up->s);
         up->s = NULL;
@@ -1697,6 +1702,61 @@ static bool up2_wanted(const sp_request_t *r)
     return is_grpc(r) || h2c_port(r->up_port);
 }
 
+/* Dials the sandbox's address (a literal, or what its name resolved to), unless no sandbox may
+ * have it (the same refusal as HTTP/1.1's, upstream.c). */
+static void up2_dial(up2_t *up, const struct sockaddr *sa)
+{
+    sp_request_t *r = up->cs->r;
+    const char *why = sp_addr_refusal(sa, sp_cfg.allow_loopback_sandboxes);
+    if (why) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "sandbox address refused: %s", why);
+        sp_log(SP_LOG_WARN, "sandbox address refused", "s:request_id", r->id, "s:upstream",
+               r->upstream_addr, "s:reason", why, NULL);
+        up2_fail(up, SP_ERR_ADDRESS_REFUSED, 503, msg);
+        return;
+    }
+    up->creq.data = up;
+    if (uv_tcp_connect(&up->creq, &up->tcp, sa, up2_on_connect) < 0)
+        up2_fail(up, SP_ERR_CONNECT, 502, "upstream connect failed");
+}
+
+/* The sandbox's name (a serviceFQDN) resolved, in libuv's thread pool (the loop never waits on
+ * DNS): the first address is dialled, as HTTP/1.1 does (upstream.c). */
+static void up2_on_resolved(uv_getaddrinfo_t *gr, int status, struct addrinfo *res)
+{
+    up2_t *up = gr->data;
+    up->resolving = false;
+    if (up->closing || !up->cs || !up->cs->r) {
+        if (res)
+            uv_freeaddrinfo(res);
+        if (!up->closing)
+            up2_close(up);
+        up2_unref(up); /* the lookup's reference: the last one once the handles closed */
+        return;
+    }
+    up->handles--; /* the lookup's reference; not closing: the handles still hold it */
+    sp_request_t *r = up->cs->r;
+    if (status < 0 || !res) {
+        sp_log(SP_LOG_WARN, "upstream name resolution failed", "s:request_id", r->id,
+               "s:upstream", r->upstream_addr, "s:error", uv_strerror(status), NULL);
+        if (res)
+            uv_freeaddrinfo(res);
+        up2_fail(up, SP_ERR_CONNECT, 502, "upstream name resolution failed");
+        return;
+    }
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    memcpy(&ss, res->ai_addr, res->ai_addrlen);
+    uv_freeaddrinfo(res);
+    uint16_t port = htons((uint16_t)r->up_port);
+    if (ss.ss_family == AF_INET)
+        ((struct sockaddr_in *)&ss)->sin_port = port;
+    else
+        ((struct sockaddr_in6 *)&ss)->sin6_port = port;
+    up2_dial(up, (struct sockaddr *)&ss);
+}
+
 static void up2_start(h2s_t *s)
 {
     sp_request_t *r = s->r;
@@ -1704,32 +1764,12 @@ static void up2_start(h2s_t *s)
     r->up_tried = true;
     r->t_forward = uv_hrtime();
     snprintf(r->upstream_addr, sizeof r->upstream_addr, "%.50s:%d", r->up_host, r->up_port);
-    struct sockaddr_storage ss;
-    memset(&ss, 0, sizeof ss);
     char host[256];
     size_t hl = strlen(r->up_host);
     if (hl > 2 && r->up_host[0] == '[' && r->up_host[hl - 1] == ']')
         snprintf(host, sizeof host, "%.*s", (int)(hl - 2), r->up_host + 1);
     else
         snprintf(host, sizeof host, "%s", r->up_host);
-    if (uv_ip4_addr(host, r->up_port, (struct sockaddr_in *)&ss) != 0 &&
-        uv_ip6_addr(host, r->up_port, (struct sockaddr_in6 *)&ss) != 0) {
-        r->error = SP_ERR_CONNECT;
-        sp_request_error_body(r, 502, "h2c to a sandbox needs an IP address (not a name) for now");
-        respond_local(s);
-        return;
-    }
-    const char *why = sp_addr_refusal((struct sockaddr *)&ss, sp_cfg.allow_loopback_sandboxes);
-    if (why) {
-        char msg[96];
-        snprintf(msg, sizeof msg, "sandbox address refused: %s", why);
-        sp_log(SP_LOG_WARN, "sandbox address refused", "s:request_id", r->id, "s:upstream",
-               r->upstream_addr, "s:reason", why, NULL);
-        r->error = SP_ERR_ADDRESS_REFUSED;
-        sp_request_error_body(r, 503, msg);
-        respond_local(s);
-        return;
-    }
     up2_t *up = sp_calloc(1, sizeof *up);
     uv_tcp_init(&w->loop, &up->tcp);
     uv_timer_init(&w->loop, &up->timer);
@@ -1738,11 +1778,25 @@ static void up2_start(h2s_t *s)
     up->cs = s;
     s->up2 = up;
     up->deadline = grpc_timeout(r);
-    up->creq.data = up;
-    if (uv_tcp_connect(&up->creq, &up->tcp, (struct sockaddr *)&ss, up2_on_connect) < 0) {
-        up2_fail(up, SP_ERR_CONNECT, 502, "upstream connect failed");
-        return;
-    }
     double ct = r->to_connect > 0 ? r->to_connect : sp_cfg.connect_timeout;
     uv_timer_start(&up->timer, up2_on_timer, (uint64_t)(ct * 1000.0), 0);
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    if (uv_ip4_addr(host, r->up_port, (struct sockaddr_in *)&ss) == 0 ||
+        uv_ip6_addr(host, r->up_port, (struct sockaddr_in6 *)&ss) == 0) {
+        up2_dial(up, (struct sockaddr *)&ss);
+        return;
+    }
+    /* a name (a serviceFQDN): resolved off the loop; the connect timeout covers both */
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    up->gai.data = up;
+    if (uv_getaddrinfo(&w->loop, &up->gai, up2_on_resolved, host, NULL, &hints) < 0) {
+        up2_fail(up, SP_ERR_CONNECT, 502, "upstream name resolution failed");
+        return;
+    }
+    up->resolving = true;
+    up->handles++;
 }

@@ -9,7 +9,8 @@
 -- relayed, a deadline the proxy enforces itself (grpc-timeout), a client cancel that reaches
 -- the server, any request to a port listed in h2c_upstream_ports relayed over h2c, host
 -- routing (a call whose :authority is {port}-{sandbox}--{user}.{base_domain} reaches that
--- port, with auth and the owner check), and the proxy's own refusals as gRPC statuses
+-- port, with auth and the owner check), a sandbox addressed by a name (its serviceFQDN;
+-- "localhost" here, which the server binds on every loopback address), and the proxy's own refusals as gRPC statuses
 -- (NOT_FOUND, UNAVAILABLE, UNAUTHENTICATED, PERMISSION_DENIED).
 local H = require "spec.helpers.proxy"
 local process = require "spec.helpers.process"
@@ -226,6 +227,27 @@ describe("gRPC", function()
         -- the sandbox's own host reaches its own (dead) port; a port not allowed is refused
         assert.are.equal("UNAVAILABLE", hcall("a-key-1", "b--a.sbx.test").code)
         assert.are.equal("PERMISSION_DENIED", hcall("a-key-1", "1-b--a.sbx.test").code)
+    end)
+
+    it("reaches a sandbox addressed by a name (a serviceFQDN), resolved off the loop", function()
+        if not need() then return end
+        -- ready, no pod IP: the Service name is the address; "localhost" is a name, not an IP
+        local sb = H.sandbox("a", "b", gport, { ip = false, service = "localhost" })
+        local pxn = H.start{ sandboxes = { sb } }
+        local r = call("unary", nil, pxn.port)
+        assert.is_true(r.ok, r.details)
+        local md = cjson.decode(r.text)
+        local line = pxn:wait_log(function(l) return l.request_id == md["x-request-id"] end, 10,
+            "stdout")
+        assert.are.equal("localhost:" .. gport, line.upstream)
+        r = call("stream 50 1000", nil, pxn.port)
+        assert.is_true(r.ok, r.details)
+        assert.are.equal(50, r.messages)
+        -- what the name resolved to meets the address checks: loopback refused unless allowed
+        local pxr = H.start{ set = { allow_loopback_sandboxes = false }, sandboxes = { sb } }
+        r = call("unary", nil, pxr.port)
+        assert.are.equal("UNAVAILABLE", r.code)
+        assert.matches("sandbox address refused: loopback", r.details, 1, true)
     end)
 
     it("answers the proxy's own refusals as gRPC statuses", function()
