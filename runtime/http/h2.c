@@ -1136,7 +1136,7 @@ struct up2 {
     sp_buf_t wbuf;
     sp_buf_t hdrs;          /* the response head, "name\0value\0" */
     char *rbuf;
-    double deadline;        /* seconds of grpc-timeout, 0: none */
+    uint64_t deadline;      /* uv_hrtime when the call's grpc-timeout runs out, 0: none */
     int handles;            /* the two handles, and the name lookup while it runs */
     bool resolving;
     bool in_recv, flushing, flush_again, writing, dead, closing, got_head, ended;
@@ -1412,7 +1412,7 @@ static int up2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *fram
                 up->hdrs.len = 0; /* an interim response: the real one follows */
             else {
                 up->got_head = true;
-                if (up->deadline <= 0)
+                if (!up->deadline)
                     uv_timer_stop(&up->timer); /* the first-byte timeout; a deadline stays */
                 up2_head(up, end);
             }
@@ -1512,7 +1512,7 @@ static void up2_on_timer(uv_timer_t *t)
     up2_t *up = t->data;
     if (up->closing)
         return;
-    if (!up->s)
+    if (!up->s && !(up->deadline && uv_hrtime() + 1000000 >= up->deadline))
         up2_fail(up, SP_ERR_CONNECT_TIMEOUT, 504, "upstream connect timeout");
     else
         up2_fail(up, SP_ERR_FIRST_BYTE_TIMEOUT, 504, "deadline exceeded (grpc-timeout)");
@@ -1539,6 +1539,23 @@ static bool up2_edited(const sp_request_t *r, const char *n, size_t l)
         i += 1 + nlen + 1 + strlen(val) + 1;
     }
     return false;
+}
+
+/* A grpc-timeout value for ns nanoseconds: at most 8 digits (the gRPC wire format), in the
+ * finest unit that holds it, rounded down (the sandbox's deadline is never later than ours). */
+static void grpc_timeout_format(char *out, size_t size, uint64_t ns)
+{
+    static const struct { uint64_t div; char unit; } units[] = {
+        {1000, 'u'}, {1000000, 'm'}, {1000000000, 'S'}, {60000000000ull, 'M'},
+    };
+    for (size_t i = 0; i < SP_ARRAY_LEN(units); i++) {
+        uint64_t v = ns / units[i].div;
+        if (v <= 99999999) {
+            snprintf(out, size, "%llu%c", (unsigned long long)(v ? v : 1), units[i].unit);
+            return;
+        }
+    }
+    snprintf(out, size, "%lluH", (unsigned long long)(ns / 3600000000000ull));
 }
 
 static void up2_on_connect(uv_connect_t *cr, int status)
@@ -1598,9 +1615,25 @@ static void up2_on_connect(uv_connect_t *cr, int status)
         const char *n = r->head.p + h->name_off;
         size_t l = h->name_len;
         if (conn_specific(n, l) || sp_ieq(n, l, "host") || sp_ieq(n, l, "x-request-id") ||
-            (r->header_edits && up2_edited(r, n, l)))
+            (r->header_edits && up2_edited(r, n, l)) ||
+            (up->deadline && sp_ieq(n, l, "grpc-timeout")))
             continue;
         up2_add(&b, n, l, r->head.p + h->value_off, h->value_len);
+    }
+    uint64_t left = 0;
+    if (up->deadline) {
+        /* the sandbox gets what is left of the call's budget, not the client's value: the time
+         * the request spent in the proxy (a script, a wake, the connect) is spent */
+        uint64_t now = uv_hrtime();
+        if (now >= up->deadline) {
+            sp_buf_free(&b);
+            up2_fail(up, SP_ERR_FIRST_BYTE_TIMEOUT, 504, "deadline exceeded (grpc-timeout)");
+            return;
+        }
+        left = up->deadline - now;
+        char tv[16];
+        grpc_timeout_format(tv, sizeof tv, left);
+        up2_add(&b, "grpc-timeout", 12, tv, strlen(tv));
     }
     up2_add(&b, "te", 2, "trailers", 8);
     up2_add(&b, "x-forwarded-for", 15, r->client_ip, strlen(r->client_ip));
@@ -1639,8 +1672,8 @@ static void up2_on_connect(uv_connect_t *cr, int status)
     }
     r->up_sent = true;
     r->head_sent = true;
-    if (up->deadline > 0) {
-        uint64_t ms = (uint64_t)(up->deadline * 1000.0);
+    if (up->deadline) {
+        uint64_t ms = (left + 999999) / 1000000;
         uv_timer_start(&up->timer, up2_on_timer, ms ? ms : 1, 0);
     } else {
         double fb = r->to_first_byte > 0 ? r->to_first_byte : sp_cfg.first_byte_timeout;
@@ -1777,9 +1810,22 @@ static void up2_start(h2s_t *s)
     up->handles = 2;
     up->cs = s;
     s->up2 = up;
-    up->deadline = grpc_timeout(r);
     double ct = r->to_connect > 0 ? r->to_connect : sp_cfg.connect_timeout;
-    uv_timer_start(&up->timer, up2_on_timer, (uint64_t)(ct * 1000.0), 0);
+    double to = grpc_timeout(r);
+    if (to > 0) {
+        /* the call's deadline counts from when its head arrived, not from now */
+        uint64_t t0 = r->t_head ? r->t_head : r->t_forward;
+        up->deadline = t0 + (uint64_t)(to * 1e9);
+        if (r->t_forward >= up->deadline) {
+            up2_fail(up, SP_ERR_FIRST_BYTE_TIMEOUT, 504, "deadline exceeded (grpc-timeout)");
+            return;
+        }
+        double left = (double)(up->deadline - r->t_forward) / 1e9;
+        if (left < ct)
+            ct = left;
+    }
+    uint64_t ctms = (uint64_t)(ct * 1000.0);
+    uv_timer_start(&up->timer, up2_on_timer, ctms ? ctms : 1, 0);
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof ss);
     if (uv_ip4_addr(host, r->up_port, (struct sockaddr_in *)&ss) == 0 ||

@@ -6,7 +6,8 @@
 -- sandbox over h2c: routed by the official router's metadata (x-sandbox-id, -namespace,
 -- -port); unary, server streaming of 10,000 messages to a slow reader with the proxy's memory
 -- bounded, a 100 MB client-streaming upload, bidirectional streaming, status and trailers
--- relayed, a deadline the proxy enforces itself (grpc-timeout), a client cancel that reaches
+-- relayed, a deadline the proxy enforces itself (grpc-timeout; the sandbox gets what is left
+-- of it after a script held the call), a client cancel that reaches
 -- the server, any request to a port listed in h2c_upstream_ports relayed over h2c, host
 -- routing (a call whose :authority is {port}-{sandbox}--{user}.{base_domain} reaches that
 -- port, with auth and the owner check), a sandbox addressed by a name (its serviceFQDN;
@@ -161,6 +162,49 @@ describe("gRPC", function()
         H.net.wait_until(function()
             return (process.read_file(events) or ""):find("cancelled deadline", 1, true)
         end, 10)
+    end)
+
+    it("forwards what is left of grpc-timeout after the time spent in the proxy", function()
+        if not need() then return end
+        -- an override router holds a call for x-test-hold-ms (as a wake would), then routes it
+        -- as the built-in one does
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/router.lua", [[
+local core = require "sp.core"
+local timer = require "sp.timer"
+local builtin = dofile(core.settings().builtin_dir .. "/router.lua")
+local M = {}
+function M.handle(req)
+    local hold = tonumber(req:header("x-test-hold-ms") or "")
+    if hold then
+        timer.sleep(hold / 1000)
+    end
+    return builtin.handle(req)
+end
+return M
+]]))
+        local pxw = H.start{ sandboxes = { H.sandbox("a", "b", gport) }, scripts = dir }
+        -- the stock client's deadline is 10 s; held 1.5 s, the server must get at most 8.5 s
+        -- (the client's own value would leave it about 10 s; load only lowers what is left)
+        local r = call("unary", " --meta x-test-hold-ms=1500", pxw.port)
+        assert.is_true(r.ok, r.details)
+        local left = tonumber(cjson.decode(r.text)["x-time-remaining"])
+        assert.is_true(left > 0 and left < 9.0, "the server's time remaining: " .. tostring(left))
+        -- a budget spent before forwarding: DEADLINE_EXCEEDED from the proxy, nothing dialled
+        -- (a raw client that does not enforce its own deadline)
+        local msg = "\10\5hello"
+        local frame = "\0" .. string.char(0, 0, 0, #msg) .. msg
+        local hex = frame:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end)
+        local out = sh(("%s %s --port %d streams --req /spx.Proc/Run --header content-type=application/grpc "
+            .. "--header grpc-timeout=300m --header x-test-hold-ms=600 --header x-sandbox-id=b "
+            .. "--header x-sandbox-port=%d --data %s"):format(H.PYTHON, H2CLIENT, pxw.port, gport, hex))
+        local first = assert(out:match("(%b{})"), out)
+        local s1 = cjson.decode(first)
+        assert.is_true(s1["end"])
+        assert.are.equal(0, s1.data)
+        local line = pxw:wait_log(function(l) return l.status == 504 end, 10, "stdout")
+        assert.are.equal("/spx.Proc/Run", line.path)
+        assert.is_false(line.delivered)
     end)
 
     it("cancels the server's call when the client cancels (RST_STREAM)", function()
