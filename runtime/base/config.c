@@ -87,6 +87,10 @@ static const knob_t knobs[] = {
     {"h2_max_continuations", K_INT, O(h2_max_continuations), "8", 1, 10000,
      "CONTINUATION frames after one HTTP/2 HEADERS frame (CONTINUATION floods; a connection "
      "error beyond)"},
+    {"h2_stream_idle_timeout", K_DOUBLE, O(h2_stream_idle_timeout), "300", 0.01, 604800,
+     "longest time in seconds an HTTP/2 stream may go without moving a byte either way (request "
+     "body received, response sent to the client): beyond it the stream ends (408 or 504 if "
+     "nothing was answered yet, else RST_STREAM CANCEL) and its sandbox stream is cancelled"},
     {"h2c_upstream_ports", K_STR, O(h2c_upstream_ports), NULL, 0, 0,
      "comma-separated sandbox ports that speak h2c (HTTP/2 without TLS, e.g. sandboxd's gRPC "
      "port 9090): every request from an HTTP/2 client to such a port is relayed over h2c, not "

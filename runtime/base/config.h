@@ -45,6 +45,7 @@ typedef struct sp_config {
     int h2_reset_burst;
     int h2_reset_rate;
     int h2_max_continuations;
+    double h2_stream_idle_timeout;
     char *h2c_upstream_ports;
     double header_timeout;
     double keepalive_timeout;

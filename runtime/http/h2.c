@@ -52,6 +52,9 @@ struct sp_h2 {
     bool goaway;            /* draining: GOAWAY sent, streams in flight finish */
     bool dead;              /* a fatal session error: close once the last frames are out */
     bool closed;
+    uv_timer_t *sweep;      /* checks the streams' idleness while any is open (own memory: it
+                             * closes after the connection may have freed this) */
+    bool sweeping;
 };
 
 struct h2s {
@@ -82,6 +85,8 @@ struct h2s {
     size_t up_consume;
     sp_buf_t trailers;      /* "name\0value\0" */
     bool has_trailers;
+    bool idled;             /* ended by h2_stream_idle_timeout */
+    uint64_t active;        /* uv_now (ms) when a byte last moved either way */
     h2s_t *next, *prev;
 };
 
@@ -103,6 +108,9 @@ static void up2_start(h2s_t *s);
 /* ---------------------------------------------------------------- streams */
 
 static size_t out_pending(const h2s_t *s) { return s->out.len - s->out_pos; }
+
+/* Bytes moved on the stream: its idle time counts again from now. */
+static void touch(h2s_t *s) { s->active = uv_now(&s->h->c->w->loop); }
 
 static void give_back(h2s_t *s, size_t n)
 {
@@ -155,8 +163,13 @@ static void stream_free(h2s_t *s)
     sp_buf_free(&s->out);
     free(s->in);
     free(s);
-    if (h->nstreams == 0 && !h->closed)
+    if (h->nstreams == 0 && !h->closed) {
         sp_conn_idle_timer(h->c, true);
+        if (h->sweeping) {
+            uv_timer_stop(h->sweep);
+            h->sweeping = false;
+        }
+    }
 }
 
 /* Resets the stream (its request is over on the client side). */
@@ -179,6 +192,7 @@ static ssize_t data_read(nghttp2_session *session, int32_t id, uint8_t *buf, siz
     if (n > length)
         n = length;
     if (n) {
+        touch(s);
         memcpy(buf, s->out.p + s->out_pos, n);
         s->out_pos += n;
         if (s->out_pos == s->out.len)
@@ -501,11 +515,84 @@ const sp_client_ops_t sp_h2_client_ops = {
     .start_tunnel = h2_start_tunnel,
 };
 
+/* ---------------------------------------------------------------- idle streams */
+
+/* A stream that moved no byte either way for h2_stream_idle_timeout: answered 408 (its
+ * request body stalled) or 504 (waiting on the sandbox) if nothing was answered yet, else
+ * reset with CANCEL; its sandbox stream or connection is cancelled with it. */
+static void stream_idle(h2s_t *s)
+{
+    sp_request_t *r = s->r;
+    s->idled = true;
+    bool client = !s->in_end || out_pending(s) > 0; /* the client's side stalled */
+    sp_log(SP_LOG_INFO, "http2 stream idle timeout", "s:client", s->h->c->peer_ip,
+           "s:request_id", r ? r->id : NULL, "s:side", client ? "client" : "sandbox",
+           "d:h2_stream_idle_timeout", sp_cfg.h2_stream_idle_timeout, NULL);
+    if (!r) {
+        stream_reset(s, NGHTTP2_CANCEL);
+        return;
+    }
+    if (r->error == SP_ERR_NONE)
+        r->error = client ? SP_ERR_CLIENT_TIMEOUT : SP_ERR_UPSTREAM_IDLE;
+    if (r->resp_head_sent || s->reading_body || r->decision == SP_DECIDE_NONE) {
+        stream_reset(s, NGHTTP2_CANCEL); /* a waiting script is told by the abort hook */
+        return;
+    }
+    if (!s->in_end)
+        sp_request_error_body(r, 408, "request body timeout");
+    else
+        sp_request_error_body(r, 504, "stream idle timeout");
+    respond_local(s);
+}
+
+static void on_sweep(uv_timer_t *t)
+{
+    sp_h2_t *h = t->data;
+    if (h->closed || h->c->closing)
+        return;
+    uint64_t now = uv_now(t->loop);
+    uint64_t limit = (uint64_t)(sp_cfg.h2_stream_idle_timeout * 1000.0);
+    h->in_recv = true; /* no frames go out (and no stream ends) while the list is walked */
+    for (h2s_t *s = h->streams; s; s = s->next) {
+        if (!s->headed || s->idled)
+            continue;
+        if (s->r && s->r->script_busy && !s->reading_body) {
+            s->active = now; /* a script deciding (a wake, a lookup) has its own bounds */
+            continue;
+        }
+        if (now - s->active < limit)
+            continue;
+        stream_idle(s);
+        if (h->c->closing)
+            return;
+    }
+    h->in_recv = false;
+    h2_flush(h);
+}
+
+/* Checks run every quarter of the timeout (between 10 ms and 5 s), while streams are open. */
+static void sweep_start(sp_h2_t *h)
+{
+    if (h->sweeping || !h->sweep)
+        return;
+    double every = sp_cfg.h2_stream_idle_timeout / 4;
+    if (every < 0.01)
+        every = 0.01;
+    if (every > 5)
+        every = 5;
+    uint64_t ms = (uint64_t)(every * 1000.0);
+    uv_timer_start(h->sweep, on_sweep, ms, ms);
+    h->sweeping = true;
+}
+
+static void sweep_closed(uv_handle_t *hd) { free(hd); }
+
 /* ---------------------------------------------------------------- deciding */
 
 static void act(h2s_t *s)
 {
     sp_request_t *r = s->r;
+    touch(s);
     if (s->too_large) {
         sp_request_error_body(r, 413, "request body too large");
         respond_local(s);
@@ -630,8 +717,11 @@ static void head_done(h2s_t *s, bool end_stream)
     sp_request_t *r = s->r;
     sp_h2_t *h = s->h;
     s->headed = true;
-    if (h->nstreams++ == 0)
+    if (h->nstreams++ == 0) {
         sp_conn_idle_timer(h->c, false);
+        sweep_start(h);
+    }
+    touch(s);
     r->t_head = uv_hrtime();
     if (!s->has_host && s->authority.len && !s->bad)
         add_header(r, "host", 4, s->authority.p, s->authority.len);
@@ -795,6 +885,8 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t id, co
     sp_h2_t *h = ud;
     h2s_t *s = nghttp2_session_get_stream_user_data(session, id);
     sp_request_t *r = s ? s->r : NULL;
+    if (s)
+        touch(s);
     if (!r || s->discard) {
         nghttp2_session_consume(session, id, len);
         return 0;
@@ -1083,6 +1175,9 @@ int sp_h2_start(sp_conn_t *c)
     if (sp_cfg.h2_connection_window > 65535)
         nghttp2_session_set_local_window_size(h->s, NGHTTP2_FLAG_NONE, 0,
                                               sp_cfg.h2_connection_window);
+    h->sweep = sp_malloc(sizeof *h->sweep);
+    uv_timer_init(&c->w->loop, h->sweep);
+    h->sweep->data = h;
     c->h2 = h;
     sp_conn_idle_timer(c, true);
     return 0;
@@ -1094,6 +1189,10 @@ void sp_h2_closed(sp_conn_t *c)
     if (!h || h->closed)
         return;
     h->closed = true;
+    if (h->sweep) {
+        uv_close((uv_handle_t *)h->sweep, sweep_closed);
+        h->sweep = NULL;
+    }
     while (h->streams)
         stream_free(h->streams);
     nghttp2_session_del(h->s);

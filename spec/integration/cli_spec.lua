@@ -56,7 +56,7 @@ describe("the command line", function()
             "max_body_size", "header_timeout", "body_timeout", "send_timeout", "keepalive_timeout",
             "keepalive_requests", "max_upstream_header_size", "connect_timeout",
             "first_byte_timeout", "upstream_idle_timeout", "tunnel_idle_timeout",
-            "script_time_budget", "lua_memory_limit_mb", "drain_timeout" }) do
+            "script_time_budget", "lua_memory_limit_mb", "drain_timeout", "h2_stream_idle_timeout" }) do
             assert.is_truthy(rows[knob], knob .. " has no row in the README table")
         end
         for _, name in ipairs({ "ratelimit.limits", "ratelimit.trusted_proxies",

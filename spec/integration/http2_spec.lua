@@ -4,7 +4,8 @@
 -- limits, the access log, metrics, the request id); many streams on one connection; flow
 -- control (a stream whose reader stalls holds no more than its window and buffer, the proxy's
 -- RSS stays flat while its 200 MB response waits, and another stream on the same connection
--- completes); max concurrent streams and the header list size as knobs; SIGTERM sends GOAWAY
+-- completes); a stream that moves no byte ends after h2_stream_idle_timeout (a stalled upload:
+-- 408; a reader that stopped: RST_STREAM CANCEL); max concurrent streams and the header list size as knobs; SIGTERM sends GOAWAY
 -- and lets the streams in flight finish.
 -- spec/fixtures/h2client.py (standard library only, run by the python3 on PATH) is a frame-level
 -- client for what curl and h2load cannot do (a stalled stream window, reading RST_STREAM and
@@ -186,6 +187,28 @@ describe("HTTP/2 (h2c, prior knowledge)", function()
         assert.is_false(lines[2]["end"])
         assert.is_true(rss1 - rss0 < 32 * 1024,
             ("proxy RSS grew %d KiB while a 200 MB response waited"):format(rss1 - rss0))
+    end)
+
+    it("ends a stream that moves no byte for h2_stream_idle_timeout", function()
+        local px2 = H.start{ sandboxes = { H.sandbox("a", "b", up.port) },
+            set = { h2_stream_idle_timeout = 0.5 } }
+        -- a request body that never ends: answered 408 (the sandbox's exchange dropped)
+        local res = h2client(px2, "--timeout 8 streams --req /a/b/echo --data 6869 --open-body")
+        assert.is_true(res[1]["end"], cjson.encode(res))
+        assert.matches("request body timeout", res[1].body, 1, true)
+        -- a response the client stops reading (its window shut): reset with CANCEL (8)
+        res = h2client(px2, "--timeout 3 streams --req /a/b/bytes/3000000 --stall 0 --until-close")
+        assert.are.equal(8, res[1].rst, cjson.encode(res))
+        assert.is_true(res[1].data <= 65535)
+        local n = 0
+        for _ in px2:stderr():gmatch("http2 stream idle timeout") do
+            n = n + 1
+        end
+        assert.are.equal(2, n)
+        -- streams that move bytes are not idle: a 3 MB download read at once completes
+        res = h2client(px2, "--timeout 8 streams --req /a/b/bytes/3000000")
+        assert.is_true(res[1]["end"])
+        assert.are.equal(3000000, res[1].data)
     end)
 
     it("uses the HTTP/1.1 path when http2 is off", function()
