@@ -127,7 +127,8 @@ static const knob_t knobs[] = {
     {"upstream_keepalive", K_INT, O(upstream_keepalive), "64", 0, 100000,
      "idle keep-alive connections kept per sandbox address per worker"},
     {"upstream_keepalive_timeout", K_DOUBLE, O(upstream_keepalive_timeout), "60", 0.01, 86400,
-     "seconds an idle pooled upstream connection is kept"},
+     "seconds an idle pooled upstream connection is kept (HTTP/1.1, and h2c connections without "
+     "a call)"},
     {"connect_retries", K_INT, O(connect_retries), "3", 0, 20,
      "retries of a refused connect (a sandbox binds its port just after Ready)"},
     {"connect_retry_delay", K_DOUBLE, O(connect_retry_delay), "0.2", 0.001, 60,

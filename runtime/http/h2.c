@@ -55,6 +55,7 @@ struct sp_h2 {
     uv_timer_t *sweep;      /* checks the streams' idleness while any is open (own memory: it
                              * closes after the connection may have freed this) */
     bool sweeping;
+    bool up_dirty;          /* listed for a flush by an h2c connection to a sandbox */
 };
 
 struct h2s {
@@ -1217,67 +1218,174 @@ void sp_h2_drain(sp_conn_t *c)
 
 /*
  * A gRPC request (content-type application/grpc...) from an HTTP/2 client is relayed to the
- * sandbox over h2c: one connection per stream (no pooling yet), frames relayed both ways with
- * flow control end to end (the client's request body is given back to its window as the
- * sandbox's window takes it; the sandbox may send at most h2_stream_buffer bytes the client
- * has not taken), trailers relayed, a client reset cancels the sandbox's stream, grpc-timeout
- * bounds the call, and failures become gRPC errors (UNAVAILABLE, DEADLINE_EXCEEDED).
+ * sandbox over h2c, frames relayed both ways with flow control end to end (the client's request
+ * body is given back to its window as the sandbox's window takes it; the sandbox may send at
+ * most h2_stream_buffer bytes the client has not taken), trailers relayed, a client reset
+ * cancels the sandbox's stream, grpc-timeout bounds the call, and failures become gRPC errors
+ * (UNAVAILABLE, DEADLINE_EXCEEDED).
+ *
+ * Connections to a sandbox address are shared: a call goes on a stream of an open connection
+ * to the same host and port (streams from any client connection of the worker, up to
+ * h2_max_concurrent_streams and the sandbox's own SETTINGS_MAX_CONCURRENT_STREAMS), or opens a
+ * new one; calls waiting for its connect are submitted once it is up. A connection without
+ * streams is kept for upstream_keepalive_timeout, then closed; one the sandbox closes or sends
+ * GOAWAY on takes no new streams. Its connection window is the sum of its streams' windows, so
+ * a stream whose client reads slowly never holds back the others.
  */
-struct up2 {
+typedef struct up2c up2c_t;
+
+struct up2c {
+    sp_worker_t *w;
     uv_tcp_t tcp;
-    uv_timer_t timer;       /* connect timeout, then the call's grpc-timeout */
+    uv_timer_t timer;       /* the connect timeout, then (no stream) the keep-alive timeout */
     uv_getaddrinfo_t gai;   /* resolving the sandbox's name (a serviceFQDN) */
     uv_connect_t creq;
     uv_write_t wreq;
-    h2s_t *cs;              /* the client stream; NULL once it let go */
-    nghttp2_session *s;
-    int32_t sid;
+    nghttp2_session *s;     /* once connected */
     sp_buf_t wbuf;
-    sp_buf_t hdrs;          /* the response head, "name\0value\0" */
     char *rbuf;
-    uint64_t deadline;      /* uv_hrtime when the call's grpc-timeout runs out, 0: none */
+    sp_buf_t dirty;         /* client sessions (sp_h2_t *) to flush after a read */
+    char host[256];         /* the key: the address as routed, and the port */
+    int port;
+    up2_t *streams;         /* its calls, submitted or waiting for the connect */
+    uint32_t nstreams;
     int handles;            /* the two handles, and the name lookup while it runs */
-    bool resolving;
-    bool in_recv, flushing, flush_again, writing, dead, closing, got_head, ended;
+    bool resolving, connected, in_recv, flushing, flush_again, writing, closing;
+    bool goaway;            /* takes no new streams (GOAWAY, an error): closes once empty */
+    up2c_t *next, *prev;    /* the worker's connections */
+};
+
+struct up2 {
+    up2c_t *conn;           /* NULL once the sandbox's stream is over */
+    h2s_t *cs;              /* the client stream; NULL once it let go */
+    uv_timer_t timer;       /* waiting for the connection, then first byte or grpc-timeout */
+    int32_t sid;            /* 0 until submitted */
+    size_t unconsumed;      /* DATA received and not yet given back to the sandbox */
+    sp_buf_t hdrs;          /* the response head, "name\0value\0" */
+    uint64_t deadline;      /* uv_hrtime when the call's grpc-timeout runs out, 0: none */
+    bool got_head, ended, closing;
+    up2_t *next, *prev;
 };
 
 #define UP2_RBUF 16384
 
-static void up2_flush(up2_t *up);
+static void up2c_flush(up2c_t *c);
+static void up2_submit(up2_t *up);
 
-static void up2_unref(up2_t *up)
+static up2c_t **up2c_list(sp_worker_t *w) { return (up2c_t **)&w->h2up; }
+
+/* ---- the connection */
+
+/* The client sessions a read touched are flushed once the read is over. */
+static void up2c_dirty(up2c_t *c, h2s_t *cs)
 {
-    if (--up->handles > 0)
+    sp_h2_t *h = cs->h;
+    if (h->up_dirty)
         return;
-    sp_buf_free(&up->wbuf);
+    h->up_dirty = true;
+    sp_buf_add(&c->dirty, &h, sizeof h);
+}
+
+static void up2c_flush_clients(up2c_t *c)
+{
+    while (c->dirty.len >= sizeof(sp_h2_t *)) {
+        sp_h2_t *h;
+        c->dirty.len -= sizeof h;
+        memcpy(&h, c->dirty.p + c->dirty.len, sizeof h);
+        h->up_dirty = false;
+        if (!h->closed)
+            h2_flush(h);
+    }
+}
+
+
+static void up2c_unref(up2c_t *c)
+{
+    if (--c->handles > 0)
+        return;
+    sp_buf_free(&c->wbuf);
+    sp_buf_free(&c->dirty);
+    free(c->rbuf);
+    free(c);
+}
+
+static void up2c_handle_closed(uv_handle_t *hd) { up2c_unref(hd->data); }
+
+/* Closes a connection that has no stream left. */
+static void up2c_close(up2c_t *c)
+{
+    if (c->closing)
+        return;
+    c->closing = true;
+    up2c_flush_clients(c);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        *up2c_list(c->w) = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    if (c->resolving)
+        uv_cancel((uv_req_t *)&c->gai); /* its callback still runs and drops its reference */
+    if (c->s) {
+        nghttp2_session_del(c->s);
+        c->s = NULL;
+    }
+    uv_close((uv_handle_t *)&c->tcp, up2c_handle_closed);
+    uv_close((uv_handle_t *)&c->timer, up2c_handle_closed);
+}
+
+static void up2c_on_timer(uv_timer_t *t);
+
+/* The connection lost its last stream: kept for reuse, or closed if it takes no more. */
+static void up2c_idle(up2c_t *c)
+{
+    if (c->closing || c->nstreams)
+        return;
+    if (c->goaway || !c->connected) {
+        if (!c->in_recv && !c->flushing && !c->writing)
+            up2c_close(c);
+        return;
+    }
+    uint64_t ms = (uint64_t)(sp_cfg.upstream_keepalive_timeout * 1000.0);
+    uv_timer_start(&c->timer, up2c_on_timer, ms ? ms : 1, 0);
+}
+
+/* ---- one call */
+
+static void up2_handle_closed(uv_handle_t *hd)
+{
+    up2_t *up = hd->data;
     sp_buf_free(&up->hdrs);
-    free(up->rbuf);
     free(up);
 }
 
-static void up2_handle_closed(uv_handle_t *hd) { up2_unref(hd->data); }
-
-static void up2_close(up2_t *up)
+/* The sandbox's stream is over (or never started): off its connection; what it received and
+ * the client has not taken goes back to the connection's window now. */
+static void up2_detach(up2_t *up)
 {
-    if (up->closing)
+    up2c_t *c = up->conn;
+    if (!c)
         return;
-    up->closing = true;
-    if (up->cs) {
-        up->cs->up2 = NULL;
-        up->cs = NULL;
+    up->conn = NULL;
+    if (up->prev)
+        up->prev->next = up->next;
+    else
+        c->streams = up->next;
+    if (up->next)
+        up->next->prev = up->prev;
+    up->next = up->prev = NULL;
+    c->nstreams--;
+    if (c->s && up->sid > 0) {
+        nghttp2_session_set_stream_user_data(c->s, up->sid, NULL);
+        if (up->unconsumed)
+            nghttp2_session_consume_connection(c->s, up->unconsumed);
     }
-    if (up->resolving)
-        uv_cancel((uv_req_t *)&up->gai); /* its callback still runs and drops its reference */
-    if (up->s) {
-        nghttp2_session_del(up->s);
-        up->s = NULL;
-    }
-    uv_close((uv_handle_t *)&up->tcp, up2_handle_closed);
-    uv_close((uv_handle_t *)&up->timer, up2_handle_closed);
+    up->unconsumed = 0;
+    up2c_idle(c);
 }
 
-/* The client side lets go: the sandbox's stream is reset (cancelled) and the connection
- * closed, at once or, inside its own callbacks, as soon as they return. */
+/* The client side lets go: the sandbox's stream is reset (cancelled); the connection stays for
+ * the other calls. */
 static void up2_release(up2_t *up)
 {
     if (up->cs) {
@@ -1286,21 +1394,18 @@ static void up2_release(up2_t *up)
     }
     if (up->closing)
         return;
-    if (up->s && up->sid > 0 && !up->ended) {
-        nghttp2_submit_rst_stream(up->s, NGHTTP2_FLAG_NONE, up->sid, NGHTTP2_CANCEL);
-        up->dead = true;
-        if (!up->in_recv && !up->flushing)
-            up2_flush(up); /* the RST goes out, then the connection closes */
-        return;
-    }
-    if (up->in_recv || up->flushing)
-        up->dead = true;
-    else
-        up2_close(up);
+    up->closing = true;
+    up2c_t *c = up->conn;
+    if (c && c->s && up->sid > 0 && !up->ended)
+        nghttp2_submit_rst_stream(c->s, NGHTTP2_FLAG_NONE, up->sid, NGHTTP2_CANCEL);
+    up2_detach(up);
+    uv_close((uv_handle_t *)&up->timer, up2_handle_closed);
+    if (c && !c->closing)
+        up2c_flush(c); /* the RST goes out (after the current read, inside one) */
 }
 
-/* The exchange with the sandbox failed: a gRPC error (status) when nothing was answered yet,
- * else the client stream is reset. */
+/* The call failed: a gRPC error (status) when nothing was answered yet, else the client stream
+ * is reset. */
 static void up2_fail(up2_t *up, sp_error_t err, int status, const char *msg)
 {
     h2s_t *cs = up->cs;
@@ -1320,84 +1425,126 @@ static void up2_fail(up2_t *up, sp_error_t err, int status, const char *msg)
     }
 }
 
-static void up2_on_written(uv_write_t *wr, int status)
+/* The connection failed: every call on it fails, and it closes. */
+static void up2c_fail(up2c_t *c, sp_error_t err, int status, const char *msg)
 {
-    up2_t *up = wr->data;
-    up->writing = false;
-    if (up->closing)
-        return;
-    if (status < 0) {
-        up2_fail(up, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
-        return;
-    }
-    up2_flush(up);
+    c->goaway = true;
+    while (c->streams)
+        up2_fail(c->streams, err, status, msg);
+    if (!c->closing)
+        up2c_close(c);
 }
 
-static void up2_flush(up2_t *up)
+static void up2c_on_timer(uv_timer_t *t)
 {
-    if (up->closing || up->in_recv || !up->s)
+    up2c_t *c = t->data;
+    if (c->closing)
         return;
-    if (up->flushing) {
-        up->flush_again = true;
+    if (!c->connected)
+        up2c_fail(c, SP_ERR_CONNECT_TIMEOUT, 504, "upstream connect timeout");
+    else if (!c->nstreams)
+        up2c_close(c); /* kept for upstream_keepalive_timeout without a call */
+}
+
+static void up2_on_timer(uv_timer_t *t)
+{
+    up2_t *up = t->data;
+    if (up->closing)
+        return;
+    bool late = up->deadline && uv_hrtime() + 1000000 >= up->deadline;
+    if (late)
+        up2_fail(up, SP_ERR_FIRST_BYTE_TIMEOUT, 504, "deadline exceeded (grpc-timeout)");
+    else if (up->sid <= 0)
+        up2_fail(up, SP_ERR_CONNECT_TIMEOUT, 504, "upstream connect timeout");
+    else
+        up2_fail(up, SP_ERR_FIRST_BYTE_TIMEOUT, 504, "upstream first byte timeout");
+}
+
+static void up2c_on_written(uv_write_t *wr, int status)
+{
+    up2c_t *c = wr->data;
+    c->writing = false;
+    if (c->closing)
+        return;
+    if (status < 0) {
+        up2c_fail(c, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
         return;
     }
-    up->flushing = true;
+    up2c_flush(c);
+}
+
+static void up2c_flush(up2c_t *c)
+{
+    if (c->closing || c->in_recv || !c->s)
+        return;
+    if (c->flushing) {
+        c->flush_again = true;
+        return;
+    }
+    c->flushing = true;
     do {
-        up->flush_again = false;
-        if (up->writing)
+        c->flush_again = false;
+        if (c->writing)
             break;
-        up->wbuf.len = 0;
-        while (up->wbuf.len < WRITE_CHUNK) {
+        c->wbuf.len = 0;
+        while (c->wbuf.len < WRITE_CHUNK) {
             const uint8_t *data;
-            ssize_t n = nghttp2_session_mem_send(up->s, &data);
+            ssize_t n = nghttp2_session_mem_send(c->s, &data);
             if (n <= 0)
                 break;
-            sp_buf_add(&up->wbuf, data, (size_t)n);
+            sp_buf_add(&c->wbuf, data, (size_t)n);
         }
-        if (!up->wbuf.len)
+        if (!c->wbuf.len)
             break;
-        uv_buf_t b = uv_buf_init(up->wbuf.p, (unsigned)up->wbuf.len);
-        int w = uv_try_write((uv_stream_t *)&up->tcp, &b, 1);
+        uv_buf_t b = uv_buf_init(c->wbuf.p, (unsigned)c->wbuf.len);
+        int w = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
         if (w == UV_EAGAIN || w == UV_ENOSYS)
             w = 0;
         if (w < 0) {
-            up->flushing = false;
-            up2_fail(up, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
+            c->flushing = false;
+            up2c_fail(c, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
             return;
         }
         if ((size_t)w < b.len) {
             b.base += w;
             b.len -= (unsigned)w;
-            up->wreq.data = up;
-            if (uv_write(&up->wreq, (uv_stream_t *)&up->tcp, &b, 1, up2_on_written) < 0) {
-                up->flushing = false;
-                up2_fail(up, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
+            c->wreq.data = c;
+            if (uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, up2c_on_written) < 0) {
+                c->flushing = false;
+                up2c_fail(c, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
                 return;
             }
-            up->writing = true;
+            c->writing = true;
             break;
         }
-        up->flush_again = true;
-    } while (up->flush_again && !up->closing);
-    up->flushing = false;
-    if (up->dead && !up->writing && !up->closing)
-        up2_close(up);
+        c->flush_again = true;
+    } while (c->flush_again && !c->closing);
+    c->flushing = false;
+    if (!c->closing && !c->writing && !c->nstreams && (c->goaway || !c->connected))
+        up2c_close(c);
+    up2c_flush_clients(c); /* a stream nghttp2 closed while sending */
 }
 
+/* The client took n bytes of this call's response: the sandbox may send as much again. */
 static void up2_consumed(up2_t *up, size_t n)
 {
-    if (up->closing || !up->s)
+    up2c_t *c = up->conn;
+    if (!c || c->closing || !c->s || up->sid <= 0)
         return;
-    nghttp2_session_consume(up->s, up->sid, n);
-    up2_flush(up);
+    if (n > up->unconsumed)
+        n = up->unconsumed;
+    up->unconsumed -= n;
+    nghttp2_session_consume(c->s, up->sid, n);
+    up2c_flush(c);
 }
 
 static void up2_pump(up2_t *up)
 {
-    if (up->closing || !up->s || up->sid <= 0)
+    up2c_t *c = up->conn;
+    if (!c || c->closing || !c->s || up->sid <= 0)
         return;
-    nghttp2_session_resume_data(up->s, up->sid);
-    up2_flush(up);
+    nghttp2_session_resume_data(c->s, up->sid);
+    up2c_flush(c);
 }
 
 /* The request body for the sandbox: taken from the client stream's buffer, which gives the
@@ -1405,15 +1552,12 @@ static void up2_pump(up2_t *up)
 static ssize_t up2_body_read(nghttp2_session *session, int32_t id, uint8_t *buf, size_t length,
                              uint32_t *flags, nghttp2_data_source *source, void *ud)
 {
-    SP_UNUSED(session);
-    SP_UNUSED(id);
     SP_UNUSED(source);
-    up2_t *up = ud;
-    h2s_t *cs = up->cs;
-    if (!cs) {
-        *flags |= NGHTTP2_DATA_FLAG_EOF;
-        return 0;
-    }
+    SP_UNUSED(ud);
+    up2_t *up = nghttp2_session_get_stream_user_data(session, id);
+    h2s_t *cs = up ? up->cs : NULL;
+    if (!cs || !cs->r)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* the call is over: reset, never ended */
     size_t n = cs->in_len < length ? cs->in_len : length;
     if (n) {
         memcpy(buf, cs->in, n);
@@ -1422,6 +1566,7 @@ static ssize_t up2_body_read(nghttp2_session *session, int32_t id, uint8_t *buf,
         give_back(cs, n);
         cs->h->flush_again = true;
         cs->r->body_forwarded += n;
+        up2c_dirty(up->conn, cs); /* its WINDOW_UPDATE goes out after this send round */
     }
     if (cs->in_end && cs->in_len == 0) {
         *flags |= NGHTTP2_DATA_FLAG_EOF;
@@ -1435,17 +1580,17 @@ static int up2_on_header(nghttp2_session *session, const nghttp2_frame *frame,
                          const uint8_t *name, size_t namelen, const uint8_t *value,
                          size_t valuelen, uint8_t flags, void *ud)
 {
-    SP_UNUSED(session);
     SP_UNUSED(flags);
-    up2_t *up = ud;
-    if (frame->hd.type != NGHTTP2_HEADERS || !up->cs)
+    SP_UNUSED(ud);
+    if (frame->hd.type != NGHTTP2_HEADERS)
+        return 0;
+    up2_t *up = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
+    if (!up || !up->cs)
         return 0;
     const char *n = (const char *)name;
     if (conn_specific(n, namelen))
         return 0;
     sp_buf_t *b = frame->headers.cat == NGHTTP2_HCAT_HEADERS ? &up->cs->trailers : &up->hdrs;
-    if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE && up->hdrs.len == 0 && b == &up->hdrs)
-        up->hdrs.len = 0;
     sp_buf_add(b, name, namelen);
     sp_buf_addc(b, '\0');
     sp_buf_add(b, value, valuelen);
@@ -1485,6 +1630,7 @@ static void up2_head(up2_t *up, bool end_stream)
     nghttp2_data_provider prd = {.source.ptr = cs, .read_callback = data_read};
     r->t_first_byte = uv_hrtime();
     r->resp_head_sent = true;
+    touch(cs);
     int rv = nghttp2_submit_response(cs->h->s, cs->id, nv, k, end_stream ? NULL : &prd);
     free(nv);
     if (rv != 0) {
@@ -1498,10 +1644,16 @@ static void up2_head(up2_t *up, bool end_stream)
 
 static int up2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *ud)
 {
-    SP_UNUSED(session);
-    up2_t *up = ud;
-    h2s_t *cs = up->cs;
-    if (!cs || !cs->r || frame->hd.stream_id != up->sid)
+    up2c_t *c = ud;
+    if (frame->hd.type == NGHTTP2_GOAWAY) {
+        c->goaway = true; /* the streams it did not take are closed with REFUSED_STREAM */
+        return 0;
+    }
+    up2_t *up = frame->hd.stream_id ? nghttp2_session_get_stream_user_data(session,
+                                                                           frame->hd.stream_id)
+                                    : NULL;
+    h2s_t *cs = up ? up->cs : NULL;
+    if (!cs || !cs->r)
         return 0;
     bool end = (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) != 0;
     if (frame->hd.type == NGHTTP2_HEADERS) {
@@ -1520,9 +1672,11 @@ static int up2_on_frame_recv(nghttp2_session *session, const nghttp2_frame *fram
             cs->out_end = true;
             resume(cs);
         }
+        up2c_dirty(c, cs);
     } else if (frame->hd.type == NGHTTP2_DATA && end) {
         cs->out_end = true;
         resume(cs);
+        up2c_dirty(c, cs);
     }
     if (end)
         up->ended = true;
@@ -1533,88 +1687,85 @@ static int up2_on_data(nghttp2_session *session, uint8_t flags, int32_t id, cons
                        size_t len, void *ud)
 {
     SP_UNUSED(flags);
-    up2_t *up = ud;
-    h2s_t *cs = up->cs;
+    up2c_t *c = ud;
+    up2_t *up = nghttp2_session_get_stream_user_data(session, id);
+    h2s_t *cs = up ? up->cs : NULL;
     if (!cs || !cs->r || !cs->submitted) {
         nghttp2_session_consume(session, id, len);
         return 0;
     }
     sp_buf_add(&cs->out, data, len); /* consumed as the client takes it (data_read) */
+    up->unconsumed += len;
     cs->r->bytes_out += len;
     resume(cs);
+    up2c_dirty(c, cs);
     return 0;
 }
 
 static int up2_on_stream_close(nghttp2_session *session, int32_t id, uint32_t code, void *ud)
 {
-    SP_UNUSED(session);
-    SP_UNUSED(id);
-    up2_t *up = ud;
+    up2c_t *c = ud;
+    up2_t *up = nghttp2_session_get_stream_user_data(session, id);
+    if (!up)
+        return 0;
     h2s_t *cs = up->cs;
-    if (cs && cs->r && !(up->ended && code == NGHTTP2_NO_ERROR)) {
-        up->dead = true;
+    bool ok = up->ended && code == NGHTTP2_NO_ERROR;
+    if (!up->deadline || ok)
+        uv_timer_stop(&up->timer);
+    up2_detach(up); /* the stream is over: the connection serves others */
+    if (cs && cs->r && !ok) {
+        up2c_dirty(c, cs);
         if (!cs->r->resp_head_sent) {
             sp_request_t *r = cs->r;
             if (r->error == SP_ERR_NONE)
                 r->error = SP_ERR_UPSTREAM_CLOSED;
-            sp_request_error_body(r, 502, "upstream reset the stream");
+            up2_release(up);
+            sp_request_error_body(r, 502, code == NGHTTP2_REFUSED_STREAM
+                                              ? "upstream refused the stream"
+                                              : "upstream reset the stream");
             respond_local(cs);
         } else {
+            up2_release(up);
             stream_reset(cs, code == NGHTTP2_NO_ERROR ? NGHTTP2_INTERNAL_ERROR : code);
         }
     }
-    up->dead = true; /* one stream per connection: it closes once this frame round is over */
     return 0;
 }
 
-static void up2_alloc(uv_handle_t *hd, size_t suggested, uv_buf_t *buf)
+static void up2c_alloc(uv_handle_t *hd, size_t suggested, uv_buf_t *buf)
 {
     SP_UNUSED(suggested);
-    up2_t *up = hd->data;
-    if (!up->rbuf)
-        up->rbuf = sp_malloc(UP2_RBUF);
-    *buf = uv_buf_init(up->rbuf, UP2_RBUF);
+    up2c_t *c = hd->data;
+    if (!c->rbuf)
+        c->rbuf = sp_malloc(UP2_RBUF);
+    *buf = uv_buf_init(c->rbuf, UP2_RBUF);
 }
 
-static void up2_on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
+static void up2c_on_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf)
 {
-    up2_t *up = st->data;
-    if (up->closing || nread == 0)
+    up2c_t *c = st->data;
+    if (c->closing || nread == 0)
         return;
     if (nread < 0) {
-        if (up->ended) {
-            up2_close(up);
+        if (!c->nstreams) {
+            up2c_close(c); /* the sandbox closed an idle connection */
             return;
         }
-        up2_fail(up, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
+        up2c_fail(c, SP_ERR_UPSTREAM_CLOSED, 502, "upstream closed connection");
         return;
     }
-    sp_h2_t *h = up->cs ? up->cs->h : NULL; /* the stream may end meanwhile, not its connection */
-    up->in_recv = true;
-    ssize_t n = nghttp2_session_mem_recv(up->s, (const uint8_t *)buf->base, (size_t)nread);
-    up->in_recv = false;
+    c->in_recv = true;
+    ssize_t n = nghttp2_session_mem_recv(c->s, (const uint8_t *)buf->base, (size_t)nread);
+    c->in_recv = false;
     if (n < 0) {
-        up2_fail(up, SP_ERR_UPSTREAM_PROTOCOL, 502, "bad HTTP/2 from the sandbox");
+        up2c_flush_clients(c);
+        up2c_fail(c, SP_ERR_UPSTREAM_PROTOCOL, 502, "bad HTTP/2 from the sandbox");
         return;
     }
-    if (up->dead && !up->cs) {
-        up2_close(up);
-    } else {
-        up2_flush(up);
-    }
-    if (h && !h->closed)
-        h2_flush(h);
-}
-
-static void up2_on_timer(uv_timer_t *t)
-{
-    up2_t *up = t->data;
-    if (up->closing)
-        return;
-    if (!up->s && !(up->deadline && uv_hrtime() + 1000000 >= up->deadline))
-        up2_fail(up, SP_ERR_CONNECT_TIMEOUT, 504, "upstream connect timeout");
-    else
-        up2_fail(up, SP_ERR_FIRST_BYTE_TIMEOUT, 504, "deadline exceeded (grpc-timeout)");
+    up2c_flush(c);
+    if (!c->closing && !c->nstreams && (c->goaway || !nghttp2_session_want_read(c->s)))
+        up2c_close(c);
+    up2c_flush_clients(c); /* may end calls, never free c: its memory goes with its handles */
 }
 
 static void up2_add(sp_buf_t *b, const char *n, size_t nl, const char *v, size_t vl)
@@ -1657,24 +1808,30 @@ static void grpc_timeout_format(char *out, size_t size, uint64_t ns)
     snprintf(out, size, "%lluH", (unsigned long long)(ns / 3600000000000ull));
 }
 
-static void up2_on_connect(uv_connect_t *cr, int status)
+/* Streams per connection to a sandbox: ours and the sandbox's limit. */
+static uint32_t up2c_capacity(const up2c_t *c)
 {
-    up2_t *up = cr->data;
-    if (up->closing)
-        return;
-    h2s_t *cs = up->cs;
-    if (!cs || !cs->r) {
-        up2_close(up);
-        return;
+    uint32_t cap = (uint32_t)sp_cfg.h2_max_concurrent_streams;
+    if (c->s) {
+        uint32_t theirs = nghttp2_session_get_remote_settings(
+            c->s, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+        if (theirs < cap)
+            cap = theirs;
     }
-    sp_request_t *r = cs->r;
+    return cap;
+}
+
+static void up2c_on_connect(uv_connect_t *cr, int status)
+{
+    up2c_t *c = cr->data;
+    if (c->closing)
+        return;
     if (status < 0) {
-        up2_fail(up, SP_ERR_CONNECT, 502, "upstream connect failed");
+        up2c_fail(c, SP_ERR_CONNECT, 502, "upstream connect failed");
         return;
     }
-    r->t_connected = uv_hrtime();
-    uv_tcp_nodelay(&up->tcp, 1);
-    uv_timer_stop(&up->timer);
+    uv_tcp_nodelay(&c->tcp, 1);
+    uv_timer_stop(&c->timer);
     nghttp2_session_callbacks *cb;
     nghttp2_session_callbacks_new(&cb);
     nghttp2_session_callbacks_set_on_header_callback(cb, up2_on_header);
@@ -1685,21 +1842,52 @@ static void up2_on_connect(uv_connect_t *cr, int status)
     nghttp2_option_new(&opt);
     nghttp2_option_set_no_auto_window_update(opt, 1);
     nghttp2_option_set_max_outbound_ack(opt, (size_t)sp_cfg.h2_max_outbound_ack);
-    int rv = nghttp2_session_client_new2(&up->s, cb, up, opt);
+    int rv = nghttp2_session_client_new2(&c->s, cb, c, opt);
     nghttp2_option_del(opt);
     nghttp2_session_callbacks_del(cb);
     if (rv != 0) {
-        up->s = NULL;
-        up2_fail(up, SP_ERR_CONNECT, 502, "upstream connect failed");
+        c->s = NULL;
+        up2c_fail(c, SP_ERR_CONNECT, 502, "upstream connect failed");
         return;
     }
+    c->connected = true;
     nghttp2_settings_entry iv[] = {
         {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, (uint32_t)sp_cfg.h2_stream_buffer},
     };
-    nghttp2_submit_settings(up->s, NGHTTP2_FLAG_NONE, iv, SP_ARRAY_LEN(iv));
-    /* the request: pseudo-headers, the client's headers (hop-by-hop and edited ones out), the
-     * proxy's own, the script's additions; every string in one buffer, pointed at after */
+    nghttp2_submit_settings(c->s, NGHTTP2_FLAG_NONE, iv, SP_ARRAY_LEN(iv));
+    /* room for every stream's window at once: a slow reader never stalls the others */
+    uint64_t win = (uint64_t)sp_cfg.h2_stream_buffer * (uint64_t)up2c_capacity(c);
+    if (win > 0x7fffffff)
+        win = 0x7fffffff;
+    if (win > 65535)
+        nghttp2_session_set_local_window_size(c->s, NGHTTP2_FLAG_NONE, 0, (int32_t)win);
+    uv_read_start((uv_stream_t *)&c->tcp, up2c_alloc, up2c_on_read);
+    /* the calls that waited for the connection */
+    for (up2_t *up = c->streams, *next; up; up = next) {
+        next = up->next;
+        if (up->sid == 0)
+            up2_submit(up);
+        if (c->closing)
+            return;
+    }
+    up2c_flush(c);
+    up2c_flush_clients(c);
+    up2c_idle(c);
+}
+
+/* Sends the call on its (connected) connection: pseudo-headers, the client's headers
+ * (hop-by-hop and edited ones out), the proxy's own, the script's additions. */
+static void up2_submit(up2_t *up)
+{
+    h2s_t *cs = up->cs;
+    up2c_t *c = up->conn;
+    if (!cs || !cs->r) {
+        up2_release(up);
+        return;
+    }
+    sp_request_t *r = cs->r;
+    r->t_connected = uv_hrtime();
     sp_buf_t b = {0};
     size_t hl = 0;
     const char *host = sp_request_header(r, "host", 4, &hl);
@@ -1762,13 +1950,14 @@ static void up2_on_connect(uv_connect_t *cr, int status)
         i += nl + 1 + vl + 1;
     }
     nghttp2_data_provider prd = {.read_callback = up2_body_read};
-    up->sid = nghttp2_submit_request(up->s, NULL, nv, k, r->has_body ? &prd : NULL, NULL);
+    int32_t sid = nghttp2_submit_request(c->s, NULL, nv, k, r->has_body ? &prd : NULL, up);
     free(nv);
     sp_buf_free(&b);
-    if (up->sid < 0) {
+    if (sid < 0) {
         up2_fail(up, SP_ERR_UPSTREAM_PROTOCOL, 502, "upstream request refused");
         return;
     }
+    up->sid = sid;
     r->up_sent = true;
     r->head_sent = true;
     if (up->deadline) {
@@ -1778,8 +1967,7 @@ static void up2_on_connect(uv_connect_t *cr, int status)
         double fb = r->to_first_byte > 0 ? r->to_first_byte : sp_cfg.first_byte_timeout;
         uv_timer_start(&up->timer, up2_on_timer, (uint64_t)(fb * 1000.0), 0);
     }
-    uv_read_start((uv_stream_t *)&up->tcp, up2_alloc, up2_on_read);
-    up2_flush(up);
+    up2c_flush(c);
 }
 
 /* grpc-timeout ("<digits><unit>", units H M S m u n) in seconds, or 0. */
@@ -1836,57 +2024,104 @@ static bool up2_wanted(const sp_request_t *r)
 
 /* Dials the sandbox's address (a literal, or what its name resolved to), unless no sandbox may
  * have it (the same refusal as HTTP/1.1's, upstream.c). */
-static void up2_dial(up2_t *up, const struct sockaddr *sa)
+static void up2c_dial(up2c_t *c, const struct sockaddr *sa)
 {
-    sp_request_t *r = up->cs->r;
     const char *why = sp_addr_refusal(sa, sp_cfg.allow_loopback_sandboxes);
     if (why) {
         char msg[96];
         snprintf(msg, sizeof msg, "sandbox address refused: %s", why);
-        sp_log(SP_LOG_WARN, "sandbox address refused", "s:request_id", r->id, "s:upstream",
-               r->upstream_addr, "s:reason", why, NULL);
-        up2_fail(up, SP_ERR_ADDRESS_REFUSED, 503, msg);
+        sp_log(SP_LOG_WARN, "sandbox address refused", "s:upstream", c->host, "i:port",
+               (int64_t)c->port, "s:reason", why, NULL);
+        up2c_fail(c, SP_ERR_ADDRESS_REFUSED, 503, msg);
         return;
     }
-    up->creq.data = up;
-    if (uv_tcp_connect(&up->creq, &up->tcp, sa, up2_on_connect) < 0)
-        up2_fail(up, SP_ERR_CONNECT, 502, "upstream connect failed");
+    c->creq.data = c;
+    if (uv_tcp_connect(&c->creq, &c->tcp, sa, up2c_on_connect) < 0)
+        up2c_fail(c, SP_ERR_CONNECT, 502, "upstream connect failed");
 }
 
 /* The sandbox's name (a serviceFQDN) resolved, in libuv's thread pool (the loop never waits on
  * DNS): the first address is dialled, as HTTP/1.1 does (upstream.c). */
-static void up2_on_resolved(uv_getaddrinfo_t *gr, int status, struct addrinfo *res)
+static void up2c_on_resolved(uv_getaddrinfo_t *gr, int status, struct addrinfo *res)
 {
-    up2_t *up = gr->data;
-    up->resolving = false;
-    if (up->closing || !up->cs || !up->cs->r) {
+    up2c_t *c = gr->data;
+    c->resolving = false;
+    if (c->closing || !c->nstreams) {
         if (res)
             uv_freeaddrinfo(res);
-        if (!up->closing)
-            up2_close(up);
-        up2_unref(up); /* the lookup's reference: the last one once the handles closed */
+        if (!c->closing)
+            up2c_close(c);
+        up2c_unref(c); /* the lookup's reference: the last one once the handles closed */
         return;
     }
-    up->handles--; /* the lookup's reference; not closing: the handles still hold it */
-    sp_request_t *r = up->cs->r;
+    c->handles--; /* the lookup's reference; not closing: the handles still hold it */
     if (status < 0 || !res) {
-        sp_log(SP_LOG_WARN, "upstream name resolution failed", "s:request_id", r->id,
-               "s:upstream", r->upstream_addr, "s:error", uv_strerror(status), NULL);
+        sp_log(SP_LOG_WARN, "upstream name resolution failed", "s:upstream", c->host, "i:port",
+               (int64_t)c->port, "s:error", uv_strerror(status), NULL);
         if (res)
             uv_freeaddrinfo(res);
-        up2_fail(up, SP_ERR_CONNECT, 502, "upstream name resolution failed");
+        up2c_fail(c, SP_ERR_CONNECT, 502, "upstream name resolution failed");
         return;
     }
     struct sockaddr_storage ss;
     memset(&ss, 0, sizeof ss);
     memcpy(&ss, res->ai_addr, res->ai_addrlen);
     uv_freeaddrinfo(res);
-    uint16_t port = htons((uint16_t)r->up_port);
+    uint16_t port = htons((uint16_t)c->port);
     if (ss.ss_family == AF_INET)
         ((struct sockaddr_in *)&ss)->sin_port = port;
     else
         ((struct sockaddr_in6 *)&ss)->sin6_port = port;
-    up2_dial(up, (struct sockaddr *)&ss);
+    up2c_dial(c, (struct sockaddr *)&ss);
+}
+
+/* A new connection to host:port, dialled (a literal address) or being resolved (a name). */
+static up2c_t *up2c_open(sp_worker_t *w, const char *host, int port, double ct)
+{
+    up2c_t *c = sp_calloc(1, sizeof *c);
+    c->w = w;
+    snprintf(c->host, sizeof c->host, "%s", host);
+    c->port = port;
+    uv_tcp_init(&w->loop, &c->tcp);
+    uv_timer_init(&w->loop, &c->timer);
+    c->tcp.data = c->timer.data = c;
+    c->handles = 2;
+    c->next = *up2c_list(w);
+    if (c->next)
+        c->next->prev = c;
+    *up2c_list(w) = c;
+    uint64_t ms = (uint64_t)(ct * 1000.0);
+    uv_timer_start(&c->timer, up2c_on_timer, ms ? ms : 1, 0);
+    return c;
+}
+
+static void up2c_connect(up2c_t *c)
+{
+    char host[256];
+    size_t hl = strlen(c->host);
+    if (hl > 2 && c->host[0] == '[' && c->host[hl - 1] == ']')
+        snprintf(host, sizeof host, "%.*s", (int)(hl - 2), c->host + 1);
+    else
+        snprintf(host, sizeof host, "%s", c->host);
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof ss);
+    if (uv_ip4_addr(host, c->port, (struct sockaddr_in *)&ss) == 0 ||
+        uv_ip6_addr(host, c->port, (struct sockaddr_in6 *)&ss) == 0) {
+        up2c_dial(c, (struct sockaddr *)&ss);
+        return;
+    }
+    /* a name (a serviceFQDN): resolved off the loop; the connect timeout covers both */
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    c->gai.data = c;
+    if (uv_getaddrinfo(&c->w->loop, &c->gai, up2c_on_resolved, host, NULL, &hints) < 0) {
+        up2c_fail(c, SP_ERR_CONNECT, 502, "upstream name resolution failed");
+        return;
+    }
+    c->resolving = true;
+    c->handles++;
 }
 
 static void up2_start(h2s_t *s)
@@ -1896,17 +2131,9 @@ static void up2_start(h2s_t *s)
     r->up_tried = true;
     r->t_forward = uv_hrtime();
     snprintf(r->upstream_addr, sizeof r->upstream_addr, "%.50s:%d", r->up_host, r->up_port);
-    char host[256];
-    size_t hl = strlen(r->up_host);
-    if (hl > 2 && r->up_host[0] == '[' && r->up_host[hl - 1] == ']')
-        snprintf(host, sizeof host, "%.*s", (int)(hl - 2), r->up_host + 1);
-    else
-        snprintf(host, sizeof host, "%s", r->up_host);
     up2_t *up = sp_calloc(1, sizeof *up);
-    uv_tcp_init(&w->loop, &up->tcp);
     uv_timer_init(&w->loop, &up->timer);
-    up->tcp.data = up->timer.data = up;
-    up->handles = 2;
+    up->timer.data = up;
     up->cs = s;
     s->up2 = up;
     double ct = r->to_connect > 0 ? r->to_connect : sp_cfg.connect_timeout;
@@ -1919,29 +2146,49 @@ static void up2_start(h2s_t *s)
             up2_fail(up, SP_ERR_FIRST_BYTE_TIMEOUT, 504, "deadline exceeded (grpc-timeout)");
             return;
         }
+    }
+    /* a connection to the same address with room for one more stream, else a new one */
+    up2c_t *c = *up2c_list(w);
+    for (; c; c = c->next)
+        if (!c->closing && !c->goaway && c->port == r->up_port &&
+            strcmp(c->host, r->up_host) == 0 && c->nstreams < up2c_capacity(c))
+            break;
+    bool fresh = !c;
+    if (fresh)
+        c = up2c_open(w, r->up_host, r->up_port, ct);
+    if (c->connected)
+        uv_timer_stop(&c->timer); /* the keep-alive wait of an idle one */
+    up->conn = c;
+    up->next = c->streams;
+    if (c->streams)
+        c->streams->prev = up;
+    c->streams = up;
+    c->nstreams++;
+    if (c->connected) {
+        up2_submit(up);
+        return;
+    }
+    /* waiting for the connection: this call's own bound is its connect timeout or deadline */
+    double wait = ct;
+    if (up->deadline) {
         double left = (double)(up->deadline - r->t_forward) / 1e9;
-        if (left < ct)
-            ct = left;
+        if (left < wait)
+            wait = left;
     }
-    uint64_t ctms = (uint64_t)(ct * 1000.0);
-    uv_timer_start(&up->timer, up2_on_timer, ctms ? ctms : 1, 0);
-    struct sockaddr_storage ss;
-    memset(&ss, 0, sizeof ss);
-    if (uv_ip4_addr(host, r->up_port, (struct sockaddr_in *)&ss) == 0 ||
-        uv_ip6_addr(host, r->up_port, (struct sockaddr_in6 *)&ss) == 0) {
-        up2_dial(up, (struct sockaddr *)&ss);
-        return;
+    uint64_t ms = (uint64_t)(wait * 1000.0);
+    uv_timer_start(&up->timer, up2_on_timer, ms ? ms : 1, 0);
+    if (fresh)
+        up2c_connect(c);
+}
+
+/* Closes the h2c connections to sandboxes that carry no call (drain, stop). */
+void sp_h2_upstream_close_idle(sp_worker_t *w)
+{
+    up2c_t *c = *up2c_list(w);
+    while (c) {
+        up2c_t *next = c->next;
+        if (!c->nstreams && !c->closing)
+            up2c_close(c);
+        c = next;
     }
-    /* a name (a serviceFQDN): resolved off the loop; the connect timeout covers both */
-    struct addrinfo hints;
-    memset(&hints, 0, sizeof hints);
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    up->gai.data = up;
-    if (uv_getaddrinfo(&w->loop, &up->gai, up2_on_resolved, host, NULL, &hints) < 0) {
-        up2_fail(up, SP_ERR_CONNECT, 502, "upstream name resolution failed");
-        return;
-    }
-    up->resolving = true;
-    up->handles++;
 }

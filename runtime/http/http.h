@@ -517,6 +517,8 @@ void sp_h2_input(sp_conn_t *c);
 void sp_h2_closed(sp_conn_t *c);
 /* Draining: GOAWAY (streams in flight finish), then the connection closes when they have. */
 void sp_h2_drain(sp_conn_t *c);
+/* Closes the worker's h2c connections to sandboxes that carry no call (drain, stop). */
+void sp_h2_upstream_close_idle(sp_worker_t *w);
 void sp_h2_decided(sp_request_t *r);
 int sp_h2_read_body(sp_request_t *r, uint64_t limit);
 

@@ -85,6 +85,7 @@ struct sp_worker {
     uint32_t nfree;
     struct sp_upkey **upkeys;  /* upstream pools by host:port */
     uint32_t nupkeys_cap, nupkeys;
+    void *h2up;                /* h2c connections to sandboxes (h2.c) */
     sp_conn_t *conns;          /* open client connections */
     uint32_t nconns;
     sp_counter_t active_requests; /* request slots in use (read by metrics) */

@@ -103,6 +103,7 @@ static void stop_loop_when_idle(uv_timer_t *t)
     sp_worker_t *w = t->data;
     close_idle_conns(w);
     sp_upstream_close_idle(w);
+    sp_h2_upstream_close_idle(w);
     if (w->nconns == 0 || w->stopping) {
         uv_timer_stop(t);
         uv_stop(&w->loop);

@@ -3,8 +3,9 @@
 -- compiled with python3-grpc-tools at start into a temporary directory). Both run under
 -- /usr/bin/python3, where Debian's python3-* packages live (pyenv's python3 has no grpc).
 -- The client speaks HTTP/2 with prior knowledge to the proxy, which relays each call to the
--- sandbox over h2c: routed by the official router's metadata (x-sandbox-id, -namespace,
--- -port); unary, server streaming of 10,000 messages to a slow reader with the proxy's memory
+-- sandbox over h2c (calls to one sandbox multiplexed over one kept connection, closed after
+-- upstream_keepalive_timeout idle; the peer address the server sees tells): routed by the
+-- official router's metadata (x-sandbox-id, -namespace, -port); unary, server streaming of 10,000 messages to a slow reader with the proxy's memory
 -- bounded, a 100 MB client-streaming upload, bidirectional streaming, status and trailers
 -- relayed, a deadline the proxy enforces itself (grpc-timeout; the sandbox gets what is left
 -- of it after a script held the call), a client cancel that reaches
@@ -292,6 +293,50 @@ return M
         r = call("unary", nil, pxr.port)
         assert.are.equal("UNAVAILABLE", r.code)
         assert.matches("sandbox address refused: loopback", r.details, 1, true)
+    end)
+
+    it("multiplexes calls to a sandbox over one h2c connection, kept between calls", function()
+        if not need() then return end
+        local pxm = H.start{ sandboxes = { H.sandbox("a", "b", gport) },
+            set = { upstream_keepalive_timeout = 1 } }
+        local function peer_of(r)
+            assert.is_true(r.ok, r.details)
+            return cjson.decode(r.text)["x-peer"]
+        end
+        -- a streaming call read slowly (about 1 s) while unary calls run: one connection
+        local dir = H.tmpdir()
+        local p = assert(process.spawn{ cmd = { PY, FIXTURE, "call", "--port", pxm.port,
+            "--meta", "x-sandbox-id=b", "--meta", "x-sandbox-port=" .. gport, "stream", "2000",
+            "1000", "50" }, stdout = dir .. "/out", stderr = dir .. "/err" })
+        local peers = {}
+        for i = 1, 3 do
+            peers[i] = peer_of(call("unary", nil, pxm.port))
+        end
+        -- a call cancelled on the shared connection ends only its own stream at the server
+        assert.is_true(call("cancel mux-cancel", nil, pxm.port).cancelled)
+        H.net.wait_until(function()
+            return (process.read_file(events) or ""):find("cancelled mux-cancel", 1, true)
+        end, 10)
+        peers[4] = peer_of(call("unary", nil, pxm.port))
+        assert(p:wait(60))
+        local s = cjson.decode(assert(process.read_file(dir .. "/out")):match("(%b{})"))
+        assert.is_true(s.ok, s.details)
+        assert.are.equal(2000, s.messages)
+        assert.truthy(peers[1]:match("^ipv4:127%.0%.0%.1:%d+$"), peers[1])
+        assert.are.equal(peers[1], peers[2])
+        assert.are.equal(peers[1], peers[3])
+        assert.are.equal(peers[1], peers[4])
+        assert.are.equal(peers[1], s.peer)
+        -- idle for upstream_keepalive_timeout: closed by the proxy; the next call opens another
+        local lport = tonumber(peers[1]:match(":(%d+)$"))
+        local function open()
+            local tcp = process.read_file("/proc/net/tcp") or ""
+            local pat = (":%04X %%x+:%04X 01 "):format(lport, tonumber(gport))
+            return tcp:find(pat) ~= nil
+        end
+        assert.is_true(open())
+        H.net.wait_until(function() return not open() end, 10)
+        assert.are_not.equal(peers[1], peer_of(call("unary", nil, pxm.port)))
     end)
 
     it("answers the proxy's own refusals as gRPC statuses", function()
