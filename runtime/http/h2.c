@@ -1396,8 +1396,9 @@ static void up2_release(up2_t *up)
         return;
     up->closing = true;
     up2c_t *c = up->conn;
-    if (c && c->s && up->sid > 0 && !up->ended)
-        nghttp2_submit_rst_stream(c->s, NGHTTP2_FLAG_NONE, up->sid, NGHTTP2_CANCEL);
+    if (c && c->s && up->sid > 0 && nghttp2_session_find_stream(c->s, up->sid))
+        nghttp2_submit_rst_stream(c->s, NGHTTP2_FLAG_NONE, up->sid,
+                                  up->ended ? NGHTTP2_NO_ERROR : NGHTTP2_CANCEL);
     up2_detach(up);
     uv_close((uv_handle_t *)&up->timer, up2_handle_closed);
     if (c && !c->closing)
@@ -1863,11 +1864,15 @@ static void up2c_on_connect(uv_connect_t *cr, int status)
     if (win > 65535)
         nghttp2_session_set_local_window_size(c->s, NGHTTP2_FLAG_NONE, 0, (int32_t)win);
     uv_read_start((uv_stream_t *)&c->tcp, up2c_alloc, up2c_on_read);
-    /* the calls that waited for the connection */
-    for (up2_t *up = c->streams, *next; up; up = next) {
-        next = up->next;
-        if (up->sid == 0)
-            up2_submit(up);
+    /* the calls that waited for the connection, each looked up anew: answering one (a spent
+     * deadline) may end others on this connection */
+    for (;;) {
+        up2_t *up = c->streams;
+        while (up && up->sid != 0)
+            up = up->next;
+        if (!up)
+            break;
+        up2_submit(up); /* submitted (sid > 0) or off the list */
         if (c->closing)
             return;
     }
