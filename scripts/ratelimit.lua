@@ -99,6 +99,8 @@ local trusted = assert(ip.ranges(cfg.trusted_proxies
 local RCFG = cfg.redis or {}
 M.DEFAULT_REDIS = { host = "127.0.0.1", port = 6379, timeout_ms = 50, prefix = "sp:rl:",
     fallback = "local" }
+assert(RCFG.enabled == nil or type(RCFG.enabled) == "boolean",
+    "ratelimit.redis.enabled must be true or false")
 M.redis = RCFG.enabled == true
 local FALLBACK = RCFG.fallback or M.DEFAULT_REDIS.fallback
 assert(FALLBACK == "local" or FALLBACK == "open" or FALLBACK == "closed",

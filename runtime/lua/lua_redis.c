@@ -16,8 +16,9 @@
  * Down and up: a refused or lost connection, or a command that timed out (the store is stuck
  * or unreachable: the connection is dropped), makes the client "down": commands fail at once
  * (no waiting) and it reconnects after a backoff (RECONNECT_MIN_MS doubling to
- * RECONNECT_MAX_MS). One log line when the store goes down (the first of the process' clients
- * of that store) and one when it is up again (the last), never one per command or worker.
+ * RECONNECT_MAX_MS); after an outage commands fail at once until a PING on the new connection
+ * is answered. One log line when the store goes down and one when it is up (at start too,
+ * once every worker's connection answered), never one per command or worker (store_note).
  * The host is resolved when connecting (blocking: give an address or a name the resolver
  * answers at once).
  * Not owned here: what the replies mean (the scripts decide), Redis Cluster redirections.
@@ -49,6 +50,7 @@ typedef struct rop {
     sp_task_t *task;
     uint64_t deadline; /* uv_now, ms */
     bool replied;
+    bool probe;        /* the PING that proves a new connection (no task) */
 } rop_t;
 
 struct rclient {
@@ -62,8 +64,10 @@ struct rclient {
     rop_t waiting;         /* list heads (circular) */
     rop_t failed;          /* the connection ended under these: resumed by kick */
     rstate_t state;
-    bool counted_down;     /* counted in its store's clients down (one log line per store) */
+    bool counted_down;     /* counted in its store's clients not up (see store_note) */
+    bool was_down;         /* down since it was last up: commands wait for the probe */
     bool closing;
+    char drop_why[160];    /* set by a failed probe: kick drops the connection */
     int handles;           /* open timers; the struct is freed when none is left */
     uint64_t backoff;
     uint64_t timeout_ms;
@@ -129,21 +133,28 @@ static void op_abort(sp_task_t *task)
 
 static int64_t worker_id(rclient_t *c) { return c->vm->w ? c->vm->w->id : -1; }
 
-/* The down and up lines are per store, not per worker: the process counts its clients that are
- * down per (name, host, port). The first one down logs "redis store down", the last one back
- * logs "redis store up". */
+/* The down and up lines are per store, not per worker or command. The process counts, per
+ * (name, host, port), its clients that are not up (a new client counts until its first PING is
+ * answered) and remembers what it last said: "redis store down" when a client goes down and
+ * the store was not said to be down; "redis store up" when no client is left down and the
+ * store was not said to be up and every worker has a client of it (so at start too, once every
+ * worker is connected: each worker's state loads the same scripts). */
 #define MAX_STORES 64
+enum { SAID_NOTHING, SAID_UP, SAID_DOWN };
 static struct {
     char key[320];
     int ndown;
+    int nclients;
+    int said;
 } stores[MAX_STORES];
 static int nstores;
 static uv_mutex_t stores_mu;
 static uv_once_t stores_once = UV_ONCE_INIT;
 static void stores_init(void) { uv_mutex_init(&stores_mu); }
 
-/* Adds delta to the count of the store's clients down; returns the count before. */
-static int store_down_add(rclient_t *c, int delta)
+/* Adds delta to the store's clients not up and dclients to its clients; event SAID_UP or
+ * SAID_DOWN (or 0) is what c just did. Returns true when the store's line is to be logged now. */
+static bool store_note(rclient_t *c, int delta, int dclients, int event)
 {
     char key[320];
     snprintf(key, sizeof key, "%s %s:%d", c->name, c->host, c->port);
@@ -155,15 +166,24 @@ static int store_down_add(rclient_t *c, int delta)
     if (i == nstores && nstores < MAX_STORES) {
         snprintf(stores[i].key, sizeof stores[i].key, "%s", key);
         stores[i].ndown = 0;
+        stores[i].nclients = 0;
+        stores[i].said = SAID_NOTHING;
         nstores++;
     }
-    int before = 0;
+    bool say = false;
     if (i < nstores) {
-        before = stores[i].ndown;
         stores[i].ndown += delta;
+        stores[i].nclients += dclients;
+        if (event == SAID_DOWN && stores[i].said != SAID_DOWN)
+            say = true;
+        else if (event == SAID_UP && stores[i].ndown == 0 && stores[i].said != SAID_UP &&
+                 stores[i].nclients >= sp_workers_count())
+            say = true;
+        if (say)
+            stores[i].said = event;
     }
     uv_mutex_unlock(&stores_mu);
-    return before;
+    return say;
 }
 
 static void on_retry(uv_timer_t *t) { connect_now(t->data); }
@@ -176,13 +196,13 @@ static void go_down(rclient_t *c, const char *why)
         return;
     c->state = ST_DOWN;
     snprintf(c->last_error, sizeof c->last_error, "%s", why && *why ? why : "connection lost");
-    if (!c->counted_down) {
-        c->counted_down = true;
-        if (store_down_add(c, 1) == 0)
-            sp_log(SP_LOG_WARN, "redis store down", "s:client", c->name, "s:host", c->host,
+    c->was_down = true;
+    int delta = c->counted_down ? 0 : 1;
+    c->counted_down = true;
+    if (store_note(c, delta, 0, SAID_DOWN))
+        sp_log(SP_LOG_WARN, "redis store down", "s:client", c->name, "s:host", c->host,
                "i:port", (int64_t)c->port, "s:error", c->last_error, "i:worker", worker_id(c),
                NULL);
-    }
     c->backoff = c->backoff == 0 ? RECONNECT_MIN_MS : c->backoff * 2;
     if (c->backoff > RECONNECT_MAX_MS)
         c->backoff = RECONNECT_MAX_MS;
@@ -213,7 +233,17 @@ static void flush_failed(rclient_t *c)
     }
 }
 
-static void on_kick(uv_timer_t *t) { flush_failed(t->data); }
+static void on_kick(uv_timer_t *t)
+{
+    rclient_t *c = t->data;
+    if (c->drop_why[0]) {
+        char why[160];
+        snprintf(why, sizeof why, "%s", c->drop_why);
+        c->drop_why[0] = '\0';
+        drop(c, why);
+    }
+    flush_failed(c);
+}
 
 static void on_timeout(uv_timer_t *t)
 {
@@ -235,7 +265,8 @@ static void on_timeout(uv_timer_t *t)
         char msg[128];
         snprintf(msg, sizeof msg, "ETIMEDOUT: %s", why);
         for (size_t i = 0; i < n; i++)
-            resume_error(late[i], msg);
+            if (late[i]) /* NULL: the probe */
+                resume_error(late[i], msg);
         free(late);
         flush_failed(c);
     }
@@ -276,12 +307,39 @@ static void push_reply(lua_State *L, const redisReply *r, int depth)
     }
 }
 
+/* The probe was answered: the store is usable. */
+static void mark_up(rclient_t *c)
+{
+    c->state = ST_UP;
+    c->backoff = 0;
+    c->was_down = false;
+    int delta = c->counted_down ? -1 : 0;
+    c->counted_down = false;
+    if (store_note(c, delta, 0, SAID_UP))
+        sp_log(SP_LOG_INFO, "redis store up", "s:client", c->name, "s:host", c->host,
+               "i:port", (int64_t)c->port, "i:worker", worker_id(c), NULL);
+}
+
 static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
 {
     rop_t *op = privdata;
     rclient_t *c = op->c;
     redisReply *r = reply;
     op->replied = true;
+    if (op->probe) {
+        if (op->next)
+            list_del(op);
+        free(op);
+        if (c->closing || c->ac != ac || !r)
+            return; /* the connection ends anyway */
+        if (r->type == REDIS_REPLY_ERROR) { /* NOAUTH, LOADING...: not usable; drop it */
+            snprintf(c->drop_why, sizeof c->drop_why, "%s", r->str ? r->str : "error reply");
+            uv_timer_start(&c->kick, on_kick, 0, 0);
+            return;
+        }
+        mark_up(c);
+        return;
+    }
     if (!op->task) {
         free(op);
         return;
@@ -315,18 +373,9 @@ static void on_connect(const redisAsyncContext *ac, int status)
     rclient_t *c = ac->data;
     if (c->ac != ac)
         return;
-    if (status != REDIS_OK) {
+    if (status != REDIS_OK)
         go_down(c, ac->errstr); /* hiredis frees ac after this callback */
-        return;
-    }
-    c->state = ST_UP;
-    c->backoff = 0;
-    if (c->counted_down) {
-        c->counted_down = false;
-        if (store_down_add(c, -1) == 1)
-            sp_log(SP_LOG_INFO, "redis store up", "s:client", c->name, "s:host", c->host, "i:port",
-               (int64_t)c->port, "i:worker", worker_id(c), NULL);
-    }
+    /* else: up once the probe (PING) is answered */
 }
 
 static void on_disconnect(const redisAsyncContext *ac, int status)
@@ -363,8 +412,21 @@ static void connect_now(rclient_t *c)
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     c->ac = ac;
     c->state = ST_CONNECTING;
-    if (c->password) /* sent first; a refusal shows in the replies as NOAUTH errors */
+    if (c->password) /* sent first; a refusal makes the probe's PING fail (NOAUTH) */
         redisAsyncCommand(ac, NULL, NULL, "AUTH %s", c->password);
+    /* The connection counts as up once PING is answered: a frozen server's kernel still
+     * accepts connections. */
+    rop_t *probe = sp_calloc(1, sizeof *probe);
+    probe->c = c;
+    probe->probe = true;
+    probe->deadline = uv_now(c->loop) + c->timeout_ms;
+    if (redisAsyncCommand(ac, on_reply, probe, "PING") != REDIS_OK) {
+        free(probe);
+        return;
+    }
+    list_add_tail(&c->waiting, probe);
+    if (!uv_is_active((uv_handle_t *)&c->timeout))
+        uv_timer_start(&c->timeout, on_timeout, c->timeout_ms, 0);
 }
 
 static void on_timer_closed(uv_handle_t *h)
@@ -386,8 +448,7 @@ static void client_close(sp_owned_t *o)
         return;
     c->closing = true;
     sp_vm_disown(&c->owned);
-    if (c->counted_down)
-        store_down_add(c, -1);
+    store_note(c, c->counted_down ? -1 : 0, -1, 0);
     while (!list_empty(&c->waiting))
         op_detach(c->waiting.next);
     while (!list_empty(&c->failed)) {
@@ -430,7 +491,9 @@ static int c_command(lua_State *L)
         lua_pushstring(L, "ECONNRESET: the client went away");
         return 2;
     }
-    if (c->state == ST_DOWN || !c->ac) {
+    /* down, or reconnecting after an outage and not yet proven by the probe: fail at once
+     * (commands wait for the very first connection only) */
+    if (c->state == ST_DOWN || !c->ac || (c->state == ST_CONNECTING && c->was_down)) {
         lua_pushnil(L);
         lua_pushfstring(L, "EDOWN: %s", c->last_error);
         return 2;
@@ -536,6 +599,8 @@ static int c_client(lua_State *L)
     }
     snprintf(c->last_error, sizeof c->last_error, "not connected yet");
     sp_vm_own(vm, &c->owned, &client_ops);
+    c->counted_down = true; /* until its first PING is answered */
+    store_note(c, 1, 1, 0);
     connect_now(c);
 
     rclient_t **p = lua_newuserdata(L, sizeof *p);

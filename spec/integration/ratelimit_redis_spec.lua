@@ -1,0 +1,255 @@
+-- Cluster-wide rate limits (ratelimit.redis) with a real Redis: a redis-server (Debian's, no
+-- persistence) started by this spec on a free loopback port, and three proxy processes (the
+-- replicas, two workers each) sharing it. Accuracy across the replicas (an exact burst, and a
+-- sustained rate within 10 % of the configured one over a measured window), then the fallbacks
+-- when Redis is frozen (SIGSTOP: the per-command timeout) and when it is stopped, each
+-- replica configured with another fallback ("local", "closed", "open"), and recovery when it
+-- comes back: one "down" and one "up" log line per replica, whatever the traffic.
+-- Requests go to /<user>/sb/x for users no route has: the limit (key "user") decides before
+-- routing, so an admitted request gets the router's 404 and a refused one 429 (or 503).
+local H = require "spec.helpers.proxy"
+local http = require "spec.helpers.http"
+local prom = require "spec.helpers.prometheus"
+local socket = require "socket"
+
+local process = H.process
+local net = H.net
+local now = socket.gettime
+
+local SLOW = 0.001 -- tokens per second: no refill during a test
+
+local redis_port, redis_proc, redis_dir
+
+local function start_redis()
+    redis_proc = assert(process.spawn{ cmd = { "redis-server", "--port", tostring(redis_port),
+        "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", redis_dir },
+        stdout = redis_dir .. "/redis.log", stderr = redis_dir .. "/redis.log" })
+    assert(net.wait_port("127.0.0.1", redis_port, 10, redis_proc))
+end
+
+-- A replica: a proxy whose limit "u" (key "user") lives in the shared Redis; returned once it
+-- has logged "redis store up" (every worker connected, its PING answered).
+local function replica(limit, redis)
+    redis.enabled = true
+    redis.port = redis_port
+    local fields = {}
+    for k, v in pairs(redis) do
+        fields[#fields + 1] = ("%s = %s"):format(k, type(v) == "string" and ("%q"):format(v)
+            or tostring(v))
+    end
+    local px = H.start{ workers = 2, config = ([[
+return {
+    ratelimit = {
+        limits = { { name = "u", key = "user", rate = %s, burst = %s } },
+        concurrency = { per_sandbox = 0 },
+        redis = { %s },
+    },
+}]]):format(limit.rate, limit.burst, table.concat(fields, ", ")) }
+    px:wait_log(function(l)
+        return l.msg == "redis store up"
+    end)
+    return px
+end
+
+-- n requests for user over keep-alive connections, one per proxy, round robin; returns the
+-- statuses counted by status and per proxy the admitted ones.
+local function drive(proxies, user, n, deadline)
+    local conns, by_status, admitted = {}, {}, {}
+    for i, px in ipairs(proxies) do
+        conns[i] = assert(px:connect{ timeout = 10 })
+        admitted[i] = 0
+    end
+    local sent = 0
+    while sent < n and not (deadline and now() >= deadline) do
+        local i = sent % #proxies + 1
+        local r = assert(conns[i]:request{ path = "/" .. user .. "/sb/x" })
+        by_status[r.status] = (by_status[r.status] or 0) + 1
+        if r.status ~= 429 then
+            admitted[i] = admitted[i] + 1
+        end
+        sent = sent + 1
+    end
+    for _, c in ipairs(conns) do
+        c:close()
+    end
+    return by_status, admitted, sent
+end
+
+local function lines(px, msg)
+    local out = {}
+    for _, l in ipairs(px:log_lines()) do
+        if l.msg == msg then
+            out[#out + 1] = l
+        end
+    end
+    return out
+end
+
+local function redis_cli(...)
+    local args = { "redis-cli", "-p", tostring(redis_port) }
+    for _, a in ipairs({ ... }) do
+        args[#args + 1] = "'" .. a .. "'"
+    end
+    local p = assert(io.popen(table.concat(args, " ") .. " 2>&1"))
+    local out = p:read("*a")
+    p:close()
+    return (out:gsub("%s+$", ""))
+end
+
+describe("cluster-wide rate limits on a real Redis", function()
+    local ok, why = H.need_tool("redis-server", "Debian redis-server: the shared store of "
+        .. "spec/integration/ratelimit_redis_spec.lua")
+
+    setup(function()
+        if not ok then
+            return
+        end
+        redis_dir = H.tmpdir()
+        redis_port = assert(net.free_port())
+        start_redis()
+    end)
+
+    teardown(function()
+        H.stop_all()
+    end)
+
+    it("admits exactly the burst across 3 replicas", function()
+        if not ok then
+            pending(why)
+            return
+        end
+        local limit = { rate = SLOW, burst = 30 }
+        local proxies = { replica(limit, {}), replica(limit, {}), replica(limit, {}) }
+        local by_status, admitted = drive(proxies, "burst", 150)
+        -- one bucket for all: 30 (per replica it would be 90)
+        assert.are.equal(30, by_status[404], "admitted")
+        assert.are.equal(120, by_status[429], "refused")
+        for i = 1, 3 do
+            assert.is_true(admitted[i] > 0, "replica " .. i .. " admitted none")
+        end
+        assert.is_truthy(tonumber(redis_cli("GET", "sp:rl:u:burst")))
+        for _, px in ipairs(proxies) do
+            px:stop()
+        end
+    end)
+
+    it("holds the configured rate within 10 % across 3 replicas", function()
+        if not ok then
+            pending(why)
+            return
+        end
+        local limit = { rate = 100, burst = 10 }
+        local proxies = { replica(limit, {}), replica(limit, {}), replica(limit, {}) }
+        -- about 3 s of requests as fast as one client sends them (well above 100/s: checked)
+        local t0 = now()
+        local by_status, admitted, sent = drive(proxies, "rate", 100000, t0 + 3)
+        local elapsed = now() - t0
+        local n = by_status[404] or 0
+        local expected = limit.burst + limit.rate * elapsed
+        local msg = ("admitted %d in %.2f s (expected %.0f; sent %d: %s)"):format(n, elapsed,
+            expected, sent, require("cjson").encode({ admitted = n, refused = by_status[429] }))
+        io.stderr:write("\n3 replicas, 100/s: " .. msg .. "\n")
+        assert.is_true(sent > 3 * expected, "the load did not exceed the rate: " .. msg)
+        assert.is_true(math.abs(n - expected) <= 0.10 * limit.rate * elapsed, msg)
+        for i = 1, 3 do
+            assert.is_true(admitted[i] > 0, "replica " .. i .. " admitted none: " .. msg)
+        end
+        for _, px in ipairs(proxies) do
+            px:stop()
+        end
+    end)
+
+    it("falls back as configured when Redis freezes or stops, and recovers", function()
+        if not ok then
+            pending(why)
+            return
+        end
+        local limit = { rate = SLOW, burst = 2 }
+        local L = replica(limit, { fallback = "local", timeout_ms = 100 })
+        local C = replica(limit, { fallback = "closed", timeout_ms = 100 })
+        local O = replica(limit, { fallback = "open", timeout_ms = 100 })
+        local all = { L, C, O }
+        local function status(px, user)
+            return assert(px:get("/" .. user .. "/sb/x")).status
+        end
+        -- up: the store decides (one bucket across replicas)
+        assert.are.equal(404, status(L, "s1"))
+        assert.are.equal(404, status(C, "s1"))
+        assert.are.equal(429, status(O, "s1"))
+
+        -- frozen: no reply within timeout_ms; every request is still answered, by the fallback
+        assert(redis_proc:signal("STOP"))
+        local t0 = now()
+        assert.are.equal(503, status(C, "f1")) -- the first waits timeout_ms, then falls back
+        local r = assert(C:get("/f1/sb/x"))
+        assert.are.equal(503, r.status)
+        assert.are.equal('{"error":"rate limit store unavailable"}', r.body)
+        assert.are.equal("1", r.headers["retry-after"])
+        assert.is_true(now() - t0 < 5, "the timeout did not end the wait")
+        local down = C:wait_log(function(l)
+            return l.msg == "redis store down"
+        end)
+        assert.matches("no reply within 100 ms", down.error, 1, true)
+        assert(redis_proc:signal("CONT"))
+        C:wait_log(function()
+            return #lines(C, "redis store up") == 2
+        end)
+        for _, user in ipairs({ "f2", "f3", "f4" }) do -- both workers on the store again
+            assert.are.equal(404, status(C, user))
+        end
+
+        -- stopped
+        assert(redis_proc:stop(10))
+        for _, px in ipairs(all) do -- every worker sees its connection closed
+            px:wait_log(function()
+                return #lines(px, "redis store down") >= (px == C and 2 or 1)
+            end)
+        end
+        -- local: this replica's own bucket (burst 2), per worker-shared dict
+        assert.are.equal(404, status(L, "d1"))
+        assert.are.equal(404, status(L, "d1"))
+        r = assert(L:get("/d1/sb/x"))
+        assert.are.equal(429, r.status)
+        assert.are.equal("2", r.headers["ratelimit-limit"])
+        -- closed: 503
+        for _ = 1, 5 do
+            assert.are.equal(503, status(C, "d1"))
+        end
+        -- open: no limit at all
+        for _ = 1, 5 do
+            r = assert(O:get("/d1/sb/x"))
+            assert.are.equal(404, r.status)
+            assert.is_nil(r.headers["ratelimit-limit"])
+        end
+        for _, px in ipairs(all) do
+            local exp = prom.assert_parse(assert(px:get("/metrics")).body)
+            assert.is_true(prom.value(exp, "sandbox_proxy_ratelimit_store_fallbacks_total") >= 3)
+        end
+        assert.is_true(prom.value(prom.assert_parse(assert(C:get("/metrics")).body),
+            "sandbox_proxy_ratelimited_total", { kind = "store" }) >= 5)
+
+        -- back: each replica logs "up" once more (when all its workers are connected again, each
+        -- connection proven by a PING) and decides in the store again (the new server has no
+        -- scripts: NOSCRIPT, then EVAL)
+        start_redis()
+        for _, px in ipairs(all) do
+            px:wait_log(function(l)
+                return #lines(px, "redis store up") >= (px == C and 3 or 2)
+            end)
+        end
+        -- one bucket across the replicas again (burst 2 for all three)
+        assert.are.equal(404, status(L, "b1"))
+        assert.are.equal(404, status(C, "b1"))
+        assert.are.equal(429, status(O, "b1"))
+        assert.are.equal(429, status(L, "b1"))
+        assert.is_truthy(tonumber(redis_cli("GET", "sp:rl:u:b1")))
+
+        -- one line per event per replica (start, freeze, stop), not per request or worker
+        assert.are.equal(2, #lines(C, "redis store down"), C:stderr())
+        assert.are.equal(3, #lines(C, "redis store up"), C:stderr())
+        for _, px in ipairs({ L, O }) do
+            assert.are.equal(1, #lines(px, "redis store down"), (px == L and "L " or "O ") .. px:stderr())
+            assert.are.equal(2, #lines(px, "redis store up"), px:stderr())
+        end
+    end)
+end)
