@@ -17,6 +17,9 @@ local net = H.net
 local now = socket.gettime
 
 local SLOW = 0.001 -- tokens per second: no refill during a test
+-- Redis' timeout where the spec does not test it: generous, so that a loaded machine (or a
+-- sanitizer build) never turns a slow reply into a fallback decision
+local PATIENT = 2000
 
 local redis_port, redis_proc, redis_dir
 
@@ -119,7 +122,8 @@ describe("cluster-wide rate limits on a real Redis", function()
             return
         end
         local limit = { rate = SLOW, burst = 30 }
-        local proxies = { replica(limit, {}), replica(limit, {}), replica(limit, {}) }
+        local proxies = { replica(limit, { timeout_ms = PATIENT }), replica(limit, { timeout_ms = PATIENT }),
+            replica(limit, { timeout_ms = PATIENT }) }
         local by_status, admitted = drive(proxies, "burst", 150)
         -- one bucket for all: 30 (per replica it would be 90)
         assert.are.equal(30, by_status[404], "admitted")
@@ -139,7 +143,8 @@ describe("cluster-wide rate limits on a real Redis", function()
             return
         end
         local limit = { rate = 100, burst = 10 }
-        local proxies = { replica(limit, {}), replica(limit, {}), replica(limit, {}) }
+        local proxies = { replica(limit, { timeout_ms = PATIENT }), replica(limit, { timeout_ms = PATIENT }),
+            replica(limit, { timeout_ms = PATIENT }) }
         -- about 3 s of requests as fast as one client sends them (well above 100/s: checked)
         local t0 = now()
         local by_status, admitted, sent = drive(proxies, "rate", 100000, t0 + 3)
@@ -165,9 +170,11 @@ describe("cluster-wide rate limits on a real Redis", function()
             return
         end
         local limit = { rate = SLOW, burst = 2 }
-        local L = replica(limit, { fallback = "local", timeout_ms = 100 })
-        local C = replica(limit, { fallback = "closed", timeout_ms = 100 })
-        local O = replica(limit, { fallback = "open", timeout_ms = 100 })
+        -- the timeout under test is C's (frozen Redis): short, but not so short that a slow
+        -- reply on a loaded machine looks like a frozen Redis
+        local L = replica(limit, { fallback = "local", timeout_ms = PATIENT })
+        local C = replica(limit, { fallback = "closed", timeout_ms = 300 })
+        local O = replica(limit, { fallback = "open", timeout_ms = PATIENT })
         local all = { L, C, O }
         local function status(px, user)
             return assert(px:get("/" .. user .. "/sb/x")).status
@@ -179,30 +186,32 @@ describe("cluster-wide rate limits on a real Redis", function()
 
         -- frozen: no reply within timeout_ms; every request is still answered, by the fallback
         assert(redis_proc:signal("STOP"))
-        local t0 = now()
+        local c_ups = #lines(C, "redis store up")
         assert.are.equal(503, status(C, "f1")) -- the first waits timeout_ms, then falls back
         local r = assert(C:get("/f1/sb/x"))
         assert.are.equal(503, r.status)
         assert.are.equal('{"error":"rate limit store unavailable"}', r.body)
         assert.are.equal("1", r.headers["retry-after"])
-        assert.is_true(now() - t0 < 5, "the timeout did not end the wait")
-        local down = C:wait_log(function(l)
-            return l.msg == "redis store down"
+        C:wait_log(function(l) -- one of the two requests' timeouts dropped the connection
+            return l.msg == "redis store down" and l.error == "no reply within 300 ms"
         end)
-        assert.matches("no reply within 100 ms", down.error, 1, true)
         assert(redis_proc:signal("CONT"))
         C:wait_log(function()
-            return #lines(C, "redis store up") == 2
+            return #lines(C, "redis store up") > c_ups
         end)
         for _, user in ipairs({ "f2", "f3", "f4" }) do -- both workers on the store again
             assert.are.equal(404, status(C, user))
         end
 
-        -- stopped
+        -- stopped: every worker sees its connection closed; one line per replica
+        local downs, ups = {}, {}
+        for i, px in ipairs(all) do
+            downs[i], ups[i] = #lines(px, "redis store down"), #lines(px, "redis store up")
+        end
         assert(redis_proc:stop(10))
-        for _, px in ipairs(all) do -- every worker sees its connection closed
+        for i, px in ipairs(all) do
             px:wait_log(function()
-                return #lines(px, "redis store down") >= (px == C and 2 or 1)
+                return #lines(px, "redis store down") > downs[i]
             end)
         end
         -- local: this replica's own bucket (burst 2), per worker-shared dict
@@ -232,9 +241,9 @@ describe("cluster-wide rate limits on a real Redis", function()
         -- connection proven by a PING) and decides in the store again (the new server has no
         -- scripts: NOSCRIPT, then EVAL)
         start_redis()
-        for _, px in ipairs(all) do
-            px:wait_log(function(l)
-                return #lines(px, "redis store up") >= (px == C and 3 or 2)
+        for i, px in ipairs(all) do
+            px:wait_log(function()
+                return #lines(px, "redis store up") > ups[i]
             end)
         end
         -- one bucket across the replicas again (burst 2 for all three)
@@ -244,12 +253,10 @@ describe("cluster-wide rate limits on a real Redis", function()
         assert.are.equal(429, status(L, "b1"))
         assert.is_truthy(tonumber(redis_cli("GET", "sp:rl:u:b1")))
 
-        -- one line per event per replica (start, freeze, stop), not per request or worker
-        assert.are.equal(2, #lines(C, "redis store down"), C:stderr())
-        assert.are.equal(3, #lines(C, "redis store up"), C:stderr())
-        for _, px in ipairs({ L, O }) do
-            assert.are.equal(1, #lines(px, "redis store down"), (px == L and "L " or "O ") .. px:stderr())
-            assert.are.equal(2, #lines(px, "redis store up"), px:stderr())
+        -- one line for the stop and one for the return per replica, not per request or worker
+        for i, px in ipairs(all) do
+            assert.are.equal(downs[i] + 1, #lines(px, "redis store down"), px:stderr())
+            assert.are.equal(ups[i] + 1, #lines(px, "redis store up"), px:stderr())
         end
     end)
 end)
