@@ -187,6 +187,15 @@ describe("cluster-wide rate limits on a real Redis", function()
         -- frozen: no reply within timeout_ms; every request is still answered, by the fallback
         assert(redis_proc:signal("STOP"))
         local c_ups = #lines(C, "redis store up")
+        -- a client that goes away while its request waits for the frozen Redis: the wait ends
+        -- at once, nothing is answered, the request is logged (the reply, if any, is dropped)
+        local c = assert(C:connect{ timeout = 5 })
+        assert(c:send_raw("GET /gone/sb/x HTTP/1.1\r\nHost: t\r\n\r\n"))
+        c:close()
+        local gone = C:wait_log(function(l)
+            return l.path == "/gone/sb/x"
+        end, 10, "stdout")
+        assert.is_nil(gone.ratelimit)
         assert.are.equal(503, status(C, "f1")) -- the first waits timeout_ms, then falls back
         local r = assert(C:get("/f1/sb/x"))
         assert.are.equal(503, r.status)
