@@ -48,6 +48,11 @@
 -- the store goes down and one when it is back, and reconnects by itself.
 -- The decision is left in req.ctx.ratelimit ("allowed", "limited", "concurrency",
 -- "store_unavailable") for access_log.lua.
+-- Counted for /metrics (metrics.lua): refusals at once in the shared dict "sp" (m:ratelimited,
+-- m:concurrency_limited, m:ratelimit_store_refused, and m:ratelimit_store_fallbacks);
+-- requests let through in a per-worker counter (a Lua local: no shared write per request)
+-- that M.start's timer adds to m:ratelimit_allowed every ALLOWED_FLUSH_SECONDS, so that count
+-- lags by at most that long.
 local config = require "sp.config"
 local shared = require "sp.shared"
 local ip = require "sp.ip"
@@ -63,6 +68,8 @@ local cfg = config.ratelimit or {}
 local M = {}
 
 M.enabled = cfg.enabled ~= false
+M.ALLOWED_FLUSH_SECONDS = 1
+local allowed_pending = 0 -- requests this worker let through since the last flush
 local DICT_NAME = cfg.dict or "ratelimit"
 local dict = assert(shared.dict(DICT_NAME))
 local sp_dict = assert(shared.dict("sp"))
@@ -232,6 +239,7 @@ local function admit_rest(req, best_remaining, best_limit, best_reset)
         end
     end
     req.ctx.ratelimit = "allowed"
+    allowed_pending = allowed_pending + 1
     return true
 end
 
@@ -417,6 +425,21 @@ function M.admit(req)
     return admit_rest(req, best_remaining, best_limit, best_reset)
 end
 M.check = M.admit
+
+-- Adds this worker's requests let through since the last call to m:ratelimit_allowed.
+function M.flush_counts()
+    if allowed_pending > 0 then
+        sp_dict:incr("m:ratelimit_allowed", allowed_pending, 0)
+        allowed_pending = 0
+    end
+end
+
+-- Per worker (init.lua's on_start): flush the count of requests let through every second.
+function M.start()
+    if M.enabled then
+        require("sp.timer").every(M.ALLOWED_FLUSH_SECONDS, M.flush_counts)
+    end
+end
 
 -- In-flight requests of a sandbox right now (all workers).
 function M.in_flight(sandbox)
