@@ -116,6 +116,61 @@ describe("cluster-wide rate limits on a real Redis", function()
         H.stop_all()
     end)
 
+    it("sp.redis: replies as Lua values, error replies and misuse", function()
+        if not ok then
+            pending(why)
+            return
+        end
+        local dir = H.tmpdir()
+        -- an init.lua of its own: one endpoint that runs commands and answers what it got
+        assert(process.write_file(dir .. "/init.lua", ([[
+local redis = require "sp.redis"
+local c = assert(redis.client({ port = %d, timeout_ms = 2000, name = "api" }))
+local outside = select(2, pcall(c.command, c, "PING")) -- at load: not in a task
+local M = {}
+local function call(...)
+    local r, err = c:command(...)
+    return { r = r, err = err, type = type(r) }
+end
+function M.on_request(req) -- also answers the readiness polls of H.start
+    c:command("DEL", "sp:test:n")
+    return req:respond(200, {
+        outside = outside,
+        status = c:status(),
+        set = call("SET", "sp:test:k", "v"),
+        get = call("GET", "sp:test:k"),
+        missing = call("GET", "sp:test:missing"),
+        incr = call("INCRBY", "sp:test:n", 5),
+        arr = call("MGET", "sp:test:k", "sp:test:missing"),
+        bad = call("NOSUCHCOMMAND", "x"),
+        badarg = select(2, pcall(c.command, c, "GET", {})),
+        noargs = select(2, pcall(c.command, c)),
+    })
+end
+return M
+]]):format(redis_port)))
+        local px = H.start{ scripts = dir, workers = 1 }
+        px:wait_log(function(l)
+            return l.msg == "redis store up" and l.client == "api"
+        end)
+        local r = assert(px:get("/x"))
+        assert.are.equal(200, r.status)
+        local got = require("cjson").decode(r.body)
+        assert.matches("only possible in a hook's or timer's own coroutine", got.outside, 1, true)
+        assert.are.equal("up", got.status)
+        assert.are.same({ r = "OK", type = "string" }, got.set)
+        assert.are.same({ r = "v", type = "string" }, got.get)
+        assert.are.same({ r = false, type = "boolean" }, got.missing)
+        assert.are.same({ r = 5, type = "number" }, got.incr)
+        assert.are.same({ r = { "v", false }, type = "table" }, got.arr)
+        assert.are.equal("nil", got.bad.type)
+        assert.matches("^EREDIS: ERR unknown command", got.bad.err)
+        assert.matches("string or number expected", got.badarg, 1, true)
+        assert.matches("needs a command name", got.noargs, 1, true)
+        assert.are.equal("v", redis_cli("GET", "sp:test:k"))
+        px:stop()
+    end)
+
     it("admits exactly the burst across 3 replicas", function()
         if not ok then
             pending(why)
