@@ -44,13 +44,15 @@ typedef struct rclient rclient_t;
 
 /* One command sent. Freed once hiredis has called back (it always does: with a NULL reply
  * when the connection ends) and nobody waits for it; task is NULL once nobody waits. */
+enum { PROBE_NONE, PROBE_AUTH, PROBE_PING };
+
 typedef struct rop {
     struct rop *next, *prev; /* the client's waiting or failed list while task is set */
     rclient_t *c;
     sp_task_t *task;
     uint64_t deadline; /* uv_now, ms */
     bool replied;
-    bool probe;        /* the PING that proves a new connection (no task) */
+    int probe;         /* PROBE_AUTH, PROBE_PING: a new connection's own command (no task) */
 } rop_t;
 
 struct rclient {
@@ -327,17 +329,20 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
     redisReply *r = reply;
     op->replied = true;
     if (op->probe) {
+        int op_probe = op->probe;
         if (op->next)
             list_del(op);
         free(op);
         if (c->closing || c->ac != ac || !r)
             return; /* the connection ends anyway */
-        if (r->type == REDIS_REPLY_ERROR) { /* NOAUTH, LOADING...: not usable; drop it */
-            snprintf(c->drop_why, sizeof c->drop_why, "%s", r->str ? r->str : "error reply");
+        if (r->type == REDIS_REPLY_ERROR) { /* WRONGPASS, LOADING...: not usable; drop it */
+            if (!c->drop_why[0]) /* the first error says why (AUTH's, not PING's NOAUTH) */
+                snprintf(c->drop_why, sizeof c->drop_why, "%s", r->str ? r->str : "error reply");
             uv_timer_start(&c->kick, on_kick, 0, 0);
             return;
         }
-        mark_up(c);
+        if (op_probe == PROBE_PING)
+            mark_up(c);
         return;
     }
     if (!op->task) {
@@ -386,6 +391,24 @@ static void on_disconnect(const redisAsyncContext *ac, int status)
     go_down(c, ac->err ? ac->errstr : "the server closed the connection");
 }
 
+/* Sends a new connection's own command, timed like any other. */
+static void send_probe(rclient_t *c, int kind)
+{
+    rop_t *probe = sp_calloc(1, sizeof *probe);
+    probe->c = c;
+    probe->probe = kind;
+    probe->deadline = uv_now(c->loop) + c->timeout_ms;
+    int rc = kind == PROBE_AUTH ? redisAsyncCommand(c->ac, on_reply, probe, "AUTH %s", c->password)
+                                : redisAsyncCommand(c->ac, on_reply, probe, "PING");
+    if (rc != REDIS_OK) {
+        free(probe);
+        return;
+    }
+    list_add_tail(&c->waiting, probe);
+    if (!uv_is_active((uv_handle_t *)&c->timeout))
+        uv_timer_start(&c->timeout, on_timeout, c->timeout_ms, 0);
+}
+
 static void connect_now(rclient_t *c)
 {
     if (c->closing || c->ac)
@@ -412,21 +435,11 @@ static void connect_now(rclient_t *c)
     redisAsyncSetDisconnectCallback(ac, on_disconnect);
     c->ac = ac;
     c->state = ST_CONNECTING;
-    if (c->password) /* sent first; a refusal makes the probe's PING fail (NOAUTH) */
-        redisAsyncCommand(ac, NULL, NULL, "AUTH %s", c->password);
-    /* The connection counts as up once PING is answered: a frozen server's kernel still
-     * accepts connections. */
-    rop_t *probe = sp_calloc(1, sizeof *probe);
-    probe->c = c;
-    probe->probe = true;
-    probe->deadline = uv_now(c->loop) + c->timeout_ms;
-    if (redisAsyncCommand(ac, on_reply, probe, "PING") != REDIS_OK) {
-        free(probe);
-        return;
-    }
-    list_add_tail(&c->waiting, probe);
-    if (!uv_is_active((uv_handle_t *)&c->timeout))
-        uv_timer_start(&c->timeout, on_timeout, c->timeout_ms, 0);
+    /* AUTH first when configured; the connection counts as up once PING is answered (a
+     * frozen server's kernel still accepts connections). */
+    if (c->password)
+        send_probe(c, PROBE_AUTH);
+    send_probe(c, PROBE_PING);
 }
 
 static void on_timer_closed(uv_handle_t *h)

@@ -171,6 +171,40 @@ return M
         px:stop()
     end)
 
+    it("authenticates with password, and a wrong one keeps the store down", function()
+        if not ok then
+            pending(why)
+            return
+        end
+        local port = assert(net.free_port())
+        local dir = H.tmpdir()
+        local p = assert(process.spawn{ cmd = { "redis-server", "--port", tostring(port),
+            "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir,
+            "--requirepass", "s3cret" }, stdout = dir .. "/redis.log", stderr = dir .. "/redis.log" })
+        assert(net.wait_port("127.0.0.1", port, 10, p))
+        local function proxy(password)
+            return H.start{ workers = 1, config = ([[
+return { ratelimit = { limits = { { name = "u", key = "user", rate = 0.001, burst = 1 } },
+    redis = { enabled = true, port = %d, password = %q, fallback = "closed" } } }]]):format(port,
+                password) }
+        end
+        local good = proxy("s3cret")
+        good:wait_log(function(l)
+            return l.msg == "redis store up"
+        end)
+        assert.are.equal(404, assert(good:get("/pw/sb/x")).status)
+        assert.are.equal(429, assert(good:get("/pw/sb/x")).status)
+        local bad = proxy("wrong")
+        local down = bad:wait_log(function(l)
+            return l.msg == "redis store down"
+        end)
+        assert.matches("WRONGPASS", down.error, 1, true)
+        assert.are.equal(503, assert(bad:get("/pw2/sb/x")).status)
+        good:stop()
+        bad:stop()
+        p:stop()
+    end)
+
     it("admits exactly the burst across 3 replicas", function()
         if not ok then
             pending(why)
