@@ -42,10 +42,10 @@ typedef enum { ST_CONNECTING, ST_UP, ST_DOWN } rstate_t;
 
 typedef struct rclient rclient_t;
 
-/* One command sent. Freed once hiredis has called back (it always does: with a NULL reply
- * when the connection ends) and nobody waits for it; task is NULL once nobody waits. */
 enum { PROBE_NONE, PROBE_AUTH, PROBE_PING };
 
+/* One command sent. Freed once hiredis has called back (it always does: with a NULL reply
+ * when the connection ends) and nobody waits for it; task is NULL once nobody waits. */
 typedef struct rop {
     struct rop *next, *prev; /* the client's waiting or failed list while task is set */
     rclient_t *c;
@@ -345,16 +345,11 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *privdata)
             mark_up(c);
         return;
     }
-    if (!op->task) {
+    if (!op->task || c->closing) { /* nobody waits (closing: the waits were dropped) */
         free(op);
         return;
     }
-    if (!r || c->closing) { /* the connection ends: resume outside hiredis */
-        if (c->closing) {
-            op_detach(op);
-            free(op);
-            return;
-        }
+    if (!r) { /* the connection ends: resume outside hiredis */
         list_del(op);
         list_add_tail(&c->failed, op);
         uv_timer_start(&c->kick, on_kick, 0, 0);
@@ -462,11 +457,16 @@ static void client_close(sp_owned_t *o)
     c->closing = true;
     sp_vm_disown(&c->owned);
     store_note(c, c->counted_down ? -1 : 0, -1, 0);
-    while (!list_empty(&c->waiting))
-        op_detach(c->waiting.next);
+    /* The tasks are not touched: an abandoned state has freed them already. */
+    while (!list_empty(&c->waiting)) {
+        rop_t *op = c->waiting.next;
+        list_del(op);
+        op->task = NULL;
+    }
     while (!list_empty(&c->failed)) {
         rop_t *op = c->failed.next;
-        op_detach(op);
+        list_del(op);
+        op->task = NULL;
         op_release(op);
     }
     redisAsyncContext *ac = c->ac;

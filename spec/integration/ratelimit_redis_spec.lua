@@ -32,7 +32,7 @@ end
 
 -- A replica: a proxy whose limit "u" (key "user") lives in the shared Redis; returned once it
 -- has logged "redis store up" (every worker connected, its PING answered).
-local function replica(limit, redis)
+local function replica(limit, redis, set)
     redis.enabled = true
     redis.port = redis_port
     local fields = {}
@@ -40,7 +40,7 @@ local function replica(limit, redis)
         fields[#fields + 1] = ("%s = %s"):format(k, type(v) == "string" and ("%q"):format(v)
             or tostring(v))
     end
-    local px = H.start{ workers = 2, config = ([[
+    local px = H.start{ workers = 2, set = set, config = ([[
 return {
     ratelimit = {
         limits = { { name = "u", key = "user", rate = %s, burst = %s } },
@@ -203,6 +203,30 @@ return { ratelimit = { limits = { { name = "u", key = "user", rate = 0.001, burs
         good:stop()
         bad:stop()
         p:stop()
+    end)
+
+    it("stops cleanly with a replaced state still waiting on Redis: reload, then stop", function()
+        if not ok then
+            pending(why)
+            return
+        end
+        local px = replica({ rate = SLOW, burst = 5 }, { timeout_ms = 60000 },
+            { drain_timeout = 1 })
+        -- a request that waits on the frozen Redis (and would wait a minute)
+        assert(redis_proc:signal("STOP"))
+        local c = assert(px:connect{ timeout = 5 })
+        assert(c:send_raw("GET /stuck/sb/x HTTP/1.1\r\nHost: t\r\n\r\n"))
+        -- a reload replaces the state; the old one keeps its task and its Redis client
+        assert(px.proc:signal("HUP"))
+        px:wait_log(function(l)
+            return l.msg == "scripts reloaded"
+        end)
+        -- the stop destroys the replaced state with its task still waiting: its client closes
+        -- (the wait dropped without calling Lua; the sanitizer build checks), exit status 0
+        local code = px:stop(20)
+        assert(redis_proc:signal("CONT"))
+        c:close()
+        assert.are.equal(0, code)
     end)
 
     it("admits exactly the burst across 3 replicas", function()
