@@ -4,11 +4,12 @@
 -- sustained rate within 10 % of the configured one over a measured window), then the fallbacks
 -- when Redis is frozen (SIGSTOP: the per-command timeout) and when it is stopped, each
 -- replica configured with another fallback ("local", "closed", "open"), and recovery when it
--- comes back: one "down" and one "up" log line per replica, whatever the traffic.
+-- comes back: one "down" and one "up" log line per replica, whatever the traffic. Also sp.redis
+-- itself (replies as Lua values, error replies, misuse), AUTH, and a stop while a replaced
+-- state's request still waits on Redis.
 -- Requests go to /<user>/sb/x for users no route has: the limit (key "user") decides before
 -- routing, so an admitted request gets the router's 404 and a refused one 429 (or 503).
 local H = require "spec.helpers.proxy"
-local http = require "spec.helpers.http"
 local prom = require "spec.helpers.prometheus"
 local socket = require "socket"
 
