@@ -19,8 +19,9 @@
  * RECONNECT_MAX_MS); after an outage commands fail at once until a PING on the new connection
  * is answered. One log line when the store goes down and one when it is up (at start too,
  * once every worker's connection answered), never one per command or worker (store_note).
- * The host is resolved when connecting (blocking: give an address or a name the resolver
- * answers at once).
+ * A host name is resolved off the loop (uv_getaddrinfo, before each connection attempt; the
+ * first address is dialled); while it resolves the client is not connected, so commands fail
+ * at once as while down. An address is dialled as it is.
  * Not owned here: what the replies mean (the scripts decide), Redis Cluster redirections.
  */
 #include "lua/lua_vm.h"
@@ -70,7 +71,10 @@ struct rclient {
     bool was_down;         /* down since it was last up: commands wait for the probe */
     bool closing;
     char drop_why[160];    /* set by a failed probe: kick drops the connection */
-    int handles;           /* open timers; the struct is freed when none is left */
+    int handles;           /* open timers and a lookup in flight; the struct is freed when none
+                            * is left */
+    bool resolving;        /* gai is in flight */
+    uv_getaddrinfo_t gai;
     uint64_t backoff;
     uint64_t timeout_ms;
     int port;
@@ -404,11 +408,58 @@ static void send_probe(rclient_t *c, int kind)
         uv_timer_start(&c->timeout, on_timeout, c->timeout_ms, 0);
 }
 
+static void client_unref(rclient_t *c);
+static void connect_addr(rclient_t *c, const char *addr);
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+    rclient_t *c = req->data;
+    c->resolving = false;
+    char addr[64] = "";
+    if (status == 0 && res)
+        uv_ip_name(res->ai_addr, addr, sizeof addr);
+    if (res)
+        uv_freeaddrinfo(res);
+    if (c->closing) {
+        client_unref(c);
+        return;
+    }
+    c->handles--;
+    if (status < 0 || !addr[0]) {
+        char why[200];
+        snprintf(why, sizeof why, "cannot resolve %s: %s", c->host,
+                 status < 0 ? uv_strerror(status) : "no address");
+        go_down(c, why);
+        return;
+    }
+    connect_addr(c, addr);
+}
+
 static void connect_now(rclient_t *c)
 {
-    if (c->closing || c->ac)
+    if (c->closing || c->ac || c->resolving)
         return;
-    redisAsyncContext *ac = redisAsyncConnect(c->host, c->port);
+    unsigned char bin[16];
+    if (uv_inet_pton(AF_INET, c->host, bin) == 0 || uv_inet_pton(AF_INET6, c->host, bin) == 0) {
+        connect_addr(c, c->host);
+        return;
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+    c->gai.data = c;
+    int rc = uv_getaddrinfo(c->loop, &c->gai, on_resolved, c->host, NULL, &hints);
+    if (rc < 0) {
+        char why[200];
+        snprintf(why, sizeof why, "cannot resolve %s: %s", c->host, uv_strerror(rc));
+        go_down(c, why);
+        return;
+    }
+    c->resolving = true;
+    c->handles++;
+}
+
+static void connect_addr(rclient_t *c, const char *addr)
+{
+    redisAsyncContext *ac = redisAsyncConnect(addr, c->port);
     if (!ac) {
         go_down(c, "out of memory");
         return;
@@ -437,9 +488,11 @@ static void connect_now(rclient_t *c)
     send_probe(c, PROBE_PING);
 }
 
-static void on_timer_closed(uv_handle_t *h)
+static void on_timer_closed(uv_handle_t *h) { client_unref(h->data); }
+
+/* One of the client's handles (a timer, the lookup) is done; the last one frees it. */
+static void client_unref(rclient_t *c)
 {
-    rclient_t *c = h->data;
     if (--c->handles > 0)
         return;
     free(c->host);
@@ -473,6 +526,8 @@ static void client_close(sp_owned_t *o)
     c->ac = NULL;
     if (ac)
         redisAsyncFree(ac); /* calls back every op (freed: no task) */
+    if (c->resolving)
+        uv_cancel((uv_req_t *)&c->gai); /* on_resolved still runs (cancelled or done) */
     uv_close((uv_handle_t *)&c->timeout, on_timer_closed);
     uv_close((uv_handle_t *)&c->retry, on_timer_closed);
     uv_close((uv_handle_t *)&c->kick, on_timer_closed);
