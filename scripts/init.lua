@@ -113,6 +113,7 @@ function M.on_start()
         discovery.start()
     end
     wake.start()
+    ratelimit.start()
 end
 
 function M.on_request(req)

@@ -33,6 +33,10 @@
 -- ingress, list its addresses here; with externalTrafficPolicy: Cluster peers are node
 -- addresses (SNAT) and per-address limits see one client per node.
 -- The decision is left in req.ctx.ratelimit ("allowed", "limited", "concurrency") for access_log.lua.
+-- Counted for /metrics (metrics.lua): refusals at once in the shared dict "sp" (m:ratelimited,
+-- m:concurrency_limited); requests let through in a per-worker counter (a Lua local: no shared
+-- write per request) that M.start's timer adds to m:ratelimit_allowed every
+-- ALLOWED_FLUSH_SECONDS, so that count lags by at most that long.
 local config = require "sp.config"
 local shared = require "sp.shared"
 local ip = require "sp.ip"
@@ -47,6 +51,8 @@ local cfg = config.ratelimit or {}
 local M = {}
 
 M.enabled = cfg.enabled ~= false
+M.ALLOWED_FLUSH_SECONDS = 1
+local allowed_pending = 0 -- requests this worker let through since the last flush
 local DICT_NAME = cfg.dict or "ratelimit"
 local dict = assert(shared.dict(DICT_NAME))
 local sp_dict = assert(shared.dict("sp"))
@@ -222,9 +228,25 @@ function M.admit(req)
         end
     end
     req.ctx.ratelimit = "allowed"
+    allowed_pending = allowed_pending + 1
     return true
 end
 M.check = M.admit
+
+-- Adds this worker's requests let through since the last call to m:ratelimit_allowed.
+function M.flush_counts()
+    if allowed_pending > 0 then
+        sp_dict:incr("m:ratelimit_allowed", allowed_pending, 0)
+        allowed_pending = 0
+    end
+end
+
+-- Per worker (init.lua's on_start): flush the count of requests let through every second.
+function M.start()
+    if M.enabled then
+        require("sp.timer").every(M.ALLOWED_FLUSH_SECONDS, M.flush_counts)
+    end
+end
 
 -- In-flight requests of a sandbox right now (all workers).
 function M.in_flight(sandbox)

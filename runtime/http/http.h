@@ -47,17 +47,36 @@ typedef struct sp_fold {
 
 static inline void sp_fold_run(sp_fold_t *f, const char *start) { f->mark = start; }
 void sp_fold_skip(sp_fold_t *f, const char *to);
-void sp_fold_field(sp_fold_t *f, const char *end);
+static inline void sp_fold_field(sp_fold_t *f, const char *end)
+{
+    f->mark = end;
+    f->gap = 0;
+    f->lf = f->after_lf = false;
+}
 /* Returns true if the value piece at..at+len follows a fold; `continuation`: the header's value
  * already has bytes (a later piece must follow the earlier one with no byte skipped). */
-bool sp_fold_value(sp_fold_t *f, const char *at, size_t len, bool continuation);
+static inline bool sp_fold_value(sp_fold_t *f, const char *at, size_t len, bool continuation)
+{
+    sp_fold_skip(f, at);
+    /* Before a value's first piece llhttp skips ":" and spaces, and for an empty value the line
+     * end (a zero-length piece at the start of the next line); a byte skipped after a LF is a
+     * continuation line. A later piece of the same value follows the earlier one directly. */
+    bool fold = continuation ? f->gap > 0 : f->after_lf;
+    f->mark = at + len;
+    if (len) {
+        f->gap = 0;
+        f->lf = f->after_lf = false;
+    }
+    return fold;
+}
 
 /*
- * Header accumulation from llhttp's header callbacks (headers.c), shared by the request parser
+ * Header accumulation from llhttp's header callbacks, shared by the request parser
  * (server.c) and the response parser (upstream.c): names and values are appended to a head
  * buffer, each header an sp_hdr_t of offsets into it, the array grown as needed. The view points
  * at the fields of one list in sp_request (SP_REQ_HDRS / SP_RESP_HDRS). Size limits stay with the
- * callers; the fold check (sp_fold_*) runs inside.
+ * callers; the fold check (sp_fold_*) runs inside. Inline (like sp_fold_field/value): called for
+ * every header piece, and inlined the view's pointers fold into the caller's request fields.
  */
 typedef struct sp_hdr_acc {
     sp_hdr_t **hdrs;
@@ -69,11 +88,43 @@ typedef struct sp_hdr_acc {
 #define SP_RESP_HDRS(r)                                                                          \
     ((sp_hdr_acc_t){&(r)->rhdrs, &(r)->nrhdrs, &(r)->rhdrs_cap, &(r)->rin_value, &(r)->resp_head})
 /* A piece of a header name. Returns false (nothing added) when it would start header max+1. */
-bool sp_hdrs_field(sp_hdr_acc_t *a, sp_fold_t *f, const char *at, size_t len, uint32_t max);
+static inline bool sp_hdrs_field(sp_hdr_acc_t *a, sp_fold_t *f, const char *at, size_t len, uint32_t max)
+{
+    if (*a->n == 0 || *a->in_value) {
+        if (*a->n >= max)
+            return false;
+        if (*a->n == *a->cap) {
+            *a->cap = *a->cap ? *a->cap * 2 : 16;
+            *a->hdrs = sp_realloc(*a->hdrs, *a->cap * sizeof **a->hdrs);
+        }
+        sp_hdr_t *h = &(*a->hdrs)[(*a->n)++];
+        h->name_off = (uint32_t)a->head->len;
+        h->name_len = h->value_off = h->value_len = 0;
+        *a->in_value = false;
+    }
+    sp_buf_add(a->head, at, len);
+    (*a->hdrs)[*a->n - 1].name_len += (uint32_t)len;
+    sp_fold_field(f, at + len);
+    return true;
+}
 /* The name is complete: the value starts here, even if it turns out empty. */
-void sp_hdrs_field_complete(sp_hdr_acc_t *a);
+static inline void sp_hdrs_field_complete(sp_hdr_acc_t *a)
+{
+    *a->in_value = true;
+    (*a->hdrs)[*a->n - 1].value_off = (uint32_t)a->head->len;
+}
 /* A piece of a header value. Returns false (nothing added) when it follows an obsolete fold. */
-bool sp_hdrs_value(sp_hdr_acc_t *a, sp_fold_t *f, const char *at, size_t len);
+static inline bool sp_hdrs_value(sp_hdr_acc_t *a, sp_fold_t *f, const char *at, size_t len)
+{
+    sp_hdr_t *h = &(*a->hdrs)[*a->n - 1];
+    if (sp_fold_value(f, at, len, h->value_len > 0))
+        return false;
+    if (h->value_len == 0)
+        h->value_off = (uint32_t)a->head->len;
+    sp_buf_add(a->head, at, len);
+    h->value_len += (uint32_t)len;
+    return true;
+}
 
 /* Headers that frame or route a message: never hop-by-hop, so a Connection header that lists one
  * is refused (400 for a request, 502 for a response) instead of the header being dropped while

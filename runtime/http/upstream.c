@@ -336,13 +336,8 @@ void sp_upstream_start(sp_request_t *r)
         r->t_forward = uv_hrtime();
     format_upstream_addr(r);
     sp_upkey_t *k = sp_up_key_get(w, r->up_host, r->up_port);
-    while (k->idle) {
-        sp_upconn_t *u = k->idle;
-        sp_up_idle_unlink(u);
-        if (!sp_up_idle_quiet(u)) {
-            sp_up_close(u);
-            continue;
-        }
+    sp_upconn_t *u = sp_up_idle_take(k);
+    if (u) {
         u->state = US_ACTIVE;
         up_timer(u, UT_NONE, 0);
         /* It stays readable (as it was in the pool): stopping and restarting reads would cost
@@ -353,7 +348,7 @@ void sp_upstream_start(sp_request_t *r)
         up_send_head(u);
         return;
     }
-    sp_upconn_t *u = up_new(w, k);
+    u = up_new(w, k);
     up_attach(u, r);
     up_connect_start(u);
 }

@@ -108,3 +108,15 @@ bool sp_up_idle_quiet(sp_upconn_t *u)
                u->key->host, "i:port", (int64_t)u->key->port, NULL);
     return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
 }
+
+sp_upconn_t *sp_up_idle_take(sp_upkey_t *k)
+{
+    while (k->idle) {
+        sp_upconn_t *u = k->idle;
+        sp_up_idle_unlink(u);
+        if (sp_up_idle_quiet(u))
+            return u;
+        sp_up_close(u);
+    }
+    return NULL;
+}

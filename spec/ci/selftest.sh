@@ -2,7 +2,7 @@
 # Self-test of .ci/run: a failing step in each stage must fail the whole run (non-zero exit)
 # and no later step may run; with every step passing the run exits 0 having run every step in
 # order. It runs the real .ci/run and README.md in a scratch copy where every step is a stub
-# (cmake, ctest, .ci/install-deps, bench/fuzz) that logs its call and fails when its step is
+# (cmake, ctest, .ci/install-deps, bench/fuzz, .ci/image) that logs its call and fails when its step is
 # the one named in SELFTEST_FAIL. Nothing is built; a run takes well under a second.
 set -eu
 src=$(cd "$(dirname "$0")/../.." && pwd)
@@ -43,8 +43,9 @@ cp "$scratch/stub" "$scratch/bin/cmake"
 cp "$scratch/stub" "$scratch/bin/ctest"
 cp "$scratch/stub" "$scratch/repo/.ci/install-deps"
 cp "$scratch/stub" "$scratch/repo/bench/fuzz"
+cp "$scratch/stub" "$scratch/repo/.ci/image"
 
-steps="install-deps configure:build compile:build test:build configure:build-asan compile:build-asan test:build-asan fuzz"
+steps="install-deps configure:build compile:build test:build configure:build-asan compile:build-asan test:build-asan fuzz image"
 passed=0
 failed=0
 check() { # check DESCRIPTION CONDITION-RESULT

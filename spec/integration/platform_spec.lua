@@ -886,6 +886,43 @@ describe("metrics", function()
         assert.are.equal(list.count - ready, v(exp, "sandbox_proxy_routes", { ready = "false" }))
     end)
 
+    it("counts the requests the rate limiter let through, from every worker", function()
+        -- scraped on metrics_listen, which the limiter never sees, so only the requests below
+        -- are counted; the tagged limit refuses 2 of 3 (they must not count as let through)
+        local mport = assert(net.free_port())
+        local px2 = H.start{ workers = 2, sandboxes = { H.sandbox("alice", "sb", up.port) },
+            set = { metrics_listen = "127.0.0.1:" .. mport },
+            config = [[return { ratelimit = { limits = { { name = "tagged", rate = 0.1, burst = 1,
+                key = function(req) return req:header("x-limit-me") end } } } }]] }
+        assert(net.wait_port("127.0.0.1", mport, 5))
+        local function mscrape()
+            local r = assert(http.request{ port = mport, path = "/metrics" })
+            assert.are.equal(200, r.status)
+            return prom.assert_parse(r.body)
+        end
+        assert.are.equal(0, v(mscrape(), "sandbox_proxy_ratelimit_allowed_total"))
+        local N = 30
+        local conns = connections(px2, 4) -- several connections: both workers take some
+        for i = 1, N do
+            assert.are.equal(200, assert(conns[i % 4 + 1]:request{ path = "/alice/sb/echo" }).status)
+        end
+        local limited = 0
+        for _ = 1, 3 do
+            if assert(px2:get("/alice/sb/echo", { ["X-Limit-Me"] = "yes" })).status == 429 then
+                limited = limited + 1
+            end
+        end
+        assert.are.equal(2, limited)
+        -- each worker adds its count once a second
+        local exp = net.wait_until(function()
+            local e = mscrape()
+            return v(e, "sandbox_proxy_ratelimit_allowed_total") >= N + 1 and e
+        end, 10, 0.05, "the requests let through counted")
+        assert.are.equal(N + 1, v(exp, "sandbox_proxy_ratelimit_allowed_total"))
+        assert.are.equal(2, v(exp, "sandbox_proxy_ratelimited_total", { kind = "rate" }))
+        close_all(conns)
+    end)
+
     it("is served only on metrics_listen when that is set", function()
         local mport = assert(net.free_port())
         local px2 = H.start{ sandboxes = { H.sandbox("alice", "sb", up.port) },

@@ -37,6 +37,7 @@ describe("ratelimit.lua", function()
         dict:flush_all()
         sp_dict:delete("m:ratelimited")
         sp_dict:delete("m:concurrency_limited")
+        sp_dict:delete("m:ratelimit_allowed")
     end)
 
     after_each(function()
@@ -77,6 +78,25 @@ describe("ratelimit.lua", function()
             req, ok = check(rl, "/alice/sb/x")
             assert.is_false(ok)
             assert.are.equal(2, counter("m:ratelimited"))
+        end)
+
+        it("counts the requests let through, adding them to the shared dict at each flush", function()
+            local rl = load({ limits = { { name = "c", key = "client", rate = SLOW, burst = 3 } } })
+            rl.flush_counts() -- nothing pending from other tests' loads: a new module
+            assert.are.equal(0, counter("m:ratelimit_allowed"))
+            for _ = 1, 5 do
+                check(rl, "/alice/sb/x") -- 3 allowed, 2 limited
+            end
+            assert.are.equal(0, counter("m:ratelimit_allowed")) -- not before the flush
+            rl.flush_counts()
+            assert.are.equal(3, counter("m:ratelimit_allowed"))
+            assert.are.equal(2, counter("m:ratelimited"))
+            rl.flush_counts() -- nothing new
+            assert.are.equal(3, counter("m:ratelimit_allowed"))
+            local _, ok = check(rl, "/alice/sb/y", { client = "10.0.0.9" })
+            assert.is_true(ok)
+            rl.flush_counts()
+            assert.are.equal(4, counter("m:ratelimit_allowed"))
         end)
 
         it("says RateLimit-Reset 0 (never -0) when the bucket is full again at once", function()
