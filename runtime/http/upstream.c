@@ -923,6 +923,15 @@ static void up_step(sp_upconn_t *u)
         u->pos = (uint32_t)(end - u->buf);
     }
     bool done = (u->rflags & RESP_MSG_DONE) != 0;
+    /* A large body (its Content-Length says more than this buffer holds, or a read filled the
+     * buffer and the body goes on): read the rest into a body buffer (up_alloc takes it once
+     * this one is empty). */
+    if (!done && !u->big_buf && r->cops != &sp_h2_client_ops &&
+        sp_cfg.upstream_body_buffer_size > sp_cfg.upstream_buffer_size &&
+        (u->len == u->cap || (!(u->parser.flags & F_CHUNKED) &&
+                              (u->parser.flags & F_CONTENT_LENGTH) &&
+                              u->parser.content_length > u->cap)))
+        u->want_big = true;
     if (!up_send_client(u, head_now))
         return;
     if (done) {
@@ -995,13 +1004,8 @@ static void up_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     u->len += (uint32_t)nread;
     u->got_bytes = true;
     sp_deadline_touch(&u->dl);
-    if (u->len == u->cap) {
+    if (u->len == u->cap)
         up_read_stop(u);
-        if (!u->big_buf && (u->rflags & RESP_HEAD_DONE) && u->state == US_ACTIVE &&
-            r->cops != &sp_h2_client_ops &&
-            sp_cfg.upstream_body_buffer_size > sp_cfg.upstream_buffer_size)
-            u->want_big = true;
-    }
     up_process(u);
 }
 
