@@ -12,8 +12,11 @@
 --                                                 of forwarding to the response head (connect
 --                                                 included; wake and routing are not)
 --   sandbox_proxy_upstream_connect_errors_total, sandbox_proxy_upstream_timeouts_total
---   sandbox_proxy_ratelimited_total{kind="rate"|"concurrency"}, sandbox_proxy_ratelimit_allowed_total
---                                                 (requests let through; lags by up to 1 s)
+--   sandbox_proxy_ratelimited_total{kind="rate"|"concurrency"|"store"} ("store": refused because
+--                                                 the Redis store was unavailable, fallback "closed")
+--   sandbox_proxy_ratelimit_allowed_total         requests let through (lags by up to 1 s)
+--   sandbox_proxy_ratelimit_store_fallbacks_total  decisions taken without the Redis store
+--                                                 (ratelimit.redis: down, timeout, error reply)
 --   sandbox_proxy_open_connections, sandbox_proxy_open_tunnels, sandbox_proxy_active_requests
 --   sandbox_proxy_routes{ready="true"|"false"}
 --   sandbox_proxy_watch_relists_total, sandbox_proxy_watch_seconds_since_event,
@@ -143,9 +146,15 @@ function M.render()
     sample("sandbox_proxy_ratelimited_total", '{kind="rate"}', sp_dict:get("m:ratelimited") or 0)
     sample("sandbox_proxy_ratelimited_total", '{kind="concurrency"}',
         sp_dict:get("m:concurrency_limited") or 0)
+    sample("sandbox_proxy_ratelimited_total", '{kind="store"}',
+        sp_dict:get("m:ratelimit_store_refused") or 0)
     metric("sandbox_proxy_ratelimit_allowed_total", "counter",
         "Requests ratelimit.lua let through (added up once a second per worker).")
     sample("sandbox_proxy_ratelimit_allowed_total", nil, sp_dict:get("m:ratelimit_allowed") or 0)
+    metric("sandbox_proxy_ratelimit_store_fallbacks_total", "counter",
+        "Rate-limit decisions taken without the Redis store (its fallback decided).")
+    sample("sandbox_proxy_ratelimit_store_fallbacks_total", nil,
+        sp_dict:get("m:ratelimit_store_fallbacks") or 0)
 
     metric("sandbox_proxy_open_connections", "gauge", "Open client connections.")
     sample("sandbox_proxy_open_connections", nil, st.open_connections)

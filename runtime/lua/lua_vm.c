@@ -485,6 +485,7 @@ static int vm_setup(lua_State *L)
     preload(L, "sp.k8s", luaopen_sp_k8s);
     preload(L, "sp.crypto", luaopen_sp_crypto);
     preload(L, "sp.yaml", luaopen_sp_yaml);
+    preload(L, "sp.redis", luaopen_sp_redis);
     preload_embedded(L);
 
     /* The script search path: override directory, then built-in scripts, then system. */

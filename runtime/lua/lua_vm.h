@@ -141,6 +141,7 @@ int luaopen_sp_fs(lua_State *L);
 int luaopen_sp_k8s(lua_State *L);
 int luaopen_sp_crypto(lua_State *L);
 int luaopen_sp_yaml(lua_State *L);
+int luaopen_sp_redis(lua_State *L);
 /* lua_sync.c: core.post/on/wait/signal */
 void sp_sync_register(lua_State *L);
 void sp_sync_drain_inbox(sp_worker_t *w);

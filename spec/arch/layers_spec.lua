@@ -23,6 +23,7 @@ local OWNED = {
     { pattern = "^lua_cjson", layer = "lua", what = "Lua" },
     { pattern = "^yaml%.h$", layer = "lua", what = "libyaml (sp.yaml)" },
     { pattern = "^openssl/", layer = "lua", what = "OpenSSL (sp.crypto)" },
+    { pattern = "^hiredis/", layer = "lua", what = "hiredis (sp.redis)" },
     { pattern = "^curl/", layer = "kube", what = "libcurl" },
     { pattern = "^llhttp%.h$", layer = "http", what = "llhttp" },
     { pattern = "^nghttp2/", layer = "http", what = "nghttp2" },

@@ -449,4 +449,347 @@ describe("ratelimit.lua", function()
             assert.is_false(rl.check(xff("3.3.3.3", "192.0.2.1")))
         end)
     end)
+
+    -- The cluster-wide mode (ratelimit.redis) over a fake store: a stand-in for sp.redis whose
+    -- client runs the script ratelimit.lua sends (M.SCRIPT) over a Lua table with a clock the
+    -- test moves, and fails on demand like the real client does ("EDOWN: ...", ...). Two
+    -- modules loaded over one fake store are two replicas sharing one Redis.
+    describe("cluster-wide mode (fake store)", function()
+        local fake -- the fake sp.redis module
+        local saved_redis
+
+        -- Redis turns a Lua number into an integer reply by truncating it.
+        local function to_reply(v)
+            if type(v) == "number" then
+                return v >= 0 and math.floor(v) or math.ceil(v)
+            elseif type(v) == "table" then
+                local out = {}
+                for i, x in ipairs(v) do
+                    out[i] = to_reply(x)
+                end
+                return out
+            end
+            return v
+        end
+
+        local function new_fake()
+            local f = { data = {}, ttl = {}, scripts = {}, now_us = 1.7e15, calls = {},
+                fail = nil, clients = {} }
+            local function run(script, nkeys, ...)
+                local args = { ... }
+                local keys, argv = {}, {}
+                for i = 1, nkeys do
+                    keys[i] = args[i]
+                end
+                for i = nkeys + 1, #args do
+                    argv[#argv + 1] = tostring(args[i])
+                end
+                local redis = { call = function(cmd, k, v, px, ms)
+                    if cmd == "TIME" then
+                        return { tostring(math.floor(f.now_us / 1e6)),
+                            tostring(f.now_us % 1e6) }
+                    elseif cmd == "GET" then
+                        return f.data[k] or false
+                    elseif cmd == "SET" then
+                        assert(px == "PX" and ms > 0, "SET with PX")
+                        f.data[k], f.ttl[k] = v, ms
+                        return "OK"
+                    end
+                    error("unexpected redis.call " .. tostring(cmd))
+                end }
+                local env = { redis = redis, KEYS = keys, ARGV = argv, tonumber = tonumber,
+                    tostring = tostring, math = math, string = string }
+                local fn = assert(loadstring(script))
+                setfenv(fn, env)
+                return to_reply(fn())
+            end
+            local client = {}
+            function client.command(_, cmd, ...)
+                f.calls[#f.calls + 1] = cmd
+                if f.fail then
+                    return nil, f.fail
+                end
+                local a = { ... }
+                if cmd == "SCRIPT" then
+                    assert(a[1] == "LOAD")
+                    f.scripts.sha1 = a[2]
+                    return "sha1"
+                elseif cmd == "EVALSHA" then
+                    local script = f.scripts[a[1]]
+                    if not script then
+                        return nil, "EREDIS: NOSCRIPT No matching script. Please use EVAL."
+                    end
+                    return run(script, unpack(a, 2))
+                elseif cmd == "EVAL" then
+                    f.scripts.sha1 = a[1]
+                    return run(a[1], unpack(a, 2))
+                end
+                error("unexpected command " .. tostring(cmd))
+            end
+            function client.status()
+                return f.fail and "down" or "up"
+            end
+            f.module = { client = function(opts)
+                f.clients[#f.clients + 1] = opts
+                return client
+            end }
+            return f
+        end
+
+        local function load_redis(section)
+            section.redis = section.redis or {}
+            if section.redis.enabled == nil then
+                section.redis.enabled = true
+            end
+            return load(section)
+        end
+
+        local function count(cmd)
+            local n = 0
+            for _, c in ipairs(fake.calls) do
+                if c == cmd then
+                    n = n + 1
+                end
+            end
+            return n
+        end
+
+        before_each(function()
+            fake = new_fake()
+            saved_redis = package.loaded["sp.redis"]
+            package.loaded["sp.redis"] = fake.module
+            sp_dict:delete("m:ratelimit_store_fallbacks")
+            sp_dict:delete("m:ratelimit_store_refused")
+        end)
+
+        after_each(function()
+            package.loaded["sp.redis"] = saved_redis
+            sp_dict:delete("m:ratelimit_store_fallbacks")
+            sp_dict:delete("m:ratelimit_store_refused")
+        end)
+
+        it("is off by default: no store client is made", function()
+            load({ limits = { { name = "c", key = "client", rate = SLOW, burst = 1 } } })
+            assert.are.same({}, fake.clients)
+        end)
+
+        it("makes one client with the section's options, defaults filled in", function()
+            load_redis({ limits = { { name = "c", key = "client", rate = SLOW, burst = 1 } } })
+            load_redis({ redis = { host = "10.0.0.5", port = 7000, timeout_ms = 20,
+                password = "pw" } })
+            assert.are.same({ host = "127.0.0.1", port = 6379, timeout_ms = 50,
+                name = "ratelimit" }, fake.clients[1])
+            assert.are.same({ host = "10.0.0.5", port = 7000, timeout_ms = 20, password = "pw",
+                name = "ratelimit" }, fake.clients[2])
+        end)
+
+        it("decides in the store: the burst, then 429 with the local mode's body and headers",
+            function()
+            local rl = load_redis({ limits = { { name = "c", key = "client", rate = SLOW,
+                burst = 3 } } })
+            for i = 1, 3 do
+                local req, ok = check(rl, "/alice/sb/x")
+                assert.is_true(ok, "request " .. i)
+                assert.are.equal("allowed", req.ctx.ratelimit)
+                local h = req.response_headers
+                assert.are.equal("3", h["RateLimit-Limit"])
+                assert.are.equal(tostring(3 - i), h["RateLimit-Remaining"])
+                local reset = tonumber(h["RateLimit-Reset"])
+                assert.is_true(reset > (i - 1) * 1000 and reset <= i * 1000 + 1, h["RateLimit-Reset"])
+            end
+            local req, ok = check(rl, "/alice/sb/x")
+            assert.is_false(ok)
+            assert.are.equal("limited", req.ctx.ratelimit)
+            assert.are.equal(429, req.response.status)
+            assert.are.equal('{"error":"rate limited"}', req.response.body)
+            local h = req.response.headers
+            local retry = tonumber(h["Retry-After"])
+            assert.is_true(retry >= 999 and retry <= 1001, h["Retry-After"])
+            assert.are.equal("0", h["RateLimit-Remaining"])
+            assert.are.equal(1, counter("m:ratelimited"))
+            -- the store holds the bucket under prefix .. name .. ":" .. key, with a TTL; the
+            -- replica's own dict holds nothing
+            assert.is_string(fake.data["sp:rl:c:127.0.0.1"])
+            assert.is_true(fake.ttl["sp:rl:c:127.0.0.1"] > 3000 * 1000)
+            assert.is_nil(dict:get("rl:c:127.0.0.1"))
+            -- one round trip per decision (after one SCRIPT LOAD)
+            assert.are.equal(1, count("SCRIPT"))
+            assert.are.equal(4, count("EVALSHA"))
+            assert.are.equal(0, counter("m:ratelimit_store_fallbacks"))
+            -- the admitted ones are counted as in the local mode
+            rl.flush_counts()
+            assert.are.equal(3, counter("m:ratelimit_allowed"))
+        end)
+
+        it("refills on the store's clock", function()
+            local rl = load_redis({ limits = { { name = "c", key = "client", rate = 2, burst = 1 } } })
+            assert.is_true(select(2, check(rl, "/a/b/c")))
+            local req, ok = check(rl, "/a/b/c")
+            assert.is_false(ok)
+            assert.are.equal("1", req.response.headers["Retry-After"])
+            fake.now_us = fake.now_us + 0.4e6
+            assert.is_false(select(2, check(rl, "/a/b/c")))
+            fake.now_us = fake.now_us + 0.1e6
+            assert.is_true(select(2, check(rl, "/a/b/c")))
+            assert.is_false(select(2, check(rl, "/a/b/c")))
+        end)
+
+        it("shares one bucket between replicas: two modules over one store", function()
+            local section = { limits = { { name = "u", key = "user", rate = SLOW, burst = 4 } } }
+            local a = load_redis(section)
+            local b = load_redis(section)
+            assert.is_true(select(2, check(a, "/alice/x/y")))
+            assert.is_true(select(2, check(b, "/alice/x/y")))
+            assert.is_true(select(2, check(a, "/alice/x/y")))
+            assert.is_true(select(2, check(b, "/alice/x/y")))
+            assert.is_false(select(2, check(a, "/alice/x/y")))
+            assert.is_false(select(2, check(b, "/alice/x/y")))
+            assert.is_true(select(2, check(b, "/bob/x/y")))
+        end)
+
+        it("decides all of a request's limits in one round trip, stopping at the first refusal",
+            function()
+            local rl = load_redis({ redis = { prefix = "p:" }, limits = {
+                { name = "u", key = "user", rate = SLOW, burst = 5 },
+                { name = "s", key = "sandbox", rate = SLOW, burst = 2 },
+                { name = "skip", key = function() return nil end, rate = SLOW },
+            } })
+            local req, ok = check(rl, "/alice/sb1/x")
+            assert.is_true(ok)
+            -- the most constrained limit is reported
+            assert.are.equal("2", req.response_headers["RateLimit-Limit"])
+            assert.are.equal("1", req.response_headers["RateLimit-Remaining"])
+            assert.is_true(select(2, check(rl, "/alice/sb1/x")))
+            req, ok = check(rl, "/alice/sb1/x")
+            assert.is_false(ok)
+            assert.are.equal("2", req.response.headers["RateLimit-Limit"])
+            -- the user limit gave its token (as in the local mode): 5 - 3 left for sb2
+            assert.is_true(select(2, check(rl, "/alice/sb2/x")))
+            assert.is_true(select(2, check(rl, "/alice/sb2/x")))
+            req, ok = check(rl, "/alice/sb3/x")
+            assert.is_false(ok)
+            assert.are.equal("5", req.response.headers["RateLimit-Limit"])
+            assert.are.equal(6, count("EVALSHA"))
+            assert.is_string(fake.data["p:u:alice"])
+            assert.is_string(fake.data["p:s:alice/sb1"])
+            assert.is_nil(fake.data["p:s:alice/sb3"]) -- not reached after the user refusal
+        end)
+
+        it("makes no round trip when no limit applies", function()
+            local rl = load_redis({ limits = { { name = "s", key = "sandbox", rate = SLOW } } })
+            assert.is_true(select(2, check(rl, "/health")))
+            assert.are.same({}, fake.calls)
+        end)
+
+        it("loads the script again when the store lost it (NOSCRIPT: EVAL)", function()
+            local rl = load_redis({ limits = { { name = "c", key = "client", rate = SLOW, burst = 2 } } })
+            assert.is_true(select(2, check(rl, "/a/b/c")))
+            fake.scripts = {} -- the store restarted
+            assert.is_true(select(2, check(rl, "/a/b/c")))
+            assert.are.equal(1, count("EVAL"))
+            assert.is_false(select(2, check(rl, "/a/b/c")))
+            assert.are.equal(3, count("EVALSHA"))
+            assert.are.equal(0, counter("m:ratelimit_store_fallbacks"))
+        end)
+
+        local function failing_cases(name, fn)
+            for _, err in ipairs({ "EDOWN: connection refused", "ETIMEDOUT: no reply within 50 ms",
+                "ECONNRESET: the server closed the connection", "EREDIS: OOM command not allowed" }) do
+                it(name .. " (" .. err:match("^%u+") .. ")", function()
+                    fn(err)
+                end)
+            end
+        end
+
+        failing_cases("falls back to this replica's limits by default when the store fails",
+            function(err)
+            local rl = load_redis({ limits = { { name = "c", key = "client", rate = SLOW, burst = 2 } } })
+            fake.fail = err
+            local req, ok = check(rl, "/a/b/c")
+            assert.is_true(ok)
+            assert.are.equal("allowed", req.ctx.ratelimit)
+            assert.are.equal("1", req.response_headers["RateLimit-Remaining"])
+            assert.is_true(select(2, check(rl, "/a/b/c")))
+            req, ok = check(rl, "/a/b/c")
+            assert.is_false(ok)
+            assert.are.equal(429, req.response.status)
+            assert.is_number(dict:get("rl:c:127.0.0.1"))
+            assert.are.equal(3, counter("m:ratelimit_store_fallbacks"))
+            assert.are.equal(0, counter("m:ratelimit_store_refused"))
+        end)
+
+        failing_cases("fails open with fallback = \"open\"", function(err)
+            local rl = load_redis({ redis = { fallback = "open" },
+                limits = { { name = "c", key = "client", rate = SLOW, burst = 1 } } })
+            fake.fail = err
+            for _ = 1, 3 do
+                local req, ok = check(rl, "/a/b/c")
+                assert.is_true(ok)
+                assert.are.equal("allowed", req.ctx.ratelimit)
+                assert.is_nil(req.response_headers and req.response_headers["RateLimit-Remaining"])
+            end
+            assert.is_nil(dict:get("rl:c:127.0.0.1"))
+            assert.are.equal(3, counter("m:ratelimit_store_fallbacks"))
+        end)
+
+        failing_cases("fails closed with fallback = \"closed\": 503", function(err)
+            local rl = load_redis({ redis = { fallback = "closed" },
+                limits = { { name = "c", key = "client", rate = SLOW, burst = 10 } } })
+            fake.fail = err
+            local req, ok = check(rl, "/a/b/c")
+            assert.is_false(ok)
+            assert.are.equal("store_unavailable", req.ctx.ratelimit)
+            assert.are.equal(503, req.response.status)
+            assert.are.equal('{"error":"rate limit store unavailable"}', req.response.body)
+            assert.are.equal("1", req.response.headers["Retry-After"])
+            assert.are.equal(1, counter("m:ratelimit_store_fallbacks"))
+            assert.are.equal(1, counter("m:ratelimit_store_refused"))
+            assert.are.equal(0, counter("m:ratelimited"))
+        end)
+
+        it("decides in the store again once it is back", function()
+            local rl = load_redis({ redis = { fallback = "closed" },
+                limits = { { name = "c", key = "client", rate = SLOW, burst = 2 } } })
+            assert.is_true(select(2, check(rl, "/a/b/c")))
+            fake.fail = "EDOWN: connection refused"
+            assert.is_false(select(2, check(rl, "/a/b/c")))
+            fake.fail = nil
+            assert.is_true(select(2, check(rl, "/a/b/c")))
+            assert.is_false(select(2, check(rl, "/a/b/c")))
+            assert.are.equal(1, counter("m:ratelimit_store_fallbacks"))
+        end)
+
+        it("answers nothing when the request's client went away during the round trip", function()
+            local rl = load_redis({ redis = { fallback = "closed" },
+                limits = { { name = "c", key = "client", rate = SLOW, burst = 2 } } })
+            fake.fail = "ECONNRESET: the client went away"
+            local req, ok = check(rl, "/a/b/c")
+            assert.is_false(ok)
+            assert.is_nil(req.response)
+            assert.are.equal(0, counter("m:ratelimit_store_fallbacks"))
+        end)
+
+        it("falls back when no store client could be made (no event loop)", function()
+            fake.module.client = function()
+                return nil, "ENOLOOP: no event loop here"
+            end
+            local rl = load_redis({ redis = { fallback = "closed" },
+                limits = { { name = "c", key = "client", rate = SLOW, burst = 2 } } })
+            local req, ok = check(rl, "/a/b/c")
+            assert.is_false(ok)
+            assert.are.equal(503, req.response.status)
+        end)
+
+        it("refuses a bad fallback or prefix at load time", function()
+            assert.has_error(function()
+                load_redis({ redis = { fallback = "maybe" } })
+            end, 'ratelimit.redis.fallback must be "local", "open" or "closed"')
+            assert.has_error(function()
+                load_redis({ redis = { prefix = 5 } })
+            end, "ratelimit.redis.prefix must be a string")
+            assert.has_error(function()
+                load_redis({ redis = { enabled = "true" } })
+            end, "ratelimit.redis.enabled must be true or false")
+        end)
+    end)
 end)
