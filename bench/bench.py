@@ -58,13 +58,14 @@ SCENARIOS = [
     ("small-c50", "small GET, 50 connections", "/small", "GET", 0, None),
     ("small-c1", "small GET, 1 connection (latency)", "/small", "GET", 0, 1),
     ("get-1m", "1 MiB GET", "/1m", "GET", 0, None),
+    ("get-1m-c10", "1 MiB GET, 10 connections", "/1m", "GET", 0, 10),
     ("post-4k", "4 KiB POST", "/post", "POST", POST_BYTES, None),
     ("idle-10k", "small GET, 50 connections, 10,000 idle keep-alive connections open", "/small", "GET", 0, None),
     ("churn", "small GET, 50 connections, sandbox-proxy on the Kubernetes stand-in, route updates",
      "/small", "GET", 0, None),
     ("memory", "sandbox-proxy memory (RSS)", None, None, 0, None),
 ]
-LOAD_SCENARIOS = ("small-c50", "small-c1", "get-1m", "post-4k", "idle-10k")  # need the targets
+LOAD_SCENARIOS = ("small-c50", "small-c1", "get-1m", "get-1m-c10", "post-4k", "idle-10k")  # need the targets
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BENCH_PIDS = set()  # every process tree of the benchmark (filled once all are started)
@@ -868,6 +869,7 @@ def table_rows(summary, scen_key, targets):
             "-" if r.get("vs_direct") is None else "%.2f" % r["vs_direct"],
             pct(r.get("target_cpu_pct")),
             "-" if r.get("target_cpu_us_per_req") is None else "%.0f" % r["target_cpu_us_per_req"],
+            "-" if r.get("cpu_vs_nginx") is None else "%.2f" % r["cpu_vs_nginx"],
             pct(r.get("target_core_busy_pct")),
             pct(r.get("load_core_busy_pct")),
             pct(r.get("spread_pct")),
@@ -878,7 +880,7 @@ def table_rows(summary, scen_key, targets):
 
 
 HEADERS = ["target", "req/s", "p50", "p99", "vs nginx", "vs direct", "proc CPU", "us/req",
-           "T busy", "L busy", "spread", "bound", "log B/req"]
+           "CPU vs nginx", "T busy", "L busy", "spread", "bound", "log B/req"]
 BUSY_LIMIT = 90.0
 
 
@@ -1396,10 +1398,13 @@ def parse_args():
     ap.add_argument("--proxy-bin", default=os.path.join(ROOT, "build", "sandbox-proxy"),
                     help="the sandbox-proxy binary (default: build/sandbox-proxy)")
     ap.add_argument("--proxy-workers", type=int, default=1, help="sandbox-proxy --workers (default 1)")
-    ap.add_argument("--access-log", choices=["off", "on"], default="on",
+    ap.add_argument("--access-log", choices=["off", "on", "both"], default="both",
                     help="access logs of every proxy target (sandbox-proxy's access_log.lua on stdout, nginx "
                          "access_log JSON buffered, HAProxy httplog on stdout), each written to a file "
-                         "in the temp dir, counted and truncated after every run (default on)")
+                         "in the temp dir, counted and truncated after every run; both (the default): "
+                         "the whole run with logs on, then the load scenarios (small-c50, small-c1, "
+                         "get-1m, get-1m-c10, post-4k) again with logs off, then bench/goals.py prints "
+                         "both side by side with the goal ratios of issue 16")
     ap.add_argument("--proxy-config", metavar="FILE",
                     help="sandbox-proxy --config file to use instead of the generated one "
                          "(which only lifts the client rate limit and sets the access log)")
@@ -1477,8 +1482,45 @@ def cpu_layout(a):
     return t, b, w, note
 
 
+def main_both(a):
+    """--access-log both: this script twice (logs on: the whole selection; logs off: its load
+    scenarios but idle-10k), then bench/goals.py over the two results."""
+    argv = [x for x in sys.argv[1:]]
+    # drop any --access-log / --scenarios given, set them per pass
+    clean, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+            continue
+        if x in ("--access-log", "--scenarios", "--out-dir"):
+            skip = True
+            continue
+        if x.startswith(("--access-log=", "--scenarios=", "--out-dir=")):
+            continue
+        clean.append(x)
+    me = os.path.abspath(__file__)
+    paths, status = {}, 0
+    off_scen = [s for s in a.scenarios if s in LOAD_SCENARIOS and s != "idle-10k"]
+    for mode, scen in (("on", a.scenarios), ("off", off_scen)):
+        if not scen:
+            continue
+        out = os.path.join(a.out_dir, "logs-" + mode)
+        log("\n######## access logs %s: %s ########\n" % (mode, ",".join(scen)))
+        rc = subprocess.call([sys.executable, me] + clean + ["--access-log", mode, "--scenarios", ",".join(scen),
+                                                             "--out-dir", out])
+        status = status or rc
+        paths[mode] = os.path.join(out, "latest.json")
+    if "on" in paths and "off" in paths:
+        rc = subprocess.call([sys.executable, os.path.join(BENCH_DIR, "goals.py"), paths["on"], paths["off"],
+                              "--out-dir", a.out_dir])
+        status = status or rc
+    return status
+
+
 def main():
     a = parse_args()
+    if a.access_log == "both":
+        return main_both(a)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
     atexit.register(cleanup)
@@ -1824,6 +1866,15 @@ def main():
                         ratios.append(rt["rps"] / rb["rps"])
                 m["vs_%s_runs" % base] = [round(x, 3) for x in ratios]
                 m["vs_%s" % base] = round(statistics.median(ratios), 3) if ratios else None
+                # the same pairing for CPU per request: the base's us/req over ours (> 1: we
+                # spend less CPU per request than the base)
+                cratios = []
+                for rt, rb in zip(runs[sk][t], runs[sk].get(base, [])):
+                    if (not rt.get("error") and not rb.get("error") and rt.get("target_cpu_us_per_req")
+                            and rb.get("target_cpu_us_per_req")):
+                        cratios.append(rb["target_cpu_us_per_req"] / rt["target_cpu_us_per_req"])
+                m["cpu_vs_%s_runs" % base] = [round(x, 3) for x in cratios]
+                m["cpu_vs_%s" % base] = round(statistics.median(cratios), 3) if cratios else None
 
     def route_paths(routed, rest):
         return (["/%s%s" % (k, rest) for k in routes] if routed else [rest])

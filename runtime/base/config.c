@@ -114,6 +114,11 @@ static const knob_t knobs[] = {
      "largest request body in bytes (413 beyond); 0: unlimited"},
     {"upstream_buffer_size", K_INT, O(upstream_buffer_size), "65536", 4096, 16777216,
      "bytes of the per-upstream-connection read buffer"},
+    {"upstream_body_buffer_size", K_INT, O(upstream_body_buffer_size), "262144", 0, 16777216,
+     "bytes of the larger read buffer a sandbox connection switches to once a response body to "
+     "an HTTP/1.1 client is larger than its upstream_buffer_size buffer (by Content-Length, or "
+     "a read filled it): fewer, larger reads and writes per MiB; 0 or not above "
+     "upstream_buffer_size: never"},
     {"max_upstream_header_size", K_INT, O(max_upstream_header_size), "65536", 1024, 16777216,
      "largest response head accepted from a sandbox (502 beyond)"},
     {"connect_timeout", K_DOUBLE, O(connect_timeout), "5", 0.01, 600,

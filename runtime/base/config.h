@@ -58,6 +58,7 @@ typedef struct sp_config {
 
     /* upstream side */
     int upstream_buffer_size;
+    int upstream_body_buffer_size;
     int max_upstream_header_size;
     double connect_timeout;
     double first_byte_timeout;

@@ -376,6 +376,8 @@ struct sp_upconn {
     llhttp_t parser;
     char *buf;
     uint32_t len, pos, cap;
+    bool big_buf;          /* buf is from upstream_body_bufs */
+    bool want_big;         /* a response body filled the buffer: take a body buffer when empty */
     sp_deadline_t dl;      /* the one timeout (UT_* kinds in upstream.c), armed lazily */
     uv_connect_t creq;
     uv_write_t wreq;

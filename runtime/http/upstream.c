@@ -39,16 +39,17 @@ static void on_up_handle_closed(uv_handle_t *h)
     if (--u->handles > 0)
         return;
     if (u->buf)
-        sp_pool_put(&u->w->upstream_bufs, u->buf);
+        sp_pool_put(u->big_buf ? &u->w->upstream_body_bufs : &u->w->upstream_bufs, u->buf);
     free(u);
 }
 
 static void up_release_buf(sp_upconn_t *u)
 {
     if (u->buf) {
-        sp_pool_put(&u->w->upstream_bufs, u->buf);
+        sp_pool_put(u->big_buf ? &u->w->upstream_body_bufs : &u->w->upstream_bufs, u->buf);
         u->buf = NULL;
     }
+    u->big_buf = u->want_big = false;
     u->len = u->pos = u->cap = 0;
 }
 
@@ -697,6 +698,15 @@ static void up_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
         buf->len = sizeof idle_scratch;
         return;
     }
+    if (u->pos == u->len && u->want_big && !u->big_buf && !u->req->cops->busy(u->req)) {
+        /* A large body: the same bytes in fewer, larger reads and client writes (per MiB, the
+         * kernel's fixed cost per call and per wake-up of the peers is what counts). The buffer
+         * is empty and no write refers to it. */
+        up_release_buf(u);
+        u->buf = sp_pool_get(&u->w->upstream_body_bufs);
+        u->cap = (uint32_t)u->w->upstream_body_bufs.block_size;
+        u->big_buf = true;
+    }
     if (!u->buf) {
         u->buf = sp_pool_get(&u->w->upstream_bufs);
         u->cap = (uint32_t)u->w->upstream_bufs.block_size;
@@ -913,6 +923,15 @@ static void up_step(sp_upconn_t *u)
         u->pos = (uint32_t)(end - u->buf);
     }
     bool done = (u->rflags & RESP_MSG_DONE) != 0;
+    /* A large body (its Content-Length says more than this buffer holds, or a read filled the
+     * buffer and the body goes on): read the rest into a body buffer (up_alloc takes it once
+     * this one is empty). */
+    if (!done && !u->big_buf && r->cops != &sp_h2_client_ops &&
+        sp_cfg.upstream_body_buffer_size > sp_cfg.upstream_buffer_size &&
+        (u->len == u->cap || (!(u->parser.flags & F_CHUNKED) &&
+                              (u->parser.flags & F_CONTENT_LENGTH) &&
+                              u->parser.content_length > u->cap)))
+        u->want_big = true;
     if (!up_send_client(u, head_now))
         return;
     if (done) {

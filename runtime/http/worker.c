@@ -34,6 +34,9 @@ void sp_worker_buffers_init(sp_worker_t *w, size_t client_keep, size_t upstream_
     sp_pool_init(&w->client_bufs, (size_t)sp_cfg.client_buffer_size, client_keep);
     w->read_scratch = sp_malloc((size_t)sp_cfg.client_buffer_size);
     sp_pool_init(&w->upstream_bufs, (size_t)sp_cfg.upstream_buffer_size, upstream_keep);
+    /* few kept: a block is touched through (large bodies), unlike the head-sized ones */
+    size_t body_keep = upstream_keep < 16 ? upstream_keep : 16;
+    sp_pool_init(&w->upstream_body_bufs, (size_t)sp_cfg.upstream_body_buffer_size, body_keep);
 }
 
 void sp_worker_buffers_free(sp_worker_t *w)
@@ -42,6 +45,7 @@ void sp_worker_buffers_free(sp_worker_t *w)
     free(w->read_scratch);
     w->read_scratch = NULL;
     sp_pool_destroy(&w->upstream_bufs);
+    sp_pool_destroy(&w->upstream_body_bufs);
 }
 
 void sp_worker_script_begin(sp_worker_t *w, const char *what, size_t len)

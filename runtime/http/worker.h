@@ -78,6 +78,7 @@ struct sp_worker {
     int nlisteners;
     sp_pool_t client_bufs;
     sp_pool_t upstream_bufs;
+    sp_pool_t upstream_body_bufs; /* upstream_body_buffer_size blocks (large response bodies) */
     char *read_scratch;        /* client reads land here while a connection has no buffer */
     sp_request_t **slots;      /* every slot ever made, by index */
     uint32_t nslots, slots_cap;

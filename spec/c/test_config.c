@@ -145,6 +145,7 @@ static void test_config_defaults(void)
     CHECK_INT(c.max_connections, 10000);
     CHECK_INT(c.max_headers, 100);
     CHECK_INT(c.upstream_buffer_size, 65536);
+    CHECK_INT(c.upstream_body_buffer_size, 262144);
     CHECK_INT(c.kube_page_size, 500);
     CHECK_DBL(c.header_timeout, 10, 0);
     CHECK_DBL(c.connect_retry_delay, 0.2, 0);

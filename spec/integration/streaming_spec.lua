@@ -316,3 +316,59 @@ describe("streaming to slow clients", function()
         end, 10, 0.05, "the sandbox connection closed")
     end)
 end)
+
+-- upstream_body_buffer_size: once a response body fills the upstream_buffer_size buffer, the
+-- sandbox connection reads into a larger one (fewer reads and client writes per MiB). Here
+-- the head-sized buffer is 4 KiB and the body buffer 64 KiB, so every body below switches in
+-- its first read; with 0 it never does. Either way the bytes and the framing stay exact and a
+-- connection that streamed a large body goes back to the pool and serves the next request.
+for _, body_buf in ipairs({ 65536, 0 }) do
+    describe("large bodies with upstream_body_buffer_size=" .. body_buf, function()
+        local up, px
+
+        setup(function()
+            up = H.upstream{ name = "body" .. body_buf }
+            px = H.start{ sandboxes = { H.sandbox("alice", "sb", up.port) },
+                set = { upstream_buffer_size = 4096, upstream_body_buffer_size = body_buf } }
+        end)
+
+        teardown(function()
+            H.stop_all()
+        end)
+
+        it("takes the knob (logged with the settings at start)", function()
+            local l = px:wait_log(function(l) return l.msg == "starting" end, 10, "stderr")
+            assert.are.equal(body_buf, l.settings.upstream_body_buffer_size)
+            assert.are.equal(4096, l.settings.upstream_buffer_size)
+        end)
+
+        it("relays Content-Length, chunked and close-delimited bodies intact and reuses the " ..
+            "sandbox connection after a large body", function()
+            local before = up.stats().connections
+            local n = 3 * MIB + 17
+            local r = assert(px:request{ path = "/alice/sb/bytes/" .. n, timeout = 20 })
+            assert.are.equal(200, r.status)
+            assert.are.equal(tostring(n), r.headers["content-length"])
+            assert.are.equal(n, #r.body)
+            assert(is_pattern_at(r.body, 0))
+            r = assert(px:request{ path = "/alice/sb/bytes/" .. n .. "?chunked=1", timeout = 20 })
+            assert.are.equal(200, r.status)
+            assert.are.equal("chunked", r.headers["transfer-encoding"])
+            assert.are.equal(n, #r.body)
+            assert(is_pattern_at(r.body, 0))
+            r = assert(px:request{ path = "/alice/sb/bytes/10", timeout = 20 })
+            assert.are.equal(200, r.status)
+            assert.are.equal(pattern(10), r.body)
+            -- one sandbox connection served all three (the fixture counts the connections it
+            -- accepted, its own /__stats ones included: one per up.stats())
+            assert.are.equal(before + 2, up.stats().connections)
+            r = assert(px:request{ path = "/alice/sb/noclen?n=" .. n, timeout = 20 })
+            assert.are.equal(200, r.status)
+            assert.are.equal(n, #r.body)
+            assert(is_pattern_at(r.body, 0))
+            r = assert(px:request{ method = "HEAD", path = "/alice/sb/bytes/" .. n })
+            assert.are.equal(200, r.status)
+            assert.are.equal(tostring(n), r.headers["content-length"])
+        end)
+    end)
+end
