@@ -11,7 +11,9 @@
 #include <unistd.h>
 
 int sp_log_min_level = SP_LOG_INFO;
-static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+/* One lock per stream, so lines from several threads stay whole: the access log's writer blocked
+ * on a full stdout must not hold up an event line to stderr from a loop thread. */
+static pthread_mutex_t log_mu[2] = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER};
 static const char *level_names[] = {"debug", "info", "warn", "error"};
 
 int sp_log_level_parse(const char *s)
@@ -29,7 +31,8 @@ const char *sp_log_level_name(int level)
 
 void sp_log_raw(int fd, const char *line, size_t len)
 {
-    pthread_mutex_lock(&log_mu);
+    pthread_mutex_t *mu = &log_mu[fd == 1 ? 0 : 1];
+    pthread_mutex_lock(mu);
     while (len > 0) {
         ssize_t n = write(fd, line, len);
         if (n < 0) {
@@ -40,7 +43,7 @@ void sp_log_raw(int fd, const char *line, size_t len)
         line += n;
         len -= (size_t)n;
     }
-    pthread_mutex_unlock(&log_mu);
+    pthread_mutex_unlock(mu);
 }
 
 void sp_log(int level, const char *msg, ...)

@@ -356,7 +356,7 @@ struct sp_conn {
     uint32_t nrequests;
     int err_status;        /* set by parser callbacks: 414, 431, 413 */
     sp_fold_t fold;        /* obs-fold detection over the request head */
-    int handles;           /* open uv handles (tcp, timer) still to close */
+    int handles;           /* references: open uv handles (tcp, timer), a running name lookup */
     bool reading;
     bool eof;
     bool writing;

@@ -33,15 +33,19 @@ static void on_up_timer(sp_deadline_t *d, int kind);
 
 /* ---------------------------------------------------------------- lifecycle */
 
-static void on_up_handle_closed(uv_handle_t *h)
+/* Drops one reference: each of the two handles (socket, deadline timer) holds one until its
+ * close callback, and a running name lookup holds one until its callback, which libuv runs
+ * even when uv_cancel succeeded (a loop iteration after the handles' close callbacks). */
+static void up_unref(sp_upconn_t *u)
 {
-    sp_upconn_t *u = h->data;
     if (--u->handles > 0)
         return;
     if (u->buf)
         sp_pool_put(u->big_buf ? &u->w->upstream_body_bufs : &u->w->upstream_bufs, u->buf);
     free(u);
 }
+
+static void on_up_handle_closed(uv_handle_t *h) { up_unref(h->data); }
 
 static void up_release_buf(sp_upconn_t *u)
 {
@@ -72,7 +76,7 @@ void sp_up_close(sp_upconn_t *u)
     if (u->state == US_IDLE && u->key && (u->prev || u->next || u->key->idle == u))
         sp_up_idle_unlink(u);
     if (u->state == US_RESOLVING)
-        uv_cancel((uv_req_t *)&u->gai); /* its callback still runs and drops the last ref */
+        uv_cancel((uv_req_t *)&u->gai); /* its callback still runs and drops its reference */
     uv_close((uv_handle_t *)&u->tcp, on_up_handle_closed);
     sp_deadline_close(&u->dl, on_up_handle_closed);
 }
@@ -247,7 +251,9 @@ static void do_connect(sp_upconn_t *u, const struct sockaddr *sa)
 static void on_resolved(uv_getaddrinfo_t *gr, int status, struct addrinfo *res)
 {
     sp_upconn_t *u = gr->data;
-    if (u->closing) {
+    bool closing = u->closing;
+    up_unref(u); /* the lookup's; the handles still hold theirs unless it was closed */
+    if (closing) {
         if (res)
             uv_freeaddrinfo(res);
         return;
@@ -302,8 +308,10 @@ static void up_connect_start(sp_upconn_t *u)
     hints.ai_socktype = SOCK_STREAM;
     u->state = US_RESOLVING;
     u->gai.data = u;
+    u->handles++;
     int rc = uv_getaddrinfo(&u->w->loop, &u->gai, on_resolved, host, NULL, &hints);
     if (rc < 0) {
+        u->handles--;
         u->state = US_NEW;
         up_fail(u, SP_ERR_CONNECT, 502);
         return;

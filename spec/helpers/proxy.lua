@@ -86,7 +86,8 @@ Proxy.__index = Proxy
 -- Starts the proxy. opts:
 --   sandboxes = { objects } (written to a file) | sandboxes_file = path
 --   args = { extra command-line arguments }, set = { knob = value }, workers = n (default 1)
---   scripts = dir, config = Lua source of a config file, env = { ... }
+--   scripts = dir, config = Lua source of a config file, env = { ... },
+--   stdout = a path for the access log instead of a file in the proxy's directory (a FIFO, say)
 --   ready_path = "/health" (polled until 200; with `sandboxes` and no ready_path, until its
 --   source reports synced too, so the sandboxes are routed when start returns), wait = false
 --   to skip waiting
@@ -135,7 +136,7 @@ function M.start(opts)
     if env.KUBECONFIG == nil then
         env.KUBECONFIG = false
     end
-    local p = assert(process.spawn{ cmd = cmd, env = env, stdout = dir .. "/stdout.log",
+    local p = assert(process.spawn{ cmd = cmd, env = env, stdout = opts.stdout or dir .. "/stdout.log",
         stderr = dir .. "/stderr.log" })
     local self = setmetatable({ port = port, host = "127.0.0.1", proc = p, dir = dir,
         sandboxes_file = sfile, cmd = cmd }, Proxy)
