@@ -13,7 +13,7 @@ official router's metadata (`x-sandbox-id`, `x-sandbox-port`), which routes the 
 
 Targets (each proxy on CPU 0, one worker, access log to a file; the backend and h2load on CPU 1):
   sandbox-proxy      the default scripts, rate limiter off; relays each call to the backend over
-                     h2c (one upstream connection per call: no pooling yet)
+                     h2c (calls share its connections to the backend, as streams)
   nginx grpc_pass    `grpc_pass grpc://backend` with `keepalive 64` (upstream connections reused)
   direct             h2load straight at the backend (its CPU is the backend's)
 Each run sends N calls over C connections with M concurrent streams each; the CPU a target
@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -55,18 +54,10 @@ def loadavg():
 
 
 def h2load(url, n, c, m, body, headers):
-    cmd = ["taskset", "-c", "1", "h2load", "-n", str(n), "-c", str(c), "-m", str(m), "-d", body,
-           "-H", "content-type: application/grpc", "-H", "te: trailers"]
+    extra = ["-d", body, "-H", "content-type: application/grpc", "-H", "te: trailers"]
     for h in headers:
-        cmd += ["-H", h]
-    cmd.append(url)
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600).stdout
-    ok = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
-    rps = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", out)
-    codes = re.search(r"status codes: (\d+) 2xx", out)
-    if not ok or int(ok.group(1)) != n or not codes or int(codes.group(1)) != n:
-        raise SystemExit("h2load against %s did not succeed:\n%s" % (url, out))
-    return float(rps.group(1))
+        extra += ["-H", h]
+    return h2b.h2load(url, n, c, m, extra)
 
 
 def main():
