@@ -303,11 +303,19 @@ return M
             assert.is_true(r.ok, r.details)
             return cjson.decode(r.text)["x-peer"]
         end
-        -- a streaming call read slowly (about 1 s) while unary calls run: one connection
+        -- a streaming call held open (its client stops reading after the first message until
+        -- told to go on) while unary calls run: all on one connection, whatever the machine's
+        -- load makes of the time between the calls
         local dir = H.tmpdir()
+        local hold = dir .. "/hold"
         local p = assert(process.spawn{ cmd = { PY, FIXTURE, "call", "--port", pxm.port,
             "--meta", "x-sandbox-id=b", "--meta", "x-sandbox-port=" .. gport, "stream", "2000",
-            "1000", "50" }, stdout = dir .. "/out", stderr = dir .. "/err" })
+            "1000", "0", hold }, stdout = dir .. "/out", stderr = dir .. "/err" })
+        H.net.wait_until(function()
+            assert(p:alive() or process.read_file(hold .. ".started"),
+                "the streaming call ended early: " .. tostring(process.read_file(dir .. "/err")))
+            return process.read_file(hold .. ".started")
+        end, 30, 0.02, "the streaming call to start")
         local peers = {}
         for i = 1, 3 do
             peers[i] = peer_of(call("unary", nil, pxm.port))
@@ -318,6 +326,8 @@ return M
             return (process.read_file(events) or ""):find("cancelled mux-cancel", 1, true)
         end, 10)
         peers[4] = peer_of(call("unary", nil, pxm.port))
+        assert.is_true(p:alive(), "the held streaming call ended before the others")
+        assert(process.write_file(hold, "go"))
         assert(p:wait(60))
         local s = cjson.decode(assert(process.read_file(dir .. "/out")):match("(%b{})"))
         assert.is_true(s.ok, s.details)
