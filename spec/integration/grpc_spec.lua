@@ -303,7 +303,7 @@ return M
             assert.is_true(r.ok, r.details)
             return cjson.decode(r.text)["x-peer"]
         end
-        -- a streaming call held open (its client stops reading after the first message until
+        -- a streaming call held open (the server sends nothing after the first message until
         -- told to go on) while unary calls run: all on one connection, whatever the machine's
         -- load makes of the time between the calls
         local dir = H.tmpdir()
