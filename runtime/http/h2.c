@@ -1966,7 +1966,11 @@ static void up2_submit(up2_t *up)
     r->up_sent = true;
     r->head_sent = true;
     if (up->deadline) {
+        /* counted from now, not from the loop's cached time (which a long iteration leaves
+         * behind: the timer would fire before the deadline, and end the call as a first-byte
+         * timeout) */
         uint64_t ms = (left + 999999) / 1000000;
+        uv_update_time(&c->w->loop);
         uv_timer_start(&up->timer, up2_on_timer, ms ? ms : 1, 0);
     } else {
         double fb = r->to_first_byte > 0 ? r->to_first_byte : sp_cfg.first_byte_timeout;
@@ -2176,9 +2180,11 @@ static void up2_start(h2s_t *s)
     /* waiting for the connection: this call's own bound is its connect timeout or deadline */
     double wait = ct;
     if (up->deadline) {
-        double left = (double)(up->deadline - r->t_forward) / 1e9;
+        uint64_t now = uv_hrtime();
+        double left = now < up->deadline ? (double)(up->deadline - now) / 1e9 : 0;
         if (left < wait)
-            wait = left;
+            wait = left + 0.000999; /* whole ms, rounded up */
+        uv_update_time(&w->loop); /* as in up2_submit: counted from now */
     }
     uint64_t ms = (uint64_t)(wait * 1000.0);
     uv_timer_start(&up->timer, up2_on_timer, ms ? ms : 1, 0);

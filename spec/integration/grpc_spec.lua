@@ -208,6 +208,60 @@ return M
         assert.is_false(line.delivered)
     end)
 
+    it("counts a call's deadline from now even after a long loop iteration", function()
+        if not need() then return end
+        -- An override router spins (no yield) for x-test-spin-ms, so the loop's cached time falls
+        -- that far behind; the call then goes straight onto an open h2c connection to a sandbox
+        -- that never answers. Its timer must be counted from the real time: armed from the
+        -- stale loop time it fired that much before the deadline and ended the call as an
+        -- "upstream first byte timeout" instead.
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/router.lua", [[
+local core = require "sp.core"
+local builtin = dofile(core.settings().builtin_dir .. "/router.lua")
+local M = {}
+function M.handle(req)
+    local spin = tonumber(req:header("x-test-spin-ms") or "")
+    if spin then
+        local t0 = os.clock()
+        while os.clock() - t0 < spin / 1000 do end
+    end
+    return builtin.handle(req)
+end
+return M
+]]))
+        local silent = assert(H.net.free_port())
+        local sp = assert(process.spawn{ cmd = { H.PYTHON, "-c", ("import socket,sys,time\n"
+            .. "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            .. "s.bind(('127.0.0.1', %d)); s.listen(8); print('up', flush=True)\n"
+            .. "c=s.accept(); print('accepted', flush=True); time.sleep(60)"):format(silent) },
+            stdout = dir .. "/silent" })
+        assert(sp:wait_output("up", 20))
+        local pxs = H.start{ sandboxes = { H.sandbox("a", "b", gport) }, scripts = dir }
+        local msg = "\10\5hello"
+        local frame = "\0" .. string.char(0, 0, 0, #msg) .. msg
+        local hex = frame:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end)
+        local function raw(extra)
+            return { H.PYTHON, H2CLIENT, "--port", tostring(pxs.port), "--timeout", "20",
+                "streams", "--req", "/spx.Proc/Run", "--header", "content-type=application/grpc",
+                "--header", "x-sandbox-id=b", "--header", "x-sandbox-port=" .. silent,
+                "--data", hex, unpack(extra) }
+        end
+        -- a first call opens the connection and waits on it (the sandbox is silent)
+        local first = assert(process.spawn{ cmd = raw{ "--header", "grpc-timeout=15S" },
+            stdout = dir .. "/first" })
+        assert(sp:wait_output("accepted", 20))
+        -- the second: 1 s of budget, 300 ms of it spun away in one loop iteration
+        local out = sh(table.concat(raw{ "--header", "grpc-timeout=1000m", "--header",
+            "x-test-spin-ms=300" }, " "))
+        local s2 = cjson.decode((assert(out:match("(%b{})"), out)))
+        assert.is_true(s2["end"]) -- answered (trailers-only DEADLINE_EXCEEDED), not reset
+        local err = pxs:stderr()
+        assert.matches("deadline exceeded %(grpc%-timeout%)", err)
+        assert.is_nil(err:find("upstream first byte timeout", 1, true), err)
+        first:kill()
+    end)
+
     it("cancels the server's call when the client cancels (RST_STREAM)", function()
         if not need() then return end
         local r = call("cancel client-cancel")
