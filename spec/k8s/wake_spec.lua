@@ -520,9 +520,11 @@ describe("idle suspend", function()
         api:put(H.sandbox("jo", "shared", 1))
         local a = api:proxy{ config = wake_config{ replica = "a" } }
         local b = api:proxy{ config = wake_config{ replica = "b" } }
-        arm_idle(api, { a, b }, "jo", "shared", "2s")
-        -- replica a keeps the sandbox busy for a while; replica b sees no traffic at all
-        local busy_until = socket.gettime() + 4
+        -- 4 s of idle timeout against a's activity reports every 0.5 s: a margin that a loaded
+        -- machine (a sanitizer build next to other suites) does not eat up
+        arm_idle(api, { a, b }, "jo", "shared", "4s")
+        -- replica a keeps the sandbox busy for longer than the timeout; replica b sees no traffic
+        local busy_until = socket.gettime() + 6
         while socket.gettime() < busy_until do
             assert.are.equal(200, assert(a:get("/jo/shared/echo")).status)
             assert_running(api, "shared", { a = a, b = b })
