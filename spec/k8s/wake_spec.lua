@@ -548,7 +548,18 @@ describe("idle suspend", function()
             return suspends() >= 1
         end, 5)
         socket.sleep(1.5) -- a window in which a second suspend would show up
-        assert.are.equal(1, suspends())
+        local function story()
+            local lines = {}
+            for r, px in pairs({ a = a, b = b }) do
+                for _, l in ipairs(px:log_lines()) do
+                    if l.msg:find("suspend") or l.msg:find("wak") or l.msg:find("lease") then
+                        lines[#lines + 1] = r .. ": " .. cjson.encode(l)
+                    end
+                end
+            end
+            return table.concat(lines, "\n")
+        end
+        assert.are.equal(1, suspends(), story())
         -- the activity went through the Leases: the one PATCH of the sandbox is the suspend
         assert.are.equal(1, patches(api, "shared"))
         assert.is_true(lease_writes(api, "a") >= 1)
