@@ -8,12 +8,24 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 int sp_log_min_level = SP_LOG_INFO;
 /* One lock per stream, so lines from several threads stay whole: the access log's writer blocked
- * on a full stdout must not hold up an event line to stderr from a loop thread. */
+ * on a full stdout must not hold up an event line to stderr from a loop thread. When stdout and
+ * stderr are the same file or pipe (2>&1), one lock serves both: a pipe interleaves writes over
+ * PIPE_BUF bytes, and an event line would wait for that full pipe anyway. */
 static pthread_mutex_t log_mu[2] = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER};
+static pthread_once_t log_once = PTHREAD_ONCE_INIT;
+static int stderr_lock = 1; /* the index of stderr's lock: 0 when it shares stdout's */
+
+static void log_init(void)
+{
+    struct stat a, b;
+    if (fstat(1, &a) == 0 && fstat(2, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino)
+        stderr_lock = 0;
+}
 static const char *level_names[] = {"debug", "info", "warn", "error"};
 
 int sp_log_level_parse(const char *s)
@@ -31,7 +43,8 @@ const char *sp_log_level_name(int level)
 
 void sp_log_raw(int fd, const char *line, size_t len)
 {
-    pthread_mutex_t *mu = &log_mu[fd == 1 ? 0 : 1];
+    pthread_once(&log_once, log_init);
+    pthread_mutex_t *mu = &log_mu[fd == 1 ? 0 : stderr_lock];
     pthread_mutex_lock(mu);
     while (len > 0) {
         ssize_t n = write(fd, line, len);
