@@ -25,7 +25,6 @@ Everything listens on 127.0.0.1 and is stopped by its process id at the end.
 """
 import argparse
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -121,22 +120,7 @@ def main():
                                 ndir + "/nginx.conf"], stderr=subprocess.DEVNULL)
         procs.append(ngx)
         # sandbox-proxy
-        sdir = os.path.join(tmp, "proxy")
-        os.makedirs(sdir)
-        with open(sdir + "/sandboxes.json", "w") as f:
-            json.dump({"apiVersion": "agents.x-k8s.io/v1beta1", "kind": "SandboxList", "items": [{
-                "metadata": {"name": "b", "namespace": "default", "labels": {"user": "a"},
-                             "annotations": {"sandbox-proxy.dev/port": str(bport)}},
-                "status": {"podIPs": ["127.0.0.1"],
-                           "conditions": [{"type": "Ready", "status": "True"}]}}]}, f)
-        with open(sdir + "/config.lua", "w") as f:
-            f.write("return { ratelimit = { enabled = false } }\n")
-        spx = subprocess.Popen(["taskset", "-c", "0", h2b.BIN, "--listen", "127.0.0.1:%d" % pport,
-                                "--workers", "1", "--sandboxes-file", sdir + "/sandboxes.json",
-                                "--config", sdir + "/config.lua", "--set",
-                                "allow_loopback_sandboxes=true", "--set", "demo_listen=127.0.0.1:0"],
-                               stdout=open(sdir + "/access.log", "w"),
-                               stderr=open(sdir + "/stderr.log", "w"))
+        spx = h2b.start_proxy(tmp, bport, pport)
         procs.append(spx)
         for p in (bport, nport, pport):
             h2b.wait_port(p)

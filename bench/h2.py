@@ -89,6 +89,27 @@ def children(pid):
     return out
 
 
+def start_proxy(tmp, bport, pport):
+    """Starts sandbox-proxy on CPU 0 (one worker, rate limiter off, access log to a file) on
+    pport, with one sandbox a/b on 127.0.0.1:bport; returns its Popen."""
+    sdir = os.path.join(tmp, "proxy")
+    os.makedirs(sdir)
+    with open(sdir + "/sandboxes.json", "w") as f:
+        json.dump({"apiVersion": "agents.x-k8s.io/v1beta1", "kind": "SandboxList", "items": [{
+            "metadata": {"name": "b", "namespace": "default", "labels": {"user": "a"},
+                         "annotations": {"sandbox-proxy.dev/port": str(bport)}},
+            "status": {"podIPs": ["127.0.0.1"],
+                       "conditions": [{"type": "Ready", "status": "True"}]}}]}, f)
+    with open(sdir + "/config.lua", "w") as f:
+        f.write("return { ratelimit = { enabled = false } }\n")
+    return subprocess.Popen(["taskset", "-c", "0", BIN, "--listen", "127.0.0.1:%d" % pport,
+                             "--workers", "1", "--sandboxes-file", sdir + "/sandboxes.json",
+                             "--config", sdir + "/config.lua", "--set",
+                             "allow_loopback_sandboxes=true", "--set", "demo_listen=127.0.0.1:0"],
+                            stdout=open(sdir + "/access.log", "w"),
+                            stderr=open(sdir + "/stderr.log", "w"))
+
+
 def h2load(url, n, c, m, extra=()):
     """Runs h2load on CPU 1 (extra: more of its arguments, before the URL); returns req/s, or
     exits when not every request got a 2xx."""
@@ -141,22 +162,7 @@ def main():
                                stderr=subprocess.DEVNULL)
         procs.append(ngx)
         # sandbox-proxy
-        sdir = os.path.join(tmp, "proxy")
-        os.makedirs(sdir)
-        with open(sdir + "/sandboxes.json", "w") as f:
-            json.dump({"apiVersion": "agents.x-k8s.io/v1beta1", "kind": "SandboxList", "items": [{
-                "metadata": {"name": "b", "namespace": "default", "labels": {"user": "a"},
-                             "annotations": {"sandbox-proxy.dev/port": str(bport)}},
-                "status": {"podIPs": ["127.0.0.1"],
-                           "conditions": [{"type": "Ready", "status": "True"}]}}]}, f)
-        with open(sdir + "/config.lua", "w") as f:
-            f.write("return { ratelimit = { enabled = false } }\n")
-        spx = subprocess.Popen(["taskset", "-c", "0", BIN, "--listen", "127.0.0.1:%d" % pport,
-                                "--workers", "1", "--sandboxes-file", sdir + "/sandboxes.json",
-                                "--config", sdir + "/config.lua", "--set",
-                                "allow_loopback_sandboxes=true", "--set", "demo_listen=127.0.0.1:0"],
-                               stdout=open(sdir + "/access.log", "w"),
-                               stderr=open(sdir + "/stderr.log", "w"))
+        spx = start_proxy(tmp, bport, pport)
         procs.append(spx)
         for p in (bport, dport, nport, pport):
             wait_port(p)
