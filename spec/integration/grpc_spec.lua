@@ -46,6 +46,52 @@ describe("gRPC", function()
         return cjson.decode(line)
     end
 
+    -- A gRPC message (protobuf bytes) in its length-prefixed frame, as hex for h2client --data.
+    local function grpc_hex(msg)
+        local frame = "\0" .. string.char(0, 0, 0, #msg) .. msg
+        return (frame:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end))
+    end
+
+    -- A sandbox that accepts one connection and never answers; prints "accepted" once it has.
+    -- Returns its port and process.
+    local function silent_sandbox(dir)
+        local port = assert(H.net.free_port())
+        local p = assert(process.spawn{ cmd = { H.PYTHON, "-c", ("import socket,sys,time\n"
+            .. "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            .. "s.bind(('127.0.0.1', %d)); s.listen(8); print('up', flush=True)\n"
+            .. "c=s.accept(); print('accepted', flush=True); time.sleep(60)"):format(port) },
+            stdout = dir .. "/silent" })
+        assert(p:wait_output("up", 20))
+        return port, p
+    end
+
+    -- A scripts directory whose router, before routing as the built-in one does, holds a call
+    -- for x-test-hold-ms (a yield, as a wake would) or spins for x-test-spin-ms (no yield: the
+    -- loop's cached time falls that far behind).
+    local function test_router_dir()
+        local dir = H.tmpdir()
+        assert(process.write_file(dir .. "/router.lua", [[
+local core = require "sp.core"
+local timer = require "sp.timer"
+local builtin = dofile(core.settings().builtin_dir .. "/router.lua")
+local M = {}
+function M.handle(req)
+    local hold = tonumber(req:header("x-test-hold-ms") or "")
+    if hold then
+        timer.sleep(hold / 1000)
+    end
+    local spin = tonumber(req:header("x-test-spin-ms") or "")
+    if spin then
+        local t0 = os.clock()
+        while os.clock() - t0 < spin / 1000 do end
+    end
+    return builtin.handle(req)
+end
+return M
+]]))
+        return dir
+    end
+
     setup(function()
         if not grpc_available() then
             local msg = "python3-grpcio / python3-grpc-tools are not installed for /usr/bin/python3"
@@ -139,17 +185,9 @@ describe("gRPC", function()
         if not need() then return end
         -- a sandbox that accepts and never answers (so no deadline but the proxy's can end the
         -- call) and a raw HTTP/2 client that does not enforce its own deadline: the proxy must
-        local silent = assert(H.net.free_port())
-        local dir = H.tmpdir()
-        local sp = assert(process.spawn{ cmd = { H.PYTHON, "-c", ("import socket,sys,time\n"
-            .. "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-            .. "s.bind(('127.0.0.1', %d)); s.listen(8); print('up', flush=True)\n"
-            .. "c=s.accept(); time.sleep(60)"):format(silent) }, stdout = dir .. "/silent" })
-        assert(sp:wait_output("up", 20))
+        local silent = silent_sandbox(H.tmpdir())
         -- Cmd{command="sleep", delay_ms=10000, tag="raw-deadline"} in a gRPC frame
-        local msg = "\10\5sleep" .. "\24\144\78" .. "\42\12raw-deadline"
-        local frame = "\0" .. string.char(0, 0, 0, #msg) .. msg
-        local hex = frame:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end)
+        local hex = grpc_hex("\10\5sleep" .. "\24\144\78" .. "\42\12raw-deadline")
         local out = sh(("%s %s --port %d streams --req /spx.Proc/Run --header content-type=application/grpc "
             .. "--header grpc-timeout=300m --header x-sandbox-id=b --header x-sandbox-port=%d --data %s")
             :format(H.PYTHON, H2CLIENT, px.port, silent, hex))
@@ -167,23 +205,8 @@ describe("gRPC", function()
 
     it("forwards what is left of grpc-timeout after the time spent in the proxy", function()
         if not need() then return end
-        -- an override router holds a call for x-test-hold-ms (as a wake would), then routes it
-        -- as the built-in one does
-        local dir = H.tmpdir()
-        assert(process.write_file(dir .. "/router.lua", [[
-local core = require "sp.core"
-local timer = require "sp.timer"
-local builtin = dofile(core.settings().builtin_dir .. "/router.lua")
-local M = {}
-function M.handle(req)
-    local hold = tonumber(req:header("x-test-hold-ms") or "")
-    if hold then
-        timer.sleep(hold / 1000)
-    end
-    return builtin.handle(req)
-end
-return M
-]]))
+        -- an override router holds a call for x-test-hold-ms (as a wake would)
+        local dir = test_router_dir()
         local pxw = H.start{ sandboxes = { H.sandbox("a", "b", gport) }, scripts = dir }
         -- the stock client's deadline is 10 s; held 1.5 s, the server must get at most 8.5 s
         -- (the client's own value would leave it about 10 s; load only lowers what is left)
@@ -193,9 +216,7 @@ return M
         assert.is_true(left > 0 and left < 9.0, "the server's time remaining: " .. tostring(left))
         -- a budget spent before forwarding: DEADLINE_EXCEEDED from the proxy, nothing dialled
         -- (a raw client that does not enforce its own deadline)
-        local msg = "\10\5hello"
-        local frame = "\0" .. string.char(0, 0, 0, #msg) .. msg
-        local hex = frame:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end)
+        local hex = grpc_hex("\10\5hello")
         local out = sh(("%s %s --port %d streams --req /spx.Proc/Run --header content-type=application/grpc "
             .. "--header grpc-timeout=300m --header x-test-hold-ms=600 --header x-sandbox-id=b "
             .. "--header x-sandbox-port=%d --data %s"):format(H.PYTHON, H2CLIENT, pxw.port, gport, hex))
@@ -215,32 +236,10 @@ return M
         -- that never answers. Its timer must be counted from the real time: armed from the
         -- stale loop time it fired that much before the deadline and ended the call as an
         -- "upstream first byte timeout" instead.
-        local dir = H.tmpdir()
-        assert(process.write_file(dir .. "/router.lua", [[
-local core = require "sp.core"
-local builtin = dofile(core.settings().builtin_dir .. "/router.lua")
-local M = {}
-function M.handle(req)
-    local spin = tonumber(req:header("x-test-spin-ms") or "")
-    if spin then
-        local t0 = os.clock()
-        while os.clock() - t0 < spin / 1000 do end
-    end
-    return builtin.handle(req)
-end
-return M
-]]))
-        local silent = assert(H.net.free_port())
-        local sp = assert(process.spawn{ cmd = { H.PYTHON, "-c", ("import socket,sys,time\n"
-            .. "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-            .. "s.bind(('127.0.0.1', %d)); s.listen(8); print('up', flush=True)\n"
-            .. "c=s.accept(); print('accepted', flush=True); time.sleep(60)"):format(silent) },
-            stdout = dir .. "/silent" })
-        assert(sp:wait_output("up", 20))
+        local dir = test_router_dir()
+        local silent, sp = silent_sandbox(dir)
         local pxs = H.start{ sandboxes = { H.sandbox("a", "b", gport) }, scripts = dir }
-        local msg = "\10\5hello"
-        local frame = "\0" .. string.char(0, 0, 0, #msg) .. msg
-        local hex = frame:gsub(".", function(ch) return ("%02x"):format(ch:byte()) end)
+        local hex = grpc_hex("\10\5hello")
         local function raw(extra)
             return { H.PYTHON, H2CLIENT, "--port", tostring(pxs.port), "--timeout", "20",
                 "streams", "--req", "/spx.Proc/Run", "--header", "content-type=application/grpc",
