@@ -464,21 +464,25 @@ describe("idle suspend", function()
         return state
     end
 
-    -- Fails if the sandbox is not Running (the replicas' logs of suspends, wakes and Leases
-    -- attached).
+    -- The replicas' log lines about suspends, wakes and Leases (pxs: name -> proxy), one text
+    -- to attach to a failure.
+    local function story(pxs)
+        local lines = {}
+        for r, px in pairs(pxs) do
+            for _, l in ipairs(px:log_lines()) do
+                if l.msg:find("suspend") or l.msg:find("wak") or l.msg:find("lease") then
+                    lines[#lines + 1] = r .. ": " .. cjson.encode(l)
+                end
+            end
+        end
+        return table.concat(lines, "\n")
+    end
+
+    -- Fails if the sandbox is not Running (the replicas' story attached).
     local function assert_running(api, name, pxs, level)
         local mode = mode_of(api, name)
         if mode ~= "Running" then
-            local lines = {}
-            for r, px in pairs(pxs) do
-                for _, l in ipairs(px:log_lines()) do
-                    if l.msg:find("suspend") or l.msg:find("wak") or l.msg:find("lease") then
-                        lines[#lines + 1] = r .. ": " .. cjson.encode(l)
-                    end
-                end
-            end
-            error(name .. " is " .. tostring(mode) .. ":\n" .. table.concat(lines, "\n"),
-                (level or 1) + 1)
+            error(name .. " is " .. tostring(mode) .. ":\n" .. story(pxs), (level or 1) + 1)
         end
     end
 
@@ -548,18 +552,7 @@ describe("idle suspend", function()
             return suspends() >= 1
         end, 5)
         socket.sleep(1.5) -- a window in which a second suspend would show up
-        local function story()
-            local lines = {}
-            for r, px in pairs({ a = a, b = b }) do
-                for _, l in ipairs(px:log_lines()) do
-                    if l.msg:find("suspend") or l.msg:find("wak") or l.msg:find("lease") then
-                        lines[#lines + 1] = r .. ": " .. cjson.encode(l)
-                    end
-                end
-            end
-            return table.concat(lines, "\n")
-        end
-        assert.are.equal(1, suspends(), story())
+        assert.are.equal(1, suspends(), story({ a = a, b = b }))
         -- the activity went through the Leases: the one PATCH of the sandbox is the suspend
         assert.are.equal(1, patches(api, "shared"))
         assert.is_true(lease_writes(api, "a") >= 1)
