@@ -356,7 +356,7 @@ struct sp_conn {
     uint32_t nrequests;
     int err_status;        /* set by parser callbacks: 414, 431, 413 */
     sp_fold_t fold;        /* obs-fold detection over the request head */
-    int handles;           /* references: open uv handles (tcp, timer), a running name lookup */
+    int handles;           /* open uv handles (tcp, timer) still to close */
     bool reading;
     bool eof;
     bool writing;
@@ -386,7 +386,7 @@ struct sp_upconn {
     int state;
     int rflags;            /* response parse progress (upstream.c RESP_*) */
     sp_fold_t fold;        /* obs-fold detection over the response head */
-    int handles;
+    int handles;           /* references: the tcp and timer handles, a running name lookup */
     uint32_t nrequests;
     bool reused;
     bool writing;
