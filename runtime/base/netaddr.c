@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
+#include <uv.h>
 
 /* The 16-byte form of sa; false for other families. */
 static bool addr16(const struct sockaddr *sa, uint8_t out[16])
@@ -150,4 +151,27 @@ const char *sp_addr_refusal(const struct sockaddr *sa, bool allow_loopback)
     if (a[0] == 0xff)
         return "multicast address";
     return NULL;
+}
+
+bool sp_addr_literal(const char *host, int port, struct sockaddr_storage *out, char name[256])
+{
+    size_t hl = strlen(host);
+    if (hl > 2 && host[0] == '[' && host[hl - 1] == ']')
+        snprintf(name, 256, "%.*s", (int)(hl - 2), host + 1);
+    else
+        snprintf(name, 256, "%s", host);
+    memset(out, 0, sizeof *out);
+    return uv_ip4_addr(name, port, (struct sockaddr_in *)out) == 0 ||
+           uv_ip6_addr(name, port, (struct sockaddr_in6 *)out) == 0;
+}
+
+void sp_addr_with_port(const struct sockaddr *sa, size_t len, int port,
+                       struct sockaddr_storage *out)
+{
+    memset(out, 0, sizeof *out);
+    memcpy(out, sa, len < sizeof *out ? len : sizeof *out);
+    if (out->ss_family == AF_INET)
+        ((struct sockaddr_in *)out)->sin_port = htons((uint16_t)port);
+    else
+        ((struct sockaddr_in6 *)out)->sin6_port = htons((uint16_t)port);
 }

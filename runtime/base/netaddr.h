@@ -28,4 +28,13 @@ bool sp_cidrs_contain(const sp_cidr_t *set, int n, const struct sockaddr *sa);
  * Loopback is allowed when allow_loopback is true. */
 const char *sp_addr_refusal(const struct sockaddr *sa, bool allow_loopback);
 
+struct sockaddr_storage;
+/* A sandbox's host as routed ("10.0.0.1", "[fd00::1]" or a name such as a serviceFQDN) and
+ * port: true with *out filled for a literal IPv4/IPv6 address; false for a name, which is left
+ * in name[256] without brackets, ready for a lookup. */
+bool sp_addr_literal(const char *host, int port, struct sockaddr_storage *out, char name[256]);
+/* *out = the looked-up address sa (len bytes) with its port set to port. */
+void sp_addr_with_port(const struct sockaddr *sa, size_t len, int port,
+                       struct sockaddr_storage *out);
+
 #endif

@@ -2073,14 +2073,8 @@ static void up2c_on_resolved(uv_getaddrinfo_t *gr, int status, struct addrinfo *
         return;
     }
     struct sockaddr_storage ss;
-    memset(&ss, 0, sizeof ss);
-    memcpy(&ss, res->ai_addr, res->ai_addrlen);
+    sp_addr_with_port(res->ai_addr, res->ai_addrlen, c->port, &ss);
     uv_freeaddrinfo(res);
-    uint16_t port = htons((uint16_t)c->port);
-    if (ss.ss_family == AF_INET)
-        ((struct sockaddr_in *)&ss)->sin_port = port;
-    else
-        ((struct sockaddr_in6 *)&ss)->sin6_port = port;
     up2c_dial(c, (struct sockaddr *)&ss);
 }
 
@@ -2107,15 +2101,8 @@ static up2c_t *up2c_open(sp_worker_t *w, const char *host, int port, double ct)
 static void up2c_connect(up2c_t *c)
 {
     char host[256];
-    size_t hl = strlen(c->host);
-    if (hl > 2 && c->host[0] == '[' && c->host[hl - 1] == ']')
-        snprintf(host, sizeof host, "%.*s", (int)(hl - 2), c->host + 1);
-    else
-        snprintf(host, sizeof host, "%s", c->host);
     struct sockaddr_storage ss;
-    memset(&ss, 0, sizeof ss);
-    if (uv_ip4_addr(host, c->port, (struct sockaddr_in *)&ss) == 0 ||
-        uv_ip6_addr(host, c->port, (struct sockaddr_in6 *)&ss) == 0) {
+    if (sp_addr_literal(c->host, c->port, &ss, host)) {
         up2c_dial(c, (struct sockaddr *)&ss);
         return;
     }

@@ -269,12 +269,8 @@ static void on_resolved(uv_getaddrinfo_t *gr, int status, struct addrinfo *res)
         return;
     }
     struct sockaddr_storage ss;
-    memcpy(&ss, res->ai_addr, res->ai_addrlen);
+    sp_addr_with_port(res->ai_addr, res->ai_addrlen, u->key->port, &ss);
     uv_freeaddrinfo(res);
-    if (ss.ss_family == AF_INET)
-        ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)u->key->port);
-    else
-        ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)u->key->port);
     if (up_refuse_address(u, (struct sockaddr *)&ss))
         return;
     do_connect(u, (struct sockaddr *)&ss);
@@ -282,24 +278,11 @@ static void on_resolved(uv_getaddrinfo_t *gr, int status, struct addrinfo *res)
 
 static void up_connect_start(sp_upconn_t *u)
 {
-    sp_upkey_t *k = u->key;
-    struct sockaddr_in a4;
-    struct sockaddr_in6 a6;
-    const char *host = k->host;
-    char unbr[256];
-    size_t hl = strlen(host);
-    if (hl > 2 && host[0] == '[' && host[hl - 1] == ']') {
-        snprintf(unbr, sizeof unbr, "%.*s", (int)(hl - 2), host + 1);
-        host = unbr;
-    }
-    if (uv_ip4_addr(host, k->port, &a4) == 0) {
-        if (!up_refuse_address(u, (struct sockaddr *)&a4))
-            do_connect(u, (struct sockaddr *)&a4);
-        return;
-    }
-    if (uv_ip6_addr(host, k->port, &a6) == 0) {
-        if (!up_refuse_address(u, (struct sockaddr *)&a6))
-            do_connect(u, (struct sockaddr *)&a6);
+    struct sockaddr_storage ss;
+    char host[256];
+    if (sp_addr_literal(u->key->host, u->key->port, &ss, host)) {
+        if (!up_refuse_address(u, (struct sockaddr *)&ss))
+            do_connect(u, (struct sockaddr *)&ss);
         return;
     }
     struct addrinfo hints;
