@@ -38,7 +38,8 @@ import bench as B  # noqa: E402  (the generators, Procs, /proc helpers of bench/
 
 ROOT = B.ROOT
 WRK_SCRIPT = B.WRK_SCRIPT
-TARGETS = [("sandbox-proxy", "sandbox-proxy"), ("nginx", "nginx (map)")]
+TARGETS = [("sandbox-proxy", "sandbox-proxy"), ("nginx", "nginx (map)"),
+           ("sandbox-proxy-b", "sandbox-proxy B")]  # B: the same binary with --b-set knobs
 LABEL = dict(TARGETS)
 CLIENT_CONNS = 10
 TOP_FUNCTIONS = 12
@@ -151,10 +152,10 @@ class Setup:
             vg = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--dump-instr=no",
                   "--callgrind-out-file=%s/out.%%p" % callgrind_dir]
         timeout = 300.0 if callgrind_dir else 30.0
-        if key == "sandbox-proxy":
+        if key.startswith("sandbox-proxy"):
             cmd = [self.a.proxy_bin, "--listen", "127.0.0.1:%d" % port, "--workers", "1",
                    "--sandboxes-file", self.sfile, "--config", self.cfile]
-            for kv in self.a.proxy_set:
+            for kv in self.a.proxy_set + (self.a.b_set if key == "sandbox-proxy-b" else []):
                 cmd += ["--set", kv]
             # stdout carries the access log (access_log.lua, on in the config): to a file
             p = B.PROCS.start(name, vg + cmd, str(self.tcpu), self.logdir, env=B.proxy_env(),
@@ -648,6 +649,9 @@ def main():
                     help="default: build/sandbox-proxy")
     ap.add_argument("--proxy-set", action="append", default=[], metavar="KNOB=VALUE",
                     help="passed to sandbox-proxy as --set KNOB=VALUE (repeatable)")
+    ap.add_argument("--b-set", action="append", default=[], metavar="KNOB=VALUE",
+                    help="adds the target sandbox-proxy-b (\"sandbox-proxy B\"): the same binary with "
+                         "these --set knobs too, measured in the same alternating runs (repeatable)")
     ap.add_argument("--target-cpu", type=int, help="default: the first CPU this process may use")
     ap.add_argument("--load-cpu", type=int, help="backend + load; default: the second CPU")
     ap.add_argument("--out-dir", default=os.path.join(BENCH_DIR, "results"))
@@ -655,6 +659,8 @@ def main():
     a = ap.parse_args()
     a.steps = [s.strip() for s in a.steps.split(",") if s.strip()]
     a.targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    if a.b_set and "sandbox-proxy-b" not in a.targets:
+        a.targets.append("sandbox-proxy-b")
     for s in a.steps:
         if s not in ("callgrind", "strace", "cpu"):
             ap.error("unknown step %r" % s)

@@ -24,6 +24,7 @@
 --   sandbox_proxy_parse_errors_total, sandbox_proxy_shared_dict_evictions_total{dict},
 --   sandbox_proxy_shared_dict_used_bytes{dict}, sandbox_proxy_accesslog_dropped_total,
 --   sandbox_proxy_trace_spans_exported_total, sandbox_proxy_trace_spans_dropped_total,
+--   sandbox_proxy_write_batches_total, sandbox_proxy_batched_writes_total (io_uring_writes),
 --   sandbox_proxy_lua_memory_bytes (the answering worker's state),
 --   process_resident_memory_bytes (the whole process, from /proc/self/status; Linux)
 --   wake.lua: sandbox_proxy_wakes_total (PATCHes that woke a sandbox),
@@ -141,6 +142,14 @@ function M.render()
     sample("sandbox_proxy_upstream_connect_errors_total", nil, st.upstream_connect_errors)
     metric("sandbox_proxy_upstream_timeouts_total", "counter", "Upstream connect and first-byte timeouts.")
     sample("sandbox_proxy_upstream_timeouts_total", nil, st.upstream_timeouts)
+
+    metric("sandbox_proxy_write_batches_total", "counter",
+        "io_uring_enter calls that sent the small writes of one loop iteration together "
+            .. "(io_uring_writes).")
+    sample("sandbox_proxy_write_batches_total", nil, st.write_batches or 0)
+    metric("sandbox_proxy_batched_writes_total", "counter",
+        "Writes sent in those batches (divided by the batches: writes per kernel entry).")
+    sample("sandbox_proxy_batched_writes_total", nil, st.batched_writes or 0)
 
     metric("sandbox_proxy_ratelimited_total", "counter", "Requests refused by ratelimit.lua.")
     sample("sandbox_proxy_ratelimited_total", '{kind="rate"}', sp_dict:get("m:ratelimited") or 0)

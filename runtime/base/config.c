@@ -114,6 +114,10 @@ static const knob_t knobs[] = {
      "largest request body in bytes (413 beyond); 0: unlimited"},
     {"upstream_buffer_size", K_INT, O(upstream_buffer_size), "65536", 4096, 16777216,
      "bytes of the per-upstream-connection read buffer"},
+    {"io_uring_writes", K_BOOL, O(io_uring_writes), "true", 0, 0,
+     "gather the small socket writes (under 16 KiB) of one loop iteration and send them with "
+     "one io_uring_enter(2) per worker; off, or where the kernel or a seccomp profile refuses "
+     "io_uring (logged once): every write is sent at once"},
     {"upstream_body_buffer_size", K_INT, O(upstream_body_buffer_size), "262144", 0, 16777216,
      "bytes of the larger read buffer a sandbox connection switches to once a response body to "
      "an HTTP/1.1 client is larger than its upstream_buffer_size buffer (by Content-Length, or "

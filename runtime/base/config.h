@@ -59,6 +59,7 @@ typedef struct sp_config {
     /* upstream side */
     int upstream_buffer_size;
     int upstream_body_buffer_size;
+    bool io_uring_writes;
     int max_upstream_header_size;
     double connect_timeout;
     double first_byte_timeout;

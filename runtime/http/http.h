@@ -389,6 +389,7 @@ struct sp_upconn {
     int handles;           /* references: the tcp and timer handles, a running name lookup */
     uint32_t nrequests;
     bool reused;
+    bool unchecked; /* taken from the pool without the quiet check (wbatch on): see up_write */
     bool writing;
     bool reading;
     bool closing;
@@ -466,6 +467,10 @@ void sp_conn_finish_request(sp_conn_t *c);
 /* Called by upstream.c: writes to the client. Returns 0 if written at once, 1 if pending
  * (cb will be called), or a negative libuv error. */
 int sp_conn_write(sp_conn_t *c, uv_buf_t *bufs, unsigned n, uv_write_cb cb);
+/* As sp_conn_write, but a small write may be staged (http/wbatch.h) and sent with the loop
+ * iteration's others: then 2 (cb runs later in this iteration or the next, before the loop
+ * sleeps; the bytes must stay until then). */
+int sp_conn_send(sp_conn_t *c, uv_buf_t *bufs, unsigned n, uv_write_cb cb);
 /* Closes the client connection now (no lingering). */
 void sp_conn_close(sp_conn_t *c);
 /* Sends a JSON error response (status, message) on the client for a request that has not

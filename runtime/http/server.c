@@ -10,6 +10,7 @@
 #include "http/http.h"
 #include "http/worker.h"
 #include "http/trace.h"
+#include "http/wbatch.h"
 #include "http/server_int.h"
 #include "base/config.h"
 #include "base/log.h"
@@ -267,7 +268,7 @@ static int h1_send(sp_request_t *r, uv_buf_t *bufs, unsigned n, bool head)
 {
     SP_UNUSED(head);
     sp_conn_t *c = r->client;
-    int rc = sp_conn_write(c, bufs, n, h1_written);
+    int rc = sp_conn_send(c, bufs, n, h1_written);
     if (rc < 0) {
         r->error = SP_ERR_CLIENT_ABORT;
         sp_conn_close(c);
@@ -540,6 +541,41 @@ int sp_conn_write(sp_conn_t *c, uv_buf_t *bufs, unsigned n, uv_write_cb cb)
     return 1;
 }
 
+/* Small writes (a response head, a small body) join the loop iteration's batch. */
+#define SP_WB_SMALL 16384
+
+/* A staged write that the socket did not take whole waits in libuv: from now on the client
+ * has send_timeout to take it. */
+static void on_send_queued(uv_write_t *wr)
+{
+    sp_conn_t *c = wr->data;
+    conn_timer(c, T_SEND, sp_cfg.send_timeout);
+}
+
+int sp_conn_send(sp_conn_t *c, uv_buf_t *bufs, unsigned n, uv_write_cb cb)
+{
+    if (c->closing)
+        return UV_ECANCELED;
+    if (c->w->wb) {
+        size_t total = 0;
+        for (unsigned i = 0; i < n; i++)
+            total += bufs[i].len;
+        c->wreq.data = c;
+        if (total <= SP_WB_SMALL &&
+            sp_wbatch_write(c->w->wb, &c->wreq, (uv_stream_t *)&c->tcp, bufs, n, total, cb,
+                            on_send_queued, false)) {
+            if (c->req)
+                c->req->bytes_out += total;
+            c->writing = true;
+            /* sent before the loop polls again: no send timeout yet (on_send_queued), and none
+             * of another kind either, as a write sent at once would leave it */
+            conn_timer(c, T_NONE, 0);
+            return 2;
+        }
+    }
+    return sp_conn_write(c, bufs, n, cb);
+}
+
 /* ---------------------------------------------------------------- finishing */
 
 /* The core is done with the request: log it and release the slot (if the script is too). */
@@ -611,7 +647,7 @@ static void send_local(sp_conn_t *c)
     uv_buf_t b[2] = {uv_buf_init(r->out.p, (unsigned)r->out.len),
                      uv_buf_init(r->body.p, (unsigned)r->body.len)};
     unsigned n = (r->method == HTTP_HEAD || r->body.len == 0) ? 1 : 2;
-    int rc = sp_conn_write(c, b, n, on_local_written);
+    int rc = sp_conn_send(c, b, n, on_local_written);
     if (rc == 0) {
         c->wreq.data = c;
         on_local_written(&c->wreq, 0);
@@ -1227,6 +1263,7 @@ void sp_conn_close(sp_conn_t *c)
     if (c->h2)
         sp_h2_closed(c);
     sp_conn_read_stop(c);
+    sp_wbatch_settle(c->w->wb, &c->wreq);
     uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
     sp_deadline_close(&c->dl, on_conn_handle_closed);
 }
@@ -1257,6 +1294,7 @@ static void conn_linger_close(sp_conn_t *c)
     c->rpos = c->rlen = 0;
     conn_timer(c, T_LINGER, sp_cfg.lingering_timeout);
     c->sreq.data = c;
+    sp_wbatch_settle(c->w->wb, &c->wreq);
     if (uv_shutdown(&c->sreq, (uv_stream_t *)&c->tcp, on_shutdown) < 0) {
         sp_conn_close(c);
         return;

@@ -12,6 +12,7 @@
 #include "base/log.h"
 #include "base/netaddr.h"
 #include "http/trace.h"
+#include "http/wbatch.h"
 #include "http/upstream_int.h"
 
 #include <arpa/inet.h>
@@ -72,6 +73,8 @@ void sp_up_close(sp_upconn_t *u)
     if (u->closing)
         return;
     u->closing = true;
+    if (sp_wbatch_cancel(u->w->wb, &u->wreq))
+        u->writing = false; /* a staged head to a connection given up must not go */
     up_detach(u);
     if (u->state == US_IDLE && u->key && (u->prev || u->next || u->key->idle == u))
         sp_up_idle_unlink(u);
@@ -327,8 +330,13 @@ void sp_upstream_start(sp_request_t *r)
         r->t_forward = uv_hrtime();
     format_upstream_addr(r);
     sp_upkey_t *k = sp_up_key_get(w, r->up_host, r->up_port);
-    sp_upconn_t *u = sp_up_idle_take(k);
+    /* With batched writes the pool's quiet check (a recv with MSG_PEEK per request) is left
+     * to the loop: a staged head goes out after this iteration's I/O callbacks, and up_on_read
+     * retries on a fresh connection if bytes came first. A write that is not staged checks
+     * first (up_write). */
+    sp_upconn_t *u = sp_up_idle_take(k, !w->wb);
     if (u) {
+        u->unchecked = w->wb != NULL;
         u->state = US_ACTIVE;
         up_timer(u, UT_NONE, 0);
         /* It stays readable (as it was in the pool): stopping and restarting reads would cost
@@ -346,11 +354,26 @@ void sp_upstream_start(sp_request_t *r)
 
 /* ---------------------------------------------------------------- writing upstream */
 
-static int up_write(sp_upconn_t *u, uv_buf_t *bufs, unsigned n, uv_write_cb cb)
+/* `batch`: a small write with nothing of the client's buffer in it may be staged
+ * (http/wbatch.h); returns 2 then. */
+static int up_write(sp_upconn_t *u, uv_buf_t *bufs, unsigned n, uv_write_cb cb, bool batch)
 {
     size_t total = 0;
     for (unsigned i = 0; i < n; i++)
         total += bufs[i].len;
+    if (batch && total <= 16384) {
+        u->wreq.data = u;
+        if (sp_wbatch_write(u->w->wb, &u->wreq, (uv_stream_t *)&u->tcp, bufs, n, total, cb,
+                            NULL, u->unchecked)) {
+            u->writing = true;
+            return 2;
+        }
+    }
+    if (u->unchecked) {
+        u->unchecked = false;
+        if (!sp_up_idle_quiet(u))
+            return UV_ECONNRESET; /* stale: the caller retries on a fresh connection */
+    }
     int w = uv_try_write((uv_stream_t *)&u->tcp, bufs, n);
     if (w == UV_EAGAIN || w == UV_ENOSYS)
         w = 0;
@@ -415,8 +438,12 @@ static void on_head_written(uv_write_t *wr, int status)
 {
     sp_upconn_t *u = wr->data;
     u->writing = false;
+    u->unchecked = false;
     if (u->closing || !u->req)
         return;
+    if (status == SP_WB_NOT_QUIET)
+        sp_log(SP_LOG_WARN, "upstream sent bytes on an idle connection: closed", "s:upstream",
+               u->key->host, "i:port", (int64_t)u->key->port, NULL);
     if (status < 0) {
         if (!up_retry_stale(u))
             up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
@@ -445,7 +472,7 @@ static void up_send_head(sp_upconn_t *u)
         for (unsigned i = 0; i < r->niov; i++)
             b[nb++] = r->iov[i];
     }
-    int rc = up_write(u, b, nb, on_head_written);
+    int rc = up_write(u, b, nb, on_head_written, nb == 1);
     if (rc != 0 && r->body_in_head && r->client)
         r->cops->hold_body(r); /* the buffer under the slices stays put (write, retry) */
     if (rc == 0) {
@@ -479,7 +506,7 @@ int sp_upstream_write_body(sp_request_t *r)
     for (unsigned i = 0; i < r->niov; i++)
         r->body_forwarded += r->iov[i].len;
     sp_deadline_touch(&u->dl);
-    int rc = up_write(u, r->iov, r->niov, on_body_written);
+    int rc = up_write(u, r->iov, r->niov, on_body_written, false);
     if (rc < 0) {
         up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
         return -1;
@@ -507,7 +534,7 @@ int sp_upstream_tunnel_write(sp_request_t *r, uv_buf_t *bufs, unsigned n)
     if (!u)
         return -1;
     sp_deadline_touch(&u->dl);
-    int rc = up_write(u, bufs, n, on_tunnel_up_written);
+    int rc = up_write(u, bufs, n, on_tunnel_up_written, false);
     if (rc < 0) {
         up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
         return -1;
@@ -703,8 +730,8 @@ static void up_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
         u->cap = (uint32_t)u->w->upstream_bufs.block_size;
         u->len = u->pos = 0;
     }
-    if (u->pos == u->len)
-        u->pos = u->len = 0;
+    if (u->pos == u->len && !(u->req->client && u->req->cops->busy(u->req)))
+        u->pos = u->len = 0; /* else a client write still refers to the bytes before len */
     buf->base = u->buf + u->len;
     buf->len = u->cap - u->len;
 }
@@ -794,7 +821,11 @@ static bool up_send_client(sp_upconn_t *u, bool head)
         return true;
     if (rc < 0)
         return false; /* the client side was closed, which aborted u */
-    up_read_stop(u);
+    if (rc == 1)
+        up_read_stop(u); /* a slow client: read on when it has taken these bytes */
+    /* rc 2: staged, sent before the loop sleeps. Reads go on meanwhile (stopping and starting
+     * them would cost two epoll_ctl calls); they append behind the bytes being sent (up_alloc)
+     * and stop when the buffer is full. */
     return false;
 }
 
@@ -967,6 +998,15 @@ static void up_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             sp_log(SP_LOG_WARN, "upstream sent bytes on an idle connection: closed",
                    "s:upstream", u->key->host, "i:port", (int64_t)u->key->port, NULL);
         sp_up_close(u);
+        return;
+    }
+    if (u->unchecked && nread > 0) {
+        /* Bytes before our request head went out (it is still staged): sent unasked on the
+         * idle connection, not a response. As the pool's quiet check would have: closed. */
+        sp_log(SP_LOG_WARN, "upstream sent bytes on an idle connection: closed", "s:upstream",
+               u->key->host, "i:port", (int64_t)u->key->port, NULL);
+        if (!up_retry_stale(u))
+            up_fail(u, SP_ERR_UPSTREAM_CLOSED, 502);
         return;
     }
     if (nread < 0) {

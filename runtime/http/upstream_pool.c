@@ -109,12 +109,12 @@ bool sp_up_idle_quiet(sp_upconn_t *u)
     return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
 }
 
-sp_upconn_t *sp_up_idle_take(sp_upkey_t *k)
+sp_upconn_t *sp_up_idle_take(sp_upkey_t *k, bool check)
 {
     while (k->idle) {
         sp_upconn_t *u = k->idle;
         sp_up_idle_unlink(u);
-        if (sp_up_idle_quiet(u))
+        if (!check || sp_up_idle_quiet(u))
             return u;
         sp_up_close(u);
     }

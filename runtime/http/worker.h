@@ -54,6 +54,8 @@ typedef struct sp_worker_stats {
     sp_counter_t accesslog_dropped;
     sp_counter_t trace_spans_exported; /* spans the OTLP receiver accepted */
     sp_counter_t trace_spans_dropped;  /* spans dropped: queue full or a failed export */
+    sp_counter_t write_batches;  /* io_uring_enter calls that sent staged writes (wbatch.c) */
+    sp_counter_t batched_writes; /* the writes they sent */
 } sp_worker_stats_t;
 
 /* Adds one observation of ns nanoseconds to a histogram of n bounds (buckets[n]: +Inf). A few
@@ -80,6 +82,7 @@ struct sp_worker {
     sp_pool_t upstream_bufs;
     sp_pool_t upstream_body_bufs; /* upstream_body_buffer_size blocks (large response bodies) */
     char *read_scratch;        /* client reads land here while a connection has no buffer */
+    struct sp_wbatch *wb;      /* small writes sent together per loop iteration (NULL: off) */
     sp_request_t **slots;      /* every slot ever made, by index */
     uint32_t nslots, slots_cap;
     sp_request_t **free_slots;

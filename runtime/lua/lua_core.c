@@ -182,12 +182,14 @@ static void push_histogram(lua_State *L, const uint64_t *bounds_ns, int n, const
  *   latency_sum, upstream_connect_buckets, upstream_connect_sum, upstream_first_byte_buckets,
  *   upstream_first_byte_sum (the same shape), upstream_connect_errors, upstream_timeouts,
  *   script_errors, parse_errors,
- *   accesslog_dropped, trace_spans_exported, trace_spans_dropped, open_connections, open_tunnels, lua_memory (this worker's state) } */
+ *   accesslog_dropped, trace_spans_exported, trace_spans_dropped, write_batches,
+ *   batched_writes, open_connections, open_tunnels, lua_memory (this worker's state) } */
 static int c_stats(lua_State *L)
 {
     sp_vm_t *vm = sp_vm_of(L);
     uint64_t req = 0, mc[SP_M_COUNT][6] = {{0}}, lat[SP_LAT_BUCKETS + 1] = {0}, sum = 0;
     uint64_t ce = 0, to = 0, se = 0, pe = 0, drop = 0, active = 0, tx = 0, tdrop = 0;
+    uint64_t wbn = 0, wbw = 0;
     uint64_t upc[SP_UPC_BUCKETS + 1] = {0}, upc_sum = 0, upf[SP_UPF_BUCKETS + 1] = {0}, upf_sum = 0;
     int n = sp_workers_count();
     for (int i = 0; i < n; i++) {
@@ -214,6 +216,8 @@ static int c_stats(lua_State *L)
         drop += SP_STAT_GET(w->stats.accesslog_dropped);
         tx += SP_STAT_GET(w->stats.trace_spans_exported);
         tdrop += SP_STAT_GET(w->stats.trace_spans_dropped);
+        wbn += SP_STAT_GET(w->stats.write_batches);
+        wbw += SP_STAT_GET(w->stats.batched_writes);
         active += SP_STAT_GET(w->active_requests);
     }
     lua_newtable(L);
@@ -260,6 +264,8 @@ static int c_stats(lua_State *L)
     F("accesslog_dropped", drop);
     F("trace_spans_exported", tx);
     F("trace_spans_dropped", tdrop);
+    F("write_batches", wbn);
+    F("batched_writes", wbw);
     F("active_requests", active);
     F("open_connections", atomic_load(&sp_open_connections));
     F("open_tunnels", atomic_load(&sp_open_tunnels));

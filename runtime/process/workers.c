@@ -8,6 +8,7 @@
 #include "process/workers.h"
 #include "base/config.h"
 #include "base/log.h"
+#include "http/wbatch.h"
 #include "lua/lua_vm.h"
 #include "process/otlp.h"
 
@@ -288,6 +289,7 @@ static void worker_main(void *arg)
     uv_loop_init(&w->loop);
     w->loop.data = w;
     sp_worker_buffers_init(w, 256, 128);
+    w->wb = sp_wbatch_new(&w->loop, &w->stats.write_batches, &w->stats.batched_writes);
     unsigned seed = (unsigned)(uv_hrtime() ^ ((uint64_t)w->id << 32) ^ (uint64_t)getpid());
     snprintf(w->id_prefix, sizeof w->id_prefix, "%06x", (rand_r(&seed) ^ (w->id << 20)) & 0xffffff);
     uv_async_init(&w->loop, &w->async, on_command);
@@ -342,6 +344,8 @@ static void worker_main(void *arg)
     uv_walk(&w->loop, close_walk, NULL);
     uv_run(&w->loop, UV_RUN_DEFAULT);
     uv_loop_close(&w->loop);
+    sp_wbatch_free(w->wb);
+    w->wb = NULL;
     sp_alog_finish(w);
     sp_upstream_pool_destroy(w);
     for (uint32_t i = 0; i < w->nslots; i++) {

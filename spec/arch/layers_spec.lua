@@ -27,6 +27,7 @@ local OWNED = {
     { pattern = "^curl/", layer = "kube", what = "libcurl" },
     { pattern = "^llhttp%.h$", layer = "http", what = "llhttp" },
     { pattern = "^nghttp2/", layer = "http", what = "nghttp2" },
+    { pattern = "^liburing", layer = "http", what = "liburing (wbatch.c)" },
 }
 
 local function read(path)
