@@ -31,6 +31,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include "base/config.h"
 #include "base/log.h"
@@ -69,17 +70,67 @@ static void wb_flush(sp_wbatch_t *b, int rounds);
 static void on_check(uv_check_t *h) { wb_flush(h->data, WB_ROUNDS); }
 static void on_prepare(uv_prepare_t *h) { wb_flush(h->data, 1000); }
 
+/* What this file relies on, checked on the running kernel: the operations exist, and a send
+ * with MSG_DONTWAIT to a full socket completes at once with -EAGAIN inside io_uring_enter
+ * instead of waiting in the kernel for room (which would leave a send in flight across loop
+ * iterations and make io_uring_submit_and_wait block). Returns NULL or why not. */
+static const char *wb_kernel_check(struct io_uring *ring)
+{
+    struct io_uring_probe *probe = io_uring_get_probe_ring(ring);
+    if (!probe)
+        return "no IORING_REGISTER_PROBE (kernel before 5.6)";
+    bool ops = io_uring_opcode_supported(probe, IORING_OP_SENDMSG) &&
+               io_uring_opcode_supported(probe, IORING_OP_RECV);
+    io_uring_free_probe(probe);
+    if (!ops)
+        return "IORING_OP_SENDMSG or IORING_OP_RECV unsupported";
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, sv) != 0)
+        return "socketpair failed";
+    const char *why = NULL;
+    static char fill[4096];
+    while (send(sv[0], fill, sizeof fill, MSG_DONTWAIT) > 0) {
+    }
+    struct iovec iov = {fill, 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1};
+    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
+    io_uring_prep_sendmsg(sqe, sv[0], &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    io_uring_sqe_set_data64(sqe, 1);
+    struct io_uring_cqe *cqe = NULL;
+    if (io_uring_submit(ring) != 1) {
+        why = "io_uring_submit failed";
+    } else if (io_uring_peek_cqe(ring, &cqe) != 0 || !cqe) {
+        /* in flight: cancel it and wait for both completions before the ring is given up */
+        why = "a MSG_DONTWAIT send to a full socket waits in the kernel";
+        sqe = io_uring_get_sqe(ring);
+        io_uring_prep_cancel64(sqe, 1, 0);
+        io_uring_submit(ring);
+        for (int i = 0; i < 2 && io_uring_wait_cqe(ring, &cqe) == 0; i++)
+            io_uring_cqe_seen(ring, cqe);
+    } else {
+        if (cqe->res != -EAGAIN)
+            why = "a MSG_DONTWAIT send to a full socket did not answer -EAGAIN";
+        io_uring_cqe_seen(ring, cqe);
+    }
+    close(sv[0]);
+    close(sv[1]);
+    return why;
+}
+
 sp_wbatch_t *sp_wbatch_new(uv_loop_t *loop, _Atomic uint64_t *batches, _Atomic uint64_t *writes)
 {
     if (!sp_cfg.io_uring_writes)
         return NULL;
     sp_wbatch_t *b = sp_calloc(1, sizeof *b);
     int rc = io_uring_queue_init(WB_MAX, &b->ring, 0);
-    if (rc < 0) {
+    const char *why = rc < 0 ? strerror(-rc) : wb_kernel_check(&b->ring);
+    if (why) {
         static atomic_bool logged;
         if (!atomic_exchange(&logged, true))
             sp_log(SP_LOG_WARN, "io_uring unavailable: every write is sent at once", "s:error",
-                   strerror(-rc), NULL);
+                   why, NULL);
+        if (rc >= 0)
+            io_uring_queue_exit(&b->ring);
         free(b);
         return NULL;
     }

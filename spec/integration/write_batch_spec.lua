@@ -1,7 +1,8 @@
 -- io_uring_writes (runtime/http/wbatch.c): the small writes of one loop iteration go out in one
 -- io_uring_enter. Against the real binary and real sockets:
 -- - writes staged in the same iteration are sent as one batch (counted in /metrics), and not at
---   all with io_uring_writes=false, where the same traffic still gets the same answers;
+--   all with io_uring_writes=false, or where a seccomp filter refuses io_uring (logged once),
+--   where the same traffic still gets the same answers;
 -- - a client that does not read: staged responses the socket cannot take go on through libuv,
 --   every byte in order (600 pipelined 16,000-byte responses, read once 10 are answered), and a
 --   client that never reads them is closed after send_timeout;
@@ -97,6 +98,49 @@ describe("batched writes", function()
             exp = scrape(off)
             assert.are.equal(0, prom.value(exp, "sandbox_proxy_write_batches_total"))
             assert.are.equal(0, prom.value(exp, "sandbox_proxy_batched_writes_total"))
+        end)
+
+    it("fall back to sending every write at once where a seccomp filter refuses io_uring",
+        function()
+            -- As a container runtime's seccomp profile does: io_uring_setup(2) fails with EPERM
+            -- (a BPF filter installed by a wrapper that then execs the proxy).
+            local dir = H.tmpdir()
+            local wrapper = dir .. "/no-io-uring"
+            assert(process.write_file(wrapper, ([[#!/usr/bin/python3
+import ctypes, os, struct, sys
+NR_IO_URING_SETUP = 425  # the same number on every architecture since 5.1
+prog = b"".join([
+    struct.pack("HBBI", 0x20, 0, 0, 0),                      # A = seccomp_data.nr
+    struct.pack("HBBI", 0x15, 0, 1, NR_IO_URING_SETUP),      # if A == nr: next, else skip
+    struct.pack("HBBI", 0x06, 0, 0, 0x00050000 | 1),         # return ERRNO(EPERM)
+    struct.pack("HBBI", 0x06, 0, 0, 0x7fff0000),             # return ALLOW
+])
+buf = ctypes.create_string_buffer(prog)
+fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+fp = ctypes.create_string_buffer(fprog)
+assert libc.prctl(22, 2, ctypes.addressof(fp), 0, 0) == 0, os.strerror(ctypes.get_errno())  # PR_SET_SECCOMP, FILTER
+os.execv(%q, [%q] + sys.argv[1:])
+]]):format(H.BIN, H.BIN)))
+            assert(os.execute("chmod +x " .. wrapper))
+            local real = H.BIN
+            H.BIN = wrapper
+            local ok, px = pcall(H.start, { sandboxes = { H.sandbox("alice", "s", up.port) },
+                scripts = scripts })
+            H.BIN = real
+            assert(ok, px)
+            assert(px:wait_log(function(l)
+                return l.msg == "io_uring unavailable: every write is sent at once"
+                    and l.error == "Operation not permitted"
+            end, 10))
+            burst(px, 8)
+            for _ = 1, 3 do -- pooled connections, checked when taken
+                assert.are.equal(200, assert(px:get("/alice/s/echo")).status)
+            end
+            local exp = scrape(px)
+            assert.are.equal(0, prom.value(exp, "sandbox_proxy_write_batches_total"))
         end)
 
     it("hand what a client's socket cannot take to libuv, every byte in order", function()
