@@ -29,6 +29,34 @@ function M.tmpdir()
     return d
 end
 
+-- A scripts directory whose router, before routing as the built-in one does, holds a request
+-- for x-test-hold-ms (a yield, as a wake would) or spins for x-test-spin-ms (no yield: the loop
+-- stands still that long, its cached time falls behind and whatever arrives meanwhile waits for
+-- the next poll). For specs of the loop's timing; pass it as start{ scripts = ... }.
+function M.test_router_dir()
+    local dir = M.tmpdir()
+    assert(process.write_file(dir .. "/router.lua", [[
+local core = require "sp.core"
+local timer = require "sp.timer"
+local builtin = dofile(core.settings().builtin_dir .. "/router.lua")
+local M = {}
+function M.handle(req)
+    local hold = tonumber(req:header("x-test-hold-ms") or "")
+    if hold then
+        timer.sleep(hold / 1000)
+    end
+    local spin = tonumber(req:header("x-test-spin-ms") or "")
+    if spin then
+        local t0 = os.clock()
+        while os.clock() - t0 < spin / 1000 do end
+    end
+    return builtin.handle(req)
+end
+return M
+]]))
+    return dir
+end
+
 -- A v1beta1 Sandbox object as the API server returns it. opts: ready (true), ip ("127.0.0.1"),
 -- namespace ("default"), reason, service (FQDN), port (annotation), created, mode.
 function M.sandbox(user, name, port, opts)

@@ -65,33 +65,6 @@ describe("gRPC", function()
         return port, p
     end
 
-    -- A scripts directory whose router, before routing as the built-in one does, holds a call
-    -- for x-test-hold-ms (a yield, as a wake would) or spins for x-test-spin-ms (no yield: the
-    -- loop's cached time falls that far behind).
-    local function test_router_dir()
-        local dir = H.tmpdir()
-        assert(process.write_file(dir .. "/router.lua", [[
-local core = require "sp.core"
-local timer = require "sp.timer"
-local builtin = dofile(core.settings().builtin_dir .. "/router.lua")
-local M = {}
-function M.handle(req)
-    local hold = tonumber(req:header("x-test-hold-ms") or "")
-    if hold then
-        timer.sleep(hold / 1000)
-    end
-    local spin = tonumber(req:header("x-test-spin-ms") or "")
-    if spin then
-        local t0 = os.clock()
-        while os.clock() - t0 < spin / 1000 do end
-    end
-    return builtin.handle(req)
-end
-return M
-]]))
-        return dir
-    end
-
     setup(function()
         if not grpc_available() then
             local msg = "python3-grpcio / python3-grpc-tools are not installed for /usr/bin/python3"
@@ -206,7 +179,7 @@ return M
     it("forwards what is left of grpc-timeout after the time spent in the proxy", function()
         if not need() then return end
         -- an override router holds a call for x-test-hold-ms (as a wake would)
-        local dir = test_router_dir()
+        local dir = H.test_router_dir()
         local pxw = H.start{ sandboxes = { H.sandbox("a", "b", gport) }, scripts = dir }
         -- the stock client's deadline is 10 s; held 1.5 s, the server must get at most 8.5 s
         -- (the client's own value would leave it about 10 s; load only lowers what is left)
@@ -236,7 +209,7 @@ return M
         -- that never answers. Its timer must be counted from the real time: armed from the
         -- stale loop time it fired that much before the deadline and ended the call as an
         -- "upstream first byte timeout" instead.
-        local dir = test_router_dir()
+        local dir = H.test_router_dir()
         local silent, sp = silent_sandbox(dir)
         local pxs = H.start{ sandboxes = { H.sandbox("a", "b", gport) }, scripts = dir }
         local hex = grpc_hex("\10\5hello")

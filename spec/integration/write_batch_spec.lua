@@ -13,27 +13,6 @@ local H = require "spec.helpers.proxy"
 local prom = require "spec.helpers.prometheus"
 local process = require "spec.helpers.process"
 
--- A scripts directory whose router spins (no yield) for x-test-spin-ms before routing as the
--- built-in one does: everything that arrives meanwhile waits for the loop's next poll.
-local function spin_router_dir()
-    local dir = H.tmpdir()
-    assert(process.write_file(dir .. "/router.lua", [[
-local core = require "sp.core"
-local builtin = dofile(core.settings().builtin_dir .. "/router.lua")
-local M = {}
-function M.handle(req)
-    local spin = tonumber(req:header("x-test-spin-ms") or "")
-    if spin then
-        local t0 = os.clock()
-        while os.clock() - t0 < spin / 1000 do end
-    end
-    return builtin.handle(req)
-end
-return M
-]]))
-    return dir
-end
-
 local function scrape(px)
     local r = assert(px:get("/metrics"))
     assert.are.equal(200, r.status, r.body)
@@ -75,7 +54,7 @@ describe("batched writes", function()
 
     setup(function()
         up = H.upstream{ name = "wb" }
-        scripts = spin_router_dir()
+        scripts = H.test_router_dir() -- x-test-spin-ms: the loop stands still
     end)
 
     teardown(function()
