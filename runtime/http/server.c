@@ -262,6 +262,11 @@ static void h1_written(uv_write_t *wr, int status)
     }
     if (c->req)
         sp_upstream_client_written(c->req);
+    /* Client bytes that came while the write was pending (a tunnel's, a body streamed while
+     * the response streams) wait for no further read: go on with them now. */
+    if (!c->closing && c->rbuf && c->rpos < c->rlen &&
+        (c->state == CS_TUNNEL || c->state == CS_UPSTREAM))
+        conn_process(c);
 }
 
 static int h1_send(sp_request_t *r, uv_buf_t *bufs, unsigned n, bool head)

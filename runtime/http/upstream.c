@@ -330,10 +330,10 @@ void sp_upstream_start(sp_request_t *r)
         r->t_forward = uv_hrtime();
     format_upstream_addr(r);
     sp_upkey_t *k = sp_up_key_get(w, r->up_host, r->up_port);
-    /* With batched writes the pool's quiet check (a recv with MSG_PEEK per request) is left
-     * to the loop: a staged head goes out after this iteration's I/O callbacks, and up_on_read
-     * retries on a fresh connection if bytes came first. A write that is not staged checks
-     * first (up_write). */
+    /* With batched writes the pool's quiet check (a recv with MSG_PEEK) is not made here but
+     * right before the head goes out: batched with the sends when the head is staged, at once
+     * when it is not (up_write). Bytes the loop reads first are caught in up_on_read. Either
+     * way a connection that is not quiet is closed and the request retried on a fresh one. */
     sp_upconn_t *u = sp_up_idle_take(k, !w->wb);
     if (u) {
         u->unchecked = w->wb != NULL;
@@ -998,6 +998,12 @@ static void up_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
             sp_log(SP_LOG_WARN, "upstream sent bytes on an idle connection: closed",
                    "s:upstream", u->key->host, "i:port", (int64_t)u->key->port, NULL);
         sp_up_close(u);
+        return;
+    }
+    if (nread == UV_ENOBUFS) {
+        /* the buffer is full of bytes a staged client write still refers to (up_alloc):
+         * reads resume once the client has taken them (sp_upstream_client_written) */
+        up_read_stop(u);
         return;
     }
     if (u->unchecked && nread > 0) {

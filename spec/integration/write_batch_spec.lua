@@ -6,12 +6,15 @@
 -- - a client that does not read: staged responses the socket cannot take go on through libuv,
 --   every byte in order (600 pipelined 16,000-byte responses, read once 10 are answered), and a
 --   client that never reads them is closed after send_timeout;
+-- - client bytes that arrive while a staged write to that client is pending (a WebSocket
+--   tunnel) go on once it has gone, without waiting for more;
 -- - a pooled sandbox connection that receives bytes while the request that takes it is being
 --   decided is not used: the batched quiet check before the send finds them, the request goes
 --   to a fresh connection, and the stray bytes never reach the client.
 local H = require "spec.helpers.proxy"
 local prom = require "spec.helpers.prometheus"
 local process = require "spec.helpers.process"
+local ws = require "spec.helpers.ws"
 
 local function scrape(px)
     local r = assert(px:get("/metrics"))
@@ -169,6 +172,68 @@ os.execv(%q, [%q] + sys.argv[1:])
         assert.is_true(c:closed_by_peer(20), "the connection stayed open")
         c:close()
     end)
+
+    it("go on with a client's tunnel bytes that came in while a write to it was staged",
+        function()
+            -- A WebSocket sandbox sends "hello" and the client "ping" while the proxy is stopped
+            -- (SIGSTOP), so that one poll reports both, the sandbox's first: relaying "hello"
+            -- stages a write to the client, then the client's bytes are read while it is
+            -- pending. Once it has gone, "ping" must go on to the sandbox without waiting for
+            -- more client bytes (none come: the client waits for the echo).
+            local dir = H.tmpdir()
+            local port = assert(H.net.free_port())
+            local sb = assert(process.spawn{ cmd = { H.PYTHON, "-c", ([[
+import base64, hashlib, os, socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('127.0.0.1', %d)); s.listen(4); print('up', flush=True)
+c, _ = s.accept()
+head = b''
+while b'\r\n\r\n' not in head:
+    head += c.recv(4096)
+key = [l.split(b':', 1)[1].strip() for l in head.split(b'\r\n') if l.lower().startswith(b'sec-websocket-key:')][0]
+acc = base64.b64encode(hashlib.sha1(key + b'258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest())
+c.sendall(b'HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'
+          b'Sec-WebSocket-Accept: ' + acc + b'\r\n\r\n')
+print('open', flush=True)
+while not os.path.exists(%q):
+    time.sleep(0.01)
+c.sendall(b'\x81\x05hello'); print('sent', flush=True)
+def exact(n):
+    b = b''
+    while len(b) < n:
+        d = c.recv(n - len(b))
+        if not d:
+            sys.exit(0)
+        b += d
+    return b
+while True:
+    h = exact(2); n = h[1] & 0x7f; mask = exact(4); p = exact(n)
+    p = bytes(x ^ mask[i %% 4] for i, x in enumerate(p))
+    out = b'echo:' + p
+    c.sendall(bytes([0x81, len(out)]) + out)
+]]):format(port, dir .. "/go") }, stdout = dir .. "/sandbox" })
+            assert(sb:wait_output("up", 20))
+            local px = H.start{ sandboxes = { H.sandbox("alice", "ws", port) } }
+            local c = assert(ws.connect{ host = "127.0.0.1", port = px.port, path = "/alice/ws/x" })
+            assert(sb:wait_output("open", 10))
+            assert(px.proc:signal("STOP"))
+            H.net.wait_until(function()
+                local st = process.read_file("/proc/" .. px:pid() .. "/stat") or ""
+                return st:match("^%d+ %b() (%a)") == "T"
+            end, 10, 0.01, "the proxy stopped")
+            assert(process.write_file(dir .. "/go", "go"))
+            assert(sb:wait_output("sent", 10))
+            assert(c:send_text("ping"))
+            assert(px.proc:signal("CONT"))
+            local op, msg = c:receive(10)
+            assert.are.equal("text", op)
+            assert.are.equal("hello", msg)
+            op, msg = c:receive(10)
+            assert.are.equal("text", op, "the client's ping was held back")
+            assert.are.equal("echo:ping", msg)
+            c:close()
+            sb:stop(0)
+        end)
 
     it("do not use a pooled sandbox connection that got bytes while the request was decided",
         function()
