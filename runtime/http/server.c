@@ -511,44 +511,6 @@ const llhttp_settings_t sp_request_settings = {
 
 /* ---------------------------------------------------------------- writing */
 
-int sp_conn_write(sp_conn_t *c, uv_buf_t *bufs, unsigned n, uv_write_cb cb)
-{
-    if (c->closing)
-        return UV_ECANCELED;
-    size_t total = 0;
-    for (unsigned i = 0; i < n; i++)
-        total += bufs[i].len;
-    if (c->req)
-        c->req->bytes_out += total;
-    int w = uv_try_write((uv_stream_t *)&c->tcp, bufs, n);
-    if (w == UV_EAGAIN || w == UV_ENOSYS)
-        w = 0;
-    if (w < 0)
-        return w;
-    if ((size_t)w == total)
-        return 0;
-    size_t skip = (size_t)w;
-    unsigned k = 0;
-    while (k < n && skip >= bufs[k].len) {
-        skip -= bufs[k].len;
-        k++;
-    }
-    if (k < n && skip) {
-        bufs[k].base += skip;
-        bufs[k].len -= skip;
-    }
-    c->wreq.data = c;
-    int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, bufs + k, n - k, cb);
-    if (rc < 0)
-        return rc;
-    c->writing = true;
-    conn_timer(c, T_SEND, sp_cfg.send_timeout);
-    return 1;
-}
-
-/* Small writes (a response head, a small body) join the loop iteration's batch. */
-#define SP_WB_SMALL 16384
-
 /* A staged write that the socket did not take whole waits in libuv: from now on the client
  * has send_timeout to take it. */
 static void on_send_queued(uv_write_t *wr)
@@ -557,28 +519,47 @@ static void on_send_queued(uv_write_t *wr)
     conn_timer(c, T_SEND, sp_cfg.send_timeout);
 }
 
-int sp_conn_send(sp_conn_t *c, uv_buf_t *bufs, unsigned n, uv_write_cb cb)
+/* sp_conn_write, or with `batch` sp_conn_send (http.h). */
+static int conn_write(sp_conn_t *c, uv_buf_t *bufs, unsigned n, uv_write_cb cb, bool batch)
 {
     if (c->closing)
         return UV_ECANCELED;
-    if (c->w->wb) {
-        size_t total = 0;
-        for (unsigned i = 0; i < n; i++)
-            total += bufs[i].len;
-        c->wreq.data = c;
-        if (total <= SP_WB_SMALL &&
-            sp_wbatch_write(c->w->wb, &c->wreq, (uv_stream_t *)&c->tcp, bufs, n, total, cb,
-                            on_send_queued, false)) {
-            if (c->req)
-                c->req->bytes_out += total;
-            c->writing = true;
-            /* sent before the loop polls again: no send timeout yet (on_send_queued), and none
-             * of another kind either, as a write sent at once would leave it */
-            conn_timer(c, T_NONE, 0);
-            return 2;
-        }
+    size_t total = sp_bufs_total(bufs, n);
+    if (c->req)
+        c->req->bytes_out += total;
+    c->wreq.data = c;
+    if (batch && sp_wbatch_write(c->w->wb, &c->wreq, (uv_stream_t *)&c->tcp, bufs, n, total,
+                                 cb, on_send_queued, false)) {
+        c->writing = true;
+        /* sent before the loop polls again: no send timeout yet (on_send_queued), and none
+         * of another kind either, as a write sent at once would leave it */
+        conn_timer(c, T_NONE, 0);
+        return 2;
     }
-    return sp_conn_write(c, bufs, n, cb);
+    int w = uv_try_write((uv_stream_t *)&c->tcp, bufs, n);
+    if (w == UV_EAGAIN || w == UV_ENOSYS)
+        w = 0;
+    if (w < 0)
+        return w;
+    if ((size_t)w == total)
+        return 0;
+    unsigned k = sp_bufs_consume(bufs, n, (size_t)w);
+    int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, bufs + k, n - k, cb);
+    if (rc < 0)
+        return rc;
+    c->writing = true;
+    conn_timer(c, T_SEND, sp_cfg.send_timeout);
+    return 1;
+}
+
+int sp_conn_write(sp_conn_t *c, uv_buf_t *bufs, unsigned n, uv_write_cb cb)
+{
+    return conn_write(c, bufs, n, cb, false);
+}
+
+int sp_conn_send(sp_conn_t *c, uv_buf_t *bufs, unsigned n, uv_write_cb cb)
+{
+    return conn_write(c, bufs, n, cb, true);
 }
 
 /* ---------------------------------------------------------------- finishing */

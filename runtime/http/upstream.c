@@ -358,16 +358,12 @@ void sp_upstream_start(sp_request_t *r)
  * (http/wbatch.h); returns 2 then. */
 static int up_write(sp_upconn_t *u, uv_buf_t *bufs, unsigned n, uv_write_cb cb, bool batch)
 {
-    size_t total = 0;
-    for (unsigned i = 0; i < n; i++)
-        total += bufs[i].len;
-    if (batch && total <= 16384) {
-        u->wreq.data = u;
-        if (sp_wbatch_write(u->w->wb, &u->wreq, (uv_stream_t *)&u->tcp, bufs, n, total, cb,
-                            NULL, u->unchecked)) {
-            u->writing = true;
-            return 2;
-        }
+    size_t total = sp_bufs_total(bufs, n);
+    u->wreq.data = u;
+    if (batch && sp_wbatch_write(u->w->wb, &u->wreq, (uv_stream_t *)&u->tcp, bufs, n, total,
+                                 cb, NULL, u->unchecked)) {
+        u->writing = true;
+        return 2;
     }
     if (u->unchecked) {
         u->unchecked = false;
@@ -381,17 +377,7 @@ static int up_write(sp_upconn_t *u, uv_buf_t *bufs, unsigned n, uv_write_cb cb, 
         return w;
     if ((size_t)w == total)
         return 0;
-    size_t skip = (size_t)w;
-    unsigned k = 0;
-    while (k < n && skip >= bufs[k].len) {
-        skip -= bufs[k].len;
-        k++;
-    }
-    if (k < n && skip) {
-        bufs[k].base += skip;
-        bufs[k].len -= skip;
-    }
-    u->wreq.data = u;
+    unsigned k = sp_bufs_consume(bufs, n, (size_t)w);
     int rc = uv_write(&u->wreq, (uv_stream_t *)&u->tcp, bufs + k, n - k, cb);
     if (rc < 0)
         return rc;

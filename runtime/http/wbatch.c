@@ -164,7 +164,8 @@ bool sp_wbatch_write(sp_wbatch_t *b, uv_write_t *req, uv_stream_t *s, const uv_b
                      unsigned n, size_t total, uv_write_cb cb, sp_wbatch_queued_cb queued,
                      bool check_quiet)
 {
-    if (!b || n == 0 || n > WB_IOV || b->nstaged == WB_MAX || s->write_queue_size ||
+    if (!b || n == 0 || n > WB_IOV || total > SP_WB_SMALL || b->nstaged == WB_MAX ||
+        s->write_queue_size ||
         uv_is_closing((uv_handle_t *)s))
         return false;
     wb_entry_t *e = &b->staged[b->nstaged++];
@@ -333,14 +334,7 @@ static void wb_complete(wb_entry_t *e)
     }
     if (e->res >= 0 || e->res == -EAGAIN || e->res == -EWOULDBLOCK) {
         /* The socket took part (or none): libuv sends the rest when it drains. */
-        size_t skip = e->res > 0 ? (size_t)e->res : 0;
-        unsigned k = 0;
-        while (k < e->n && skip >= e->iov[k].len)
-            skip -= e->iov[k++].len;
-        if (k < e->n && skip) {
-            e->iov[k].base += skip;
-            e->iov[k].len -= skip;
-        }
+        unsigned k = sp_bufs_consume(e->iov, e->n, e->res > 0 ? (size_t)e->res : 0);
         int rc = uv_write(e->req, e->s, e->iov + k, e->n - k, e->cb);
         if (rc < 0)
             e->cb(e->req, rc);

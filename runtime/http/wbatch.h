@@ -21,6 +21,29 @@
 
 typedef struct sp_wbatch sp_wbatch_t;
 
+/* The bytes of bufs[0..n). */
+static inline size_t sp_bufs_total(const uv_buf_t *bufs, unsigned n)
+{
+    size_t total = 0;
+    for (unsigned i = 0; i < n; i++)
+        total += bufs[i].len;
+    return total;
+}
+
+/* After a write that took `done` bytes of bufs[0..n): trims the first buffer with bytes left
+ * and returns its index (n when nothing is left). */
+static inline unsigned sp_bufs_consume(uv_buf_t *bufs, unsigned n, size_t done)
+{
+    unsigned k = 0;
+    while (k < n && done >= bufs[k].len)
+        done -= bufs[k++].len;
+    if (k < n && done) {
+        bufs[k].base += done;
+        bufs[k].len -= done;
+    }
+    return k;
+}
+
 /* A batcher on loop, or NULL (off, or io_uring unavailable: logged once). Each io_uring_enter
  * that sends is counted in *batches and its sends in *writes (a worker's stats). */
 sp_wbatch_t *sp_wbatch_new(uv_loop_t *loop, _Atomic uint64_t *batches, _Atomic uint64_t *writes);
@@ -29,13 +52,17 @@ void sp_wbatch_free(sp_wbatch_t *b);
 
 /* Stages a write of bufs (total bytes) on s with req and cb: returns true when staged (cb runs
  * later, from the loop, never from inside this call), false when the caller must write itself
- * (b NULL, the batch full, too many buffers, or writes already queued in libuv). The buffers'
+ * (b NULL, the batch full, a write of more than SP_WB_SMALL bytes or too many buffers, or
+ * writes already queued in libuv). The buffers'
  * memory must stay until cb, as for uv_write; the uv_buf_t array is copied.
  * With check_quiet the bytes go only if nothing has arrived on s (a pooled sandbox connection
  * that may have been closed or written to while idle): a recv(MSG_PEEK) right before the send,
  * itself batched; if something has, nothing is sent and cb gets SP_WB_NOT_QUIET (bytes),
  * UV_EOF (the peer closed) or the socket's error. */
 #define SP_WB_NOT_QUIET UV_EPROTO
+/* The largest write staged (a response head with a small body, a request head): larger ones
+ * gain little from sharing a kernel entry and are often taken only in part. */
+#define SP_WB_SMALL 16384
 /* queued (may be NULL): called when the socket did not take the whole write and the rest went
  * to uv_write, where it may wait for the peer (the owner arms its send timeout there). */
 typedef void (*sp_wbatch_queued_cb)(uv_write_t *req);
