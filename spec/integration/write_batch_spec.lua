@@ -22,6 +22,18 @@ local function scrape(px)
     return prom.assert_parse(r.body)
 end
 
+-- A sandbox of our own: python3 listens on a free port (the socket `s`, its "up" printed once
+-- it does), then runs `source` (formatted with ...). Returns the port and the process.
+local function python_sandbox(dir, source, ...)
+    local port = assert(H.net.free_port())
+    local p = assert(process.spawn{ cmd = { H.PYTHON, "-c", ("import socket\n"
+        .. "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        .. "s.bind(('127.0.0.1', %d)); s.listen(16); print('up', flush=True)\n"):format(port)
+        .. source:format(...) }, stdout = dir .. "/sandbox" })
+    assert(p:wait_output("up", 20))
+    return port, p
+end
+
 -- The fixture's byte pattern (byte i = i % 251).
 local function pattern(n)
     local t = {}
@@ -181,11 +193,8 @@ os.execv(%q, [%q] + sys.argv[1:])
             -- pending. Once it has gone, "ping" must go on to the sandbox without waiting for
             -- more client bytes (none come: the client waits for the echo).
             local dir = H.tmpdir()
-            local port = assert(H.net.free_port())
-            local sb = assert(process.spawn{ cmd = { H.PYTHON, "-c", ([[
-import base64, hashlib, os, socket, sys, time
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('127.0.0.1', %d)); s.listen(4); print('up', flush=True)
+            local port, sb = python_sandbox(dir, [[
+import base64, hashlib, os, sys, time
 c, _ = s.accept()
 head = b''
 while b'\r\n\r\n' not in head:
@@ -211,8 +220,7 @@ while True:
     p = bytes(x ^ mask[i %% 4] for i, x in enumerate(p))
     out = b'echo:' + p
     c.sendall(bytes([0x81, len(out)]) + out)
-]]):format(port, dir .. "/go") }, stdout = dir .. "/sandbox" })
-            assert(sb:wait_output("up", 20))
+]], dir .. "/go")
             local px = H.start{ sandboxes = { H.sandbox("alice", "ws", port) } }
             local c = assert(ws.connect{ host = "127.0.0.1", port = px.port, path = "/alice/ws/x" })
             assert(sb:wait_output("open", 10))
@@ -242,11 +250,8 @@ while True:
             -- and the router spins 400 ms: the stray bytes come in after the loop's poll, while
             -- the pooled connection is being taken.
             local dir = H.tmpdir()
-            local port = assert(H.net.free_port())
-            local sb = assert(process.spawn{ cmd = { H.PYTHON, "-c", ([[
-import socket, threading, time
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('127.0.0.1', %d)); s.listen(16); print('up', flush=True)
+            local port, sb = python_sandbox(dir, [[
+import threading, time
 def serve(c):
     buf = b''
     while True:
@@ -267,8 +272,7 @@ def serve(c):
 while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
-]]):format(port) }, stdout = dir .. "/sandbox" })
-            assert(sb:wait_output("up", 20))
+]])
             local px = H.start{ sandboxes = { H.sandbox("alice", "stray", port) }, scripts = scripts }
             local c = assert(px:connect{ timeout = 30 })
             assert(c:send_raw("GET /alice/stray/first HTTP/1.1\r\nHost: x\r\n\r\n"))
