@@ -308,8 +308,11 @@ int sp_shdict_rate(sp_shdict_t *d, const char *k, size_t kl, double rate, double
         *retry_after = new_tat - tau - now;
     }
     pthread_mutex_unlock(&d->mu);
-    double left = (tau - (tat - now)) / T;
-    *remaining = left > 0 ? (double)(long long)(left + 1e-9) : 0;
+    /* The same 1e-9 s of float noise as the decision, before dividing by T: tat and now are
+     * seconds of uptime, so tat - now is off by a few ulps of now (1e-11 s), which a
+     * tolerance in tokens (after / T) would not cover at 1000/s (1998 instead of 1999). */
+    double left = (tau - (tat - now) + 1e-9) / T;
+    *remaining = left > 0 ? (double)(long long)left : 0;
     *reset = tat - now > 0 ? tat - now : 0;
     return allowed;
 }
